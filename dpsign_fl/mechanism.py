@@ -1,0 +1,253 @@
+"""The DP-SIGN release: Poisson sampling, per-sample gradients, clipping, noise, sign.
+
+Privacy of one release (DESIGN.md section 2):
+
+- Neighbouring relation: add/remove one example of one client's dataset.
+- Released: ``sign(sum_i clip(g_i) + N(0, (noise_multiplier * clip_norm)^2 I))``
+  for the Poisson-sampled batch S (each example in S with probability
+  ``sample_rate``, independently). The sign is post-processing.
+- Sensitivity: every clipped per-example gradient has L2 norm <= ``clip_norm``
+  over ALL parameters together, so adding or removing one example moves the sum
+  by at most ``clip_norm`` (clipping the batch mean would move it by up to
+  ``2 * clip_norm``; clipping each tensor separately by ``clip_norm * sqrt(k)``).
+- The release is therefore one Sampled Gaussian Mechanism SGM(q, sigma)
+  (Mironov, Talwar, Zhang 2019, arXiv:1908.10530, Def. 4), accounted in
+  :mod:`dpsign_fl.privacy`.
+- An empty batch still releases (the sign of pure noise): skipping it would
+  reveal that S was empty.
+- Randomness: a ``torch.Generator``; when none is given, one seeded from the
+  operating system's secure random source (:func:`secure_generator`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Callable
+
+import torch
+from torch import nn
+
+CLIPPING_MODES = ("flat", "automatic")
+AUTOMATIC_CLIPPING_GAMMA = 0.01
+"""Stability constant gamma of automatic clipping, C * g / (||g|| + gamma).
+
+Bu et al. 2022 ("Automatic Clipping", arXiv:2206.07136) use gamma = 0.01; the
+resulting norm is C * ||g|| / (||g|| + gamma) < C, so the sensitivity stays C.
+"""
+
+
+def secure_generator(seed: int | None = None, device: str | torch.device = "cpu") -> torch.Generator:
+    """Return a torch generator, seeded from ``seed`` or from the OS's secure source.
+
+    Args:
+        seed: a fixed seed for reproducible experiments, or None (default) for a
+            63-bit seed drawn with :func:`secrets.randbits` (the OS CSPRNG).
+        device: the device the generator draws on.
+
+    Returns:
+        A seeded ``torch.Generator``.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(63) if seed is None else int(seed))
+    return generator
+
+
+def poisson_sample(num_examples: int, sample_rate: float, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Poisson-sample indices: each example is kept independently with probability q.
+
+    Args:
+        num_examples: n, the size of the local dataset.
+        sample_rate: q in (0, 1].
+        generator: source of randomness; None means :func:`secure_generator`.
+
+    Returns:
+        A LongTensor of the sampled indices, in increasing order (possibly empty).
+
+    Raises:
+        ValueError: if ``num_examples < 0`` or ``sample_rate`` is not in (0, 1].
+    """
+    if int(num_examples) != num_examples or num_examples < 0:
+        raise ValueError(f"num_examples must be an integer >= 0, got {num_examples}")
+    _check_sample_rate(sample_rate)
+    generator = generator if generator is not None else secure_generator()
+    keep = torch.rand(int(num_examples), generator=generator, device=generator.device) < sample_rate
+    return torch.nonzero(keep, as_tuple=False).flatten()
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Return the gradient of the loss of each example, flattened, as rows.
+
+    Uses ``torch.func``: ``vmap(grad(loss of one example))`` over the batch.
+
+    Args:
+        model: the model; its trainable parameters are differentiated, in
+            ``model.parameters()`` order.
+        loss_fn: ``loss_fn(outputs, targets)`` on a batch of ONE example
+            (e.g. ``nn.functional.cross_entropy``).
+        inputs: ``[B, ...]`` examples.
+        targets: ``[B, ...]`` targets.
+        chunk_size: examples per vmap chunk (bounds memory); None = all at once.
+
+    Returns:
+        Tensor ``[B, d]`` with d = number of trainable parameter entries.
+
+    Raises:
+        ValueError: if the model has BatchNorm in training mode (it mixes examples,
+            so per-example gradients are undefined), or batch sizes disagree.
+    """
+    _reject_batchnorm(model)
+    if inputs.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"inputs and targets must have the same batch size, got {inputs.shape[0]} and {targets.shape[0]}"
+        )
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    num_coordinates = sum(p.numel() for p in params.values())
+    if inputs.shape[0] == 0:
+        return torch.zeros(0, num_coordinates, dtype=next(iter(params.values())).dtype)
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+
+    def example_loss(parameters, x, y):
+        outputs = torch.func.functional_call(model, (parameters, buffers), (x.unsqueeze(0),))
+        return loss_fn(outputs, y.unsqueeze(0))
+
+    grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(
+        params, inputs, targets
+    )
+    return torch.cat([grads[name].reshape(inputs.shape[0], -1) for name in names], dim=1)
+
+
+def clip_per_sample(
+    per_sample_grads: torch.Tensor, *, clip_norm: float, clipping: str = "flat"
+) -> torch.Tensor:
+    """Clip each row to global L2 norm ``clip_norm``.
+
+    ``"flat"``: ``g * min(1, C / ||g||)`` (Abadi et al. 2016); rows inside the
+    ball are unchanged. ``"automatic"``: ``C * g / (||g|| + gamma)`` (Bu et al.
+    2022) with gamma = :data:`AUTOMATIC_CLIPPING_GAMMA`. Both bound every row's
+    norm by ``clip_norm``: the sensitivity of the sum is ``clip_norm``.
+
+    Args:
+        per_sample_grads: ``[B, d]``, one flattened gradient per row.
+        clip_norm: C > 0.
+        clipping: ``"flat"`` or ``"automatic"``.
+
+    Returns:
+        The clipped ``[B, d]`` tensor.
+
+    Raises:
+        ValueError: on a bad ``clip_norm``, ``clipping`` or shape.
+    """
+    _check_clip_norm(clip_norm)
+    if per_sample_grads.ndim != 2:
+        raise ValueError(f"per_sample_grads must be 2-D [B, d], got shape {tuple(per_sample_grads.shape)}")
+    norms = torch.linalg.vector_norm(per_sample_grads, dim=1, keepdim=True)
+    if clipping == "flat":
+        # clamp avoids 0/0 for a zero gradient, whose factor is then 1.
+        factors = torch.clamp(clip_norm / torch.clamp(norms, min=1e-12), max=1.0)
+    elif clipping == "automatic":
+        factors = clip_norm / (norms + AUTOMATIC_CLIPPING_GAMMA)
+    else:
+        raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}")
+    return per_sample_grads * factors
+
+
+def noisy_clipped_sum(
+    per_sample_grads: torch.Tensor,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    clipping: str = "flat",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Return ``sum_i clip(g_i) + N(0, (noise_multiplier * clip_norm)^2 I)``.
+
+    The Gaussian mechanism on the clipped sum (sensitivity ``clip_norm`` under
+    add/remove-one). ``noise_multiplier = 0`` adds no noise (not private).
+
+    Raises:
+        ValueError: on bad arguments.
+    """
+    _check_noise_multiplier(noise_multiplier)
+    clipped = clip_per_sample(per_sample_grads, clip_norm=clip_norm, clipping=clipping)
+    total = clipped.sum(dim=0)
+    if noise_multiplier == 0:
+        return total
+    generator = generator if generator is not None else secure_generator(device=total.device)
+    noise = torch.randn(total.shape, generator=generator, device=total.device, dtype=total.dtype)
+    return total + noise * (noise_multiplier * clip_norm)
+
+
+def dp_sign(
+    per_sample_grads: torch.Tensor,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    clipping: str = "flat",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The DP-SIGN release: the sign of the noisy sum of clipped per-example gradients.
+
+    Privacy: one Sampled Gaussian Mechanism release when the rows come from a
+    Poisson-sampled batch (module docstring: neighbours, sensitivity ``clip_norm``,
+    randomness). ``B = 0`` is valid and returns the sign of pure noise.
+
+    Args:
+        per_sample_grads: ``[B, d]`` per-example gradients (B may be 0).
+        clip_norm: C > 0, the L2 bound on each example's whole gradient.
+        noise_multiplier: sigma >= 0; the noise std is ``sigma * C``.
+        clipping: ``"flat"`` or ``"automatic"`` (:func:`clip_per_sample`).
+        generator: noise source; None = seeded from the OS's secure source.
+
+    Returns:
+        int8 tensor ``[d]`` of +-1. An exact zero maps to +1 (probability zero
+        with noise; the convention keeps the release one bit per coordinate).
+
+    Raises:
+        ValueError: on bad arguments.
+    """
+    noisy = noisy_clipped_sum(
+        per_sample_grads,
+        clip_norm=clip_norm,
+        noise_multiplier=noise_multiplier,
+        clipping=clipping,
+        generator=generator,
+    )
+    return to_signs(noisy)
+
+
+def to_signs(values: torch.Tensor) -> torch.Tensor:
+    """Return ``sign(values)`` as int8 +-1, with exact zeros mapped to +1."""
+    return torch.where(values >= 0, 1, -1).to(torch.int8)
+
+
+def _reject_batchnorm(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                f"model has BatchNorm in training mode ({name or type(module).__name__}): it mixes "
+                "examples within a batch, so per-example gradients and DP do not apply; "
+                "use GroupNorm (nn.GroupNorm) or LayerNorm instead"
+            )
+
+
+def _check_sample_rate(sample_rate: float) -> None:
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+
+
+def _check_clip_norm(clip_norm: float) -> None:
+    if not clip_norm > 0 or clip_norm == float("inf"):
+        raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm}")
+
+
+def _check_noise_multiplier(noise_multiplier: float) -> None:
+    if not noise_multiplier >= 0 or noise_multiplier == float("inf"):
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
