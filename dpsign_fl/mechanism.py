@@ -132,7 +132,8 @@ def clip_per_sample(
     ``"flat"``: ``g * min(1, C / ||g||)`` (Abadi et al. 2016); rows inside the
     ball are unchanged. ``"automatic"``: ``C * g / (||g|| + gamma)`` (Bu et al.
     2022) with gamma = :data:`AUTOMATIC_CLIPPING_GAMMA`. Both bound every row's
-    norm by ``clip_norm``: the sensitivity of the sum is ``clip_norm``.
+    norm by ``clip_norm``: the sensitivity of the sum is ``clip_norm``. A row
+    with a non-finite entry (NaN or inf, e.g. from a diverged loss) becomes zeros.
 
     Args:
         per_sample_grads: ``[B, d]``, one flattened gradient per row.
@@ -156,7 +157,13 @@ def clip_per_sample(
         factors = clip_norm / (norms + AUTOMATIC_CLIPPING_GAMMA)
     else:
         raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}")
-    return per_sample_grads * factors
+    clipped = per_sample_grads * factors
+    # A row with a NaN or inf entry would turn the whole sum into NaN and the
+    # release into a deterministic all -1 vector: one example would then change
+    # the output distribution without bound. Such a row contributes zeros, so
+    # every row's norm stays <= clip_norm whatever the input.
+    finite = torch.isfinite(clipped).all(dim=1, keepdim=True)
+    return torch.where(finite, clipped, torch.zeros_like(clipped))
 
 
 def noisy_clipped_sum(

@@ -78,7 +78,9 @@ def sgm_event(*, sample_rate: float, noise_multiplier: float, num_steps: int = 1
     event = gaussian if sample_rate == 1 else dp_accounting.PoissonSampledDpEvent(
         sampling_probability=sample_rate, event=gaussian
     )
-    return dp_accounting.SelfComposedDpEvent(event=event, count=num_steps)
+    # dp-accounting insists on a built-in int count (numpy integers and integral
+    # floats such as 3.0, which check_num_steps accepts, raise TypeError there).
+    return dp_accounting.SelfComposedDpEvent(event=event, count=int(num_steps))
 
 
 def epsilon_of_events(

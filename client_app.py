@@ -1,0 +1,14 @@
+"""dpsign-fl ClientApp: one DP-SIGN release per round (wiring only)."""
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from dpsign_fl.flower.client import handle_train
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Reply with this node's packed DP-SIGN bits, or refuse when over budget."""
+    return handle_train(msg, context)

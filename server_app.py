@@ -1,0 +1,14 @@
+"""dpsign-fl ServerApp: majority vote of DP-SIGN bits, server-side evaluation (wiring only)."""
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from dpsign_fl.flower.server import run_server
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Train with SignMajorityVote and write results to ``results-dir``."""
+    run_server(grid, context)
