@@ -18,16 +18,18 @@ def learning_rate_at(server_round: int, *, learning_rate: float, num_rounds: int
 
     ``"linear"`` decays from eta to eta/num_rounds; ``"cosine"`` follows a half
     cosine from eta towards 0 (never reaching it); ``"inverse-sqrt"`` is
-    eta/sqrt(t) (measured to decay too fast here: NOTES-tuning.md).
+    eta/sqrt(t) (measured to decay too fast here: NOTES-tuning.md). Rounds past
+    ``num_rounds`` keep the value of the last round.
 
     Raises:
-        ValueError: on an unknown schedule or a round outside [1, num_rounds].
+        ValueError: on an unknown schedule or a round < 1.
     """
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
-    if not 1 <= server_round <= max(num_rounds, 1):
-        raise ValueError(f"server_round must be in [1, {num_rounds}], got {server_round}")
-    progress = (server_round - 1) / max(num_rounds, 1)
+    if server_round < 1:
+        raise ValueError(f"server_round must be >= 1, got {server_round}")
+    num_rounds = max(int(num_rounds), 1)
+    progress = (min(server_round, num_rounds) - 1) / num_rounds
     if schedule == "constant":
         return learning_rate
     if schedule == "linear":

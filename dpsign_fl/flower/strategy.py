@@ -35,6 +35,8 @@ class SignMajorityVote(FedAvg):
         learning_rate: eta > 0, the step per vote.
         lr_schedule: ``"constant"``, ``"linear"``, ``"cosine"`` or ``"inverse-sqrt"``.
         server_momentum: beta in [0, 1); post-processing, free of privacy cost.
+        num_rounds: T for the schedule; None = the ``num_rounds`` given to
+            :meth:`start` (only matters for a decaying schedule).
         arrayrecord_key, configrecord_key: record keys, as in FedAvg.
 
     After each round ``round_metrics[round]`` holds ``voters``, ``dropped``,
@@ -54,6 +56,7 @@ class SignMajorityVote(FedAvg):
         learning_rate: float = 0.01,
         lr_schedule: str = "constant",
         server_momentum: float = 0.0,
+        num_rounds: int | None = None,
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
     ) -> None:
@@ -69,8 +72,10 @@ class SignMajorityVote(FedAvg):
         self.learning_rate = learning_rate
         self.lr_schedule = lr_schedule
         self.server_momentum = server_momentum
-        # The schedule needs T; start() sets the real value.
-        self.updater = VoteUpdater(learning_rate=learning_rate, num_rounds=1, schedule=lr_schedule, momentum=server_momentum)
+        self.num_rounds = num_rounds
+        self.updater = VoteUpdater(
+            learning_rate=learning_rate, num_rounds=num_rounds or 1, schedule=lr_schedule, momentum=server_momentum
+        )
         self.round_metrics: dict[int, dict[str, float | int]] = {}
         self._current_arrays: ArrayRecord | None = None
 
@@ -87,7 +92,8 @@ class SignMajorityVote(FedAvg):
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args, **kwargs) -> Result:
         """Run ``num_rounds`` rounds (as ``Strategy.start``); the schedule spans them."""
-        self.updater.num_rounds = max(num_rounds, self.updater.num_rounds)
+        if self.num_rounds is None:
+            self.updater.num_rounds = num_rounds
         return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
 
     def configure_train(

@@ -1,0 +1,149 @@
+"""SignMajorityVote on real Flower Messages: votes, dropped replies, unchanged model."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from dpsign_fl import SignMajorityVote, majority_vote, pack_signs
+from dpsign_fl.flower.records import arrays_to_flat, train_reply_content
+
+from .messages import FakeGrid, reply
+
+D = 21  # not a multiple of 8: the last byte is partly padding
+LEARNING_RATE = 0.5
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch):
+    # configure_train builds instruction Messages, which read the task identity
+    # that a real ServerApp process has.
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def global_arrays():
+    weights = np.linspace(-1, 1, D).astype(np.float32)
+    return ArrayRecord(array_dict={"w": Array(weights[:15].reshape(3, 5)), "b": Array(weights[15:])})
+
+
+def configured_strategy(**kwargs):
+    strategy = SignMajorityVote(learning_rate=LEARNING_RATE, min_train_nodes=1, min_available_nodes=1, **kwargs)
+    arrays = global_arrays()
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([11, 12, 13])))
+    return strategy, arrays, messages
+
+
+def signs_for(seed):
+    rng = np.random.default_rng(seed)
+    return rng.choice(np.array([-1, 1], dtype=np.int8), size=D)
+
+
+def valid_reply(node_id, signs, epsilon=0.5):
+    return reply(train_reply_content(pack_signs(signs), num_examples=100, epsilon=epsilon), node_id=node_id)
+
+
+def test_valid_replies_move_weights_by_the_core_majority_vote():
+    strategy, arrays, _ = configured_strategy()
+    signs = [signs_for(seed) for seed in range(3)]
+    replies = [valid_reply(11 + i, s, epsilon=0.1 * (i + 1)) for i, s in enumerate(signs)]
+
+    new_arrays, metrics = strategy.aggregate_train(1, replies)
+
+    expected_vote = majority_vote([pack_signs(s) for s in signs], D)
+    np.testing.assert_allclose(arrays_to_flat(new_arrays), arrays_to_flat(arrays) - LEARNING_RATE * expected_vote, rtol=1e-6)
+    assert metrics["voters"] == 3 and metrics["dropped"] == 0
+    assert metrics["epsilon"] == pytest.approx(0.3)
+    assert metrics["payload-bytes"] == 3
+
+
+def test_reply_order_does_not_change_the_result():
+    strategy, _, _ = configured_strategy()
+    replies = [valid_reply(11 + i, signs_for(i)) for i in range(5)]
+    forward, _ = strategy.aggregate_train(1, replies)
+    strategy, _, _ = configured_strategy()
+    backward, _ = strategy.aggregate_train(1, replies[::-1])
+    np.testing.assert_array_equal(arrays_to_flat(forward), arrays_to_flat(backward))
+
+
+def malformed_replies():
+    good = train_reply_content(pack_signs(signs_for(0)), num_examples=10, epsilon=1.0)
+    packed = pack_signs(signs_for(1))
+
+    def content(arrays=None, metrics=None, extra=None):
+        record = {
+            "arrays": arrays if arrays is not None else good["arrays"],
+            "metrics": metrics if metrics is not None else good["metrics"],
+        }
+        record.update(extra or {})
+        return RecordDict(record)
+
+    ok_metrics = MetricRecord({"num-examples": 10, "epsilon": 1.0})
+    return {
+        "wrong length": content(arrays=ArrayRecord(array_dict={"signs": Array(np.zeros(4, np.uint8))})),
+        "wrong dtype": content(arrays=ArrayRecord(array_dict={"signs": Array(packed.astype(np.int16))})),
+        "float payload": content(arrays=ArrayRecord(array_dict={"signs": Array(np.zeros(3, np.float32))})),
+        "extra array": content(
+            arrays=ArrayRecord(array_dict={"signs": Array(packed), "loss": Array(np.zeros(1, np.float32))})
+        ),
+        "missing arrays": RecordDict({"metrics": ok_metrics}),
+        "missing metric": content(metrics=MetricRecord({"num-examples": 10})),
+        "extra metric": content(metrics=MetricRecord({"num-examples": 10, "epsilon": 1.0, "train-loss": 0.3})),
+        "non-finite epsilon": content(metrics=MetricRecord({"num-examples": 10, "epsilon": float("nan")})),
+        "absurd epsilon": content(metrics=MetricRecord({"num-examples": 10, "epsilon": 1e12})),
+        "negative examples": content(metrics=MetricRecord({"num-examples": -5, "epsilon": 1.0})),
+        "oversized payload": content(arrays=ArrayRecord(array_dict={"signs": Array(np.zeros(10_000, np.uint8))})),
+        "other model size": content(arrays=ArrayRecord(array_dict={"signs": Array(np.zeros(2, np.uint8))})),
+        "extra record": content(extra={"config": ConfigRecord({"x": 1})}),
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(malformed_replies()))
+def test_each_malformed_reply_is_dropped_and_the_rest_still_vote(kind, caplog):
+    strategy, arrays, _ = configured_strategy()
+    good_signs = [signs_for(10), signs_for(11)]
+    replies = [valid_reply(11, good_signs[0]), reply(malformed_replies()[kind], node_id=12), valid_reply(13, good_signs[1])]
+
+    new_arrays, metrics = strategy.aggregate_train(1, replies)
+
+    assert metrics["voters"] == 2 and metrics["dropped"] == 1
+    expected = arrays_to_flat(arrays) - LEARNING_RATE * majority_vote([pack_signs(s) for s in good_signs], D)
+    np.testing.assert_allclose(arrays_to_flat(new_arrays), expected, rtol=1e-6)
+    assert "dropped reply of node 12" in caplog.text
+
+
+def test_error_replies_are_dropped_with_their_reason(caplog):
+    strategy, _, _ = configured_strategy()
+    replies = [valid_reply(11, signs_for(0)), reply(node_id=12, error=Error(code=4601, reason="privacy budget exhausted"))]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["voters"] == 1 and metrics["dropped"] == 1
+    assert "privacy budget exhausted" in caplog.text
+
+
+def test_a_round_with_no_valid_reply_leaves_the_model_unchanged():
+    strategy, _, _ = configured_strategy()
+    bad = malformed_replies()
+    replies = [reply(bad["wrong length"], node_id=11), reply(bad["wrong dtype"], node_id=12)]
+    new_arrays, metrics = strategy.aggregate_train(1, replies)
+    assert new_arrays is None  # Strategy.start keeps the current arrays on None
+    assert metrics["voters"] == 0 and metrics["dropped"] == 2
+
+
+def test_configure_train_sends_the_model_and_round_to_each_sampled_node():
+    _, arrays, messages = configured_strategy()
+    assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12, 13]
+    for message in messages:
+        assert message.content["config"]["server-round"] == 1
+        np.testing.assert_array_equal(arrays_to_flat(message.content["arrays"]), arrays_to_flat(arrays))
+
+
+def test_server_momentum_accumulates_votes():
+    strategy, arrays, _ = configured_strategy(server_momentum=0.5)
+    signs = signs_for(3)
+    first, _ = strategy.aggregate_train(1, [valid_reply(11, signs)])
+    strategy.configure_train(2, first, ConfigRecord(), FakeGrid([11]))
+    second, _ = strategy.aggregate_train(2, [valid_reply(11, signs)])
+    # velocity: v1 = s, v2 = 0.5 s + s = 1.5 s; total step 2.5 * lr * s
+    expected = arrays_to_flat(arrays) - 2.5 * LEARNING_RATE * signs
+    np.testing.assert_allclose(arrays_to_flat(second), expected, rtol=1e-5)
