@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 class RunConfig:
     """Validated run configuration. Field ``x_y`` is run-config key ``x-y``."""
 
-    num_server_rounds: int = 40
+    num_server_rounds: int = 60
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     min_available_nodes: int = 2
@@ -45,10 +45,10 @@ class RunConfig:
     partition_seed: int = 0
     target_epsilon: float = 8.0
     target_delta: float = 1e-5
-    sample_rate: float = 0.1
+    sample_rate: float = 0.3
     clip_norm: float = 1.0
     clipping: str = "flat"
-    learning_rate: float = 0.01
+    learning_rate: float = 0.02
     lr_schedule: str = "constant"
     server_momentum: float = 0.0
     accountant: str = "pld"
