@@ -1,0 +1,193 @@
+"""The in-memory dataset container and :func:`load_dataset`.
+
+Preprocessing is fixed per dataset so that every client, the server's
+evaluation and every source (local files or the hub) see the same tensors:
+
+- mnist, fashion-mnist, cifar10: pixels / 255, then per channel
+  ``(x - mean) / std`` with the usual published constants (not statistics of
+  anyone's data, so normalisation costs no privacy).
+- digits: pixels / 16 (the range of scikit-learn's copy), then ``(x - mean) / std``
+  with the train split's mean and std.
+- mushroom: one-hot 0/1 features, not normalised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import files, hub
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "mushroom")
+SOURCES = ("auto", "local", "hf")
+
+_NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion-mnist": 10, "cifar10": 10, "mushroom": 2}
+_CHANNEL_STATS = {  # (mean, std) per channel of the train set
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+_TEST_FRACTION = 0.2  # digits and mushroom ship without a test split
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A preprocessed dataset held in memory.
+
+    Attributes:
+        train_inputs: float32 ``[N, ...]``: images ``[N, C, H, W]``, tables ``[N, F]``.
+        train_targets: int64 ``[N]`` class indices.
+        test_inputs: float32, same per-example shape as ``train_inputs``.
+        test_targets: int64 ``[M]``.
+        num_classes: number of classes; targets lie in ``[0, num_classes)``.
+        name: the dataset's name, one of ``DATASETS`` for loaded ones.
+    """
+
+    train_inputs: torch.Tensor
+    train_targets: torch.Tensor
+    test_inputs: torch.Tensor
+    test_targets: torch.Tensor
+    num_classes: int
+    name: str
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            inputs, targets = getattr(self, f"{split}_inputs"), getattr(self, f"{split}_targets")
+            if inputs.dtype != torch.float32 or targets.dtype != torch.int64 or targets.ndim != 1:
+                raise ValueError(
+                    f"{split} inputs must be float32 and targets int64 [N], got {inputs.dtype} and "
+                    f"{targets.dtype} {list(targets.shape)}"
+                )
+            if inputs.shape[0] != targets.shape[0]:
+                raise ValueError(
+                    f"{split} inputs and targets must have the same length, "
+                    f"got {inputs.shape[0]} and {targets.shape[0]}"
+                )
+        if self.train_inputs.shape[1:] != self.test_inputs.shape[1:]:
+            raise ValueError(
+                f"train and test examples must have the same shape, got {list(self.train_inputs.shape[1:])} "
+                f"and {list(self.test_inputs.shape[1:])}"
+            )
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one example, e.g. ``(1, 28, 28)`` or ``(117,)``."""
+        return tuple(self.train_inputs.shape[1:])
+
+
+def load_dataset(name: str, *, data_dir: str | None = None, source: str = "auto", seed: int = 0) -> Dataset:
+    """Load and preprocess a dataset into memory.
+
+    Sources: ``"local"`` reads ``data_dir`` (or a known subfolder of it, such as
+    ``data_dir/mnist``); ``"hf"`` downloads from the Hugging Face hub (mnist,
+    fashion-mnist, cifar10 only); ``"auto"`` reads ``data_dir`` when given and
+    the hub otherwise. digits ships inside scikit-learn and needs neither.
+    Nothing is cached here: callers that load repeatedly keep the result.
+
+    Args:
+        name: one of ``DATASETS``.
+        data_dir: the folder holding the dataset's files (see ``files.LOCAL_FORMATS``).
+        source: one of ``SOURCES``.
+        seed: seed of the stratified 80/20 train/test split of digits and
+            mushroom (which ship unsplit); the other datasets keep their
+            official split and ignore it.
+
+    Returns:
+        The :class:`Dataset`.
+
+    Raises:
+        ValueError: for an unknown name or source, a ``data_dir`` that is not an
+            existing folder, or a dataset that needs a ``data_dir`` and got none.
+        FileNotFoundError: if ``data_dir`` exists but does not hold the data.
+        RuntimeError: if the hub is needed but cannot be reached.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if name == "digits":
+        if source == "hf":
+            raise ValueError("dataset 'digits' has no hub source: it ships with scikit-learn; use source='auto'")
+        return _load_digits(seed)
+    if name == "mushroom":
+        if source == "hf" or data_dir is None:
+            raise ValueError(
+                f"dataset 'mushroom' needs data_dir (it has no hub source): pass data_dir (run-config "
+                f"data-dir / --data-dir) pointing at {files.LOCAL_FORMATS['mushroom']}; "
+                f"got data_dir={data_dir!r}, source={source!r}"
+            )
+        features, labels = files.read_mushroom_folder(files.find_folder(name, data_dir))
+        return _split_and_build(name, features, labels, seed)
+    if source == "hf" or (source == "auto" and data_dir is None):
+        arrays = hub.read_hub_images(name, local_format=files.LOCAL_FORMATS[name])
+    elif data_dir is None:
+        raise ValueError(
+            f"data_dir is required for source='local', got None: point it at {files.LOCAL_FORMATS[name]}"
+        )
+    elif name == "cifar10":
+        arrays = files.read_cifar10_folder(files.find_folder(name, data_dir))
+    else:
+        arrays = files.read_idx_folder(files.find_folder(name, data_dir))
+    return _build_image_dataset(name, *arrays)
+
+
+def _build_image_dataset(
+    name: str, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray
+) -> Dataset:
+    mean, std = _CHANNEL_STATS[name]
+    return Dataset(
+        train_inputs=_normalise(train_images / np.float32(255), mean, std),
+        train_targets=torch.from_numpy(np.asarray(train_labels, dtype=np.int64)),
+        test_inputs=_normalise(test_images / np.float32(255), mean, std),
+        test_targets=torch.from_numpy(np.asarray(test_labels, dtype=np.int64)),
+        num_classes=_NUM_CLASSES[name],
+        name=name,
+    )
+
+
+def _load_digits(seed: int) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None]  # [1797, 1, 8, 8] in [0, 1]
+    train, test = _stratified_split(digits.target, seed)
+    mean, std = float(images[train].mean()), float(images[train].std())
+    return Dataset(
+        train_inputs=_normalise(images[train], (mean,), (std,)),
+        train_targets=torch.from_numpy(digits.target[train].astype(np.int64)),
+        test_inputs=_normalise(images[test], (mean,), (std,)),
+        test_targets=torch.from_numpy(digits.target[test].astype(np.int64)),
+        num_classes=_NUM_CLASSES["digits"],
+        name="digits",
+    )
+
+
+def _split_and_build(name: str, features: np.ndarray, labels: np.ndarray, seed: int) -> Dataset:
+    train, test = _stratified_split(labels, seed)
+    return Dataset(
+        train_inputs=torch.from_numpy(np.ascontiguousarray(features[train], dtype=np.float32)),
+        train_targets=torch.from_numpy(labels[train].astype(np.int64)),
+        test_inputs=torch.from_numpy(np.ascontiguousarray(features[test], dtype=np.float32)),
+        test_targets=torch.from_numpy(labels[test].astype(np.int64)),
+        num_classes=_NUM_CLASSES[name],
+        name=name,
+    )
+
+
+def _stratified_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(labels.shape[0])
+    train, test = train_test_split(indices, test_size=_TEST_FRACTION, stratify=labels, random_state=seed)
+    # Sorted, so that the split is a set: row order carries no extra randomness.
+    return np.sort(train), np.sort(test)
+
+
+def _normalise(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Return ``(images - mean) / std`` per channel (axis 1) as a float32 tensor."""
+    channels = (1, len(mean), 1, 1)
+    out = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    out.sub_(torch.tensor(mean).view(channels)).div_(torch.tensor(std).view(channels))
+    return out

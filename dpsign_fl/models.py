@@ -1,0 +1,181 @@
+"""Models for the experiments, all fit for per-example gradients.
+
+Every model works with ``torch.func.functional_call`` + ``vmap(grad)``
+(:func:`dpsign_fl.mechanism.per_sample_gradients`): no BatchNorm (it mixes the
+examples of a batch; GroupNorm normalises within one example) and no in-place
+activations.
+
+- ``logreg``: flatten, Linear(F, classes).
+- ``mlp``: flatten, Linear(F, 64), tanh, Linear(64, classes).
+- ``tanh-cnn``: the 28x28 CNN of Papernot et al. ("Tempered Sigmoid
+  Activations for Deep Learning with Differential Privacy", arXiv:2007.14191),
+  also used by Tramer & Boneh 2021 (arXiv:2011.11660): 26,010 parameters for
+  10 classes.
+- ``cifar-cnn``: the CIFAR-10 CNN of the same papers (three blocks of two 3x3
+  convolutions and a max-pool, 32/64/128 channels, then Linear(2048, 128),
+  Linear(128, classes)), tanh; we add GroupNorm after every convolution
+  (stable training without BatchNorm): 551,466 parameters for 10 classes.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+MODELS = ("logreg", "mlp", "tanh-cnn", "cifar-cnn")
+MLP_HIDDEN_UNITS = 64
+CIFAR_CNN_GROUPS = 8  # GroupNorm groups per convolution
+
+_DEFAULT_MODELS = {
+    "digits": "mlp",
+    "mnist": "tanh-cnn",
+    "fashion-mnist": "tanh-cnn",
+    "cifar10": "cifar-cnn",
+    "mushroom": "logreg",
+}
+
+
+def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int | None = None) -> nn.Module:
+    """Build a freshly initialised model.
+
+    Initialisation is PyTorch's default for every layer (Linear and Conv2d:
+    Kaiming-uniform weights with a = sqrt(5), uniform biases in +-1/sqrt(fan_in);
+    GroupNorm: ones and zeros).
+
+    Args:
+        name: one of ``MODELS``.
+        input_shape: shape of one example, e.g. ``(1, 28, 28)`` or ``(117,)``.
+        num_classes: number of outputs, >= 2.
+        seed: with a seed, the weights are drawn from a private
+            ``torch.Generator`` seeded with it, the same values
+            ``torch.manual_seed(seed)`` would give, and the global random state
+            is neither read nor changed. None draws from the global generator.
+
+    Returns:
+        The model, on the CPU, in training mode.
+
+    Raises:
+        ValueError: for an unknown name, a bad ``num_classes``, or an
+            ``input_shape`` the model cannot take.
+    """
+    if name not in MODELS:
+        raise ValueError(f"name must be one of {MODELS}, got {name!r}")
+    input_shape = tuple(input_shape)
+    if not input_shape or not all(_is_int(n) and n > 0 for n in input_shape):
+        raise ValueError(f"input_shape must be a non-empty tuple of positive integers, got {input_shape!r}")
+    if not _is_int(num_classes) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    input_shape, num_classes = tuple(int(n) for n in input_shape), int(num_classes)
+    builder = _BUILDERS[name]
+    if seed is None:
+        return builder(input_shape, num_classes)
+    # Built on the meta device, no random numbers are drawn; the weights are
+    # then drawn from a local generator in construction order.
+    with torch.device("meta"):
+        model = builder(input_shape, num_classes)
+    model = model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for module in model.modules():
+            _reset_parameters(module, generator)
+    return model
+
+
+def default_model(dataset_name: str) -> str:
+    """Return the model used for a dataset unless the user names another.
+
+    Args:
+        dataset_name: one of ``dpsign_fl.data.DATASETS``.
+
+    Returns:
+        One of ``MODELS``.
+
+    Raises:
+        ValueError: for an unknown dataset.
+    """
+    if dataset_name not in _DEFAULT_MODELS:
+        raise ValueError(f"dataset_name must be one of {tuple(_DEFAULT_MODELS)}, got {dataset_name!r}")
+    return _DEFAULT_MODELS[dataset_name]
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Return d, the number of trainable parameter entries (the length of a release)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
+def _mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(input_shape), MLP_HIDDEN_UNITS),
+        nn.Tanh(),
+        nn.Linear(MLP_HIDDEN_UNITS, num_classes),
+    )
+
+
+def _tanh_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if len(input_shape) != 3 or input_shape[1:] != (28, 28):
+        raise ValueError(f"input_shape must be (channels, 28, 28) for tanh-cnn, got {input_shape!r}")
+    # 28 -conv8/2,pad2-> 13 -pool2/1-> 12 -conv4/2-> 5 -pool2/1-> 4
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], 16, kernel_size=8, stride=2, padding=2),
+        nn.Tanh(),
+        nn.MaxPool2d(kernel_size=2, stride=1),
+        nn.Conv2d(16, 32, kernel_size=4, stride=2),
+        nn.Tanh(),
+        nn.MaxPool2d(kernel_size=2, stride=1),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 32),
+        nn.Tanh(),
+        nn.Linear(32, num_classes),
+    )
+
+
+def _cifar_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if len(input_shape) != 3 or input_shape[1] % 8 or input_shape[2] % 8:
+        raise ValueError(
+            f"input_shape must be (channels, height, width) with height and width multiples of 8 for cifar-cnn, "
+            f"got {input_shape!r}"
+        )
+    layers: list[nn.Module] = []
+    in_channels = input_shape[0]
+    for channels in (32, 64, 128):
+        for _ in range(2):
+            layers += [
+                nn.Conv2d(in_channels, channels, kernel_size=3, padding=1),
+                nn.GroupNorm(CIFAR_CNN_GROUPS, channels),
+                nn.Tanh(),
+            ]
+            in_channels = channels
+        layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+    flat = 128 * (input_shape[1] // 8) * (input_shape[2] // 8)
+    layers += [nn.Flatten(), nn.Linear(flat, 128), nn.Tanh(), nn.Linear(128, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+_BUILDERS = {"logreg": _logreg, "mlp": _mlp, "tanh-cnn": _tanh_cnn, "cifar-cnn": _cifar_cnn}
+
+
+def _reset_parameters(module: nn.Module, generator: torch.Generator) -> None:
+    """PyTorch's default initialisation of one layer, drawn from ``generator``."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        # As nn.Linear/_ConvNd.reset_parameters (torch 2.x), with the generator.
+        nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+        if module.bias is not None:
+            fan_in = module.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+    elif isinstance(module, nn.GroupNorm):
+        module.reset_parameters()  # deterministic: ones and zeros
+    elif any(True for _ in module.parameters(recurse=False)):
+        raise TypeError(f"no seeded initialisation for {type(module).__name__}")
