@@ -1,0 +1,70 @@
+"""End to end: a real `flwr run . --stream` simulation, asserting on what it writes."""
+
+import json
+import math
+
+import pytest
+
+from dpsign_fl.packing import payload_bytes
+from dpsign_fl.flower.records import NPY_HEADER_BYTES
+
+from .harness import flwr_run_simulation, superlink_pids
+
+SUPERNODES = 3
+ROUNDS = 3
+TARGET_EPSILON = 4.0
+
+
+@pytest.fixture(scope="module")
+def simulation(tmp_path_factory):
+    home = tmp_path_factory.mktemp("flwr-home")
+    results = tmp_path_factory.mktemp("results")
+    completed = flwr_run_simulation(
+        home,
+        num_supernodes=SUPERNODES,
+        run_config=(
+            f"num-server-rounds={ROUNDS} target-epsilon={TARGET_EPSILON} learning-rate=0.03 "
+            f"seed='11' results-dir='{results}'"
+        ),
+    )
+    return completed, results, home
+
+
+def test_run_writes_a_metrics_row_for_every_round(simulation):
+    completed, results, _ = simulation
+    metrics_file = results / "metrics.json"
+    assert metrics_file.exists(), completed.stdout[-4000:] + completed.stderr[-4000:]
+    rows = json.loads(metrics_file.read_text())
+    assert [row["round"] for row in rows] == list(range(1, ROUNDS + 1))
+    assert all(row["voters"] == SUPERNODES and row["dropped"] == 0 for row in rows)
+
+
+def test_epsilon_increases_and_never_exceeds_the_target(simulation):
+    _, results, _ = simulation
+    epsilons = [row["epsilon"] for row in json.loads((results / "metrics.json").read_text())]
+    assert all(b > a for a, b in zip(epsilons, epsilons[1:]))
+    assert 0 < epsilons[0] and epsilons[-1] <= TARGET_EPSILON
+
+
+def test_uplink_is_ceil_d_over_8_bytes_plus_the_npy_header_per_client(simulation):
+    _, results, _ = simulation
+    rows = json.loads((results / "metrics.json").read_text())
+    import torch
+
+    state = torch.load(results / "model.pt")
+    d = sum(t.numel() for t in state.values())
+    for row in rows:
+        assert row["payload-bytes"] == payload_bytes(d) == math.ceil(d / 8)
+        assert row["uplink-bytes"] == SUPERNODES * (payload_bytes(d) + NPY_HEADER_BYTES)
+
+
+def test_final_accuracy_is_well_above_chance(simulation):
+    _, results, _ = simulation
+    rows = json.loads((results / "metrics.json").read_text())
+    assert rows[-1]["accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert (results / "accuracy_epsilon.png").stat().st_size > 1000
+
+
+def test_the_superlink_started_by_the_test_is_stopped(simulation):
+    _, _, home = simulation
+    assert superlink_pids(home) == []

@@ -1,0 +1,96 @@
+"""The ClientApp's train handler, called directly with a Message and a Context."""
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, RecordDict
+
+from dpsign_fl.config import parse_run_config
+from dpsign_fl.data import load_dataset
+from dpsign_fl.flower.client import BUDGET_EXHAUSTED_CODE, handle_train
+from dpsign_fl.flower.records import LEDGER_STATE_KEY, load_ledger, model_to_arrays
+from dpsign_fl.models import build_model, default_model
+from dpsign_fl.packing import payload_bytes
+
+from .messages import instruction
+from ..test_config import pyproject_defaults
+
+ROUNDS = 2
+
+
+def run_config(**overrides):
+    config = dict(pyproject_defaults())
+    config.update({"num-server-rounds": ROUNDS, "target-epsilon": 2.0, "seed": "3"})
+    config.update(overrides)
+    return config
+
+
+def make_context(**overrides):
+    return Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 1, "num-partitions": 5},
+        state=RecordDict(),
+        run_config=run_config(**overrides),
+    )
+
+
+def train_message(server_round):
+    dataset = load_dataset("digits")
+    model = build_model(default_model("digits"), input_shape=dataset.input_shape, num_classes=10, seed=0)
+    content = RecordDict({"arrays": model_to_arrays(model), "config": ConfigRecord({"server-round": server_round})})
+    return instruction(content, dst_node_id=5), sum(p.numel() for p in model.parameters())
+
+
+def test_reply_holds_exactly_the_packed_bits_and_public_numbers():
+    context = make_context()
+    message, num_coordinates = train_message(1)
+
+    reply = handle_train(message, context)
+
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    signs = reply.content["arrays"]["signs"].numpy()
+    assert signs.dtype == np.uint8 and signs.shape == (payload_bytes(num_coordinates),)
+    metrics = reply.content["metrics"]
+    assert set(metrics.keys()) == {"num-examples", "epsilon"}
+    assert 0 < metrics["epsilon"] <= 2.0
+
+
+def test_each_release_is_recorded_in_context_state():
+    context = make_context()
+    for server_round in (1, 2):
+        message, _ = train_message(server_round)
+        handle_train(message, context)
+    assert LEDGER_STATE_KEY in context.state
+    ledger = load_ledger(context.state, accountant="pld")
+    assert ledger.num_releases == 2
+    config = parse_run_config(context.run_config)
+    assert ledger.epsilon(config.target_delta) <= config.target_epsilon
+
+
+def test_client_refuses_once_the_budget_is_spent():
+    context = make_context()
+    replies = []
+    for server_round in range(1, ROUNDS + 2):
+        message, _ = train_message(server_round)
+        replies.append(handle_train(message, context))
+
+    assert [r.has_error() for r in replies] == [False] * ROUNDS + [True]
+    assert replies[-1].error.code == BUDGET_EXHAUSTED_CODE
+    assert "privacy budget exhausted" in replies[-1].error.reason
+    assert load_ledger(context.state, accountant="pld").num_releases == ROUNDS
+
+
+def test_same_seed_same_round_gives_the_same_bits_and_other_rounds_differ():
+    first = handle_train(train_message(1)[0], make_context()).content["arrays"]["signs"].numpy()
+    again = handle_train(train_message(1)[0], make_context()).content["arrays"]["signs"].numpy()
+    other = handle_train(train_message(2)[0], make_context()).content["arrays"]["signs"].numpy()
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_missing_partition_in_node_config_names_the_key():
+    context = make_context()
+    context.node_config = {}
+    with pytest.raises(ValueError, match="partition-id"):
+        handle_train(train_message(1)[0], context)
