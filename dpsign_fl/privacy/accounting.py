@@ -22,6 +22,7 @@ is accounted is chosen separately, as dp-accounting does.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Iterable, Sequence
@@ -198,7 +199,20 @@ def calibrate_noise_multiplier(
     check_sample_rate(sample_rate)
     check_num_steps(num_steps, minimum=1)
     check_accountant(accountant)
+    return _calibrate(
+        float(target_epsilon),
+        float(target_delta),
+        float(sample_rate),
+        int(num_steps),
+        accountant,
+        None if orders is None else tuple(orders),
+    )
 
+
+@functools.lru_cache(maxsize=256)
+def _calibrate(target_epsilon, target_delta, sample_rate, num_steps, accountant, orders) -> float:
+    # Pure and deterministic, and it costs ~1 s: cached per process (every
+    # simulated client of a run asks the same question). cache_clear() resets.
     def epsilon_at(sigma: float) -> float:
         return compute_epsilon(
             sample_rate=sample_rate,
@@ -213,13 +227,7 @@ def calibrate_noise_multiplier(
     # valid upper end of the bracket for the PLD accountant.
     high = 1.0
     if accountant == "pld":
-        high = calibrate_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            sample_rate=sample_rate,
-            num_steps=num_steps,
-            accountant="rdp",
-        )
+        high = _calibrate(target_epsilon, target_delta, sample_rate, num_steps, "rdp", None)
     high_excess = epsilon_at(high) - target_epsilon
     for _ in range(_MAX_BRACKET_STEPS):
         if high_excess <= 0:

@@ -1,0 +1,39 @@
+"""The README's SignMajorityVote example runs as written, against our ClientApp handler."""
+
+import re
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from dpsign_fl.flower.client import handle_train
+
+from ..test_config import pyproject_defaults
+from .inprocess_grid import InProcessGrid
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_example() -> str:
+    text = README.read_text()
+    match = re.search(r"<!-- example: server-app[^>]*-->\s*```python\n(.*?)```", text, re.DOTALL)
+    assert match, "README lost its server-app example"
+    return match.group(1)
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def test_readme_server_app_example_trains_with_every_client_voting(capsys):
+    namespace = {}
+    exec(compile(readme_example(), str(README), "exec"), namespace)
+    run_config = dict(pyproject_defaults(), **{"num-server-rounds": 3, "seed": "5"})
+    grid = InProcessGrid(handle_train, num_nodes=3, run_config=run_config)
+    main = namespace["main"]
+    main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    assert "voters per round: [3, 3, 3]" in capsys.readouterr().out
