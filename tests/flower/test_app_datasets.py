@@ -1,0 +1,82 @@
+"""The Flower app takes every dataset, model and partitioner through the run config.
+
+The ServerApp body (run_server) drives the real SignMajorityVote against our
+ClientApp handler through an in-process Grid: the same code as `flwr run`, minus Ray.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from dpsign_fl.flower.client import clear_data_cache, handle_train
+from dpsign_fl.flower.server import run_server
+
+from ..test_config import pyproject_defaults
+from ..test_data import _write_tiny_cifar
+from .inprocess_grid import InProcessGrid
+
+SHARED_DATA = Path(os.environ.get("DPSIGN_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    yield
+    clear_data_cache()
+
+
+def run_app(tmp_path, *, num_nodes=3, **overrides):
+    run_config = dict(pyproject_defaults())
+    run_config.update({"num-server-rounds": 2, "seed": "1", "results-dir": str(tmp_path / "results")})
+    run_config.update(overrides)
+    grid = InProcessGrid(handle_train, num_nodes=num_nodes, run_config=run_config)
+    run_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    return json.loads((tmp_path / "results" / "metrics.json").read_text())
+
+
+def needs_shared(folder):
+    if not (SHARED_DATA / folder).is_dir():
+        pytest.skip(f"no offline copy of {folder} at {SHARED_DATA}; set DPSIGN_DATA_DIR")
+    return str(SHARED_DATA)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"partitioner": "dirichlet", "dirichlet-alpha": 0.5},
+        {"partitioner": "pathological", "classes-per-partition": 2},
+        {"model": "logreg", "clipping": "automatic", "accountant": "rdp"},
+        {"lr-schedule": "cosine", "server-momentum": 0.5},
+    ],
+    ids=["dirichlet", "pathological", "logreg-automatic-rdp", "cosine-momentum"],
+)
+def test_digits_variants_run_every_round_with_every_client_voting(tmp_path, overrides):
+    rows = run_app(tmp_path, **overrides)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["voters"] == 3 and r["dropped"] == 0 for r in rows)
+    assert 0 < rows[-1]["epsilon"] <= 8.0
+
+
+def test_mushroom_with_logistic_regression_from_a_data_dir(tmp_path):
+    rows = run_app(tmp_path, dataset="mushroom", **{"data-dir": needs_shared("mushroom")})
+    assert all(r["voters"] == 3 for r in rows)
+    assert rows[-1]["payload-bytes"] == (117 * 2 + 2 + 7) // 8  # logreg: 117 x 2 weights + 2 biases
+
+
+def test_mnist_with_the_tanh_cnn_from_a_data_dir(tmp_path):
+    rows = run_app(tmp_path, dataset="mnist", **{"data-dir": needs_shared("mnist"), "sample-rate": 0.01})
+    assert all(r["voters"] == 3 for r in rows)
+    assert rows[-1]["payload-bytes"] == (26010 + 7) // 8
+
+
+def test_cifar10_in_the_standard_layout_with_the_groupnorm_cnn(tmp_path):
+    folder = _write_tiny_cifar(tmp_path)
+    rows = run_app(tmp_path, dataset="cifar10", **{"data-dir": str(folder), "sample-rate": 0.5})
+    assert all(r["voters"] == 3 for r in rows)
+    assert rows[-1]["accuracy"] is not None
