@@ -1,18 +1,30 @@
 """Run the real `flwr` CLI in a subprocess, offline, on a private home and ports.
 
-`flwr run .` starts a detached local SuperLink that outlives the run and is
-reused by any later run on the same port, whatever its FLWR_HOME: each test gets
-its own FLWR_HOME and free ports, and stops the SuperLink it started, by PID.
+Simulation: `flwr run .` starts a detached local SuperLink that outlives the run
+and is reused by any later run on the same port, whatever its FLWR_HOME: each
+test gets its own FLWR_HOME and free ports, and stops the SuperLink it started,
+by PID.
+
+Deployment (:class:`Deployment`): a `flower-superlink` and `flower-supernode`
+processes on 127.0.0.1, each with its own FLWR_HOME and port, optionally with
+TLS (:func:`make_tls_files`) and SuperNode authentication
+(:func:`make_supernode_key`); every process is stopped by PID on exit.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
+import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,3 +107,437 @@ def flwr_run_simulation(
         return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     finally:
         stop_processes(superlink_pids(flwr_home))
+
+
+# --------------------------------------------------------------------------
+# Deployment: one flower-superlink and flower-supernode processes on loopback.
+# --------------------------------------------------------------------------
+
+
+CONNECTION = "e2e-deployment"
+"""Name of the SuperLink connection written into the CLI's config.toml."""
+
+
+def wait_until(condition, *, timeout: float, what: str, interval: float = 0.5):
+    """Poll ``condition()`` until it returns a truthy value; return it.
+
+    Raises:
+        TimeoutError: naming ``what`` when ``timeout`` seconds pass first.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"waited {timeout:g} s for {what}")
+        time.sleep(interval)
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid`` (children, grandchildren, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def is_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def stop_process_tree(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM ``process``, wait for it and for the descendants it had, SIGKILL leftovers.
+
+    Flower's SuperLink and SuperNode start a ``flower-superexec`` (and per message
+    ``flwr-clientapp``/``flwr-serverapp``) that exit by themselves once their parent
+    is gone; the ones still alive after ``timeout`` are killed, by PID.
+    """
+    family = [process.pid] + descendant_pids(process.pid)
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    deadline = time.monotonic() + timeout
+    for pid in family[1:]:
+        while is_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if is_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA and the SuperLink's certificate for 127.0.0.1 / localhost."""
+
+    ca_certificate: Path
+    server_certificate: Path
+    server_key: Path
+
+
+def make_tls_files(folder: Path) -> TlsFiles:
+    """Write a self-signed CA and a server certificate it signed (SAN: localhost, 127.0.0.1, ::1)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dpsign-fl test CA")])
+    ca_certificate = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    server_certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("::1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TlsFiles(folder / "ca.crt", folder / "server.pem", folder / "server.key")
+    files.ca_certificate.write_bytes(ca_certificate.public_bytes(serialization.Encoding.PEM))
+    files.server_certificate.write_bytes(server_certificate.public_bytes(serialization.Encoding.PEM))
+    files.server_key.write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    files.server_key.chmod(0o600)
+    return files
+
+
+def make_supernode_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """Write an EC P-384 key pair in OpenSSH format (as `ssh-keygen -t ecdsa -b 384`).
+
+    Returns:
+        (private key file, public key file ``<name>.pub``).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    private.chmod(0o600)
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        + f" {name}\n".encode()
+    )
+    return private, public
+
+
+def node_config_argument(node_config: dict) -> str:
+    """Render ``{"partition-id": 0, "data-dir": "/d"}`` as ``partition-id=0 data-dir="/d"``."""
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in node_config.items())
+
+
+@dataclass
+class RunOutcome:
+    """What one `flwr run` on the deployment produced."""
+
+    run_id: int
+    status: str
+    log: str
+    wall_seconds: float
+
+
+@dataclass
+class Deployment:
+    """A SuperLink and SuperNodes on loopback, each with its own FLWR_HOME and port.
+
+    Use as a context manager: leaving the block stops every process it started
+    (SuperNodes first, then the SuperLink), by PID, including on failure.
+
+    Args:
+        root: a fresh folder for homes and logs.
+        tls: certificates; None = ``--insecure``.
+        supernode_auth: start the SuperLink with ``--enable-supernode-auth`` (needs ``tls``).
+    """
+
+    root: Path
+    tls: TlsFiles | None = None
+    supernode_auth: bool = False
+    port: int = field(default_factory=free_port)
+    superlink: subprocess.Popen | None = None
+    supernodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    exited: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.supernode_auth and self.tls is None:
+            raise ValueError("supernode_auth needs tls")
+        self.logs = self.root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.cli_home = self.root / "cli-home"
+        self.cli_home.mkdir(exist_ok=True)
+        write_connection(self.cli_home, CONNECTION, f"127.0.0.1:{self.port}", self.tls)
+
+    def __enter__(self) -> "Deployment":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        home = self.root / f"{name}-home"
+        home.mkdir(exist_ok=True)
+        log_file = open(self.logs / f"{name}.log", "ab")
+        try:
+            return subprocess.Popen(
+                command, cwd=self.root, env=offline_env(home), stdout=log_file, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        finally:
+            log_file.close()
+
+    def log_text(self, name: str) -> str:
+        """The stdout and stderr of process ``name`` (``superlink`` or a SuperNode's name)."""
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start_superlink(self, timeout: float = 60.0) -> None:
+        """Start flower-superlink and wait until its /health answers."""
+        command = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+                   "--disable-runtime-dependency-installation"]
+        if self.tls is None:
+            command.append("--insecure")
+        else:
+            command += ["--ssl-ca-certfile", str(self.tls.ca_certificate),
+                        "--ssl-certfile", str(self.tls.server_certificate),
+                        "--ssl-keyfile", str(self.tls.server_key)]
+        if self.supernode_auth:
+            command.append("--enable-supernode-auth")
+        self.superlink = self._spawn("superlink", command)
+        wait_until(self._healthy, timeout=timeout, what=f"SuperLink health on {self.address}\n" + self.log_text("superlink"))
+
+    def _healthy(self) -> bool:
+        if self.superlink is not None and self.superlink.poll() is not None:
+            raise RuntimeError(f"SuperLink exited with {self.superlink.returncode}:\n{self.log_text('superlink')}")
+        scheme = "http" if self.tls is None else "https"
+        handlers: list = [urllib.request.ProxyHandler({})]  # loopback only, whatever *_proxy says
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=str(self.tls.ca_certificate))
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        try:
+            with urllib.request.build_opener(*handlers).open(f"{scheme}://{self.address}/health", timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+
+    def start_supernode(self, name: str, node_config: dict, *, auth_key: Path | None = None) -> subprocess.Popen:
+        """Start flower-supernode ``name`` with ``--node-config`` and its own Runtime API port."""
+        command = [str(BIN / "flower-supernode"), "--superlink", self.address, "--port", str(free_port()),
+                   "--node-config", node_config_argument(node_config)]
+        if self.tls is None:
+            command.append("--insecure")
+        else:
+            command += ["--root-certificates", str(self.tls.ca_certificate)]
+        if auth_key is not None:
+            command += ["--auth-supernode-private-key", str(auth_key)]
+        if name in self.supernodes:
+            raise ValueError(f"SuperNode {name!r} is already running")
+        with open(self.logs / f"{name}.log", "ab") as log_file:  # mark restarts in the log
+            log_file.write(f"---- start {name}: {' '.join(command)}\n".encode())
+        process = self._spawn(name, command)
+        self.supernodes[name] = process
+        return process
+
+    def stop_supernode(self, name: str) -> int:
+        """Stop SuperNode ``name`` (and its children); return the PID it had."""
+        process = self.supernodes.pop(name)
+        stop_process_tree(process)
+        self.exited[name] = process
+        return process.pid
+
+    def wait_for_exit(self, name: str, timeout: float) -> int:
+        """Wait until SuperNode ``name`` exits by itself; return its exit code."""
+        process = self.supernodes[name]
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"SuperNode {name!r} still running after {timeout:g} s:\n{self.log_text(name)}") from None
+        self.exited[name] = self.supernodes.pop(name)
+        return code
+
+    def flwr(self, *arguments: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """Run the `flwr` CLI from the repository with this deployment's CLI home."""
+        return subprocess.run([str(BIN / "flwr"), *arguments], cwd=REPO, env=offline_env(self.cli_home),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def flwr_json(self, *arguments: str, timeout: float = 120.0) -> dict:
+        """Run `flwr ... --format json` and return the parsed reply (raising on failure)."""
+        done = self.flwr(*arguments, "--format", "json", timeout=timeout)
+        try:
+            return json.loads(done.stdout)
+        except json.JSONDecodeError:
+            raise RuntimeError(f"flwr {' '.join(arguments)} gave rc {done.returncode}:\n{done.stdout}\n{done.stderr}") from None
+
+    def online_node_ids(self) -> list[int]:
+        """IDs of the SuperNodes the SuperLink lists as online."""
+        reply = self.flwr_json("supernode", "ls", CONNECTION)
+        return sorted(int(node["node-id"]) for node in reply.get("nodes", []) if node.get("status") == "online")
+
+    def wait_for_online_nodes(self, count: int, timeout: float = 90.0) -> list[int]:
+        """Wait until exactly ``count`` SuperNodes are online; return their IDs."""
+        def ready():
+            for name, process in self.supernodes.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"SuperNode {name!r} exited with {process.returncode}:\n{self.log_text(name)}")
+            ids = self.online_node_ids()
+            return ids if len(ids) == count else None
+
+        return wait_until(ready, timeout=timeout, what=f"{count} online SuperNodes", interval=1.0)
+
+    def register(self, public_key: Path) -> int:
+        """`flwr supernode register`: allow the SuperNode holding this key; return its node ID."""
+        reply = self.flwr_json("supernode", "register", str(public_key), CONNECTION)
+        if not reply.get("success", True) or "node-id" not in reply:
+            raise RuntimeError(f"registering {public_key} failed: {reply}")
+        return int(reply["node-id"])
+
+    def run(self, run_config: str, timeout: float = 300.0) -> RunOutcome:
+        """Submit `flwr run . <connection>`, stream its log to the end, return its final status.
+
+        `flwr run --stream` exits 0 even when the ServerApp fails, so the status
+        comes from `flwr ls --run-id`.
+        """
+        started = time.monotonic()
+        submitted = self.flwr_json("run", ".", CONNECTION, "--run-config", run_config)
+        if "run-id" not in submitted:
+            raise RuntimeError(f"flwr run was rejected: {submitted}")
+        run_id = int(submitted["run-id"])
+        remaining = max(1.0, timeout - (time.monotonic() - started))
+        try:
+            streamed = self.flwr("log", str(run_id), CONNECTION, "--stream", timeout=remaining).stdout
+        except subprocess.TimeoutExpired as expired:
+            self.flwr("stop", str(run_id), CONNECTION)
+            raise TimeoutError(f"run {run_id} did not finish in {timeout:g} s:\n{expired.stdout}") from None
+        status = wait_until(lambda: self._finished_status(run_id), timeout=60, what=f"run {run_id} to finish")
+        return RunOutcome(run_id, status, streamed, time.monotonic() - started)
+
+    def _finished_status(self, run_id: int) -> str | None:
+        runs = self.flwr_json("ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
+        status = runs[0]["status"] if runs else ""
+        return status if status.startswith("finished") else None
+
+    def stop(self) -> None:
+        """Stop every SuperNode, then the SuperLink (each with its children)."""
+        for name in list(self.supernodes):
+            self.stop_supernode(name)
+        if self.superlink is not None:
+            stop_process_tree(self.superlink)
+
+    def started_pids_alive(self) -> list[int]:
+        """PIDs of the processes this deployment started that are still alive."""
+        processes = [self.superlink, *self.supernodes.values(), *self.exited.values()]
+        return [p.pid for p in processes if p is not None and is_alive(p.pid)]
+
+
+def write_connection(cli_home: Path, name: str, address: str, tls: TlsFiles | None) -> None:
+    """Write the CLI's ``config.toml`` with one SuperLink connection, the default."""
+    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
+    if tls is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{tls.ca_certificate}"')
+    (cli_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def write_idx_folder(folder: Path, train_images, train_labels, test_images, test_labels) -> Path:
+    """Write uint8 images ``[N, H, W]`` and labels as the four MNIST IDX files (uncompressed)."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {
+        "train-images-idx3-ubyte": (train_images, 0x00000803),
+        "train-labels-idx1-ubyte": (train_labels, 0x00000801),
+        "t10k-images-idx3-ubyte": (test_images, 0x00000803),
+        "t10k-labels-idx1-ubyte": (test_labels, 0x00000801),
+    }
+    for stem, (values, magic) in parts.items():
+        values = np.ascontiguousarray(values, dtype=np.uint8)
+        header = np.array([magic, *values.shape], dtype=">u4").tobytes()
+        (folder / stem).write_bytes(header + values.tobytes())
+    return folder
+
+
+def digits_as_mnist(indices) -> tuple:
+    """scikit-learn's 8x8 digits at ``indices`` as 28x28 uint8 MNIST-like images, and labels.
+
+    A small, offline stand-in for an MNIST folder on a device: each pixel is
+    scaled from [0, 16] to [0, 255], repeated 3x3 and padded by 2.
+    """
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.rint(digits.images[indices] * (255 / 16)).astype(np.uint8)
+    images = np.kron(images, np.ones((1, 3, 3), dtype=np.uint8))
+    images = np.pad(images, ((0, 0), (2, 2), (2, 2)))
+    return images, digits.target[indices].astype(np.uint8)

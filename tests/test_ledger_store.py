@@ -1,0 +1,377 @@
+"""A client's privacy ledger in a file: durable, atomic, locked; and the ClientApp using it.
+
+The first part tests dpsign_fl.privacy.ledger_store (core, no flwr). The second
+part calls the ClientApp's train handler with node-config ``ledger-path`` and
+``data-dir`` the way a SuperNode delivers them: a new ``Context`` stands for a
+restarted SuperNode (its ``context.state`` is empty, its ledger file is not).
+"""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, RecordDict
+
+from dpsign_fl.config import parse_run_config
+from dpsign_fl.data import load_dataset
+from dpsign_fl.flower.client import (
+    BUDGET_EXHAUSTED_CODE,
+    NodeConfig,
+    clear_data_cache,
+    client_data,
+    handle_train,
+    parse_node_config,
+)
+from dpsign_fl.flower.records import LEDGER_STATE_KEY, model_to_arrays
+from dpsign_fl.models import build_model, default_model
+from dpsign_fl.privacy import PrivacyLedger
+from dpsign_fl.privacy.ledger_store import (
+    LOCK_SUFFIX,
+    LedgerFileError,
+    lock_ledger_file,
+    read_ledger_file,
+    write_ledger_file,
+)
+
+from .e2e.harness import digits_as_mnist, write_idx_folder
+from .flower.messages import instruction
+from .test_config import pyproject_defaults
+
+DELTA = 1e-5
+
+
+def ledger_of(*releases, accountant="pld"):
+    ledger = PrivacyLedger(accountant=accountant)
+    for sample_rate, noise_multiplier, count in releases:
+        ledger.record(sample_rate=sample_rate, noise_multiplier=noise_multiplier, count=count)
+    return ledger
+
+
+# ---------------------------------------------------------------- ledger file
+
+
+def test_a_missing_file_reads_as_an_empty_ledger(tmp_path):
+    ledger = read_ledger_file(tmp_path / "ledger.json", accountant="pld")
+
+    assert ledger.num_releases == 0 and ledger.epsilon(DELTA) == 0
+
+
+def test_a_written_ledger_reads_back_with_the_same_releases_and_epsilon(tmp_path):
+    path = tmp_path / "ledger.json"
+    written = ledger_of((0.3, 1.2, 5), (0.1, 0.9, 2))
+
+    write_ledger_file(path, written)
+    read = read_ledger_file(path, accountant="pld")
+
+    assert read.releases == written.releases
+    assert read.epsilon(DELTA) == written.epsilon(DELTA)
+    assert json.loads(path.read_text()) == written.to_dict()
+
+
+def test_the_accountant_argument_chooses_the_accounting_not_the_releases(tmp_path):
+    path = tmp_path / "ledger.json"
+    write_ledger_file(path, ledger_of((0.3, 1.2, 5), accountant="pld"))
+
+    as_rdp = read_ledger_file(path, accountant="rdp")
+
+    assert as_rdp.accountant == "rdp" and as_rdp.releases == ledger_of((0.3, 1.2, 5)).releases
+    assert as_rdp.epsilon(DELTA) == ledger_of((0.3, 1.2, 5), accountant="rdp").epsilon(DELTA)
+
+
+def test_writing_replaces_the_file_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "ledger.json"
+    write_ledger_file(path, ledger_of((0.3, 1.2, 1)))
+    write_ledger_file(path, ledger_of((0.3, 1.2, 2)))
+
+    assert read_ledger_file(path, accountant="pld").num_releases == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json"]
+
+
+def test_a_failed_rename_keeps_the_previous_ledger_intact(tmp_path, monkeypatch):
+    path = tmp_path / "ledger.json"
+    write_ledger_file(path, ledger_of((0.3, 1.2, 1)))
+
+    def crash(*args):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        write_ledger_file(path, ledger_of((0.3, 1.2, 7)))
+    monkeypatch.undo()
+
+    assert read_ledger_file(path, accountant="pld").num_releases == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json"]
+
+
+def test_writing_fsyncs_the_new_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    path = tmp_path / "ledger.json"
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def recording_fsync(descriptor):
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(descriptor).st_mode) else "fsync file")
+        real_fsync(descriptor)
+
+    def recording_replace(source, destination):
+        events.append("rename")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    write_ledger_file(path, ledger_of((0.3, 1.2, 1)))
+
+    assert events == ["fsync file", "rename", "fsync folder"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["", "{", "[]", '{"version": 99, "releases": []}', '{"version": 1, "releases": [{"count": 1}]}'],
+    ids=["empty", "truncated", "not-a-dict", "other-version", "malformed-release"],
+)
+def test_an_unreadable_ledger_file_is_refused_never_reset(tmp_path, content):
+    path = tmp_path / "ledger.json"
+    path.write_text(content)
+
+    with pytest.raises(LedgerFileError, match="ledger.json"):
+        read_ledger_file(path, accountant="pld")
+    assert path.read_text() == content
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("relative/ledger.json", "must be absolute"),
+        ("", "must not be empty"),
+        ("{tmp}/no-such-folder/ledger.json", "does not exist"),
+        ("{tmp}", "must name a file"),
+    ],
+)
+def test_a_ledger_path_that_would_silently_start_a_new_budget_is_refused(tmp_path, path, message):
+    with pytest.raises(LedgerFileError, match=message):
+        read_ledger_file(path.format(tmp=tmp_path), accountant="pld")
+
+
+# Another process holding the lock the way lock_ledger_file takes it: flock on <ledger>.lock.
+HOLD_LOCK = """
+import fcntl, sys, time
+with open(sys.argv[1], "a") as handle:
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_the_lock_keeps_a_second_process_out_until_the_first_releases_it(tmp_path):
+    path = tmp_path / "ledger.json"
+    lock_path = tmp_path / ("ledger.json" + LOCK_SUFFIX)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock_path), "2"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(TimeoutError, match="locked by another process"):
+            with lock_ledger_file(path, timeout_seconds=0.3):
+                pass
+        with lock_ledger_file(path, timeout_seconds=60):  # negative control: free once released
+            pass
+        assert holder.wait(timeout=60) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_lock_timeout_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="timeout_seconds"):
+        with lock_ledger_file(tmp_path / "ledger.json", timeout_seconds=0):
+            pass
+
+
+# ------------------------------------------------- the ClientApp with a ledger file
+
+ROUNDS = 2
+
+
+def run_config(**overrides):
+    config = dict(pyproject_defaults())
+    config.update({"num-server-rounds": ROUNDS, "target-epsilon": 2.0, "seed": "3"})
+    config.update(overrides)
+    return config
+
+
+def supernode_context(node_config, **overrides):
+    """A fresh Context: what a (re)started SuperNode gives its ClientApp."""
+    return Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config=run_config(**overrides))
+
+
+def train_message(server_round, dataset="digits", model_name=None):
+    data = load_dataset(dataset) if dataset == "digits" else None
+    input_shape = data.input_shape if data is not None else (1, 28, 28)
+    model = build_model(model_name or default_model(dataset), input_shape=input_shape, num_classes=10, seed=0)
+    content = RecordDict({"arrays": model_to_arrays(model), "config": ConfigRecord({"server-round": server_round})})
+    return instruction(content, dst_node_id=5)
+
+
+def test_a_restarted_supernode_continues_from_the_budget_in_its_ledger_file(tmp_path):
+    ledger_path = tmp_path / "node.json"
+    node_config = {"partition-id": 1, "num-partitions": 5, "ledger-path": str(ledger_path)}
+
+    first = handle_train(train_message(1), supernode_context(node_config))
+    restarted = supernode_context(node_config)  # empty context.state, same file
+    second = handle_train(train_message(2), restarted)
+    third = handle_train(train_message(3), restarted)
+
+    assert not first.has_error() and not second.has_error()
+    assert third.has_error() and third.error.code == BUDGET_EXHAUSTED_CODE
+    assert "2 releases" in third.error.reason
+    assert read_ledger_file(ledger_path, accountant="pld").num_releases == ROUNDS
+    assert LEDGER_STATE_KEY not in restarted.state  # the file is the only copy
+
+
+def test_without_a_ledger_file_a_restart_would_reset_the_budget(tmp_path):
+    # Negative control of the test above: context.state alone does not survive.
+    node_config = {"partition-id": 1, "num-partitions": 5}
+    for server_round in (1, 2):
+        handle_train(train_message(server_round), supernode_context(node_config))
+
+    reply = handle_train(train_message(3), supernode_context(node_config))
+
+    assert not reply.has_error()
+
+
+def test_the_ledger_file_holds_the_release_when_the_reply_leaves(tmp_path):
+    ledger_path = tmp_path / "node.json"
+    context = supernode_context({"partition-id": 0, "num-partitions": 5, "ledger-path": str(ledger_path)})
+
+    reply = handle_train(train_message(1), context)
+
+    ledger = read_ledger_file(ledger_path, accountant="pld")
+    assert ledger.num_releases == 1
+    assert reply.content["metrics"]["epsilon"] == pytest.approx(ledger.epsilon(DELTA))
+
+
+def test_the_ledger_file_counts_releases_from_every_run_on_the_same_data(tmp_path):
+    ledger_path = tmp_path / "node.json"
+    node_config = {"partition-id": 0, "num-partitions": 5, "ledger-path": str(ledger_path)}
+    earlier_run = ledger_of((0.3, 4.0, 1))  # another run, other settings, same data
+    write_ledger_file(ledger_path, earlier_run)
+
+    reply = handle_train(train_message(1), supernode_context(node_config))
+
+    ledger = read_ledger_file(ledger_path, accountant="pld")
+    assert not reply.has_error()
+    assert ledger.releases[0] == earlier_run.releases[0] and ledger.num_releases == 2
+    this_run_alone = ledger_of((ledger.releases[1].sample_rate, ledger.releases[1].noise_multiplier, 1))
+    assert reply.content["metrics"]["epsilon"] > this_run_alone.epsilon(DELTA)
+
+
+def test_a_refusal_leaves_the_ledger_file_unchanged(tmp_path):
+    ledger_path = tmp_path / "node.json"
+    write_ledger_file(ledger_path, ledger_of((0.3, 0.5, 40)))
+    before = ledger_path.read_bytes()
+
+    reply = handle_train(
+        train_message(1), supernode_context({"partition-id": 0, "num-partitions": 5, "ledger-path": str(ledger_path)})
+    )
+
+    assert reply.has_error() and reply.error.code == BUDGET_EXHAUSTED_CODE
+    assert ledger_path.read_bytes() == before
+
+
+def test_a_corrupt_ledger_file_stops_the_client_before_any_release(tmp_path):
+    ledger_path = tmp_path / "node.json"
+    ledger_path.write_text("{")
+    context = supernode_context({"partition-id": 0, "num-partitions": 5, "ledger-path": str(ledger_path)})
+
+    with pytest.raises(LedgerFileError, match="not a privacy ledger"):
+        handle_train(train_message(1), context)
+    assert ledger_path.read_text() == "{"
+
+
+# ------------------------------------------------------------- node config
+
+
+def test_partition_keys_give_a_partition_and_no_ledger_file():
+    assert parse_node_config({"partition-id": 2, "num-partitions": 3}) == NodeConfig(2, 3, None, None)
+
+
+def test_data_dir_alone_means_the_whole_dataset_found_there():
+    node = parse_node_config({"data-dir": "/data/mnist", "ledger-path": "/var/lib/node/ledger.json"})
+
+    assert node == NodeConfig(None, None, "/data/mnist", "/var/lib/node/ledger.json")
+
+
+@pytest.mark.parametrize(
+    ("node_config", "error", "key"),
+    [
+        ({}, ValueError, "partition-id"),
+        ({"ledger-path": "/l.json"}, ValueError, "data-dir"),
+        ({"partition-id": 0}, ValueError, "num-partitions"),
+        ({"num-partitions": 3, "data-dir": "/d"}, ValueError, "partition-id"),
+        ({"partition-id": 3, "num-partitions": 3}, ValueError, "partition-id"),
+        ({"partition-id": 0, "num-partitions": 0}, ValueError, "num-partitions"),
+        ({"partition-id": True, "num-partitions": 3}, TypeError, "partition-id"),
+        ({"partition-id": 0.5, "num-partitions": 3}, TypeError, "partition-id"),
+        ({"data-dir": 7}, TypeError, "data-dir"),
+        ({"data-dir": ""}, ValueError, "data-dir"),
+        ({"data-dir": "/d", "ledger_path": "/l.json"}, ValueError, "ledger_path"),
+    ],
+    ids=[
+        "empty", "ledger-only", "no-num-partitions", "no-partition-id", "partition-too-large",
+        "zero-partitions", "bool-partition", "float-partition", "data-dir-not-a-string",
+        "empty-data-dir", "misspelt-ledger-path",
+    ],
+)
+def test_a_bad_node_config_is_refused_with_a_message_naming_the_key(node_config, error, key):
+    with pytest.raises(error, match=key):
+        parse_node_config(node_config)
+
+
+@pytest.fixture
+def device_folder(tmp_path):
+    """A device's own data: 90 training images in MNIST's file format."""
+    train = digits_as_mnist(np.arange(0, 90))
+    test = digits_as_mnist(np.arange(90, 110))
+    clear_data_cache()
+    yield write_idx_folder(tmp_path / "mnist", *train, *test)
+    clear_data_cache()
+
+
+def test_a_node_with_data_dir_and_no_partition_trains_on_the_whole_dataset_there(device_folder):
+    config = parse_run_config(run_config(dataset="mnist", **{"data-dir": "/elsewhere"}))
+
+    inputs, targets, classes = client_data(config, parse_node_config({"data-dir": str(device_folder)}))
+
+    assert inputs.shape == (90, 1, 28, 28) and classes == 10
+    np.testing.assert_array_equal(targets.numpy(), digits_as_mnist(np.arange(0, 90))[1])
+
+
+def test_a_node_with_data_dir_and_a_partition_trains_on_its_partition_of_that_dataset(device_folder):
+    config = parse_run_config(run_config(dataset="mnist"))
+
+    parts = [
+        client_data(config, parse_node_config({"data-dir": str(device_folder), "partition-id": i, "num-partitions": 3}))
+        for i in range(3)
+    ]
+
+    assert [p[0].shape[0] for p in parts] == [30, 30, 30]
+    assert not np.array_equal(parts[0][1].numpy(), parts[1][1].numpy())
+
+
+def test_a_data_dir_for_digits_is_refused_because_digits_reads_no_folder(tmp_path):
+    config = parse_run_config(run_config())
+
+    with pytest.raises(ValueError, match="data-dir"):
+        client_data(config, parse_node_config({"data-dir": str(tmp_path)}))
+
+
+def test_a_node_with_its_own_data_dir_and_ledger_file_replies_with_its_bits(device_folder, tmp_path):
+    node_config = {"data-dir": str(device_folder), "ledger-path": str(tmp_path / "ledger.json")}
+    context = supernode_context(node_config, dataset="mnist", model="logreg")
+
+    reply = handle_train(train_message(1, dataset="mnist", model_name="logreg"), context)
+
+    assert not reply.has_error()
+    assert reply.content["metrics"]["num-examples"] == 90
+    assert read_ledger_file(tmp_path / "ledger.json", accountant="pld").num_releases == 1
