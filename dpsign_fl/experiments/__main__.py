@@ -1,0 +1,189 @@
+"""Command line: ``python -m dpsign_fl.experiments RECIPE --data-dir DIR --out DIR``.
+
+Writes ``OUT/results.json`` (a list of run records, rewritten after each run),
+``OUT/accuracy.png`` (test accuracy against rounds, one line per run),
+``OUT/runs/LABEL.png`` (accuracy and epsilon of one run) and prints a table.
+Runs already in ``OUT/results.json`` under another label are kept, so a recipe
+can be run piecewise with ``--only``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from ..results import plot_metrics, write_json_atomic
+from .loop import RunSettings, run_experiment
+from .recipes import RECIPES, RecipeOptions, get_recipe
+
+RESULTS_FILE = "results.json"
+PLOT_FILE = "accuracy.png"
+TABLE_COLUMNS = (
+    ("label", "run", "{}"),
+    ("method", "method", "{}"),
+    ("noise", "noise", "{}"),
+    ("dataset", "dataset", "{}"),
+    ("partitioner", "partition", "{}"),
+    ("target_epsilon", "target eps", "{:g}"),
+    ("epsilon", "eps", "{:.3f}"),
+    ("noise_multiplier", "sigma", "{:.3f}"),
+    ("sample_rate", "q", "{:g}"),
+    ("rounds", "T", "{}"),
+    ("learning_rate", "lr", "{:.3g}"),
+    ("test_accuracy", "accuracy", "{:.4f}"),
+    ("wall_seconds", "wall s", "{:.1f}"),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a recipe; return the exit status."""
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    recipe = get_recipe(args.recipe)
+    runs = recipe.runs(RecipeOptions(rounds=args.rounds, quick=args.quick, seed=args.seed))
+    runs = [_apply_overrides(run, args.set) for run in runs]
+    if args.only:
+        patterns = [p for p in args.only.split(",") if p]
+        runs = [run for run in runs if any(fnmatch.fnmatchcase(run.name(), p) for p in patterns)]
+        if not runs:
+            print(f"--only {args.only!r} matches no run of recipe {recipe.name}", file=sys.stderr)
+            return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = _load_previous(out / RESULTS_FILE, {run.name() for run in runs})
+    cache: dict = {}
+    for settings in runs:
+        dataset = _cached_dataset(cache, settings, args.data_dir)
+        record = run_experiment(settings, data_dir=args.data_dir, dataset=dataset, progress=not args.no_progress)
+        record["recipe"] = recipe.name
+        record["command"] = " ".join(["python -m dpsign_fl.experiments"] + sys.argv[1:]) if argv is None else None
+        records.append(record)
+        write_json_atomic(out / RESULTS_FILE, records)
+        print(_format_row(record), file=sys.stderr, flush=True)
+        if not args.no_plots:
+            plot_metrics(_plottable(record["history"]), out / "runs" / f"{record['label']}.png", title=record["label"])
+    if not args.no_plots:
+        plot_accuracy(records, out / PLOT_FILE, title=f"{recipe.name}: {recipe.description}")
+    print(format_table(records))
+    return 0
+
+
+def format_table(records: list[dict]) -> str:
+    """Return a Markdown table of the runs' main numbers."""
+    header = "| " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
+    rule = "|" + "---|" * len(TABLE_COLUMNS)
+    return "\n".join([header, rule] + [_format_row(record) for record in records])
+
+
+def plot_accuracy(records: list[dict], path: Path, *, title: str = "") -> None:
+    """Plot test accuracy against rounds for every run (one line each) into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7.0, 4.5))
+    for record in records:
+        history = record["history"]
+        axis.plot([h["round"] for h in history], [h["accuracy"] for h in history], "-", lw=1.2, label=record["label"])
+    axis.set_xlabel("round (one release per client)")
+    axis.set_ylabel("test accuracy")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=6, ncol=2)
+    if title:
+        axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dpsign_fl.experiments", description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", choices=tuple(RECIPES), help="experiment to run")
+    parser.add_argument("--data-dir", default=None, help="directory holding the dataset (read only)")
+    parser.add_argument("--out", required=True, help="directory for results.json and the PNG plots")
+    parser.add_argument("--rounds", type=int, default=None, help="replace every run's number of rounds")
+    parser.add_argument("--quick", action="store_true", help="tiny configuration (tests, smoke runs)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data partition, model init and clients")
+    parser.add_argument("--only", default="", help="comma-separated run labels or shell patterns ('*eps3*') of the runs to run")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a RunSettings field of every run, e.g. --set learning_rate=0.02 (repeatable)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--no-plots", action="store_true", help="write results.json only")
+    return parser
+
+
+def _apply_overrides(settings: RunSettings, overrides: list[str]) -> RunSettings:
+    kinds = {field.name: field.type for field in dataclasses.fields(RunSettings)}
+    changes = {}
+    for item in overrides:
+        name, _, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if name not in kinds:
+            raise SystemExit(f"--set: unknown field {name!r}; fields: {', '.join(kinds)}")
+        changes[name] = _coerce(text.strip(), str(kinds[name]), name)
+    return dataclasses.replace(settings, **changes) if changes else settings
+
+
+def _coerce(text: str, kind: str, name: str):
+    if text.lower() == "none" and "None" in kind:
+        return None
+    try:
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            return float(text)
+    except ValueError:
+        raise SystemExit(f"--set: {name} must be a number, got {text!r}") from None
+    return text
+
+
+def _cached_dataset(cache: dict, settings: RunSettings, data_dir: str | None):
+    """Load each dataset once per invocation, not once per run."""
+    from ..data import load_dataset
+
+    key = (settings.dataset, settings.seed)
+    if key not in cache:
+        cache[key] = load_dataset(settings.dataset, data_dir=data_dir, seed=settings.seed)
+    return cache[key]
+
+
+def _load_previous(path: Path, replaced: set[str]) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as handle:
+        previous = json.load(handle)
+    return [record for record in previous if record.get("label") not in replaced]
+
+
+def _plottable(history: list[dict]) -> list[dict]:
+    return [{**h, "epsilon": h["epsilon"] if h["epsilon"] is not None and math.isfinite(h["epsilon"]) else None} for h in history]
+
+
+def _format_row(record: dict) -> str:
+    cells = []
+    for key, _, pattern in TABLE_COLUMNS:
+        value = record.get(key)
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            cells.append("inf" if key == "epsilon" else "-")
+        else:
+            cells.append(pattern.format(value))
+    return "| " + " | ".join(cells) + " |"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Experiment recipes: named lists of :class:`RunSettings` (the paper's figures and tables).
+
+Every recipe takes the same :class:`RecipeOptions` (rounds override, quick mode,
+seed) so that tests can run it on a tiny configuration. The tuned values below
+were measured on a 2-core CPU machine; docs/results.md has the numbers and the
+commands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from .loop import RunSettings
+
+GRADIENT_NOISE_SETTINGS = ("none", "gaussian", "levy")
+QUICK_ROUNDS = 8
+QUICK_EXAMPLES = 1200
+QUICK_EVALUATIONS = 2
+CNN_EPSILONS = (1.0, 3.0, 8.0)
+CNN_DELTA = 1e-5
+
+
+@dataclass(frozen=True)
+class RecipeOptions:
+    """How to shrink or vary a recipe.
+
+    Args:
+        rounds: replace every run's ``num_rounds`` (None = the recipe's own).
+        quick: a tiny configuration for tests: ``QUICK_ROUNDS`` rounds (unless
+            ``rounds`` is given) and at most ``QUICK_EXAMPLES`` training examples.
+        seed: the runs' seed (data partition, model init, client randomness).
+    """
+
+    rounds: int | None = None
+    quick: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named experiment: a description and the function that lists its runs."""
+
+    name: str
+    description: str
+    build: Callable[[], list[RunSettings]]
+
+    def runs(self, options: RecipeOptions = RecipeOptions()) -> list[RunSettings]:
+        """Return the recipe's runs with ``options`` applied."""
+        runs = []
+        for settings in self.build():
+            changes: dict = {"seed": options.seed}
+            if options.quick:
+                changes["num_rounds"] = QUICK_ROUNDS
+                changes["max_examples"] = QUICK_EXAMPLES
+            if options.rounds is not None:
+                changes["num_rounds"] = options.rounds
+            if options.quick or options.rounds is not None:
+                # A few evaluations: each one also accounts epsilon (~0.1-0.5 s).
+                changes["eval_every"] = max(changes["num_rounds"] // QUICK_EVALUATIONS, 1)
+            runs.append(replace(settings, **changes))
+        return runs
+
+
+# --- mushroom-logreg: the paper's Figure 2 -------------------------------------------------
+
+MUSHROOM_ROUNDS = 1000
+MUSHROOM_SAMPLE_RATE = 0.05
+MUSHROOM_EPSILON = 10.0
+
+
+def mushroom_logreg_runs() -> list[RunSettings]:
+    """SGD vs signSGD-MV vs DP-SignSGD, each with no / Gaussian / Levy gradient noise.
+
+    Logistic regression, 10 IID workers, learning rate 1/sqrt(dT) (paper), private
+    runs at epsilon 10 and delta = 1 / n^1.1 (n = a worker's dataset size).
+    """
+    base = RunSettings(
+        dataset="mushroom",
+        model="logreg",
+        num_clients=10,
+        target_epsilon=MUSHROOM_EPSILON,
+        target_delta=None,
+        sample_rate=MUSHROOM_SAMPLE_RATE,
+        num_rounds=MUSHROOM_ROUNDS,
+        learning_rate=None,
+    )
+    runs = []
+    for method in ("sgd", "signsgd", "dp-signsgd"):
+        for noise in GRADIENT_NOISE_SETTINGS:
+            runs.append(replace(base, method=method, gradient_noise=noise, label=f"{method}-{noise}"))
+    return runs
+
+
+# --- dp-sign-variants: the paper's Table 1, done right ------------------------------------
+
+VARIANT_EPSILONS = (1.0, 10.0)
+
+
+def dp_sign_variant_runs() -> list[RunSettings]:
+    """Jin et al.'s dp-sign (per-step epsilon), Jin rectified (epsilon/T), ours (total epsilon).
+
+    Same data, model, sampling and learning rate as ``mushroom-logreg``; only the
+    noise calibration differs. Each run reports its true composed epsilon.
+    """
+    base = RunSettings(
+        dataset="mushroom",
+        model="logreg",
+        num_clients=10,
+        target_delta=None,
+        sample_rate=MUSHROOM_SAMPLE_RATE,
+        num_rounds=MUSHROOM_ROUNDS,
+        learning_rate=None,
+    )
+    runs = []
+    for epsilon in VARIANT_EPSILONS:
+        for method in ("jin-dp-sign", "jin-rectified", "dp-signsgd"):
+            runs.append(replace(base, method=method, target_epsilon=epsilon, label=f"{method}-eps{epsilon:g}"))
+    return runs
+
+
+# --- mnist-cnn / fmnist-cnn ----------------------------------------------------------------
+
+CNN_SAMPLE_RATE = 0.05
+CNN_ROUNDS = 200
+CNN_LEARNING_RATE = 1e-2
+CNN_TAIL_AVERAGE = 0.1
+CNN_EVAL_EVERY = 20
+CNN_CEILING_SAMPLE_RATE = 0.02
+CNN_CEILING_ROUNDS = 500
+CNN_CEILING_LEARNING_RATE = 1e-3
+
+
+def cnn_runs(dataset: str) -> list[RunSettings]:
+    """DP-SignSGD at epsilon 1, 3, 8 (delta 1e-5), IID and Dirichlet(0.5), plus the signSGD-MV ceiling.
+
+    The tanh CNN (the dataset's default model), 10 clients. The epsilon = 3 IID run
+    comes first (the accuracy target).
+    """
+    base = RunSettings(
+        dataset=dataset,
+        num_clients=10,
+        target_delta=CNN_DELTA,
+        sample_rate=CNN_SAMPLE_RATE,
+        num_rounds=CNN_ROUNDS,
+        learning_rate=CNN_LEARNING_RATE,
+        tail_average=CNN_TAIL_AVERAGE,
+        eval_every=CNN_EVAL_EVERY,
+    )
+    runs = []
+    order = sorted(CNN_EPSILONS, key=lambda e: e != 3.0)
+    for partitioner in ("iid", "dirichlet"):
+        for epsilon in order:
+            runs.append(
+                replace(
+                    base,
+                    partitioner=partitioner,
+                    target_epsilon=epsilon,
+                    label=f"dp-signsgd-{partitioner}-eps{epsilon:g}",
+                )
+            )
+    for partitioner in ("iid", "dirichlet"):
+        runs.append(
+            replace(
+                base,
+                method="signsgd",
+                partitioner=partitioner,
+                sample_rate=CNN_CEILING_SAMPLE_RATE,
+                num_rounds=CNN_CEILING_ROUNDS,
+                learning_rate=CNN_CEILING_LEARNING_RATE,
+                label=f"signsgd-{partitioner}",
+            )
+        )
+    return runs
+
+
+def cifar10_runs() -> list[RunSettings]:
+    """DP-SignSGD at epsilon 8 and the signSGD-MV ceiling on CIFAR-10 (no accuracy target)."""
+    base = RunSettings(
+        dataset="cifar10",
+        num_clients=10,
+        target_epsilon=8.0,
+        target_delta=CNN_DELTA,
+        sample_rate=0.05,
+        num_rounds=100,
+        learning_rate=CNN_LEARNING_RATE,
+    )
+    return [
+        replace(base, label="dp-signsgd-iid-eps8"),
+        replace(base, method="signsgd", learning_rate=CNN_CEILING_LEARNING_RATE, label="signsgd-iid"),
+    ]
+
+
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe("mushroom-logreg", "Figure 2: logistic regression on Mushroom, 10 workers", mushroom_logreg_runs),
+        Recipe("dp-sign-variants", "Table 1: Jin dp-sign vs Jin rectified vs ours, true epsilon", dp_sign_variant_runs),
+        Recipe("mnist-cnn", "tanh CNN on MNIST, 10 clients, epsilon 1/3/8", lambda: cnn_runs("mnist")),
+        Recipe("fmnist-cnn", "tanh CNN on Fashion-MNIST, 10 clients, epsilon 1/3/8", lambda: cnn_runs("fashion-mnist")),
+        Recipe("cifar10-cnn", "CNN on CIFAR-10 (cifar-10-batches-py), 10 clients", cifar10_runs),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """Return the recipe called ``name``.
+
+    Raises:
+        ValueError: for an unknown name (the message lists the known ones).
+    """
+    if name not in RECIPES:
+        raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {name!r}")
+    return RECIPES[name]

@@ -1,0 +1,330 @@
+"""Tests of the in-process research loop and the experiment recipes.
+
+The CNN and CIFAR-10 recipe runs are marked slow (30-60 s each on 2 shared
+cores); run them with ``pytest -m slow tests/test_experiments.py``.
+
+Offline: the recipes run on tiny generated files in the real on-disk formats
+(mushroom.csv, MNIST IDX, cifar-10-batches-py) or on scikit-learn's digits.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpsign_fl import training
+from dpsign_fl.data import load_dataset, partition_indices
+from dpsign_fl.experiments import RunSettings, run_experiment
+from dpsign_fl.experiments.__main__ import main
+from dpsign_fl.experiments.recipes import RECIPES
+from dpsign_fl.models import build_model
+from dpsign_fl.packing import pack_signs
+from dpsign_fl.privacy import compute_epsilon
+from dpsign_fl.server_update import VoteUpdater
+from dpsign_fl.vote import majority_vote
+
+REQUIRED_FIELDS = ("method", "noise", "dataset", "target_epsilon", "epsilon", "test_accuracy", "rounds", "wall_seconds")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _small(**changes) -> RunSettings:
+    # A fixed sigma skips calibration (seconds each); epsilon still comes from the ledgers.
+    base = dict(
+        dataset="digits", num_clients=3, sample_rate=0.2, num_rounds=3, target_epsilon=8.0, eval_every=3,
+        noise_multiplier=1.0,
+    )
+    base.update(changes)
+    return RunSettings(**base)
+
+
+# --- the loop runs the Flower client's own functions ------------------------------------
+
+
+def test_private_loop_makes_every_release_through_client_release(digits, monkeypatch):
+    calls = []
+    original = training.client_release
+
+    def spy(*args, **kwargs):
+        calls.append(args[3])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "client_release", spy)
+    record = run_experiment(_small(), dataset=digits, progress=False)
+
+    assert len(calls) == 3 * 3  # rounds x clients
+    assert all(settings.noise_multiplier == record["noise_multiplier"] for settings in calls)
+
+
+def test_one_round_equals_client_release_pack_vote_and_update_by_hand(digits):
+    settings = _small(num_rounds=1, seed=7, learning_rate=0.05)
+    seen = {}
+    record = run_experiment(settings, dataset=digits, progress=False, on_round=lambda t, w: seen.setdefault(t, w.copy()))
+
+    model = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, seed=7)
+    weights = training.flat_parameters(model)
+    shares = partition_indices(digits.train_targets, num_partitions=3, partitioner="iid", seed=7)
+    release = training.ReleaseSettings(sample_rate=0.2, clip_norm=1.0, noise_multiplier=record["noise_multiplier"])
+    payloads = []
+    for m, indices in enumerate(shares):
+        index = torch.from_numpy(indices)
+        generator = training.client_generator(7, partition_id=m, server_round=1)
+        signs = training.client_release(
+            model, digits.train_inputs[index], digits.train_targets[index], release, generator=generator
+        )
+        payloads.append(pack_signs(signs))
+    vote = majority_vote(np.stack(payloads), weights.shape[0])
+    expected = VoteUpdater(learning_rate=0.05, num_rounds=1).step(weights, vote, 1)
+
+    np.testing.assert_array_equal(seen[1], expected)
+
+
+# --- privacy: epsilon comes from the releases actually made -------------------------------
+
+
+def test_reported_epsilon_is_the_ledger_epsilon_and_never_above_target(digits):
+    record = run_experiment(_small(num_rounds=4, eval_every=2, noise_multiplier=None), dataset=digits, progress=False)
+
+    recomputed = compute_epsilon(
+        sample_rate=0.2, noise_multiplier=record["noise_multiplier"], num_steps=4, target_delta=record["target_delta"]
+    )
+    assert record["epsilon"] == pytest.approx(recomputed, rel=1e-9)
+    assert 0.95 * 8.0 < record["epsilon"] <= 8.0
+    epsilons = [h["epsilon"] for h in record["history"]]
+    assert epsilons == sorted(epsilons) and epsilons[0] == 0.0  # grows with the releases made
+
+
+def test_non_private_methods_report_infinite_epsilon(digits):
+    for method in ("signsgd", "sgd", "sto-sign"):
+        record = run_experiment(_small(method=method, num_rounds=1, eval_every=1), dataset=digits, progress=False)
+        assert record["epsilon"] == float("inf") and record["noise_multiplier"] == 0.0
+
+
+def test_fixed_noise_multiplier_reports_the_epsilon_it_spends_not_the_target(digits):
+    record = run_experiment(_small(num_rounds=2, eval_every=2, noise_multiplier=0.5), dataset=digits, progress=False)
+
+    assert record["noise_multiplier"] == 0.5
+    assert record["epsilon"] == pytest.approx(
+        compute_epsilon(sample_rate=0.2, noise_multiplier=0.5, num_steps=2, target_delta=1e-5), rel=1e-9
+    )
+    assert record["epsilon"] > record["target_epsilon"]  # sigma 0.5 overspends: reported, not hidden
+
+
+def test_default_delta_is_one_over_largest_client_size_to_the_1_1(digits):
+    record = run_experiment(_small(num_rounds=1, target_delta=None), dataset=digits, progress=False)
+
+    assert record["target_delta"] == pytest.approx(1.0 / max(record["client_sizes"]) ** 1.1)
+
+
+# --- learning: the runs must be able to fail -----------------------------------------------
+
+
+def test_dp_signsgd_learns_digits_well_above_chance(digits):
+    settings = _small(
+        num_clients=5, sample_rate=0.5, num_rounds=20, learning_rate=0.02, eval_every=20, noise_multiplier=None
+    )
+
+    record = run_experiment(settings, dataset=digits, progress=False)
+
+    assert record["test_accuracy"] > 0.6  # chance is 0.1
+    assert record["epsilon"] <= 8.0
+
+
+def test_all_ones_byzantine_majority_moves_every_coordinate_down(digits):
+    # 6 of 10 clients send all +1: the vote is +1 everywhere, so w1 = w0 - lr.
+    settings = _small(num_clients=10, num_rounds=1, byzantine_fraction=0.6, byzantine_attack="all-ones", learning_rate=0.1)
+    seen = {}
+    model = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, seed=0)
+
+    run_experiment(settings, dataset=digits, progress=False, on_round=lambda t, w: seen.setdefault(t, w.copy()))
+
+    np.testing.assert_allclose(seen[1], training.flat_parameters(model) - 0.1, rtol=0, atol=1e-6)
+
+
+def test_byzantine_sign_flip_minority_changes_the_run_but_not_the_ledger(digits):
+    honest = run_experiment(_small(num_clients=5), dataset=digits, progress=False)
+    attacked = run_experiment(_small(num_clients=5, byzantine_fraction=0.4), dataset=digits, progress=False)
+
+    assert attacked["test_accuracy"] != honest["test_accuracy"] or attacked["test_loss"] != honest["test_loss"]
+    assert attacked["epsilon"] == honest["epsilon"]
+
+
+def test_bad_settings_are_rejected_with_the_parameter_named():
+    with pytest.raises(ValueError, match="method"):
+        RunSettings(method="adam")
+    with pytest.raises(ValueError, match="byzantine_fraction"):
+        RunSettings(method="sgd", byzantine_fraction=0.2)
+
+
+# --- recipes on tiny generated data, through the command line ------------------------------
+
+
+def _write_mushroom(folder: Path, rows: int = 400) -> None:
+    # Poisonous iff odor is foul: learnable by logistic regression.
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    header = ["class"] + [f"attribute-{i}" for i in range(22)]
+    with open(folder / "mushroom.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for _ in range(rows):
+            poisonous = rng.random() < 0.5
+            attributes = [("foul" if poisonous else "none")] + [str(v) for v in rng.integers(0, 3, 21)]
+            writer.writerow(["poisonous" if poisonous else "edible"] + attributes)
+
+
+def _write_idx(path: Path, values: np.ndarray) -> None:
+    magic = 0x0803 if values.ndim == 3 else 0x0801
+    header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in values.shape)
+    path.write_bytes(gzip.compress(header + values.astype(np.uint8).tobytes()))
+
+
+def _class_images(labels: np.ndarray, shape: tuple[int, ...], rng) -> np.ndarray:
+    # Class k lights up a band of rows: a CNN separates the classes quickly.
+    images = rng.integers(0, 60, (labels.shape[0], *shape)).astype(np.uint8)
+    height = shape[-2]
+    for i, label in enumerate(labels):
+        start = int(label) * height // 10
+        images[i, ..., start : start + max(height // 10, 1), :] = 255
+    return images
+
+
+def _write_mnist(folder: Path, train: int = 600, test: int = 200) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for stem, count in (("train", train), ("t10k", test)):
+        labels = rng.integers(0, 10, count)
+        _write_idx(folder / f"{stem}-images-idx3-ubyte.gz", _class_images(labels, (28, 28), rng))
+        _write_idx(folder / f"{stem}-labels-idx1-ubyte.gz", labels)
+
+
+def _write_cifar(folder: Path, per_batch: int = 40) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, per_batch)
+        data = _class_images(labels, (3, 32, 32), rng).reshape(per_batch, -1)
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": data, b"labels": labels.tolist()}, handle, protocol=2)
+
+
+def _run_cli(recipe: str, data_dir: Path | None, out: Path, capsys, *extra: str) -> list[dict]:
+    argv = [recipe, "--out", str(out), "--quick", "--no-progress", "--no-plots", *extra]
+    if data_dir is not None:
+        argv += ["--data-dir", str(data_dir)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    records = json.loads((out / "results.json").read_text())
+    for record in records:
+        assert all(field in record for field in REQUIRED_FIELDS), sorted(record)
+        assert f"| {record['label']} |" in printed
+        if record["method"] in ("dp-signsgd", "jin-rectified"):
+            assert record["epsilon"] <= record["target_epsilon"]
+    return records
+
+
+def test_mushroom_logreg_recipe_runs_all_nine_settings(tmp_path, capsys):
+    _write_mushroom(tmp_path / "data" / "mushroom")
+
+    records = _run_cli("mushroom-logreg", tmp_path / "data", tmp_path / "out", capsys, "--rounds", "12")
+
+    assert {(r["method"], r["noise"]) for r in records} == {
+        (m, n) for m in ("sgd", "signsgd", "dp-signsgd") for n in ("none", "gaussian", "levy")
+    }
+    by_label = {r["label"]: r for r in records}
+    assert by_label["signsgd-none"]["test_accuracy"] > 0.8
+    assert by_label["dp-signsgd-none"]["test_accuracy"] > 0.6  # chance ~0.5
+
+
+def test_dp_sign_variants_report_jin_true_epsilon_far_above_its_per_step_epsilon(tmp_path, capsys):
+    _write_mushroom(tmp_path / "data" / "mushroom")
+
+    # Full batches (q = 1): no amplification by sampling, as in Jin et al.'s per-step analysis.
+    records = _run_cli(
+        "dp-sign-variants", tmp_path / "data", tmp_path / "out", capsys, "--rounds", "20", "--set", "sample_rate=1"
+    )
+
+    by_label = {r["label"]: r for r in records}
+    for epsilon in (1, 10):
+        jin = by_label[f"jin-dp-sign-eps{epsilon}"]
+        assert jin["epsilon_per_step"] == epsilon
+        assert jin["epsilon"] > 3 * epsilon  # not private over training
+        assert by_label[f"jin-rectified-eps{epsilon}"]["epsilon"] <= epsilon
+        assert by_label[f"dp-signsgd-eps{epsilon}"]["epsilon"] <= epsilon
+        assert by_label[f"jin-rectified-eps{epsilon}"]["noise_multiplier"] > by_label[f"dp-signsgd-eps{epsilon}"]["noise_multiplier"]
+
+
+@pytest.mark.parametrize("recipe", ["mnist-cnn", "fmnist-cnn"])
+def test_cnn_recipes_list_the_epsilon_partition_grid_with_the_eps3_iid_target_first(recipe):
+    runs = RECIPES[recipe].runs()
+
+    private = [r for r in runs if r.method == "dp-signsgd"]
+    assert (private[0].partitioner, private[0].target_epsilon) == ("iid", 3.0)
+    assert {(r.partitioner, r.target_epsilon) for r in private} == {
+        (p, e) for p in ("iid", "dirichlet") for e in (1.0, 3.0, 8.0)
+    }
+    assert all(r.target_delta == 1e-5 and r.num_clients == 10 for r in private)
+    assert {r.partitioner for r in runs if r.method == "signsgd"} == {"iid", "dirichlet"}
+
+
+@pytest.mark.parametrize(
+    "recipe, folder",
+    [pytest.param(r, f, marks=pytest.mark.slow) for r, f in (("mnist-cnn", "mnist"), ("fmnist-cnn", "fashion-mnist"))],
+)
+def test_cnn_recipes_run_on_generated_idx_files_and_the_ceiling_learns(tmp_path, capsys, recipe, folder):
+    _write_mnist(tmp_path / "data" / folder)
+
+    records = _run_cli(
+        recipe, tmp_path / "data", tmp_path / "out", capsys, "--rounds", "8",
+        "--only", "dp-signsgd-iid-eps3,signsgd-iid", "--set", "learning_rate=0.05", "--set", "sample_rate=0.5",
+    )
+
+    assert [r["label"] for r in records] == ["dp-signsgd-iid-eps3", "signsgd-iid"]
+    assert records[0]["epsilon"] <= 3.0
+    assert records[1]["test_accuracy"] > 0.2  # chance 0.1 (200 test images)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, folder", [("mnist-cnn", "mnist"), ("fmnist-cnn", "fashion-mnist")])
+def test_cnn_recipes_run_the_whole_grid_on_generated_idx_files(tmp_path, capsys, recipe, folder):
+    _write_mnist(tmp_path / "data" / folder)
+
+    records = _run_cli(recipe, tmp_path / "data", tmp_path / "out", capsys, "--rounds", "4")
+
+    assert len(records) == 8
+
+
+@pytest.mark.slow  # ~30 s: the 551k-parameter CNN's per-example gradients
+def test_cifar10_recipe_runs_end_to_end_on_a_generated_batches_folder(tmp_path, capsys):
+    _write_cifar(tmp_path / "data" / "cifar-10-batches-py")
+
+    records = _run_cli("cifar10-cnn", tmp_path / "data", tmp_path / "out", capsys, "--rounds", "2")
+
+    assert [r["label"] for r in records] == ["dp-signsgd-iid-eps8", "signsgd-iid"]
+    assert records[0]["num_parameters"] > 500_000
+
+
+def test_only_runs_the_matching_labels_and_keeps_earlier_results(tmp_path, capsys):
+    _write_mushroom(tmp_path / "data" / "mushroom")
+    out = tmp_path / "out"
+
+    _run_cli("mushroom-logreg", tmp_path / "data", out, capsys, "--rounds", "2", "--only", "sgd-none,*-levy")
+    records = _run_cli("mushroom-logreg", tmp_path / "data", out, capsys, "--rounds", "2", "--only", "dp-signsgd-levy")
+
+    labels = [r["label"] for r in records]
+    assert sorted(labels) == ["dp-signsgd-levy", "sgd-levy", "sgd-none", "signsgd-levy"]
+    assert labels[-1] == "dp-signsgd-levy"  # replaced, not duplicated
+
+
+def test_every_recipe_is_exercised_here():
+    assert set(RECIPES) == {"mushroom-logreg", "dp-sign-variants", "mnist-cnn", "fmnist-cnn", "cifar10-cnn"}
