@@ -5,18 +5,26 @@ ServerApp runs in; pass an absolute path to be sure where files go):
 
 - ``metrics.json``: a list with one object per round: ``round``, ``accuracy``,
   ``loss`` (null on rounds that were not evaluated), ``epsilon`` (largest
-  epsilon spent among the clients that replied), ``voters``, ``dropped``,
-  ``uplink-bytes`` (serialised sign payloads received that round) and
-  ``payload-bytes`` (ceil(d/8) per client); rewritten after every round.
+  epsilon spent among the clients that replied), ``voters``, ``dropped``
+  (error and invalid replies), ``missing`` (sampled nodes that did not reply
+  within ``round-timeout``), ``uplink-bytes`` (serialised sign payloads
+  received that round), ``payload-bytes`` (ceil(d/8) per client) and
+  ``wall-seconds``; rewritten after every round.
+- ``checkpoint.npz``: every ``checkpoint-every`` rounds (0 = never), see
+  :mod:`dpsign_fl.checkpoint`. With ``resume=true`` the run continues after
+  the checkpoint's round; ``resume=false`` deletes an old checkpoint first.
 - ``model.pt``: the final model's ``state_dict``.
 - ``accuracy_epsilon.png``: test accuracy and epsilon against rounds.
 - ``run_config.json``: the validated run config.
+
+A bad run config fails before round 1 with one :class:`ConfigError` naming
+the key, logged as one ERROR line.
 """
 
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -24,17 +32,38 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from ..config import RunConfig, parse_run_config
-from ..data import load_dataset
+from ..checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    python_rng_state,
+    restore_python_rng_state,
+    save_checkpoint,
+)
+from ..config import ConfigError, RunConfig, parse_run_config
+from ..data import Dataset, load_dataset
 from ..models import build_model, default_model
 from ..results import plot_metrics, write_json_atomic
 from ..training import evaluate
-from .records import load_arrays_into_model, model_to_arrays
+from .records import arrays_to_flat, flat_to_arrays, load_arrays_into_model, model_to_arrays
 from .strategy import SignMajorityVote
 
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.pt"
 PLOT_FILE = "accuracy_epsilon.png"
+RUN_CONFIG_FILE = "run_config.json"
+RESUMABLE_CHANGES = (
+    "resume",
+    "checkpoint-every",
+    "round-timeout",
+    "results-dir",
+    "data-dir",
+    "eval-every",
+    "min-train-nodes",
+    "min-available-nodes",
+)
+"""Run-config keys a resumed run may change; all others must equal the checkpointed run's."""
 
 
 def build_strategy(config: RunConfig) -> SignMajorityVote:
@@ -46,72 +75,242 @@ def build_strategy(config: RunConfig) -> SignMajorityVote:
         learning_rate=config.learning_rate,
         lr_schedule=config.lr_schedule,
         server_momentum=config.server_momentum,
+        num_rounds=config.num_server_rounds,
     )
 
 
 def run_server(grid: Grid, context: Context) -> list[dict]:
-    """Train with DP-SignSGD for ``num-server-rounds`` rounds; return the per-round records."""
-    config = parse_run_config(context.run_config)
-    results_dir = Path(config.results_dir).resolve()
-    results_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(results_dir / "run_config.json", config.to_run_config())
-    dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
-    model = build_model(
-        config.model or default_model(config.dataset),
-        input_shape=dataset.input_shape,
-        num_classes=dataset.num_classes,
-        seed=config.seed_value,
-    )
-    strategy = build_strategy(config)
-    records: list[dict] = []
-    started = time.monotonic()
+    """Train with DP-SignSGD until round ``num-server-rounds``; return the per-round records.
 
-    def evaluate_and_record(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    Raises:
+        ConfigError: before round 1, for a bad run-config value, a missing
+            ``data-dir``, or a checkpoint that does not fit (``resume=true``).
+    """
+    try:
+        config, dataset, results_dir = prepare_run(context.run_config)
+        model = build_server_model(config, dataset)
+        strategy = build_strategy(config)
+        recorder = RoundRecorder(config, results_dir, model, dataset, strategy)
+        arrays = recorder.resume_or_start()
+    except ConfigError as error:
+        log(ERROR, "run config rejected before round 1: %s", error)
+        raise
+    if recorder.first_round <= config.num_server_rounds:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=config.num_server_rounds - recorder.first_round + 1,
+            timeout=config.round_timeout,
+            evaluate_fn=recorder,
+            first_round=recorder.first_round,
+        )
+        arrays = result.arrays if len(result.arrays) else arrays
+    write_final_results(config, results_dir, model, arrays, recorder.records)
+    return recorder.records
+
+
+def prepare_run(run_config) -> tuple[RunConfig, Dataset, Path]:
+    """Validate the run config, load the test data and create ``results-dir``.
+
+    Raises:
+        ConfigError: naming the key (``data-dir`` for data that cannot be read).
+    """
+    config = parse_run_config(run_config)
+    if config.data_dir and not Path(config.data_dir).is_dir():
+        raise ConfigError(
+            f"data-dir must be an existing folder, got {config.data_dir!r} "
+            f"(resolved to {Path(config.data_dir).resolve()})"
+        )
+    try:
+        dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"data-dir {config.data_dir!r} (empty = built-in or Hugging Face hub) did not give dataset "
+            f"{config.dataset!r}: {error}"
+        ) from None
+    results_dir = Path(config.results_dir).resolve()
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"results-dir {str(results_dir)!r} could not be created: {error}") from None
+    write_json_atomic(results_dir / RUN_CONFIG_FILE, config.to_run_config())
+    return config, dataset, results_dir
+
+
+def build_server_model(config: RunConfig, dataset: Dataset) -> torch.nn.Module:
+    """Return the initial global model (seeded with ``seed`` when given).
+
+    Raises:
+        ConfigError: if ``model`` does not fit the dataset's inputs.
+    """
+    name = config.model or default_model(config.dataset)
+    try:
+        return build_model(name, input_shape=dataset.input_shape, num_classes=dataset.num_classes, seed=config.seed_value)
+    except ValueError as error:
+        raise ConfigError(f"model {name!r} does not fit dataset {config.dataset!r}: {error}") from None
+
+
+def check_resumable(saved: dict, config: RunConfig) -> None:
+    """Check that the run config equals the checkpointed run's, except :data:`RESUMABLE_CHANGES`.
+
+    Raises:
+        ConfigError: naming the first key that differs.
+    """
+    current = config.to_run_config()
+    for key, value in current.items():
+        if key in RESUMABLE_CHANGES or saved.get(key) == value:
+            continue
+        raise ConfigError(
+            f"resume=true continues the checkpointed run, so {key} must stay {saved.get(key)!r}, got {value!r} "
+            f"(only {', '.join(RESUMABLE_CHANGES)} may change)"
+        )
+
+
+def write_final_results(
+    config: RunConfig, results_dir: Path, model: torch.nn.Module, arrays: ArrayRecord, records: list[dict]
+) -> None:
+    """Write ``model.pt`` and the accuracy/epsilon plot."""
+    load_arrays_into_model(model, arrays)
+    torch.save(model.state_dict(), results_dir / MODEL_FILE)
+    title = f"DP-SignSGD on {config.dataset}, target epsilon {config.target_epsilon:g}"
+    plot_metrics(records, results_dir / PLOT_FILE, title=title)
+    log(INFO, "results written to %s", results_dir)
+
+
+class RoundRecorder:
+    """The ``evaluate_fn`` of the run: evaluates, writes ``metrics.json`` and checkpoints.
+
+    ``Strategy.start`` calls ``evaluate_fn`` once before the first round and
+    after every round; it is the only per-round hook on the server, so the
+    checkpoint is written from here, after the round's update, before its
+    metrics row (a row in ``metrics.json`` for a checkpoint round means the
+    checkpoint is on disk).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        results_dir: Path,
+        model: torch.nn.Module,
+        dataset: Dataset,
+        strategy: SignMajorityVote,
+    ):
+        self.config = config
+        self.results_dir = results_dir
+        self.model = model
+        self.dataset = dataset
+        self.strategy = strategy
+        self.records: list[dict] = []
+        self.first_round = 1
+        self._started = time.monotonic()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.results_dir / CHECKPOINT_FILE
+
+    def resume_or_start(self) -> ArrayRecord:
+        """Return the model to start from: the checkpoint's with ``resume=true``, else the initial one.
+
+        Raises:
+            ConfigError: if the checkpoint is corrupt or from a different run config.
+        """
+        initial = model_to_arrays(self.model)
+        if not self.config.resume:
+            if self.checkpoint_path.exists():
+                self.checkpoint_path.unlink()
+                log(INFO, "resume=false: deleted the checkpoint of an earlier run in %s", self.results_dir)
+            return initial
+        if not self.checkpoint_path.exists():
+            log(WARNING, "resume=true but no %s in %s: starting at round 1", CHECKPOINT_FILE, self.results_dir)
+            return initial
+        try:
+            checkpoint = load_checkpoint(self.checkpoint_path)
+            check_resumable(checkpoint.run_config, self.config)
+            arrays = flat_to_arrays(checkpoint.weights, initial)
+        except (CheckpointError, ValueError) as error:
+            raise ConfigError(f"resume=true: {error}") from None
+        self._restore(checkpoint)
+        return arrays
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        self.strategy.load_state_dict({"updater": checkpoint.updater_state, "epsilon-seen": checkpoint.epsilon_seen})
+        restore_python_rng_state(checkpoint.rng_state)
+        self.records = [dict(row) for row in checkpoint.metrics]
+        self.first_round = checkpoint.server_round + 1
+        last_wall = self.records[-1].get("wall-seconds", 0.0) if self.records else 0.0
+        self._started = time.monotonic() - float(last_wall or 0.0)
+        log(INFO, "resume=true: continuing after round %d from %s", checkpoint.server_round, self.checkpoint_path)
+        log(
+            WARNING,
+            "resume: clients' privacy ledgers are not in the server checkpoint. In simulation they live in "
+            "context.state and restart empty in this new run, so the epsilon clients report restarts and the "
+            "rounds before the interruption add to it; deploy with per-client ledger files for a budget that "
+            "survives a restart (docs/robustness.md).",
+        )
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Evaluate the model after ``server_round`` and record it (round first_round - 1: the start model)."""
+        if server_round < self.first_round:
+            return self._log_start(server_round, arrays)
         accuracy = loss = None
-        last = server_round == config.num_server_rounds
-        if server_round == 0 or server_round % config.eval_every == 0 or last:
-            load_arrays_into_model(model, arrays)
-            loss, accuracy = evaluate(model, dataset.test_inputs, dataset.test_targets)
-        if server_round == 0:
-            log(INFO, "round 0: accuracy %.4f, loss %.4f (initial model)", accuracy, loss)
-            return MetricRecord({"accuracy": accuracy, "loss": loss})
-        train = strategy.round_metrics.get(server_round, {})
-        record = {
-            "round": server_round,
-            "accuracy": accuracy,
-            "loss": loss,
-            "epsilon": train.get("epsilon"),
-            "voters": train.get("voters", 0),
-            "dropped": train.get("dropped", 0),
-            "uplink-bytes": train.get("uplink-bytes", 0),
-            "payload-bytes": train.get("payload-bytes"),
-            "wall-seconds": round(time.monotonic() - started, 3),
-        }
-        records.append(record)
-        write_json_atomic(results_dir / METRICS_FILE, records)
+        last = server_round == self.config.num_server_rounds
+        if server_round % self.config.eval_every == 0 or last:
+            loss, accuracy = self._evaluate(arrays)
+        record = self._record(server_round, accuracy, loss)
+        self.records.append(record)
+        if self.config.checkpoint_every and server_round % self.config.checkpoint_every == 0:
+            self._save_checkpoint(server_round, arrays)
+        write_json_atomic(self.results_dir / METRICS_FILE, self.records)
         if accuracy is None:
             return None
         log(
             INFO,
-            "round %d: accuracy %.4f, loss %.4f, epsilon %.4f, voters %d, dropped %d",
+            "round %d: accuracy %.4f, loss %.4f, epsilon %.4f, voters %d, dropped %d, missing %d",
             server_round,
             accuracy,
             loss,
             record["epsilon"] or 0.0,
             record["voters"],
             record["dropped"],
+            record["missing"],
         )
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=model_to_arrays(model),
-        num_rounds=config.num_server_rounds,
-        timeout=config.round_timeout,
-        evaluate_fn=evaluate_and_record,
-    )
-    load_arrays_into_model(model, result.arrays if len(result.arrays) else model_to_arrays(model))
-    torch.save(model.state_dict(), results_dir / MODEL_FILE)
-    plot_metrics(records, results_dir / PLOT_FILE, title=f"DP-SignSGD on {config.dataset}, target epsilon {config.target_epsilon:g}")
-    log(INFO, "results written to %s", results_dir)
-    return records
+    def _log_start(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        loss, accuracy = self._evaluate(arrays)
+        which = "initial model" if server_round == 0 else "model from the checkpoint"
+        log(INFO, "round %d: accuracy %.4f, loss %.4f (%s)", server_round, accuracy, loss, which)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    def _evaluate(self, arrays: ArrayRecord) -> tuple[float, float]:
+        load_arrays_into_model(self.model, arrays)
+        return evaluate(self.model, self.dataset.test_inputs, self.dataset.test_targets)
+
+    def _record(self, server_round: int, accuracy: float | None, loss: float | None) -> dict:
+        train = self.strategy.round_metrics.get(server_round, {})
+        return {
+            "round": server_round,
+            "accuracy": accuracy,
+            "loss": loss,
+            "epsilon": train.get("epsilon"),
+            "voters": train.get("voters", 0),
+            "dropped": train.get("dropped", 0),
+            "missing": train.get("missing", 0),
+            "uplink-bytes": train.get("uplink-bytes", 0),
+            "payload-bytes": train.get("payload-bytes"),
+            "wall-seconds": round(time.monotonic() - self._started, 3),
+        }
+
+    def _save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        state = self.strategy.state_dict()
+        checkpoint = Checkpoint(
+            server_round=server_round,
+            weights=arrays_to_flat(arrays),
+            updater_state=state["updater"],
+            epsilon_seen=state["epsilon-seen"],
+            rng_state=python_rng_state(),
+            metrics=self.records,
+            run_config=self.config.to_run_config(),
+        )
+        save_checkpoint(self.checkpoint_path, checkpoint)
+        log(INFO, "round %d: checkpoint written to %s", server_round, self.checkpoint_path)

@@ -1,0 +1,196 @@
+"""Server checkpoints: everything a stopped run needs to continue at round k + 1.
+
+A checkpoint holds the global model (flat float32 vector, in the order of
+:func:`dpsign_fl.flower.records.arrays_to_flat`), the last finished round k,
+the server-update state (:meth:`dpsign_fl.server_update.VoteUpdater.state_dict`:
+the momentum), the largest epsilon each client node reported, the state of
+Python's ``random`` module (Flower samples the round's clients with it), the
+metrics rows of rounds 1..k and the run config of the run that wrote it.
+
+Privacy: nothing here is new information about a client's data. The model,
+the momentum and the rows are post-processing of the released signs; the
+epsilons are the public numbers clients reported. Clients' ledgers are NOT in
+the checkpoint: they live where the clients run (docs/robustness.md).
+
+File format: one ``.npz`` (numpy, ``allow_pickle=False``) with the arrays
+``weights`` and, with momentum, ``velocity``, plus ``meta``: a JSON string with
+the rest. Written atomically: a temporary file in the same folder, fsync, then
+rename over the old checkpoint, so a crash leaves either the old or the new
+checkpoint, never half of one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CHECKPOINT_FILE = "checkpoint.npz"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing parts, corrupt, or does not fit this run."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The server's state after round ``server_round``.
+
+    Attributes:
+        server_round: k >= 1, the last round whose update is in ``weights``.
+        weights: the global model after round k, a 1-D float32 vector.
+        updater_state: :meth:`VoteUpdater.state_dict` (``{"velocity": array or None}``).
+        epsilon_seen: node id (as a string) -> largest epsilon that node reported.
+        rng_state: ``random.getstate()`` at the end of round k.
+        metrics: the metrics rows of rounds 1..k (JSON-safe dicts).
+        run_config: the kebab-case run config of the run that wrote it.
+    """
+
+    server_round: int
+    weights: np.ndarray
+    updater_state: dict = field(default_factory=lambda: {"velocity": None})
+    epsilon_seen: dict[str, float] = field(default_factory=dict)
+    rng_state: Any = None
+    metrics: list[dict] = field(default_factory=list)
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
+    """Write ``checkpoint`` to ``path`` atomically (temporary file + fsync + rename).
+
+    Raises:
+        ValueError: if the weights are not a finite 1-D vector or the round < 1.
+    """
+    weights = np.asarray(checkpoint.weights, dtype=np.float32)
+    if weights.ndim != 1 or not np.all(np.isfinite(weights)):
+        raise ValueError(f"weights must be a finite 1-D vector, got shape {weights.shape}")
+    if checkpoint.server_round < 1:
+        raise ValueError(f"server_round must be >= 1, got {checkpoint.server_round}")
+    arrays = {"weights": weights, "meta": np.array(json.dumps(_meta(checkpoint)))}
+    velocity = checkpoint.updater_state.get("velocity")
+    if velocity is not None:
+        arrays["velocity"] = np.asarray(velocity, dtype=np.float32)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    _write_atomic(Path(path), buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        CheckpointError: if the file is corrupt or from another format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            meta = json.loads(str(stored["meta"]))
+            weights = np.asarray(stored["weights"], dtype=np.float32)
+            velocity = np.asarray(stored["velocity"], dtype=np.float32) if "velocity" in stored else None
+    except Exception as error:  # zip, npy and JSON errors all mean "corrupt"
+        raise CheckpointError(f"checkpoint {path} could not be read: {error}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        found = meta.get("format") if isinstance(meta, dict) else meta
+        raise CheckpointError(f"checkpoint {path} has format {found!r}, expected {FORMAT_VERSION}")
+    if weights.ndim != 1:
+        raise CheckpointError(f"checkpoint {path}: weights must be 1-D, got shape {weights.shape}")
+    if velocity is not None and velocity.shape != weights.shape:
+        raise CheckpointError(f"checkpoint {path}: velocity shape {velocity.shape} differs from weights {weights.shape}")
+    try:
+        return Checkpoint(
+            server_round=int(meta["server-round"]),
+            weights=weights,
+            updater_state={"velocity": velocity},
+            epsilon_seen={str(node): float(eps) for node, eps in meta["epsilon-seen"].items()},
+            rng_state=_rng_state_from_json(meta["rng-state"]),
+            metrics=list(meta["metrics"]),
+            run_config=dict(meta["run-config"]),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {error!r}") from None
+
+
+def python_rng_state() -> Any:
+    """Return the state of Python's ``random`` module (Flower's client sampling draws from it)."""
+    return random.getstate()
+
+
+def restore_python_rng_state(state: Any) -> None:
+    """Set the state of Python's ``random`` module; ``None`` leaves it as it is."""
+    if state is not None:
+        random.setstate(state)
+
+
+def _meta(checkpoint: Checkpoint) -> dict:
+    return {
+        "format": FORMAT_VERSION,
+        "server-round": int(checkpoint.server_round),
+        "epsilon-seen": {str(node): float(eps) for node, eps in checkpoint.epsilon_seen.items()},
+        "rng-state": _rng_state_to_json(checkpoint.rng_state),
+        "metrics": _json_safe(checkpoint.metrics),
+        "run-config": _json_safe(checkpoint.run_config),
+    }
+
+
+def _rng_state_to_json(state: Any) -> Any:
+    # random.getstate() is (version, tuple of 625 ints, gauss_next).
+    if state is None:
+        return None
+    version, internal, gauss_next = state
+    return [version, list(internal), gauss_next]
+
+
+def _rng_state_from_json(value: Any) -> Any:
+    if value is None:
+        return None
+    version, internal, gauss_next = value
+    return (version, tuple(internal), gauss_next)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable: fsync the folder (not possible on every platform).
+    try:
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(folder)
+    except OSError:
+        pass
+    finally:
+        os.close(folder)

@@ -1,0 +1,67 @@
+"""A Grid that runs the ClientApp's train handler in this process: run_server without Ray.
+
+Each node keeps its own ``Context`` (with ``context.state``) across rounds, as a
+simulated SuperNode does within one run. A handler that raises becomes an error
+reply with code 2, as Flower reports a ClientApp that raised.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+
+from dpsign_fl.flower.client import handle_train
+
+
+class Interrupted(Exception):
+    """Raised by :class:`InProcessGrid` to stop a run at a given round (a stand-in for a crash)."""
+
+
+class InProcessGrid:
+    """Grid whose ``send_and_receive`` calls ``handler(message, context)`` for each node.
+
+    Args:
+        run_config: the run config every node's Context carries.
+        num_nodes: simulated SuperNodes, with partition-id 0..num_nodes-1.
+        handler: the train handler; ``handle_train`` by default.
+        interrupt_at_round: raise :class:`Interrupted` when this round's train
+            messages are sent (None = never).
+        first_node_id: node ids are first_node_id, first_node_id + 1, ...
+            (a new simulation run gets new node ids).
+    """
+
+    def __init__(self, run_config, num_nodes, *, handler=handle_train, interrupt_at_round=None, first_node_id=100):
+        self.handler = handler
+        self.interrupt_at_round = interrupt_at_round
+        self.contexts = {
+            first_node_id + i: Context(
+                run_id=1,
+                node_id=first_node_id + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
+            for i in range(num_nodes)
+        }
+        self.rounds_sent: list[int] = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if not messages:
+            return []
+        server_round = int(messages[0].content["config"]["server-round"])
+        if server_round == self.interrupt_at_round:
+            raise Interrupted(f"interrupted at round {server_round}")
+        self.rounds_sent.append(server_round)
+        replies = []
+        for message in messages:
+            context = self.contexts[message.metadata.dst_node_id]
+            try:
+                reply = self.handler(message, context)
+            except Exception as error:  # as Flower reports a ClientApp that raised
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(error)}:<'{error}'>"), reply_to=message)
+            replies.append(reply)
+        return replies
