@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
+from .atomic_file import write_atomic
+
 
 def write_json_atomic(path: str | Path, data) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (temp file + fsync + rename)."""
+    """Write ``data`` as strict JSON to ``path`` atomically (:func:`write_atomic`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(_json_safe(data), handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    write_atomic(path, json.dumps(_json_safe(data), indent=2).encode("utf-8"))
 
 
 def plot_metrics(rounds: Sequence[dict], path: str | Path, *, title: str = "") -> None:

@@ -24,13 +24,12 @@ reset (DESIGN.md section 2). The file is therefore the source of truth:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ..atomic_file import write_atomic
 from .ledger import PrivacyLedger
 
 LOCK_SUFFIX = ".lock"
@@ -87,18 +86,7 @@ def write_ledger_file(path: str | Path, ledger: PrivacyLedger) -> None:
         OSError: if the file cannot be written; the old ledger is then intact.
     """
     path = check_ledger_path(path)
-    text = json.dumps(ledger.to_dict(), indent=1)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
+    write_atomic(path, json.dumps(ledger.to_dict(), indent=1).encode("utf-8"))
 
 
 @contextmanager
@@ -171,14 +159,3 @@ def check_ledger_path(path: str | Path) -> Path:
         )
     return resolved
 
-
-def _fsync_folder(folder: Path) -> None:
-    """fsync a folder so that a rename in it is durable (a no-op where unsupported)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
