@@ -24,14 +24,14 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .atomic_file import write_atomic
 
 CHECKPOINT_FILE = "checkpoint.npz"
 FORMAT_VERSION = 1
@@ -81,7 +81,8 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
         arrays["velocity"] = np.asarray(velocity, dtype=np.float32)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    _write_atomic(Path(path), buffer.getvalue())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -170,27 +171,3 @@ def _json_safe(value: Any) -> Any:
         return value.item()
     return value
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable: fsync the folder (not possible on every platform).
-    try:
-        folder = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(folder)
-    except OSError:
-        pass
-    finally:
-        os.close(folder)

@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 
+from dpsign_fl import atomic_file
 from dpsign_fl import checkpoint as checkpoint_module
 from dpsign_fl.checkpoint import (
     Checkpoint,
@@ -89,7 +90,7 @@ def test_a_write_that_fails_midway_keeps_the_previous_checkpoint(tmp_path, monke
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint_module.os, "replace", crash)
+    monkeypatch.setattr(atomic_file.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path / "c.npz", example(server_round=4))
 
