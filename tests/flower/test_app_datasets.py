@@ -12,12 +12,12 @@ import pytest
 from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from dpsign_fl.flower.client import clear_data_cache, handle_train
+from dpsign_fl.flower.client import clear_data_cache
 from dpsign_fl.flower.server import run_server
 
 from ..test_config import pyproject_defaults
 from ..test_data import _write_tiny_cifar
-from .inprocess_grid import InProcessGrid
+from .inprocess import InProcessGrid
 
 SHARED_DATA = Path(os.environ.get("DPSIGN_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
@@ -35,7 +35,7 @@ def run_app(tmp_path, *, num_nodes=3, **overrides):
     run_config = dict(pyproject_defaults())
     run_config.update({"num-server-rounds": 2, "seed": "1", "results-dir": str(tmp_path / "results")})
     run_config.update(overrides)
-    grid = InProcessGrid(handle_train, num_nodes=num_nodes, run_config=run_config)
+    grid = InProcessGrid(run_config, num_nodes)
     run_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     return json.loads((tmp_path / "results" / "metrics.json").read_text())
 

@@ -7,10 +7,9 @@ import pytest
 from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from dpsign_fl.flower.client import handle_train
 
 from ..test_config import pyproject_defaults
-from .inprocess_grid import InProcessGrid
+from .inprocess import InProcessGrid
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -33,7 +32,7 @@ def test_readme_server_app_example_trains_with_every_client_voting(capsys):
     namespace = {}
     exec(compile(readme_example(), str(README), "exec"), namespace)
     run_config = dict(pyproject_defaults(), **{"num-server-rounds": 3, "seed": "5"})
-    grid = InProcessGrid(handle_train, num_nodes=3, run_config=run_config)
+    grid = InProcessGrid(run_config, 3)
     main = namespace["main"]
     main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     assert "voters per round: [3, 3, 3]" in capsys.readouterr().out
