@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .atomic_file import write_atomic
+from .results import json_safe
 
 CHECKPOINT_FILE = "checkpoint.npz"
 FORMAT_VERSION = 1
@@ -140,8 +140,8 @@ def _meta(checkpoint: Checkpoint) -> dict:
         "server-round": int(checkpoint.server_round),
         "epsilon-seen": {str(node): float(eps) for node, eps in checkpoint.epsilon_seen.items()},
         "rng-state": _rng_state_to_json(checkpoint.rng_state),
-        "metrics": _json_safe(checkpoint.metrics),
-        "run-config": _json_safe(checkpoint.run_config),
+        "metrics": json_safe(checkpoint.metrics),
+        "run-config": json_safe(checkpoint.run_config),
     }
 
 
@@ -159,15 +159,4 @@ def _rng_state_from_json(value: Any) -> Any:
     version, internal, gauss_next = value
     return (version, tuple(internal), gauss_next)
 
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(key): _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from .atomic_file import write_atomic
 
 
@@ -14,7 +16,7 @@ def write_json_atomic(path: str | Path, data) -> None:
     """Write ``data`` as strict JSON to ``path`` atomically (:func:`write_atomic`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(_json_safe(data), indent=2).encode("utf-8"))
+    write_atomic(path, json.dumps(json_safe(data), indent=2).encode("utf-8"))
 
 
 def plot_metrics(rounds: Sequence[dict], path: str | Path, *, title: str = "") -> None:
@@ -40,12 +42,15 @@ def plot_metrics(rounds: Sequence[dict], path: str | Path, *, title: str = "") -
     plt.close(figure)
 
 
-def _json_safe(value):
-    """Replace non-finite floats by None so the file is strict JSON."""
+def json_safe(value):
+    """Return ``value`` as strict JSON data: numpy scalars as Python numbers,
+    non-finite floats as None, dict keys as strings, tuples as lists."""
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {str(key): json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
