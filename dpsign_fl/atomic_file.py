@@ -1,10 +1,14 @@
-"""Durable, atomic file writes: the one implementation for ledgers, checkpoints and results."""
+"""Durable, atomic file writes (the one implementation for ledgers, checkpoints and results) and strict JSON."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:
@@ -40,3 +44,24 @@ def fsync_folder(folder: str | Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    """Write ``data`` as strict JSON to ``path`` atomically (:func:`write_atomic`), creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(json_safe(data), indent=2).encode("utf-8"))
+
+
+def json_safe(value):
+    """Return ``value`` as strict JSON data: numpy scalars as Python numbers,
+    non-finite floats as None, dict keys as strings, tuples as lists."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value

@@ -30,8 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic_file import write_atomic
-from .results import json_safe
+from .atomic_file import json_safe, write_atomic
 
 CHECKPOINT_FILE = "checkpoint.npz"
 FORMAT_VERSION = 1

@@ -1,6 +1,6 @@
 """The DP-SIGN release: Poisson sampling, per-sample gradients, clipping, noise, sign.
 
-Privacy of one release (DESIGN.md section 2):
+Privacy of one release (docs/privacy.md has the whole model):
 
 - Neighbouring relation: add/remove one example of one client's dataset.
 - Released: ``sign(sum_i clip(g_i) + N(0, (noise_multiplier * clip_norm)^2 I))``

@@ -1,22 +1,9 @@
-"""Writing run results: metrics.json (one object per round) and a PNG plot."""
+"""Plots of a run's metrics (the rows of metrics.json) as PNG files."""
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Sequence
-
-import numpy as np
-
-from .atomic_file import write_atomic
-
-
-def write_json_atomic(path: str | Path, data) -> None:
-    """Write ``data`` as strict JSON to ``path`` atomically (:func:`write_atomic`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(json_safe(data), indent=2).encode("utf-8"))
 
 
 def plot_metrics(rounds: Sequence[dict], path: str | Path, *, title: str = "") -> None:
@@ -40,17 +27,3 @@ def plot_metrics(rounds: Sequence[dict], path: str | Path, *, title: str = "") -
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-def json_safe(value):
-    """Return ``value`` as strict JSON data: numpy scalars as Python numbers,
-    non-finite floats as None, dict keys as strings, tuples as lists."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(key): json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value

@@ -18,7 +18,7 @@ def learning_rate_at(server_round: int, *, learning_rate: float, num_rounds: int
 
     ``"linear"`` decays from eta to eta/num_rounds; ``"cosine"`` follows a half
     cosine from eta towards 0 (never reaching it); ``"inverse-sqrt"`` is
-    eta/sqrt(t) (measured to decay too fast here: NOTES-tuning.md). Rounds past
+    eta/sqrt(t) (measured to decay too fast here: docs/results.md). Rounds past
     ``num_rounds`` keep the value of the last round.
 
     Raises:
@@ -43,29 +43,27 @@ class VoteUpdater:
     """Apply majority votes to a flat parameter vector, with optional momentum.
 
     Momentum keeps m <- beta * m + vote and steps w <- w - eta_t * m (the raw
-    momentum, not its sign: sign(m) was measured to hurt, NOTES-tuning.md).
+    momentum, not its sign: sign(m) was measured to hurt).
 
     Args:
         learning_rate: eta > 0.
-        num_rounds: T, for the schedule.
         schedule: one of :data:`LR_SCHEDULES`.
         momentum: beta in [0, 1).
     """
 
-    def __init__(self, *, learning_rate: float, num_rounds: int, schedule: str = "constant", momentum: float = 0.0):
+    def __init__(self, *, learning_rate: float, schedule: str = "constant", momentum: float = 0.0):
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
         if not 0 <= momentum < 1:
             raise ValueError(f"server_momentum must be in [0, 1), got {momentum}")
-        learning_rate_at(1, learning_rate=learning_rate, num_rounds=num_rounds, schedule=schedule)
+        learning_rate_at(1, learning_rate=learning_rate, num_rounds=1, schedule=schedule)
         self.learning_rate = learning_rate
-        self.num_rounds = num_rounds
         self.schedule = schedule
         self.momentum = momentum
         self._velocity: np.ndarray | None = None
 
-    def step(self, weights: np.ndarray, vote: np.ndarray, server_round: int) -> np.ndarray:
-        """Return the new flat weights after applying ``vote`` in round ``server_round``."""
+    def step(self, weights: np.ndarray, vote: np.ndarray, server_round: int, num_rounds: int) -> np.ndarray:
+        """Return the new flat weights after applying ``vote`` in round ``server_round`` of ``num_rounds``."""
         if weights.shape != vote.shape:
             raise ValueError(f"vote must have shape {weights.shape}, got {vote.shape}")
         direction = vote.astype(weights.dtype)
@@ -75,7 +73,7 @@ class VoteUpdater:
             self._velocity = self.momentum * self._velocity + direction
             direction = self._velocity
         eta = learning_rate_at(
-            server_round, learning_rate=self.learning_rate, num_rounds=self.num_rounds, schedule=self.schedule
+            server_round, learning_rate=self.learning_rate, num_rounds=num_rounds, schedule=self.schedule
         )
         return weights - eta * direction
 

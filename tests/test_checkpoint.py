@@ -64,16 +64,16 @@ def test_the_restored_rng_state_repeats_the_same_client_sampling():
 
 
 def test_the_restored_updater_steps_exactly_as_the_original(tmp_path):
-    updater = VoteUpdater(learning_rate=0.1, num_rounds=10, momentum=0.9)
+    updater = VoteUpdater(learning_rate=0.1, momentum=0.9)
     weights = np.zeros(8, np.float32)
     votes = [np.array([1, -1, 0, 1, 1, -1, 1, 1], np.int8), np.array([1, 1, -1, 0, 1, -1, -1, 1], np.int8)]
-    weights = updater.step(weights, votes[0], 1)
+    weights = updater.step(weights, votes[0], 1, 10)
     save_checkpoint(tmp_path / "c.npz", Checkpoint(server_round=1, weights=weights, updater_state=updater.state_dict()))
-    restored = VoteUpdater(learning_rate=0.1, num_rounds=10, momentum=0.9)
+    restored = VoteUpdater(learning_rate=0.1, momentum=0.9)
     loaded = load_checkpoint(tmp_path / "c.npz")
     restored.load_state_dict(loaded.updater_state)
 
-    np.testing.assert_array_equal(restored.step(loaded.weights, votes[1], 2), updater.step(weights, votes[1], 2))
+    np.testing.assert_array_equal(restored.step(loaded.weights, votes[1], 2, 10), updater.step(weights, votes[1], 2, 10))
 
 
 def test_saving_replaces_the_old_checkpoint_and_leaves_no_temporary_file(tmp_path):

@@ -19,14 +19,16 @@ import numpy as np
 import pytest
 import torch
 
-from dpsign_fl import training
+from dpsign_fl import rounds
 from dpsign_fl.data import load_dataset, partition_indices
-from dpsign_fl.experiments import RunSettings, run_experiment
+from dpsign_fl.experiments import Experiment, run_experiment
 from dpsign_fl.experiments.__main__ import main
 from dpsign_fl.experiments.recipes import RECIPES
 from dpsign_fl.models import build_model
 from dpsign_fl.packing import pack_signs
+from dpsign_fl.parameters import model_vector
 from dpsign_fl.privacy import compute_epsilon
+from dpsign_fl.release import ReleaseSettings, client_release, seeded_generator
 from dpsign_fl.server_update import VoteUpdater
 from dpsign_fl.vote import majority_vote
 
@@ -38,28 +40,28 @@ def digits():
     return load_dataset("digits")
 
 
-def _small(**changes) -> RunSettings:
+def _small(**changes) -> Experiment:
     # A fixed sigma skips calibration (seconds each); epsilon still comes from the ledgers.
     base = dict(
         dataset="digits", num_clients=3, sample_rate=0.2, num_rounds=3, target_epsilon=8.0, eval_every=3,
-        noise_multiplier=1.0,
+        noise_multiplier=1.0, reproducible_noise=True,
     )
     base.update(changes)
-    return RunSettings(**base)
+    return Experiment.create(**base)
 
 
 # --- the loop runs the Flower client's own functions ------------------------------------
 
 
-def test_private_loop_makes_every_release_through_client_release(digits, monkeypatch):
+def test_private_loop_makes_every_release_through_the_one_client_round(digits, monkeypatch):
     calls = []
-    original = training.client_release
+    original = rounds.client_release
 
     def spy(*args, **kwargs):
         calls.append(args[3])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(training, "client_release", spy)
+    monkeypatch.setattr(rounds, "client_release", spy)
     record = run_experiment(_small(), dataset=digits, progress=False)
 
     assert len(calls) == 3 * 3  # rounds x clients
@@ -67,24 +69,22 @@ def test_private_loop_makes_every_release_through_client_release(digits, monkeyp
 
 
 def test_one_round_equals_client_release_pack_vote_and_update_by_hand(digits):
-    settings = _small(num_rounds=1, seed=7, learning_rate=0.05)
+    experiment = _small(num_rounds=1, data_seed=7, model_seed=7, noise_seed=7, learning_rate=0.05)
     seen = {}
-    record = run_experiment(settings, dataset=digits, progress=False, on_round=lambda t, w: seen.setdefault(t, w.copy()))
+    record = run_experiment(experiment, dataset=digits, progress=False, on_round=lambda t, w: seen.setdefault(t, w.copy()))
 
     model = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, seed=7)
-    weights = training.flat_parameters(model)
+    weights = model_vector(model)
     shares = partition_indices(digits.train_targets, num_partitions=3, partitioner="iid", seed=7)
-    release = training.ReleaseSettings(sample_rate=0.2, clip_norm=1.0, noise_multiplier=record["noise_multiplier"])
+    release = ReleaseSettings(sample_rate=0.2, clip_norm=1.0, noise_multiplier=record["noise_multiplier"])
     payloads = []
     for m, indices in enumerate(shares):
         index = torch.from_numpy(indices)
-        generator = training.client_generator(7, partition_id=m, server_round=1)
-        signs = training.client_release(
-            model, digits.train_inputs[index], digits.train_targets[index], release, generator=generator
-        )
+        generator = seeded_generator(7, client=m, server_round=1)
+        signs = client_release(model, digits.train_inputs[index], digits.train_targets[index], release, generator=generator)
         payloads.append(pack_signs(signs))
     vote = majority_vote(np.stack(payloads), weights.shape[0])
-    expected = VoteUpdater(learning_rate=0.05, num_rounds=1).step(weights, vote, 1)
+    expected = VoteUpdater(learning_rate=0.05).step(weights, vote, 1, 1)
 
     np.testing.assert_array_equal(seen[1], expected)
 
@@ -121,7 +121,7 @@ def test_fixed_noise_multiplier_reports_the_epsilon_it_spends_not_the_target(dig
 
 
 def test_default_delta_is_one_over_largest_client_size_to_the_1_1(digits):
-    record = run_experiment(_small(num_rounds=1, target_delta=None), dataset=digits, progress=False)
+    record = run_experiment(_small(num_rounds=1, delta_from_data=True), dataset=digits, progress=False)
 
     assert record["target_delta"] == pytest.approx(1.0 / max(record["client_sizes"]) ** 1.1)
 
@@ -148,7 +148,7 @@ def test_all_ones_byzantine_majority_moves_every_coordinate_down(digits):
 
     run_experiment(settings, dataset=digits, progress=False, on_round=lambda t, w: seen.setdefault(t, w.copy()))
 
-    np.testing.assert_allclose(seen[1], training.flat_parameters(model) - 0.1, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(seen[1], model_vector(model) - 0.1, rtol=0, atol=1e-6)
 
 
 def test_byzantine_sign_flip_minority_changes_the_run_but_not_the_ledger(digits):
@@ -161,9 +161,11 @@ def test_byzantine_sign_flip_minority_changes_the_run_but_not_the_ledger(digits)
 
 def test_bad_settings_are_rejected_with_the_parameter_named():
     with pytest.raises(ValueError, match="method"):
-        RunSettings(method="adam")
+        Experiment.create(method="adam")
     with pytest.raises(ValueError, match="byzantine_fraction"):
-        RunSettings(method="sgd", byzantine_fraction=0.2)
+        Experiment.create(method="sgd", byzantine_fraction=0.2)
+    with pytest.raises(ValueError, match="sample_rate"):
+        Experiment.create(sample_rate=2.0)
 
 
 # --- recipes on tiny generated data, through the command line ------------------------------
@@ -269,12 +271,12 @@ def test_cnn_recipes_list_the_epsilon_partition_grid_with_the_eps3_iid_target_fi
     runs = RECIPES[recipe].runs()
 
     private = [r for r in runs if r.method == "dp-signsgd"]
-    assert (private[0].partitioner, private[0].target_epsilon) == ("iid", 3.0)
-    assert {(r.partitioner, r.target_epsilon) for r in private} == {
+    assert (private[0].run.partitioner, private[0].run.target_epsilon) == ("iid", 3.0)
+    assert {(r.run.partitioner, r.run.target_epsilon) for r in private} == {
         (p, e) for p in ("iid", "dirichlet") for e in (1.0, 3.0, 8.0)
     }
-    assert all(r.target_delta == 1e-5 and r.num_clients == 10 for r in private)
-    assert {r.partitioner for r in runs if r.method == "signsgd"} == {"iid", "dirichlet"}
+    assert all(r.run.target_delta == 1e-5 and r.num_clients == 10 for r in private)
+    assert {r.run.partitioner for r in runs if r.method == "signsgd"} == {"iid", "dirichlet"}
 
 
 @pytest.mark.parametrize(

@@ -16,16 +16,10 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from dpsign_fl.config import parse_run_config
 from dpsign_fl.data import load_dataset
-from dpsign_fl.flower.client import (
-    BUDGET_EXHAUSTED_CODE,
-    NodeConfig,
-    clear_data_cache,
-    client_data,
-    handle_train,
-    parse_node_config,
-)
+from dpsign_fl.flower.client import BUDGET_EXHAUSTED_CODE, clear_data_cache, client_data, handle_train
+from dpsign_fl.flower.node import NodeConfig, parse_node_config
+from dpsign_fl.settings import ConfigError, RunSettings, from_mapping
 from dpsign_fl.flower.records import LEDGER_STATE_KEY, model_to_arrays
 from dpsign_fl.models import build_model, default_model
 from dpsign_fl.privacy import PrivacyLedger
@@ -39,7 +33,7 @@ from dpsign_fl.privacy.ledger_store import (
 
 from .e2e.harness import digits_as_mnist, write_idx_folder
 from .flower.messages import instruction
-from .test_config import pyproject_defaults
+from .test_settings import pyproject_defaults
 
 DELTA = 1e-5
 
@@ -195,7 +189,7 @@ ROUNDS = 2
 
 def run_config(**overrides):
     config = dict(pyproject_defaults())
-    config.update({"num-server-rounds": ROUNDS, "target-epsilon": 2.0, "seed": "3"})
+    config.update({"num-server-rounds": ROUNDS, "target-epsilon": 2.0, "model-seed": 3, "reproducible-noise": True, "noise-seed": 3})
     config.update(overrides)
     return config
 
@@ -339,7 +333,7 @@ def device_folder(tmp_path):
 
 
 def test_a_node_with_data_dir_and_no_partition_trains_on_the_whole_dataset_there(device_folder):
-    config = parse_run_config(run_config(dataset="mnist", **{"data-dir": "/elsewhere"}))
+    config = from_mapping(RunSettings, run_config(dataset="mnist", **{"data-dir": "/elsewhere"}))
 
     inputs, targets, classes = client_data(config, parse_node_config({"data-dir": str(device_folder)}))
 
@@ -348,7 +342,7 @@ def test_a_node_with_data_dir_and_no_partition_trains_on_the_whole_dataset_there
 
 
 def test_a_node_with_data_dir_and_a_partition_trains_on_its_partition_of_that_dataset(device_folder):
-    config = parse_run_config(run_config(dataset="mnist"))
+    config = from_mapping(RunSettings, run_config(dataset="mnist"))
 
     parts = [
         client_data(config, parse_node_config({"data-dir": str(device_folder), "partition-id": i, "num-partitions": 3}))
@@ -360,7 +354,7 @@ def test_a_node_with_data_dir_and_a_partition_trains_on_its_partition_of_that_da
 
 
 def test_a_data_dir_for_digits_is_refused_because_digits_reads_no_folder(tmp_path):
-    config = parse_run_config(run_config())
+    config = from_mapping(RunSettings, run_config())
 
     with pytest.raises(ValueError, match="data-dir"):
         client_data(config, parse_node_config({"data-dir": str(tmp_path)}))
@@ -373,5 +367,5 @@ def test_a_node_with_its_own_data_dir_and_ledger_file_replies_with_its_bits(devi
     reply = handle_train(train_message(1, dataset="mnist", model_name="logreg"), context)
 
     assert not reply.has_error()
-    assert reply.content["metrics"]["num-examples"] == 90
+    assert set(reply.content["metrics"].keys()) == {"epsilon"}
     assert read_ledger_file(tmp_path / "ledger.json", accountant="pld").num_releases == 1

@@ -28,17 +28,17 @@ def test_unknown_schedule_is_rejected_naming_the_key():
 
 
 def test_step_without_momentum_is_w_minus_eta_vote():
-    updater = VoteUpdater(learning_rate=0.5, num_rounds=3)
+    updater = VoteUpdater(learning_rate=0.5)
     weights = np.array([1.0, 2.0, 3.0], dtype=np.float32)
     vote = np.array([1, 0, -1], dtype=np.int8)
-    np.testing.assert_allclose(updater.step(weights, vote, 1), [0.5, 2.0, 3.5])
+    np.testing.assert_allclose(updater.step(weights, vote, 1, 3), [0.5, 2.0, 3.5])
 
 
 def test_momentum_state_round_trips_through_state_dict():
-    updater = VoteUpdater(learning_rate=0.1, num_rounds=10, momentum=0.9)
+    updater = VoteUpdater(learning_rate=0.1, momentum=0.9)
     weights = np.zeros(4, dtype=np.float32)
     vote = np.array([1, -1, 1, 0], dtype=np.int8)
-    weights = updater.step(weights, vote, 1)
-    clone = VoteUpdater(learning_rate=0.1, num_rounds=10, momentum=0.9)
+    weights = updater.step(weights, vote, 1, 10)
+    clone = VoteUpdater(learning_rate=0.1, momentum=0.9)
     clone.load_state_dict(updater.state_dict())
-    np.testing.assert_allclose(clone.step(weights, vote, 2), updater.step(weights, vote, 2))
+    np.testing.assert_allclose(clone.step(weights, vote, 2, 10), updater.step(weights, vote, 2, 10))

@@ -4,7 +4,7 @@ Run ``python -m dpsign_fl.experiments RECIPE --data-dir DIR --out DIR``; see
 :mod:`dpsign_fl.experiments.__main__` and docs/results.md.
 """
 
-from .loop import METHODS, PRIVATE_METHODS, RunSettings, noise_multiplier_for, run_experiment
+from .loop import METHODS, PRIVATE_METHODS, Experiment, noise_multiplier_for, run_experiment
 from .recipes import RECIPES, Recipe, RecipeOptions, get_recipe
 
 __all__ = [
@@ -13,7 +13,7 @@ __all__ = [
     "RECIPES",
     "Recipe",
     "RecipeOptions",
-    "RunSettings",
+    "Experiment",
     "get_recipe",
     "noise_multiplier_for",
     "run_experiment",

@@ -10,7 +10,6 @@ can be run piecewise with ``--only``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import fnmatch
 import json
 import math
@@ -19,8 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ..results import plot_metrics, write_json_atomic
-from .loop import RunSettings, run_experiment
+from ..atomic_file import write_json_atomic
+from ..results import plot_metrics
+from ..settings import ConfigError
+from .loop import Experiment, experiment_from_fields, run_experiment
 from .recipes import RECIPES, RecipeOptions, get_recipe
 
 RESULTS_FILE = "results.json"
@@ -48,7 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     recipe = get_recipe(args.recipe)
     runs = recipe.runs(RecipeOptions(rounds=args.rounds, quick=args.quick, seed=args.seed))
-    runs = [_apply_overrides(run, args.set) for run in runs]
+    try:
+        changes = _overrides(args.set)
+        if args.data_dir is not None:
+            changes["data_dir"] = args.data_dir
+        runs = [experiment_from_fields(changes, run) for run in runs]
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.only:
         patterns = [p for p in args.only.split(",") if p]
         runs = [run for run in runs if any(fnmatch.fnmatchcase(run.name(), p) for p in patterns)]
@@ -59,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     records = _load_previous(out / RESULTS_FILE, {run.name() for run in runs})
     cache: dict = {}
-    for settings in runs:
-        dataset = _cached_dataset(cache, settings, args.data_dir)
-        record = run_experiment(settings, data_dir=args.data_dir, dataset=dataset, progress=not args.no_progress)
+    for experiment in runs:
+        dataset = _cached_dataset(cache, experiment)
+        record = run_experiment(experiment, dataset=dataset, progress=not args.no_progress)
         record["recipe"] = recipe.name
         record["command"] = " ".join(["python -m dpsign_fl.experiments"] + sys.argv[1:]) if argv is None else None
         records.append(record)
@@ -119,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override a RunSettings field of every run, e.g. --set learning_rate=0.02 (repeatable)",
+        help="override a setting of every run (a RunSettings or Experiment field, or its run-config key), "
+        "e.g. --set learning-rate=0.02 (repeatable)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -127,38 +136,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _apply_overrides(settings: RunSettings, overrides: list[str]) -> RunSettings:
-    kinds = {field.name: field.type for field in dataclasses.fields(RunSettings)}
+def _overrides(items: list[str]) -> dict[str, str]:
     changes = {}
-    for item in overrides:
-        name, _, text = item.partition("=")
-        name = name.strip().replace("-", "_")
-        if name not in kinds:
-            raise SystemExit(f"--set: unknown field {name!r}; fields: {', '.join(kinds)}")
-        changes[name] = _coerce(text.strip(), str(kinds[name]), name)
-    return dataclasses.replace(settings, **changes) if changes else settings
+    for item in items:
+        name, equals, text = item.partition("=")
+        if not equals:
+            raise ConfigError(f"--set takes FIELD=VALUE, got {item!r}")
+        changes[name.strip()] = None if text.strip().lower() == "none" else text.strip()
+    return changes
 
 
-def _coerce(text: str, kind: str, name: str):
-    if text.lower() == "none" and "None" in kind:
-        return None
-    try:
-        if kind.startswith("int"):
-            return int(text)
-        if kind.startswith("float"):
-            return float(text)
-    except ValueError:
-        raise SystemExit(f"--set: {name} must be a number, got {text!r}") from None
-    return text
-
-
-def _cached_dataset(cache: dict, settings: RunSettings, data_dir: str | None):
+def _cached_dataset(cache: dict, experiment: Experiment):
     """Load each dataset once per invocation, not once per run."""
     from ..data import load_dataset
 
-    key = (settings.dataset, settings.seed)
+    run = experiment.run
+    key = (run.dataset, run.data_dir, run.data_seed)
     if key not in cache:
-        cache[key] = load_dataset(settings.dataset, data_dir=data_dir, seed=settings.seed)
+        cache[key] = load_dataset(run.dataset, data_dir=run.data_dir or None, seed=run.data_seed)
     return cache[key]
 
 

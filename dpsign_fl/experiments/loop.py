@@ -1,17 +1,16 @@
 """The in-process federated loop: many rounds of M clients, one process, no Flower.
 
-Each round runs the SAME client step and server functions as the Flower app
-(:mod:`dpsign_fl.flower.client` and :mod:`dpsign_fl.flower.strategy`):
+A run is an :class:`Experiment`: the shared :class:`dpsign_fl.settings.RunSettings`
+(the same description the Flower app reads from its run config) plus the
+loop's own knobs (method, number of clients, tail averaging). Each private
+round runs the SAME client and server rounds as the Flower app
+(:func:`dpsign_fl.rounds.client_round`, :func:`dpsign_fl.rounds.server_round`):
 
-- ``"dp-signsgd"`` (ours): :func:`dpsign_fl.training.client_release` with sigma
-  from :func:`dpsign_fl.privacy.calibrate_noise_multiplier` for the TOTAL
-  (epsilon, delta) over ``num_rounds`` releases, :func:`dpsign_fl.packing.pack_signs`,
-  :func:`dpsign_fl.vote.majority_vote`, :class:`dpsign_fl.server_update.VoteUpdater`.
+- ``"dp-signsgd"`` (ours): sigma from :func:`dpsign_fl.rounds.plan_release`
+  for the TOTAL (epsilon, delta) over ``num_rounds`` releases.
 - ``"jin-dp-sign"``: the same release with Jin et al.'s per-step sigma for
-  per-step (epsilon, delta) (:func:`dpsign_fl.privacy.jin_noise_multiplier`;
-  :func:`dpsign_fl.compressors.jin_dp_sign` is this release on given
-  per-example gradients). Not private over training: the reported epsilon is the
-  composed one.
+  per-step (epsilon, delta) (:func:`dpsign_fl.privacy.jin_noise_multiplier`).
+  Not private over training: the reported epsilon is the composed one.
 - ``"jin-rectified"``: per-step (epsilon / T, delta / T) (basic composition).
 - ``"signsgd"`` (Bernstein et al. 2019): sign of each client's Poisson-sampled
   minibatch mean gradient, majority vote; not private.
@@ -24,107 +23,81 @@ Privacy: every private client keeps a :class:`dpsign_fl.privacy.PrivacyLedger`
 of the releases it actually made, and the reported epsilon is the largest
 client's ledger epsilon at the run's delta, never the target copied.
 
-Randomness: client m in round t draws from
-``client_generator(seed, partition_id=m, server_round=t)``, as the Flower
-client does, so a run is reproducible for a fixed seed.
+Randomness: with ``reproducible_noise`` (the recipes' default) client m in
+round t draws from ``seeded_generator(noise_seed, client=m, server_round=t)``,
+so a run is reproducible; otherwise from the OS's secure source.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from .. import training
-from ..attacks import BYZANTINE_ATTACKS, byzantine_signs, is_byzantine
+from ..attacks import byzantine_payload, is_byzantine
 from ..compressors import sign as sign_of, sto_sign
 from ..data import load_dataset, partition_indices
-from ..gradient_noise import GRADIENT_NOISES, add_gradient_noise
-from ..mechanism import CLIPPING_MODES, per_sample_gradients, poisson_sample
-from ..models import build_model, default_model
+from ..evaluation import evaluate
+from ..gradient_noise import add_gradient_noise
+from ..mechanism import per_sample_gradients, poisson_sample, secure_generator
+from ..models import build_model
 from ..packing import pack_signs
-from ..privacy import PrivacyLedger, calibrate_noise_multiplier, jin_noise_multiplier
-from ..server_update import LR_SCHEDULES, VoteUpdater, learning_rate_at
-from ..vote import majority_vote
+from ..parameters import load_model_vector, model_vector
+from ..privacy import PrivacyLedger, jin_noise_multiplier
+from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, seeded_generator
+from ..rounds import Budget, Refusal, client_round, plan_release, server_round
+from ..server_update import VoteUpdater, learning_rate_at
+from ..settings import ConfigError, RunSettings, check_fields, from_mapping, setting, specs
 
 METHODS = ("dp-signsgd", "signsgd", "sgd", "jin-dp-sign", "jin-rectified", "sto-sign")
 PRIVATE_METHODS = ("dp-signsgd", "jin-dp-sign", "jin-rectified")
-DEFAULT_EVALUATIONS = 20
-"""Evaluations of the test set per run when ``eval_every = 0``."""
 
 
 @dataclass(frozen=True)
-class RunSettings:
-    """One run of the federated loop. Names follow STYLE.md (paper symbols spelled out).
+class Experiment:
+    """One run of the in-process loop: the shared run description and the loop's own knobs.
 
-    ``target_delta=None`` means delta = 1 / n^1.1 with n the LARGEST client's
-    dataset size (the smallest of the clients' deltas, so every client meets its
-    own 1 / n_m^1.1). ``learning_rate=None`` means 1 / sqrt(d T) (the source
-    paper's choice; d = number of parameters, T = ``num_rounds``).
-    ``tail_average`` > 0 also reports the accuracy of the mean of the weights
-    over that final fraction of rounds (post-processing, free of privacy cost).
-    ``max_examples`` > 0 keeps only the first that many training examples (quick runs).
-    ``noise_multiplier=None`` calibrates sigma (``dp-signsgd``); a number fixes
-    sigma for ``dp-signsgd`` instead (sweeps over sigma, fast tests): the
-    reported epsilon is still the ledger's, whatever the target says.
+    Build one with :meth:`create` (keyword arguments of either part) or
+    directly with ``Experiment(run=RunSettings(...), method=...)``.
     """
 
-    method: str = "dp-signsgd"
-    dataset: str = "digits"
-    model: str = ""
-    num_clients: int = 10
-    partitioner: str = "iid"
-    dirichlet_alpha: float = 0.5
-    target_epsilon: float = 8.0
-    target_delta: float | None = 1e-5
-    sample_rate: float = 0.1
-    noise_multiplier: float | None = None
-    num_rounds: int = 100
-    clip_norm: float = 1.0
-    clipping: str = "flat"
-    learning_rate: float | None = 0.01
-    lr_schedule: str = "constant"
-    server_momentum: float = 0.0
-    gradient_noise: str = "none"
-    byzantine_fraction: float = 0.0
-    byzantine_attack: str = "sign-flip"
-    accountant: str = "pld"
-    seed: int = 0
-    eval_every: int = 0
-    tail_average: float = 0.0
-    max_examples: int = 0
-    label: str = ""
+    run: RunSettings = dataclasses.field(default_factory=RunSettings, metadata={"spec": None})
+    method: str = setting("dp-signsgd", choices=METHODS, help="training method")
+    num_clients: int = setting(10, low=1, high=100_000, help="number of simulated clients")
+    noise_multiplier: float | None = setting(
+        None, kind=float, low=0, high=1e6, low_open=True,
+        help="fix sigma instead of calibrating it (dp-signsgd; sweeps); epsilon is still the ledgers'",
+    )
+    delta_from_data: bool = setting(False, help="target delta = 1 / n^1.1 of the largest client (the source paper)")
+    tail_average: float = setting(0.0, low=0, high=1, high_open=True, help="also report the mean of the weights over this final fraction of rounds")
+    max_examples: int = setting(0, low=0, high=10**9, help="keep only the first N training examples (0 = all)")
+    label: str = setting("", help="name of the run in tables and plots")
 
     def __post_init__(self) -> None:
-        _check_choice("method", self.method, METHODS)
-        _check_choice("clipping", self.clipping, CLIPPING_MODES)
-        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_choice("gradient_noise", self.gradient_noise, GRADIENT_NOISES)
-        _check_choice("byzantine_attack", self.byzantine_attack, BYZANTINE_ATTACKS)
-        if self.num_clients < 1:
-            raise ValueError(f"num_clients must be >= 1, got {self.num_clients}")
-        if self.num_rounds < 1:
-            raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
-        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            raise ValueError(f"noise_multiplier must be > 0 or None (calibrate), got {self.noise_multiplier}")
-        if not 0 < self.sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
-        if not 0 <= self.byzantine_fraction < 1:
-            raise ValueError(f"byzantine_fraction must be in [0, 1), got {self.byzantine_fraction}")
-        if self.method == "sgd" and self.byzantine_fraction > 0:
-            raise ValueError("byzantine_fraction > 0 needs a sign method (the attacks replace signs), got method 'sgd'")
-        if not 0 <= self.tail_average < 1:
-            raise ValueError(f"tail_average must be in [0, 1), got {self.tail_average}")
-        if self.method in PRIVATE_METHODS and not self.target_epsilon > 0:
-            raise ValueError(f"target_epsilon must be > 0 for method {self.method!r}, got {self.target_epsilon}")
+        check_fields(self)
+        if self.method == "sgd" and self.run.byzantine_fraction > 0:
+            raise ConfigError("byzantine_fraction > 0 needs a sign method (the attacks replace signs), got method 'sgd'")
+
+    @classmethod
+    def create(cls, **fields: Any) -> "Experiment":
+        """Build from keyword arguments of :class:`RunSettings` and of this class, mixed."""
+        own = set(specs(cls))
+        run = RunSettings(**{k: v for k, v in fields.items() if k not in own})
+        return cls(run=run, **{k: v for k, v in fields.items() if k in own})
+
+    def with_changes(self, **fields: Any) -> "Experiment":
+        """Return a copy with fields of either part replaced."""
+        own = set(specs(type(self)))
+        run = dataclasses.replace(self.run, **{k: v for k, v in fields.items() if k not in own})
+        return dataclasses.replace(self, run=run, **{k: v for k, v in fields.items() if k in own})
 
     @property
     def private(self) -> bool:
@@ -135,12 +108,35 @@ class RunSettings:
         """A short label for tables and plots."""
         if self.label:
             return self.label
-        parts = [self.method, self.dataset, self.partitioner]
+        parts = [self.method, self.run.dataset, self.run.partitioner]
         if self.private:
-            parts.append(f"eps{self.target_epsilon:g}")
-        if self.gradient_noise != "none":
-            parts.append(self.gradient_noise)
+            parts.append(f"eps{self.run.target_epsilon:g}")
+        if self.run.gradient_noise != "none":
+            parts.append(self.run.gradient_noise)
         return "-".join(parts)
+
+
+def experiment_from_fields(values: dict[str, Any], base: Experiment | None = None) -> Experiment:
+    """Apply ``{field or key: value}`` (strings from a command line) to ``base``.
+
+    Raises:
+        ConfigError: naming an unknown or bad field.
+    """
+    base = base or Experiment()
+    own = {name: spec for name, spec in specs(Experiment).items() if spec is not None}
+    run_keys = {spec.key: name for name, spec in specs(RunSettings).items()}
+    run_changes, own_changes = {}, {}
+    for field_name, value in values.items():
+        name = field_name.replace("-", "_")
+        if name in own:
+            own_changes[name] = own[name].coerce(value, name)
+        elif name in specs(RunSettings) or field_name in run_keys:
+            key = field_name if field_name in run_keys else specs(RunSettings)[name].key
+            run_changes[run_keys[key]] = from_mapping(RunSettings, {key: value}).__getattribute__(run_keys[key])
+        else:
+            known = sorted(set(own) | set(specs(RunSettings)))
+            raise ConfigError(f"unknown field {field_name!r}; fields: {', '.join(known)}")
+    return dataclasses.replace(base, run=dataclasses.replace(base.run, **run_changes), **own_changes)
 
 
 @dataclass
@@ -156,19 +152,21 @@ class ClientData:
         return int(self.targets.shape[0])
 
 
-def load_run_data(settings: RunSettings, *, data_dir: str | None = None, dataset=None):
+def load_run_data(experiment: Experiment, *, dataset=None):
     """Return (dataset, [ClientData per client]) for a run; partitions are made once."""
+    run = experiment.run
     if dataset is None:
-        dataset = load_dataset(settings.dataset, data_dir=data_dir, seed=settings.seed)
-    if settings.max_examples > 0:
-        dataset = _truncated(dataset, settings.max_examples)
+        dataset = load_dataset(run.dataset, data_dir=run.data_dir or None, seed=run.data_seed)
+    if experiment.max_examples > 0:
+        dataset = _truncated(dataset, experiment.max_examples)
     # One partitioning for all clients (dpsign_fl.data.partition would redo it per client).
     shares = partition_indices(
         dataset.train_targets,
-        num_partitions=settings.num_clients,
-        partitioner=settings.partitioner,
-        alpha=settings.dirichlet_alpha,
-        seed=settings.seed,
+        num_partitions=experiment.num_clients,
+        partitioner=run.partitioner,
+        alpha=run.dirichlet_alpha,
+        classes_per_partition=run.classes_per_partition,
+        seed=run.data_seed,
     )
     clients = []
     for indices in shares:
@@ -177,44 +175,30 @@ def load_run_data(settings: RunSettings, *, data_dir: str | None = None, dataset
     return dataset, clients
 
 
-def noise_multiplier_for(settings: RunSettings, target_delta: float) -> float:
+def noise_multiplier_for(experiment: Experiment, target_delta: float) -> float:
     """Return sigma of each release for the run's method (0 for non-private methods).
 
-    - ``dp-signsgd``: smallest sigma with composed epsilon <= target over T releases.
+    - ``dp-signsgd``: :func:`plan_release` (smallest sigma with composed
+      epsilon <= target over T releases), unless ``noise_multiplier`` fixes it.
     - ``jin-dp-sign``: Jin et al.'s sigma for per-step (epsilon, delta).
     - ``jin-rectified``: Jin et al.'s sigma for per-step (epsilon / T, delta / T).
     """
-    if settings.method == "dp-signsgd":
-        if settings.noise_multiplier is not None:
-            return settings.noise_multiplier
-        return _calibrated(settings.target_epsilon, target_delta, settings.sample_rate, settings.num_rounds, settings.accountant)
-    if settings.method == "jin-dp-sign":
-        return jin_noise_multiplier(epsilon_per_step=settings.target_epsilon, delta_per_step=target_delta)
-    if settings.method == "jin-rectified":
-        steps = settings.num_rounds
-        return jin_noise_multiplier(
-            epsilon_per_step=settings.target_epsilon / steps, delta_per_step=target_delta / steps
-        )
+    run = experiment.run
+    if experiment.method == "dp-signsgd":
+        if experiment.noise_multiplier is not None:
+            return experiment.noise_multiplier
+        return plan_release(dataclasses.replace(run, target_delta=target_delta)).noise_multiplier
+    if experiment.method == "jin-dp-sign":
+        return jin_noise_multiplier(epsilon_per_step=run.target_epsilon, delta_per_step=target_delta)
+    if experiment.method == "jin-rectified":
+        steps = run.num_rounds
+        return jin_noise_multiplier(epsilon_per_step=run.target_epsilon / steps, delta_per_step=target_delta / steps)
     return 0.0
 
 
-@functools.lru_cache(maxsize=64)
-def _calibrated(target_epsilon: float, target_delta: float, sample_rate: float, num_steps: int, accountant: str) -> float:
-    # Pure function of its arguments; a sweep repeats the same calibration
-    # (e.g. three gradient-noise settings) and each one costs seconds.
-    return calibrate_noise_multiplier(
-        target_epsilon=target_epsilon,
-        target_delta=target_delta,
-        sample_rate=sample_rate,
-        num_steps=num_steps,
-        accountant=accountant,
-    )
-
-
 def run_experiment(
-    settings: RunSettings,
+    experiment: Experiment,
     *,
-    data_dir: str | None = None,
     dataset=None,
     progress: bool = True,
     on_round: Callable[[int, np.ndarray], None] | None = None,
@@ -222,8 +206,7 @@ def run_experiment(
     """Run one federated training in this process and return its result record.
 
     Args:
-        settings: the run.
-        data_dir: where :func:`dpsign_fl.data.load_dataset` reads the data.
+        experiment: the run.
         dataset: an already loaded dataset (skips loading; for sweeps and tests).
         progress: show a tqdm bar on stderr.
         on_round: called as ``on_round(round, weights)`` after each update (tests).
@@ -235,163 +218,147 @@ def run_experiment(
         ``rounds``, ``wall_seconds``, ``history`` (one entry per evaluation).
     """
     started = time.monotonic()
-    dataset, clients = load_run_data(settings, data_dir=data_dir, dataset=dataset)
+    run = experiment.run
+    dataset, clients = load_run_data(experiment, dataset=dataset)
     model = build_model(
-        settings.model or default_model(settings.dataset),
-        input_shape=tuple(dataset.input_shape),
-        num_classes=dataset.num_classes,
-        seed=settings.seed,
+        run.model_name, input_shape=tuple(dataset.input_shape), num_classes=dataset.num_classes, seed=run.model_seed
     )
-    weights = training.flat_parameters(model)
+    weights = model_vector(model)
     num_coordinates = weights.shape[0]
-    target_delta = settings.target_delta or 1.0 / max(c.size for c in clients) ** 1.1
-    learning_rate = settings.learning_rate or 1.0 / math.sqrt(num_coordinates * settings.num_rounds)
-    noise_multiplier = noise_multiplier_for(settings, target_delta)
-    ledgers = [PrivacyLedger(accountant=settings.accountant) for _ in clients] if settings.private else []
-    updater = VoteUpdater(
-        learning_rate=learning_rate,
-        num_rounds=settings.num_rounds,
-        schedule=settings.lr_schedule,
-        momentum=settings.server_momentum,
-    )
-    release = training.ReleaseSettings(
-        sample_rate=settings.sample_rate,
-        clip_norm=settings.clip_norm,
-        noise_multiplier=noise_multiplier,
-        clipping=settings.clipping,
+    target_delta = 1.0 / max(c.size for c in clients) ** 1.1 if experiment.delta_from_data else run.target_delta
+    learning_rate = run.learning_rate or 1.0 / math.sqrt(num_coordinates * run.num_rounds)
+    noise_multiplier = noise_multiplier_for(experiment, target_delta)
+    ledgers = [PrivacyLedger(accountant=run.accountant) for _ in clients] if experiment.private else []
+    # A fixed sigma (sweeps) or Jin's per-step calibration are not planned for the target: report, never refuse.
+    planned = experiment.method == "dp-signsgd" and experiment.noise_multiplier is None
+    budget = Budget(run.target_epsilon if planned else math.inf, target_delta)
+    updater = VoteUpdater(learning_rate=learning_rate, schedule=run.lr_schedule, momentum=run.server_momentum)
+    release = ReleaseSettings(
+        sample_rate=run.sample_rate, clip_norm=run.clip_norm, noise_multiplier=noise_multiplier, clipping=run.clipping
     )
     test_inputs, test_targets = torch.as_tensor(dataset.test_inputs), torch.as_tensor(dataset.test_targets)
-    eval_every = settings.eval_every or max(settings.num_rounds // DEFAULT_EVALUATIONS, 1)
-    tail_start = settings.num_rounds - int(settings.tail_average * settings.num_rounds) + 1
+    tail_start = run.num_rounds - int(experiment.tail_average * run.num_rounds) + 1
     tail_sum, tail_count = np.zeros_like(weights, dtype=np.float64), 0
     setup_seconds = time.monotonic() - started
 
-    def evaluate_at(server_round: int) -> dict:
-        training.load_flat_parameters(model, weights)
-        loss, accuracy = training.evaluate(model, test_inputs, test_targets)
+    def evaluate_at(round_number: int) -> dict:
+        load_model_vector(model, weights)
+        loss, accuracy = evaluate(model, test_inputs, test_targets)
         return {
-            "round": server_round,
+            "round": round_number,
             "accuracy": accuracy,
             "loss": loss,
-            "epsilon": _largest_epsilon(ledgers, target_delta) if settings.private else math.inf,
+            "epsilon": _largest_epsilon(ledgers, target_delta) if experiment.private else math.inf,
             "wall_seconds": round(time.monotonic() - started, 3),
         }
 
     history = [evaluate_at(0)]
-    bar = tqdm(
-        range(1, settings.num_rounds + 1),
-        desc=settings.name(),
-        file=sys.stderr,
-        disable=not progress,
-        leave=False,
-        mininterval=1.0,
-    )
-    for server_round in bar:
-        training.load_flat_parameters(model, weights)
-        if settings.method == "sgd":
+    bar = tqdm(range(1, run.num_rounds + 1), desc=experiment.name(), file=sys.stderr, disable=not progress,
+               leave=False, mininterval=1.0)
+    for current in bar:
+        load_model_vector(model, weights)
+        if experiment.method == "sgd":
             gradients = [
-                _client_mean_gradient(model, client, settings, _generator(settings, m, server_round))
-                for m, client in enumerate(clients)
+                _client_mean_gradient(model, client, run, _generator(run, m, current)) for m, client in enumerate(clients)
             ]
-            eta = learning_rate_at(
-                server_round, learning_rate=learning_rate, num_rounds=settings.num_rounds, schedule=settings.lr_schedule
-            )
+            eta = learning_rate_at(current, learning_rate=learning_rate, num_rounds=run.num_rounds, schedule=run.lr_schedule)
             weights = weights - eta * np.mean(gradients, axis=0).astype(weights.dtype)
         else:
             payloads = []
             for m, client in enumerate(clients):
-                generator = _generator(settings, m, server_round)
-                signs = _client_signs(model, client, settings, release, generator)
-                if settings.private:
-                    ledgers[m].record(sample_rate=settings.sample_rate, noise_multiplier=noise_multiplier)
-                if is_byzantine(m, settings.num_clients, settings.byzantine_fraction):
-                    signs = byzantine_signs(signs, attack=settings.byzantine_attack, generator=generator)
-                payloads.append(pack_signs(signs))
-            vote = majority_vote(np.stack(payloads), num_coordinates)
-            weights = updater.step(weights, vote, server_round)
-        if server_round >= tail_start:
+                generator = _generator(run, m, current)
+                if experiment.private:
+                    outcome = client_round(
+                        model, client.inputs, client.targets, release, ledgers[m], budget,
+                        generator=generator, gradient_noise=run.gradient_noise,
+                    )
+                    if isinstance(outcome, Refusal):
+                        continue
+                    packed = outcome.packed
+                else:
+                    packed = pack_signs(_client_signs(model, client, experiment, generator))
+                if is_byzantine(m, experiment.num_clients, run.byzantine_fraction):
+                    packed = byzantine_payload(packed, num_coordinates, attack=run.byzantine_attack, generator=generator)
+                payloads.append(packed)
+            weights = server_round(
+                weights, payloads, updater=updater, server_round=current, num_rounds=run.num_rounds
+            ).weights
+        if current >= tail_start:
             tail_sum += weights
             tail_count += 1
         if on_round is not None:
-            on_round(server_round, weights)
-        if server_round % eval_every == 0 or server_round == settings.num_rounds:
-            history.append(evaluate_at(server_round))
+            on_round(current, weights)
+        if current % run.eval_every == 0 or current == run.num_rounds:
+            history.append(evaluate_at(current))
             bar.set_postfix(accuracy=f"{history[-1]['accuracy']:.4f}", refresh=False)
     bar.close()
 
     final = history[-1]
     record = {
-        **asdict(settings),
-        "label": settings.name(),
-        "noise": settings.gradient_noise,
-        "target_epsilon": settings.target_epsilon if settings.private else None,
-        "target_delta": target_delta if settings.private else None,
+        **asdict(run),
+        **{name: getattr(experiment, name) for name in specs(Experiment) if name != "run"},
+        "label": experiment.name(),
+        "noise": run.gradient_noise,
+        "target_epsilon": run.target_epsilon if experiment.private else None,
+        "target_delta": target_delta if experiment.private else None,
         "learning_rate": learning_rate,
         "noise_multiplier": noise_multiplier,
         "epsilon": final["epsilon"],
         "test_accuracy": final["accuracy"],
         "test_loss": final["loss"],
-        "rounds": settings.num_rounds,
+        "rounds": run.num_rounds,
         "num_parameters": int(num_coordinates),
         "client_sizes": [c.size for c in clients],
         "wall_seconds": round(time.monotonic() - started, 3),
         "setup_seconds": round(setup_seconds, 3),
         "history": history,
     }
-    if settings.method in ("jin-dp-sign", "jin-rectified"):
-        steps = settings.num_rounds if settings.method == "jin-rectified" else 1
-        record["epsilon_per_step"] = settings.target_epsilon / steps
+    if experiment.method in ("jin-dp-sign", "jin-rectified"):
+        steps = run.num_rounds if experiment.method == "jin-rectified" else 1
+        record["epsilon_per_step"] = run.target_epsilon / steps
         record["delta_per_step"] = target_delta / steps
     if tail_count:
         averaged = (tail_sum / tail_count).astype(weights.dtype)
-        training.load_flat_parameters(model, averaged)
-        loss, accuracy = training.evaluate(model, test_inputs, test_targets)
+        load_model_vector(model, averaged)
+        _, accuracy = evaluate(model, test_inputs, test_targets)
         record["test_accuracy_tail_average"] = accuracy
     return record
 
 
-def _client_signs(model, client: ClientData, settings: RunSettings, release, generator) -> torch.Tensor:
-    """One client's int8 +-1 update for the sign methods."""
-    if settings.private:
-        # The Flower client's own step (dpsign_fl.flower.client.handle_train).
-        return training.client_release(
-            model,
-            client.inputs,
-            client.targets,
-            release,
-            generator=generator,
-            gradient_noise=settings.gradient_noise,
-        )
-    gradient = torch.from_numpy(_client_mean_gradient(model, client, settings, generator))
-    if settings.method == "sto-sign":
+def _client_signs(model, client: ClientData, experiment: Experiment, generator) -> torch.Tensor:
+    """One client's int8 +-1 update for the non-private sign methods."""
+    gradient = torch.from_numpy(_client_mean_gradient(model, client, experiment.run, generator))
+    if experiment.method == "sto-sign":
         bound = float(gradient.abs().max())
         return sto_sign(gradient, bound=bound if bound > 0 else 1.0, generator=generator)
     return sign_of(gradient)
 
 
-def _client_mean_gradient(model, client: ClientData, settings: RunSettings, generator) -> np.ndarray:
+def _client_mean_gradient(model, client: ClientData, run: RunSettings, generator) -> np.ndarray:
     """Mean gradient of a Poisson-sampled minibatch (rate ``sample_rate``); zeros if empty.
 
     Gradient noise, when asked for, is added to each example's gradient, as
-    :func:`dpsign_fl.training.client_release` does, so that all methods see the
+    :func:`dpsign_fl.release.client_release` does, so that all methods see the
     same noisy gradients.
     """
-    indices = poisson_sample(client.size, settings.sample_rate, generator=generator)
+    indices = poisson_sample(client.size, run.sample_rate, generator=generator)
     parameters = [p for p in model.parameters() if p.requires_grad]
     if indices.numel() == 0:
         return np.zeros(sum(p.numel() for p in parameters), dtype=np.float32)
     inputs, targets = client.inputs[indices], client.targets[indices]
-    if settings.gradient_noise == "none":
+    if run.gradient_noise == "none":
         loss = F.cross_entropy(model(inputs), targets)
         grads = torch.autograd.grad(loss, parameters)
         return torch.cat([g.reshape(-1) for g in grads]).detach().numpy()
-    per_example = per_sample_gradients(model, F.cross_entropy, inputs, targets, chunk_size=training.DEFAULT_CHUNK_SIZE)
-    per_example = add_gradient_noise(per_example, kind=settings.gradient_noise, generator=generator)
+    per_example = per_sample_gradients(model, F.cross_entropy, inputs, targets, chunk_size=DEFAULT_CHUNK_SIZE)
+    per_example = add_gradient_noise(per_example, kind=run.gradient_noise, generator=generator)
     return per_example.mean(dim=0).detach().numpy()
 
 
-def _generator(settings: RunSettings, partition_id: int, server_round: int) -> torch.Generator:
-    return training.client_generator(settings.seed, partition_id=partition_id, server_round=server_round)
+def _generator(run: RunSettings, client: int, round_number: int) -> torch.Generator:
+    if run.reproducible_noise:
+        return seeded_generator(run.noise_seed, client=client, server_round=round_number)
+    return secure_generator()
 
 
 def _largest_epsilon(ledgers: list[PrivacyLedger], target_delta: float) -> float:
@@ -402,9 +369,4 @@ def _largest_epsilon(ledgers: list[PrivacyLedger], target_delta: float) -> float
 
 def _truncated(dataset, max_examples: int):
     inputs, targets = dataset.train_inputs[:max_examples], dataset.train_targets[:max_examples]
-    return replace(dataset, train_inputs=inputs, train_targets=targets)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return dataclasses.replace(dataset, train_inputs=inputs, train_targets=targets)

@@ -1,4 +1,4 @@
-"""Experiment recipes: named lists of :class:`RunSettings` (the paper's figures and tables).
+"""Experiment recipes: named lists of :class:`Experiment` runs (the paper's figures and tables).
 
 Every recipe takes the same :class:`RecipeOptions` (rounds override, quick mode,
 seed) so that tests can run it on a tiny configuration. The tuned values below
@@ -8,15 +8,17 @@ commands.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
-from .loop import RunSettings
+from .loop import Experiment
 
 GRADIENT_NOISE_SETTINGS = ("none", "gaussian", "levy")
 QUICK_ROUNDS = 8
 QUICK_EXAMPLES = 1200
 QUICK_EVALUATIONS = 2
+DEFAULT_EVALUATIONS = 20
+"""Evaluations of the test set per long run (each also accounts epsilon)."""
 CNN_EPSILONS = (1.0, 3.0, 8.0)
 CNN_DELTA = 1e-5
 
@@ -29,7 +31,8 @@ class RecipeOptions:
         rounds: replace every run's ``num_rounds`` (None = the recipe's own).
         quick: a tiny configuration for tests: ``QUICK_ROUNDS`` rounds (unless
             ``rounds`` is given) and at most ``QUICK_EXAMPLES`` training examples.
-        seed: the runs' seed (data partition, model init, client randomness).
+        seed: the runs' seed: of the data split and partitions, the initial
+            model and the clients' (reproducible) randomness.
     """
 
     rounds: int | None = None
@@ -43,13 +46,21 @@ class Recipe:
 
     name: str
     description: str
-    build: Callable[[], list[RunSettings]]
+    build: Callable[[], list[Experiment]]
 
-    def runs(self, options: RecipeOptions = RecipeOptions()) -> list[RunSettings]:
-        """Return the recipe's runs with ``options`` applied."""
+    def runs(self, options: RecipeOptions = RecipeOptions()) -> list[Experiment]:
+        """Return the recipe's runs with ``options`` applied.
+
+        Recipes are reproducible research: every run draws its clients'
+        randomness from ``seed`` (``reproducible_noise``), which is not private
+        against anyone who knows the seed.
+        """
         runs = []
-        for settings in self.build():
-            changes: dict = {"seed": options.seed}
+        for experiment in self.build():
+            changes: dict = {
+                "data_seed": options.seed, "model_seed": options.seed, "noise_seed": options.seed,
+                "reproducible_noise": True,
+            }
             if options.quick:
                 changes["num_rounds"] = QUICK_ROUNDS
                 changes["max_examples"] = QUICK_EXAMPLES
@@ -58,7 +69,7 @@ class Recipe:
             if options.quick or options.rounds is not None:
                 # A few evaluations: each one also accounts epsilon (~0.1-0.5 s).
                 changes["eval_every"] = max(changes["num_rounds"] // QUICK_EVALUATIONS, 1)
-            runs.append(replace(settings, **changes))
+            runs.append(experiment.with_changes(**changes))
         return runs
 
 
@@ -69,26 +80,27 @@ MUSHROOM_SAMPLE_RATE = 0.05
 MUSHROOM_EPSILON = 10.0
 
 
-def mushroom_logreg_runs() -> list[RunSettings]:
+def mushroom_logreg_runs() -> list[Experiment]:
     """SGD vs signSGD-MV vs DP-SignSGD, each with no / Gaussian / Levy gradient noise.
 
     Logistic regression, 10 IID workers, learning rate 1/sqrt(dT) (paper), private
     runs at epsilon 10 and delta = 1 / n^1.1 (n = a worker's dataset size).
     """
-    base = RunSettings(
+    base = Experiment.create(
         dataset="mushroom",
         model="logreg",
         num_clients=10,
         target_epsilon=MUSHROOM_EPSILON,
-        target_delta=None,
+        delta_from_data=True,
         sample_rate=MUSHROOM_SAMPLE_RATE,
         num_rounds=MUSHROOM_ROUNDS,
         learning_rate=None,
+        eval_every=MUSHROOM_ROUNDS // DEFAULT_EVALUATIONS,
     )
     runs = []
     for method in ("sgd", "signsgd", "dp-signsgd"):
         for noise in GRADIENT_NOISE_SETTINGS:
-            runs.append(replace(base, method=method, gradient_noise=noise, label=f"{method}-{noise}"))
+            runs.append(base.with_changes(method=method, gradient_noise=noise, label=f"{method}-{noise}"))
     return runs
 
 
@@ -97,25 +109,26 @@ def mushroom_logreg_runs() -> list[RunSettings]:
 VARIANT_EPSILONS = (1.0, 10.0)
 
 
-def dp_sign_variant_runs() -> list[RunSettings]:
+def dp_sign_variant_runs() -> list[Experiment]:
     """Jin et al.'s dp-sign (per-step epsilon), Jin rectified (epsilon/T), ours (total epsilon).
 
     Same data, model, sampling and learning rate as ``mushroom-logreg``; only the
     noise calibration differs. Each run reports its true composed epsilon.
     """
-    base = RunSettings(
+    base = Experiment.create(
         dataset="mushroom",
         model="logreg",
         num_clients=10,
-        target_delta=None,
+        delta_from_data=True,
         sample_rate=MUSHROOM_SAMPLE_RATE,
         num_rounds=MUSHROOM_ROUNDS,
         learning_rate=None,
+        eval_every=MUSHROOM_ROUNDS // DEFAULT_EVALUATIONS,
     )
     runs = []
     for epsilon in VARIANT_EPSILONS:
         for method in ("jin-dp-sign", "jin-rectified", "dp-signsgd"):
-            runs.append(replace(base, method=method, target_epsilon=epsilon, label=f"{method}-eps{epsilon:g}"))
+            runs.append(base.with_changes(method=method, target_epsilon=epsilon, label=f"{method}-eps{epsilon:g}"))
     return runs
 
 
@@ -131,13 +144,13 @@ CNN_CEILING_ROUNDS = 500
 CNN_CEILING_LEARNING_RATE = 1e-3
 
 
-def cnn_runs(dataset: str) -> list[RunSettings]:
+def cnn_runs(dataset: str) -> list[Experiment]:
     """DP-SignSGD at epsilon 1, 3, 8 (delta 1e-5), IID and Dirichlet(0.5), plus the signSGD-MV ceiling.
 
     The tanh CNN (the dataset's default model), 10 clients. The epsilon = 3 IID run
     comes first (the accuracy target).
     """
-    base = RunSettings(
+    base = Experiment.create(
         dataset=dataset,
         num_clients=10,
         target_delta=CNN_DELTA,
@@ -152,8 +165,7 @@ def cnn_runs(dataset: str) -> list[RunSettings]:
     for partitioner in ("iid", "dirichlet"):
         for epsilon in order:
             runs.append(
-                replace(
-                    base,
+                base.with_changes(
                     partitioner=partitioner,
                     target_epsilon=epsilon,
                     label=f"dp-signsgd-{partitioner}-eps{epsilon:g}",
@@ -161,8 +173,7 @@ def cnn_runs(dataset: str) -> list[RunSettings]:
             )
     for partitioner in ("iid", "dirichlet"):
         runs.append(
-            replace(
-                base,
+            base.with_changes(
                 method="signsgd",
                 partitioner=partitioner,
                 sample_rate=CNN_CEILING_SAMPLE_RATE,
@@ -174,9 +185,9 @@ def cnn_runs(dataset: str) -> list[RunSettings]:
     return runs
 
 
-def cifar10_runs() -> list[RunSettings]:
+def cifar10_runs() -> list[Experiment]:
     """DP-SignSGD at epsilon 8 and the signSGD-MV ceiling on CIFAR-10 (no accuracy target)."""
-    base = RunSettings(
+    base = Experiment.create(
         dataset="cifar10",
         num_clients=10,
         target_epsilon=8.0,
@@ -184,10 +195,11 @@ def cifar10_runs() -> list[RunSettings]:
         sample_rate=0.05,
         num_rounds=100,
         learning_rate=CNN_LEARNING_RATE,
+        eval_every=CNN_EVAL_EVERY,
     )
     return [
-        replace(base, label="dp-signsgd-iid-eps8"),
-        replace(base, method="signsgd", learning_rate=CNN_CEILING_LEARNING_RATE, label="signsgd-iid"),
+        base.with_changes(label="dp-signsgd-iid-eps8"),
+        base.with_changes(method="signsgd", learning_rate=CNN_CEILING_LEARNING_RATE, label="signsgd-iid"),
     ]
 
 

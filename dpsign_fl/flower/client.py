@@ -1,30 +1,31 @@
-"""The ClientApp's train handler: Context + Message -> core DP-SIGN release -> reply.
+"""The ClientApp's train handler: Message + Context -> one client round -> reply Message.
 
-Privacy: the reply carries only the packed signs and public numbers
-(``num-examples`` n_m and the epsilon spent). No loss, accuracy or batch size.
+Privacy: the reply carries only the packed signs and the epsilon spent
+(:mod:`dpsign_fl.flower.records`). No loss, accuracy, batch size or dataset size.
 """
 
 from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import lru_cache
 from logging import INFO, WARNING
-from typing import Any, Callable, Iterator, Mapping
+from typing import Callable, Iterator
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.common import log
 
-from ..attacks import byzantine_signs, is_byzantine
-from ..config import RunConfig, parse_run_config
+from ..attacks import byzantine_payload, is_byzantine
 from ..data import load_dataset, partition
-from ..models import build_model, default_model
-from ..packing import pack_signs
-from ..privacy import PrivacyLedger, calibrate_noise_multiplier
+from ..mechanism import secure_generator
+from ..models import build_model
+from ..privacy import PrivacyLedger
 from ..privacy.ledger_store import lock_ledger_file, read_ledger_file, write_ledger_file
-from ..training import ReleaseSettings, client_generator, client_release
+from ..release import ReleaseSettings, seeded_generator
+from ..rounds import Budget, Refusal, client_round, plan_release
+from ..settings import RunSettings, from_mapping, to_mapping
+from .node import NodeConfig, parse_node_config, running_in_simulation
 from .records import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -40,7 +41,7 @@ BUDGET_EXHAUSTED_CODE = 4601
 """Error code of a reply refused because the privacy budget would be exceeded."""
 
 
-def handle_train(message: Message, context: Context) -> Message:
+def handle_train(message: Message, context: Context, *, simulation: bool | None = None) -> Message:
     """Make this client's DP-SIGN release for the received model, or refuse.
 
     Refuses (an error reply with :data:`BUDGET_EXHAUSTED_CODE`) when the next
@@ -48,137 +49,53 @@ def handle_train(message: Message, context: Context) -> Message:
     ledger is the file named by node-config ``ledger-path`` when set (read at
     the start of every message under a lock, rewritten right after the
     release is recorded and before the reply leaves), else ``context.state``.
+
+    Experiment-only settings (Byzantine attacks, synthetic gradient noise,
+    reproducible noise) take effect only in simulation; a deployed node
+    ignores them with a warning and trains honestly with secure randomness.
+
+    Args:
+        message: the train instruction (model arrays and the round number).
+        context: this node's Flower context.
+        simulation: whether this node is simulated; None = detect it
+            (:func:`running_in_simulation`). In-process tests pass True.
     """
-    config = parse_run_config(context.run_config)
+    settings = from_mapping(RunSettings, context.run_config)
     node = parse_node_config(context.node_config)
+    simulated = running_in_simulation() if simulation is None else simulation
+    if not simulated and settings.experiment_only:
+        log(WARNING, "ignoring experiment-only run-config settings on a deployed node: %s", settings.experiment_only)
     server_round = int(message.content[CONFIG_KEY].get(ROUND_KEY, 0)) if CONFIG_KEY in message.content else 0
-    inputs, targets, classes = client_data(config, node)
-    noise_multiplier = planned_noise_multiplier(config, context)
-    with open_ledger(node, context, accountant=config.accountant) as (ledger, save):
-        epsilon_after = ledger.epsilon_after(
-            target_delta=config.target_delta, sample_rate=config.sample_rate, noise_multiplier=noise_multiplier
+    inputs, targets, classes = client_data(settings, node)
+    release = release_plan(settings, context)
+    client = node.client_number(context.node_id)
+    with open_ledger(node, context, accountant=settings.accountant) as (ledger, save):
+        model = build_model(settings.model_name, input_shape=tuple(inputs.shape[1:]), num_classes=classes)
+        load_arrays_into_model(model, message.content[ARRAYS_KEY])
+        if simulated and settings.reproducible_noise:
+            generator = seeded_generator(settings.noise_seed, client=client, server_round=server_round)
+        else:
+            generator = secure_generator()
+        outcome = client_round(
+            model,
+            inputs,
+            targets,
+            release,
+            ledger,
+            Budget(settings.target_epsilon, settings.target_delta),
+            generator=generator,
+            gradient_noise=settings.gradient_noise if simulated else "none",
         )
-        if not epsilon_after <= config.target_epsilon:
-            spent = ledger.epsilon(config.target_delta)
-            reason = (
-                f"privacy budget exhausted: {node.name(context.node_id)} has spent epsilon={spent:.4f} in "
-                f"{ledger.num_releases} releases; one more would reach {epsilon_after:.4f} > "
-                f"target-epsilon={config.target_epsilon} (delta={config.target_delta})"
-            )
+        if isinstance(outcome, Refusal):
+            reason = f"{node.name(context.node_id)}: {outcome.reason}"
             log(WARNING, reason)
             return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=reason), reply_to=message)
-
-        model = build_model(
-            config.model or default_model(config.dataset),
-            input_shape=tuple(inputs.shape[1:]),
-            num_classes=classes,
-        )
-        load_arrays_into_model(model, message.content[ARRAYS_KEY])
-        generator = client_generator(config.seed_value, partition_id=node.seed_id(context.node_id), server_round=server_round)
-        settings = ReleaseSettings(
-            sample_rate=config.sample_rate,
-            clip_norm=config.clip_norm,
-            noise_multiplier=noise_multiplier,
-            clipping=config.clipping,
-        )
-        signs = client_release(model, inputs, targets, settings, generator=generator, gradient_noise=config.gradient_noise)
-        if node.partition_id is not None and is_byzantine(node.partition_id, node.num_partitions, config.byzantine_fraction):
-            signs = byzantine_signs(signs, attack=config.byzantine_attack, generator=generator)
-        ledger.record(sample_rate=config.sample_rate, noise_multiplier=noise_multiplier)
         save(ledger)
-    content = train_reply_content(pack_signs(signs), num_examples=inputs.shape[0], epsilon=epsilon_after)
-    return Message(content, reply_to=message)
-
-
-NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "data-dir", "ledger-path")
-"""The node-config keys this ClientApp reads (``flower-supernode --node-config``)."""
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    """This SuperNode's settings, from ``--node-config`` (simulation: Flower's partition keys).
-
-    Attributes:
-        partition_id, num_partitions: this node's share of the dataset; both
-            None when the node uses the whole dataset in ``data_dir``.
-        data_dir: the node's own data folder (overrides run-config ``data-dir``
-            on this node); None = the run config's.
-        ledger_path: the file holding this node's privacy ledger; None = keep
-            it in ``context.state`` (simulation: it lives as long as the run).
-    """
-
-    partition_id: int | None = None
-    num_partitions: int | None = None
-    data_dir: str | None = None
-    ledger_path: str | None = None
-
-    def name(self, node_id: int) -> str:
-        """A name for messages: the partition, else the node ID."""
-        return f"partition {self.partition_id}" if self.partition_id is not None else f"node {node_id}"
-
-    def seed_id(self, node_id: int) -> int:
-        """The number that makes a fixed ``seed`` distinct per client: the partition, else the node ID."""
-        return self.partition_id if self.partition_id is not None else int(node_id)
-
-
-def parse_node_config(node_config: Mapping[str, Any]) -> NodeConfig:
-    """Validate the node config and return it as a :class:`NodeConfig`.
-
-    Accepted keys are :data:`NODE_CONFIG_KEYS`; an unknown key is an error
-    (a misspelt ``ledger-path`` would otherwise silently lose the budget):
-
-    - ``partition-id`` and ``num-partitions`` (together): this node trains on
-      that partition of the dataset (from ``data-dir`` when set);
-    - ``data-dir`` alone: this node trains on the whole dataset found there;
-    - ``ledger-path``: absolute path of this node's ledger file.
-
-    Raises:
-        ValueError: naming the key that is missing, unknown or out of range.
-        TypeError: naming the key whose value has the wrong kind.
-    """
-    unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"node config has unknown key(s) {unknown}; known keys are {list(NODE_CONFIG_KEYS)}")
-    partition_id = _node_int(node_config, "partition-id")
-    num_partitions = _node_int(node_config, "num-partitions")
-    data_dir = _node_str(node_config, "data-dir")
-    ledger_path = _node_str(node_config, "ledger-path")
-    if (partition_id is None) != (num_partitions is None):
-        missing = "num-partitions" if num_partitions is None else "partition-id"
-        raise ValueError(f"node config must set {missing!r} too: 'partition-id' and 'num-partitions' go together")
-    if partition_id is None and data_dir is None:
-        raise ValueError(
-            "node config must set 'partition-id' and 'num-partitions' (e.g. --node-config "
-            "'partition-id=0 num-partitions=3'), or 'data-dir' (e.g. --node-config 'data-dir=\"/data\"')"
-        )
-    if num_partitions is not None and num_partitions < 1:
-        raise ValueError(f"num-partitions must be >= 1, got {num_partitions}")
-    if partition_id is not None and not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
-    return NodeConfig(partition_id, num_partitions, data_dir, ledger_path)
-
-
-def _node_int(node_config: Mapping[str, Any], key: str) -> int | None:
-    if key not in node_config:
-        return None
-    value = node_config[key]
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(f"node config {key} must be an integer, got {value!r}")
-    try:
-        return int(value)
-    except ValueError:
-        raise TypeError(f"node config {key} must be an integer, got {value!r}") from None
-
-
-def _node_str(node_config: Mapping[str, Any], key: str) -> str | None:
-    if key not in node_config:
-        return None
-    value = node_config[key]
-    if not isinstance(value, str):
-        raise TypeError(f"node config {key} must be a quoted string (e.g. {key}=\"/path\"), got {value!r}")
-    if value == "":
-        raise ValueError(f"node config {key} must not be empty")
-    return value
+    packed = outcome.packed
+    if simulated and node.partition_id is not None and is_byzantine(client, node.num_partitions, settings.byzantine_fraction):
+        d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        packed = byzantine_payload(packed, d, attack=settings.byzantine_attack, generator=generator)
+    return Message(train_reply_content(packed, epsilon=outcome.epsilon), reply_to=message)
 
 
 @contextmanager
@@ -203,51 +120,55 @@ def open_ledger(
         yield ledger, lambda updated: write_ledger_file(node.ledger_path, updated)
 
 
-def planned_noise_multiplier(config: RunConfig, context: Context) -> float:
-    """Return sigma calibrated so that ``num-server-rounds`` releases meet the target.
+def release_plan(settings: RunSettings, context: Context) -> ReleaseSettings:
+    """Return this run's release settings, planned once per run and kept in ``context.state``.
 
-    A client releases at most once per round, so it plans for every round (no
-    amplification from the server's client sampling is assumed: the client
-    cannot verify it). Calibrated once per run and kept in ``context.state``.
+    The plan (:func:`dpsign_fl.rounds.plan_release`) must stay fixed for the
+    whole run: the budget holds because every release of the run uses it. It
+    is kept in the state rather than recomputed because a deployed ClientApp
+    runs in a fresh process for every message.
     """
     key = json.dumps(
-        [config.target_epsilon, config.target_delta, config.sample_rate, config.num_server_rounds, config.accountant]
+        [settings.target_epsilon, settings.target_delta, settings.sample_rate, settings.num_rounds,
+         settings.accountant, settings.clip_norm, settings.clipping]
     )
-    if NOISE_STATE_KEY in context.state and context.state[NOISE_STATE_KEY].get("key") == key:
-        return float(context.state[NOISE_STATE_KEY]["noise-multiplier"])
-    sigma = calibrate_noise_multiplier(
-        target_epsilon=config.target_epsilon,
-        target_delta=config.target_delta,
-        sample_rate=config.sample_rate,
-        num_steps=config.num_server_rounds,
-        accountant=config.accountant,
-    )
-    log(INFO, "calibrated noise multiplier %.4f for epsilon=%g over %d releases", sigma, config.target_epsilon, config.num_server_rounds)
-    context.state[NOISE_STATE_KEY] = ConfigRecord({"key": key, "noise-multiplier": sigma})
-    return sigma
+    stored = context.state[NOISE_STATE_KEY] if NOISE_STATE_KEY in context.state else None
+    if stored is not None and stored.get("key") == key:
+        return ReleaseSettings(
+            sample_rate=settings.sample_rate,
+            clip_norm=settings.clip_norm,
+            noise_multiplier=float(stored["noise-multiplier"]),
+            clipping=settings.clipping,
+        )
+    release = plan_release(settings)
+    log(INFO, "calibrated noise multiplier %.4f for epsilon=%g over %d releases",
+        release.noise_multiplier, settings.target_epsilon, settings.num_rounds)
+    context.state[NOISE_STATE_KEY] = ConfigRecord({"key": key, "noise-multiplier": release.noise_multiplier})
+    return release
 
 
 @lru_cache(maxsize=4)
-def _load_client_data(
-    dataset: str, data_dir: str, partitioner: str, alpha: float, classes: int, seed: int,
-    partition_id: int | None, num_partitions: int | None,
-):
-    data = load_dataset(dataset, data_dir=data_dir or None)
+def _load_client_data(data_settings: tuple, partition_id: int | None, num_partitions: int | None):
+    settings = from_mapping(RunSettings, dict(data_settings))
+    data = load_dataset(settings.dataset, data_dir=settings.data_dir or None, seed=settings.data_seed)
     if partition_id is None:
         return data.train_inputs, data.train_targets, data.num_classes
     inputs, targets = partition(
         data,
         partition_id=partition_id,
         num_partitions=num_partitions,
-        partitioner=partitioner,
-        alpha=alpha,
-        classes_per_partition=classes,
-        seed=seed,
+        partitioner=settings.partitioner,
+        alpha=settings.dirichlet_alpha,
+        classes_per_partition=settings.classes_per_partition,
+        seed=settings.data_seed,
     )
     return inputs, targets, data.num_classes
 
 
-def client_data(config: RunConfig, node: NodeConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
+_DATA_KEYS = ("dataset", "data-dir", "partitioner", "dirichlet-alpha", "classes-per-partition", "data-seed")
+
+
+def client_data(settings: RunSettings, node: NodeConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Return (inputs, targets, num_classes) of this client's training data.
 
     The dataset is run-config ``dataset``, read from node-config ``data-dir``
@@ -259,21 +180,16 @@ def client_data(config: RunConfig, node: NodeConfig) -> tuple[torch.Tensor, torc
         ValueError: if node-config ``data-dir`` is set for ``digits``, which
             ships with scikit-learn and reads no folder.
     """
-    if node.data_dir is not None and config.dataset == "digits":
+    if node.data_dir is not None and settings.dataset == "digits":
         raise ValueError(
             f"node config data-dir is set ({node.data_dir!r}) but dataset 'digits' ships with scikit-learn "
             "and reads no folder: use a dataset with local files, or partition-id/num-partitions"
         )
-    return _load_client_data(
-        config.dataset,
-        node.data_dir if node.data_dir is not None else config.data_dir,
-        config.partitioner,
-        config.dirichlet_alpha,
-        config.classes_per_partition,
-        config.partition_seed,
-        node.partition_id,
-        node.num_partitions,
-    )
+    values = to_mapping(settings)
+    if node.data_dir is not None:
+        values["data-dir"] = node.data_dir
+    key = tuple((name, values[name]) for name in _DATA_KEYS)
+    return _load_client_data(key, node.partition_id, node.num_partitions)
 
 
 def clear_data_cache() -> None:

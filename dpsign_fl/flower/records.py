@@ -7,8 +7,10 @@ Train reply (client -> server), a ``RecordDict`` with exactly:
   order; coordinates follow the order of the arrays in the global model's
   ArrayRecord, each flattened row-major). Serialised as a ``.npy`` buffer:
   ``ceil(d/8)`` bytes plus a 128-byte header.
-- ``"metrics"``: MetricRecord with exactly ``"num-examples"`` (the client's
-  dataset size n_m, treated as public) and ``"epsilon"`` (epsilon spent so far).
+- ``"metrics"``: MetricRecord with exactly ``"epsilon"``, the epsilon the
+  client has spent with this release (a function of q, sigma and its number of
+  releases: public). Nothing else: under add/remove-one neighbours even the
+  dataset size n_m would tell D from D minus one example.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ..packing import check_packed, payload_bytes
+from ..parameters import flatten, trainable_parameters, unflatten
 from ..privacy import PrivacyLedger
 
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 SIGNS_KEY = "signs"
-NUM_EXAMPLES_KEY = "num-examples"
 EPSILON_KEY = "epsilon"
 ROUND_KEY = "server-round"
 LEDGER_STATE_KEY = "dpsign-ledger"
@@ -42,14 +44,12 @@ class InvalidReply(ValueError):
 
 def model_to_arrays(model: torch.nn.Module) -> ArrayRecord:
     """Return the model's trainable parameters as an ArrayRecord, in ``parameters()`` order."""
-    return ArrayRecord(
-        array_dict={name: Array(p.detach().cpu().numpy()) for name, p in model.named_parameters() if p.requires_grad}
-    )
+    return ArrayRecord(array_dict={name: Array(p.detach().cpu().numpy()) for name, p in trainable_parameters(model)})
 
 
 def arrays_to_flat(arrays: ArrayRecord) -> np.ndarray:
     """Concatenate all arrays of a record, flattened, in the record's order (float32)."""
-    return np.concatenate([array.numpy().reshape(-1).astype(np.float32) for array in arrays.values()])
+    return flatten(array.numpy() for array in arrays.values())
 
 
 def flat_to_arrays(flat: np.ndarray, template: ArrayRecord) -> ArrayRecord:
@@ -58,16 +58,8 @@ def flat_to_arrays(flat: np.ndarray, template: ArrayRecord) -> ArrayRecord:
     Raises:
         ValueError: if the sizes do not match.
     """
-    shapes = [(name, array.shape, np.dtype(array.dtype)) for name, array in template.items()]
-    expected = sum(int(np.prod(shape)) for _, shape, _ in shapes)
-    if flat.shape != (expected,):
-        raise ValueError(f"flat vector must have shape ({expected},), got {flat.shape}")
-    result, offset = {}, 0
-    for name, shape, dtype in shapes:
-        size = int(np.prod(shape))
-        result[name] = Array(flat[offset : offset + size].reshape(shape).astype(dtype))
-        offset += size
-    return ArrayRecord(array_dict=result)
+    shapes = {name: (tuple(array.shape), np.dtype(array.dtype)) for name, array in template.items()}
+    return ArrayRecord(array_dict={name: Array(value) for name, value in unflatten(flat, shapes).items()})
 
 
 def num_coordinates(arrays: ArrayRecord) -> int:
@@ -81,7 +73,7 @@ def load_arrays_into_model(model: torch.nn.Module, arrays: ArrayRecord) -> None:
     Raises:
         ValueError: if names or shapes differ from the model's trainable parameters.
     """
-    params = dict((name, p) for name, p in model.named_parameters() if p.requires_grad)
+    params = dict(trainable_parameters(model))
     if list(arrays.keys()) != list(params.keys()):
         raise ValueError(
             f"model arrays must be named {list(params.keys())} in that order, got {list(arrays.keys())}"
@@ -94,18 +86,18 @@ def load_arrays_into_model(model: torch.nn.Module, arrays: ArrayRecord) -> None:
             params[name].copy_(value)
 
 
-def train_reply_content(packed: np.ndarray, *, num_examples: int, epsilon: float) -> RecordDict:
+def train_reply_content(packed: np.ndarray, *, epsilon: float) -> RecordDict:
     """Build the content of a train reply (see the module docstring)."""
     return RecordDict(
         {
             ARRAYS_KEY: ArrayRecord(array_dict={SIGNS_KEY: Array(np.ascontiguousarray(packed, dtype=np.uint8))}),
-            METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: int(num_examples), EPSILON_KEY: float(epsilon)}),
+            METRICS_KEY: MetricRecord({EPSILON_KEY: float(epsilon)}),
         }
     )
 
 
-def parse_train_reply(content: RecordDict, num_coordinates: int) -> tuple[np.ndarray, int, float, int]:
-    """Validate a train reply and return (packed signs, num_examples, epsilon, payload bytes).
+def parse_train_reply(content: RecordDict, num_coordinates: int) -> tuple[np.ndarray, float, int]:
+    """Validate a train reply and return (packed signs, epsilon, payload bytes).
 
     Raises:
         InvalidReply: naming what is wrong (keys, dtype, length, metric values).
@@ -130,14 +122,12 @@ def parse_train_reply(content: RecordDict, num_coordinates: int) -> tuple[np.nda
         packed = check_packed(signs.numpy(), num_coordinates)
     except Exception as error:  # a corrupt buffer must not crash the round
         raise InvalidReply(f"signs could not be decoded: {error}") from None
-    if set(metrics.keys()) != {NUM_EXAMPLES_KEY, EPSILON_KEY}:
-        raise InvalidReply(f"metrics must hold exactly {[NUM_EXAMPLES_KEY, EPSILON_KEY]}, got {sorted(metrics.keys())}")
-    num_examples, epsilon = metrics[NUM_EXAMPLES_KEY], metrics[EPSILON_KEY]
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
-        raise InvalidReply(f"{NUM_EXAMPLES_KEY} must be an integer >= 0, got {num_examples!r}")
-    if not isinstance(epsilon, (int, float)) or not (0 <= epsilon <= MAX_REPORTED_EPSILON):
+    if list(metrics.keys()) != [EPSILON_KEY]:
+        raise InvalidReply(f"metrics must hold exactly [{EPSILON_KEY!r}], got {sorted(metrics.keys())}")
+    epsilon = metrics[EPSILON_KEY]
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (0 <= epsilon <= MAX_REPORTED_EPSILON):
         raise InvalidReply(f"{EPSILON_KEY} must be a finite number in [0, {MAX_REPORTED_EPSILON:g}], got {epsilon!r}")
-    return packed, num_examples, float(epsilon), len(signs.data)
+    return packed, float(epsilon), len(signs.data)
 
 
 def load_ledger(state: RecordDict, *, accountant: str) -> PrivacyLedger:

@@ -41,11 +41,12 @@ from ..checkpoint import (
     restore_python_rng_state,
     save_checkpoint,
 )
-from ..config import ConfigError, RunConfig, parse_run_config
+from ..atomic_file import write_json_atomic
 from ..data import Dataset, load_dataset
-from ..models import build_model, default_model
-from ..results import plot_metrics, write_json_atomic
-from ..training import evaluate
+from ..evaluation import evaluate
+from ..models import build_model
+from ..results import plot_metrics
+from ..settings import ConfigError, FlowerOptions, RunSettings, parse_run_config, run_config_of
 from .records import arrays_to_flat, flat_to_arrays, load_arrays_into_model, model_to_arrays
 from .strategy import SignMajorityVote
 
@@ -66,16 +67,15 @@ RESUMABLE_CHANGES = (
 """Run-config keys a resumed run may change; all others must equal the checkpointed run's."""
 
 
-def build_strategy(config: RunConfig) -> SignMajorityVote:
+def build_strategy(settings: RunSettings, options: FlowerOptions) -> SignMajorityVote:
     """Return the strategy configured by the run config."""
     return SignMajorityVote(
-        fraction_train=config.fraction_train,
-        min_train_nodes=config.min_train_nodes,
-        min_available_nodes=config.min_available_nodes,
-        learning_rate=config.learning_rate,
-        lr_schedule=config.lr_schedule,
-        server_momentum=config.server_momentum,
-        num_rounds=config.num_server_rounds,
+        fraction_train=options.fraction_train,
+        min_train_nodes=options.min_train_nodes,
+        min_available_nodes=options.min_available_nodes,
+        learning_rate=settings.learning_rate,
+        lr_schedule=settings.lr_schedule,
+        server_momentum=settings.server_momentum,
     )
 
 
@@ -87,76 +87,78 @@ def run_server(grid: Grid, context: Context) -> list[dict]:
             ``data-dir``, or a checkpoint that does not fit (``resume=true``).
     """
     try:
-        config, dataset, results_dir = prepare_run(context.run_config)
-        model = build_server_model(config, dataset)
-        strategy = build_strategy(config)
-        recorder = RoundRecorder(config, results_dir, model, dataset, strategy)
-        arrays = recorder.resume_or_start()
+        settings, options, dataset, results_dir = prepare_run(context.run_config)
+        model = build_server_model(settings, dataset)
+        strategy = build_strategy(settings, options)
+        recorder = RoundRecorder(settings, options, results_dir, model, dataset)
+        arrays = recorder.resume_or_start(strategy)
     except ConfigError as error:
         log(ERROR, "run config rejected before round 1: %s", error)
         raise
-    if recorder.first_round <= config.num_server_rounds:
+    if recorder.first_round <= settings.num_rounds:
         result = strategy.start(
             grid=grid,
             initial_arrays=arrays,
-            num_rounds=config.num_server_rounds - recorder.first_round + 1,
-            timeout=config.round_timeout,
-            evaluate_fn=recorder,
+            num_rounds=settings.num_rounds,
+            timeout=options.round_timeout,
+            evaluate_fn=recorder.evaluate,
             first_round=recorder.first_round,
+            round_end_fn=lambda *args: recorder.record(strategy, *args),
         )
-        arrays = result.arrays if len(result.arrays) else arrays
-    write_final_results(config, results_dir, model, arrays, recorder.records)
+        arrays = result.arrays
+    write_final_results(settings, results_dir, model, arrays, recorder.records)
     return recorder.records
 
 
-def prepare_run(run_config) -> tuple[RunConfig, Dataset, Path]:
+def prepare_run(run_config) -> tuple[RunSettings, FlowerOptions, Dataset, Path]:
     """Validate the run config, load the test data and create ``results-dir``.
 
     Raises:
         ConfigError: naming the key (``data-dir`` for data that cannot be read).
     """
-    config = parse_run_config(run_config)
-    if config.data_dir and not Path(config.data_dir).is_dir():
+    settings, options = parse_run_config(run_config)
+    if settings.data_dir and not Path(settings.data_dir).is_dir():
         raise ConfigError(
-            f"data-dir must be an existing folder, got {config.data_dir!r} "
-            f"(resolved to {Path(config.data_dir).resolve()})"
+            f"data-dir must be an existing folder, got {settings.data_dir!r} "
+            f"(resolved to {Path(settings.data_dir).resolve()})"
         )
     try:
-        dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
+        dataset = load_dataset(settings.dataset, data_dir=settings.data_dir or None, seed=settings.data_seed)
     except (OSError, ValueError) as error:
         raise ConfigError(
-            f"data-dir {config.data_dir!r} (empty = built-in or Hugging Face hub) did not give dataset "
-            f"{config.dataset!r}: {error}"
+            f"data-dir {settings.data_dir!r} (empty = built-in or Hugging Face hub) did not give dataset "
+            f"{settings.dataset!r}: {error}"
         ) from None
-    results_dir = Path(config.results_dir).resolve()
+    results_dir = Path(options.results_dir).resolve()
     try:
         results_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(f"results-dir {str(results_dir)!r} could not be created: {error}") from None
-    write_json_atomic(results_dir / RUN_CONFIG_FILE, config.to_run_config())
-    return config, dataset, results_dir
+    write_json_atomic(results_dir / RUN_CONFIG_FILE, run_config_of(settings, options))
+    return settings, options, dataset, results_dir
 
 
-def build_server_model(config: RunConfig, dataset: Dataset) -> torch.nn.Module:
-    """Return the initial global model (seeded with ``seed`` when given).
+def build_server_model(settings: RunSettings, dataset: Dataset) -> torch.nn.Module:
+    """Return the initial global model, drawn with ``model-seed``.
 
     Raises:
         ConfigError: if ``model`` does not fit the dataset's inputs.
     """
-    name = config.model or default_model(config.dataset)
     try:
-        return build_model(name, input_shape=dataset.input_shape, num_classes=dataset.num_classes, seed=config.seed_value)
+        return build_model(
+            settings.model_name, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+            seed=settings.model_seed,
+        )
     except ValueError as error:
-        raise ConfigError(f"model {name!r} does not fit dataset {config.dataset!r}: {error}") from None
+        raise ConfigError(f"model {settings.model_name!r} does not fit dataset {settings.dataset!r}: {error}") from None
 
 
-def check_resumable(saved: dict, config: RunConfig) -> None:
+def check_resumable(saved: dict, current: dict) -> None:
     """Check that the run config equals the checkpointed run's, except :data:`RESUMABLE_CHANGES`.
 
     Raises:
         ConfigError: naming the first key that differs.
     """
-    current = config.to_run_config()
     for key, value in current.items():
         if key in RESUMABLE_CHANGES or saved.get(key) == value:
             continue
@@ -167,39 +169,38 @@ def check_resumable(saved: dict, config: RunConfig) -> None:
 
 
 def write_final_results(
-    config: RunConfig, results_dir: Path, model: torch.nn.Module, arrays: ArrayRecord, records: list[dict]
+    settings: RunSettings, results_dir: Path, model: torch.nn.Module, arrays: ArrayRecord, records: list[dict]
 ) -> None:
     """Write ``model.pt`` and the accuracy/epsilon plot."""
     load_arrays_into_model(model, arrays)
     torch.save(model.state_dict(), results_dir / MODEL_FILE)
-    title = f"DP-SignSGD on {config.dataset}, target epsilon {config.target_epsilon:g}"
+    title = f"DP-SignSGD on {settings.dataset}, target epsilon {settings.target_epsilon:g}"
     plot_metrics(records, results_dir / PLOT_FILE, title=title)
     log(INFO, "results written to %s", results_dir)
 
 
 class RoundRecorder:
-    """The ``evaluate_fn`` of the run: evaluates, writes ``metrics.json`` and checkpoints.
+    """Evaluates the global model, writes ``metrics.json`` and checkpoints, round by round.
 
-    ``Strategy.start`` calls ``evaluate_fn`` once before the first round and
-    after every round; it is the only per-round hook on the server, so the
-    checkpoint is written from here, after the round's update, before its
-    metrics row (a row in ``metrics.json`` for a checkpoint round means the
-    checkpoint is on disk).
+    ``evaluate`` is the strategy's ``evaluate_fn``; ``record`` its
+    ``round_end_fn``, called after each round with that round's train metrics.
+    The checkpoint is written before the round's row, so a row in
+    ``metrics.json`` for a checkpoint round means the checkpoint is on disk.
     """
 
     def __init__(
         self,
-        config: RunConfig,
+        settings: RunSettings,
+        options: FlowerOptions,
         results_dir: Path,
         model: torch.nn.Module,
         dataset: Dataset,
-        strategy: SignMajorityVote,
     ):
-        self.config = config
+        self.settings = settings
+        self.options = options
         self.results_dir = results_dir
         self.model = model
         self.dataset = dataset
-        self.strategy = strategy
         self.records: list[dict] = []
         self.first_round = 1
         self._started = time.monotonic()
@@ -208,14 +209,14 @@ class RoundRecorder:
     def checkpoint_path(self) -> Path:
         return self.results_dir / CHECKPOINT_FILE
 
-    def resume_or_start(self) -> ArrayRecord:
+    def resume_or_start(self, strategy: SignMajorityVote) -> ArrayRecord:
         """Return the model to start from: the checkpoint's with ``resume=true``, else the initial one.
 
         Raises:
             ConfigError: if the checkpoint is corrupt or from a different run config.
         """
         initial = model_to_arrays(self.model)
-        if not self.config.resume:
+        if not self.options.resume:
             if self.checkpoint_path.exists():
                 self.checkpoint_path.unlink()
                 log(INFO, "resume=false: deleted the checkpoint of an earlier run in %s", self.results_dir)
@@ -225,15 +226,11 @@ class RoundRecorder:
             return initial
         try:
             checkpoint = load_checkpoint(self.checkpoint_path)
-            check_resumable(checkpoint.run_config, self.config)
+            check_resumable(checkpoint.run_config, run_config_of(self.settings, self.options))
             arrays = flat_to_arrays(checkpoint.weights, initial)
         except (CheckpointError, ValueError) as error:
             raise ConfigError(f"resume=true: {error}") from None
-        self._restore(checkpoint)
-        return arrays
-
-    def _restore(self, checkpoint: Checkpoint) -> None:
-        self.strategy.load_state_dict({"updater": checkpoint.updater_state, "epsilon-seen": checkpoint.epsilon_seen})
+        strategy.load_state_dict({"updater": checkpoint.updater_state, "epsilon-seen": checkpoint.epsilon_seen})
         restore_python_rng_state(checkpoint.rng_state)
         self.records = [dict(row) for row in checkpoint.metrics]
         self.first_round = checkpoint.server_round + 1
@@ -247,62 +244,55 @@ class RoundRecorder:
             "rounds before the interruption add to it; deploy with per-client ledger files for a budget that "
             "survives a restart (docs/robustness.md).",
         )
+        return arrays
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Evaluate the model after ``server_round`` and record it (round first_round - 1: the start model)."""
-        if server_round < self.first_round:
-            return self._log_start(server_round, arrays)
-        accuracy = loss = None
-        last = server_round == self.config.num_server_rounds
-        if server_round % self.config.eval_every == 0 or last:
-            loss, accuracy = self._evaluate(arrays)
-        record = self._record(server_round, accuracy, loss)
-        self.records.append(record)
-        if self.config.checkpoint_every and server_round % self.config.checkpoint_every == 0:
-            self._save_checkpoint(server_round, arrays)
-        write_json_atomic(self.results_dir / METRICS_FILE, self.records)
-        if accuracy is None:
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Evaluate the model after ``server_round`` when due (round first_round - 1: the start model)."""
+        last = server_round == self.settings.num_rounds
+        start = server_round < self.first_round
+        if not (start or last or server_round % self.settings.eval_every == 0):
             return None
-        log(
-            INFO,
-            "round %d: accuracy %.4f, loss %.4f, epsilon %.4f, voters %d, dropped %d, missing %d",
-            server_round,
-            accuracy,
-            loss,
-            record["epsilon"] or 0.0,
-            record["voters"],
-            record["dropped"],
-            record["missing"],
-        )
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
-
-    def _log_start(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        loss, accuracy = self._evaluate(arrays)
-        which = "initial model" if server_round == 0 else "model from the checkpoint"
-        log(INFO, "round %d: accuracy %.4f, loss %.4f (%s)", server_round, accuracy, loss, which)
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
-
-    def _evaluate(self, arrays: ArrayRecord) -> tuple[float, float]:
         load_arrays_into_model(self.model, arrays)
-        return evaluate(self.model, self.dataset.test_inputs, self.dataset.test_targets)
+        loss, accuracy = evaluate(self.model, self.dataset.test_inputs, self.dataset.test_targets)
+        if start:
+            which = "initial model" if server_round == 0 else "model from the checkpoint"
+            log(INFO, "round %d: accuracy %.4f, loss %.4f (%s)", server_round, accuracy, loss, which)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    def _record(self, server_round: int, accuracy: float | None, loss: float | None) -> dict:
-        train = self.strategy.round_metrics.get(server_round, {})
-        return {
+    def record(
+        self,
+        strategy: SignMajorityVote,
+        server_round: int,
+        arrays: ArrayRecord,
+        train: MetricRecord,
+        evaluated: MetricRecord | None,
+    ) -> None:
+        """Append the round's row to ``metrics.json`` (and checkpoint first when due)."""
+        row = {
             "round": server_round,
-            "accuracy": accuracy,
-            "loss": loss,
-            "epsilon": train.get("epsilon"),
-            "voters": train.get("voters", 0),
-            "dropped": train.get("dropped", 0),
-            "missing": train.get("missing", 0),
-            "uplink-bytes": train.get("uplink-bytes", 0),
-            "payload-bytes": train.get("payload-bytes"),
+            "accuracy": evaluated["accuracy"] if evaluated is not None else None,
+            "loss": evaluated["loss"] if evaluated is not None else None,
+            "epsilon": train["epsilon"],
+            "voters": train["voters"],
+            "dropped": train["dropped"],
+            "missing": train["missing"],
+            "uplink-bytes": train["uplink-bytes"],
+            "payload-bytes": train["payload-bytes"],
             "wall-seconds": round(time.monotonic() - self._started, 3),
         }
+        self.records.append(row)
+        if self.options.checkpoint_every and server_round % self.options.checkpoint_every == 0:
+            self._save_checkpoint(strategy, server_round, arrays)
+        write_json_atomic(self.results_dir / METRICS_FILE, self.records)
+        if evaluated is not None:
+            log(
+                INFO,
+                "round %d: accuracy %.4f, loss %.4f, epsilon %.4f, voters %d, dropped %d, missing %d",
+                server_round, row["accuracy"], row["loss"], row["epsilon"], row["voters"], row["dropped"], row["missing"],
+            )
 
-    def _save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
-        state = self.strategy.state_dict()
+    def _save_checkpoint(self, strategy: SignMajorityVote, server_round: int, arrays: ArrayRecord) -> None:
+        state = strategy.state_dict()
         checkpoint = Checkpoint(
             server_round=server_round,
             weights=arrays_to_flat(arrays),
@@ -310,7 +300,7 @@ class RoundRecorder:
             epsilon_seen=state["epsilon-seen"],
             rng_state=python_rng_state(),
             metrics=self.records,
-            run_config=self.config.to_run_config(),
+            run_config=run_config_of(self.settings, self.options),
         )
         save_checkpoint(self.checkpoint_path, checkpoint)
         log(INFO, "round %d: checkpoint written to %s", server_round, self.checkpoint_path)

@@ -1,50 +1,68 @@
-"""SignMajorityVote: Flower strategy for DP-SignSGD with majority vote.
+"""SignMajorityVote: the Flower strategy of DP-SignSGD with majority vote.
 
-Used like ``FedAvg`` in a ServerApp. Differences: each client replies with its
-bit-packed signs (see :mod:`dpsign_fl.flower.records`), the server takes the
-coordinate-wise majority vote and steps ``w <- w - eta_t * vote`` (optionally
-with server momentum). Only the train aggregation and the train configuration
-differ from ``FedAvg``, plus the round numbering of a resumed run.
+Used like ``FedAvg`` in a ServerApp: ``strategy.start(grid=..., initial_arrays=...,
+num_rounds=...)``. Each sampled client replies with its bit-packed DP-SIGN signs
+(:mod:`dpsign_fl.flower.records`); the server takes the coordinate-wise
+majority vote and steps ``w <- w - eta_t * vote`` (optionally with server
+momentum), through the same server round as the research loop
+(:func:`dpsign_fl.rounds.server_round`).
 
-Faults: a client that raises, refuses or does not reply within the round's
-timeout is left out of that round's vote; the round still updates the model
-while at least ``min_train_nodes`` valid replies arrived, and leaves it
-unchanged otherwise.
+It has its own round loop (``start``) rather than ``Strategy.start``: round
+numbers stay true when a run resumes, and each round's train metrics reach the
+caller's ``round_end_fn`` as an argument.
+
+Faults: a reply with an error (the client raised or refused), one that breaks
+the wire format, a second reply of one node, or a reply from a node that was
+not sampled this round is dropped with a logged reason; the round still steps
+while at least ``min_train_nodes`` valid replies arrived, and leaves the model
+unchanged otherwise. Client-side evaluation is not offered: a client's
+accuracy on its own data is not covered by the DP guarantee (evaluate on the
+server with ``evaluate_fn``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from ..rounds import server_round as run_server_round
 from ..server_update import VoteUpdater
-from ..vote import majority_vote
-from .records import InvalidReply, arrays_to_flat, flat_to_arrays, num_coordinates, parse_train_reply
+from .records import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    ROUND_KEY,
+    InvalidReply,
+    arrays_to_flat,
+    flat_to_arrays,
+    num_coordinates,
+    parse_train_reply,
+)
+
+RoundEndFn = Callable[[int, ArrayRecord, MetricRecord, "MetricRecord | None"], None]
 
 
-class SignMajorityVote(FedAvg):
+class SignMajorityVote(Strategy):
     """Majority vote of clients' DP-SIGN bits, with a learning-rate schedule and momentum.
 
     Args:
-        fraction_train: fraction of connected nodes sampled per round.
-        fraction_evaluate: fraction for client-side evaluation; 0 by default
-            because a client's evaluation on its own data is not covered by
-            the DP guarantee. Evaluate on the server instead (``evaluate_fn``).
-        min_train_nodes, min_evaluate_nodes, min_available_nodes: as in FedAvg.
+        fraction_train: fraction of connected nodes sampled per round, in (0, 1].
+        min_train_nodes: fewest valid replies that move the model (and fewest
+            nodes sampled), >= 1.
+        min_available_nodes: nodes to wait for before sampling, >= 1.
         learning_rate: eta > 0, the step per vote.
         lr_schedule: ``"constant"``, ``"linear"``, ``"cosine"`` or ``"inverse-sqrt"``.
         server_momentum: beta in [0, 1); post-processing, free of privacy cost.
-        num_rounds: T for the schedule; None = the ``num_rounds`` given to
-            :meth:`start` (only matters for a decaying schedule).
-        arrayrecord_key, configrecord_key: record keys, as in FedAvg.
 
-    After each round ``round_metrics[round]`` holds ``voters`` (valid replies),
+    Each round's :class:`MetricRecord` (returned by :meth:`aggregate_train`, kept
+    in ``Result.train_metrics_clientapp``) holds ``voters`` (valid replies),
     ``dropped`` (error and invalid replies), ``missing`` (sampled nodes that did
     not reply before the timeout), ``epsilon`` (largest epsilon spent among the
     clients that replied), ``uplink-bytes`` (serialised sign payloads received)
@@ -57,49 +75,32 @@ class SignMajorityVote(FedAvg):
         self,
         *,
         fraction_train: float = 1.0,
-        fraction_evaluate: float = 0.0,
         min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 0,
         min_available_nodes: int = 2,
         learning_rate: float = 0.01,
         lr_schedule: str = "constant",
         server_momentum: float = 0.0,
-        num_rounds: int | None = None,
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
     ) -> None:
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            arrayrecord_key=arrayrecord_key,
-            configrecord_key=configrecord_key,
-        )
-        self.learning_rate = learning_rate
-        self.lr_schedule = lr_schedule
-        self.server_momentum = server_momentum
-        self.num_rounds = num_rounds
-        self.updater = VoteUpdater(
-            learning_rate=learning_rate, num_rounds=num_rounds or 1, schedule=lr_schedule, momentum=server_momentum
-        )
-        self.round_metrics: dict[int, dict[str, float | int]] = {}
+        if not 0 < fraction_train <= 1:
+            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
+        for name, value in (("min_train_nodes", min_train_nodes), ("min_available_nodes", min_available_nodes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
+        self.min_available_nodes = min_available_nodes
+        self.updater = VoteUpdater(learning_rate=learning_rate, schedule=lr_schedule, momentum=server_momentum)
+        self.num_rounds = 1
         self.epsilon_seen: dict[int, float] = {}
-        self.round_offset = 0
         self._current_arrays: ArrayRecord | None = None
-        self._sampled = 0
+        self._sampled: set[int] = set()
 
     def summary(self) -> None:
         """Log the configuration."""
-        super().summary()
-        log(
-            INFO,
-            "\t└──> Majority vote: learning rate %g (%s), server momentum %g",
-            self.learning_rate,
-            self.lr_schedule,
-            self.server_momentum,
-        )
+        log(INFO, "\t├── Sampling: fraction %g of connected nodes per round, at least %d (waits for %d)",
+            self.fraction_train, self.min_train_nodes, self.min_available_nodes)
+        log(INFO, "\t└── Majority vote of packed signs: learning rate %g (%s), server momentum %g",
+            self.updater.learning_rate, self.updater.schedule, self.updater.momentum)
 
     def start(
         self,
@@ -112,50 +113,112 @@ class SignMajorityVote(FedAvg):
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
         *,
         first_round: int = 1,
+        round_end_fn: RoundEndFn | None = None,
     ) -> Result:
-        """Run rounds ``first_round .. first_round + num_rounds - 1`` (as ``Strategy.start``).
+        """Run rounds ``first_round`` .. ``num_rounds`` and return Flower's ``Result``.
 
-        ``Strategy.start`` counts rounds from 1; a resumed run passes the round
-        after its checkpoint as ``first_round``, and every method below, the
-        clients (``server-round``) and ``evaluate_fn`` see the true round number
-        (Flower's own "[ROUND i/n]" log lines keep counting from 1). The
-        schedule spans ``first_round - 1 + num_rounds`` rounds unless
-        ``num_rounds`` was given to the constructor.
+        ``num_rounds`` is T, the last round of the run (a resumed run passes the
+        round after its checkpoint as ``first_round`` and the same T); the
+        learning-rate schedule spans T rounds. ``evaluate_fn(round, arrays)`` is
+        called for the model before ``first_round`` and after every round, as in
+        ``Strategy.start``; ``round_end_fn(round, arrays, train_metrics,
+        evaluate_metrics)`` after that, with the round's train metrics.
+        ``evaluate_config`` is accepted for compatibility and unused.
 
         Raises:
-            ValueError: if ``first_round`` < 1.
+            ValueError: if ``first_round`` is not in [1, num_rounds + 1].
         """
-        if first_round < 1:
-            raise ValueError(f"first_round must be >= 1, got {first_round}")
-        self.round_offset = first_round - 1
-        if self.num_rounds is None:
-            self.updater.num_rounds = self.round_offset + num_rounds
-        shifted_fn = None
+        if not 1 <= first_round <= num_rounds + 1:
+            raise ValueError(f"first_round must be in [1, {num_rounds + 1}], got {first_round}")
+        self.num_rounds = num_rounds
+        log(INFO, "Starting %s, rounds %d to %d:", type(self).__name__, first_round, num_rounds)
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        result = Result(arrays=initial_arrays)
+        started = time.monotonic()
         if evaluate_fn is not None:
-
-            def shifted_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-                return evaluate_fn(server_round + self.round_offset, arrays)
-
-        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, shifted_fn)
+            metrics = evaluate_fn(first_round - 1, initial_arrays)
+            if metrics is not None:
+                result.evaluate_metrics_serverapp[first_round - 1] = metrics
+        arrays = initial_arrays
+        for current in range(first_round, num_rounds + 1):
+            log(INFO, "[ROUND %d/%d]", current, num_rounds)
+            replies = grid.send_and_receive(self.configure_train(current, arrays, train_config, grid), timeout=timeout)
+            updated, train_metrics = self.aggregate_train(current, replies)
+            if updated is not None:
+                arrays = updated
+            result.arrays = arrays
+            result.train_metrics_clientapp[current] = train_metrics
+            evaluate_metrics = evaluate_fn(current, arrays) if evaluate_fn is not None else None
+            if evaluate_metrics is not None:
+                result.evaluate_metrics_serverapp[current] = evaluate_metrics
+            if round_end_fn is not None:
+                round_end_fn(current, arrays, train_metrics, evaluate_metrics)
+        log(INFO, "%s finished rounds %d to %d in %.1f s", type(self).__name__, first_round, num_rounds,
+            time.monotonic() - started)
+        return result
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample nodes as FedAvg does and remember the model the votes will move."""
+        """Sample nodes and send each the model and the round number."""
+        available = len(list(grid.get_node_ids()))
+        sample_size = max(int(available * self.fraction_train), self.min_train_nodes)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+        log(INFO, "round %d: sampled %d of %d nodes", server_round, len(node_ids), available)
         self._current_arrays = arrays
-        messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
-        self._sampled = len(messages)
-        return messages
+        self._sampled = set(node_ids)
+        round_config = ConfigRecord({**dict(config), ROUND_KEY: server_round})
+        content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: round_config})
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in node_ids]
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """As FedAvg, with the true round number."""
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord]:
+        """Validate the replies, take the majority vote and step the model.
+
+        Returns the new arrays (None when fewer than ``min_train_nodes`` valid
+        replies arrived: the model stays) and the round's metrics.
+        """
+        if self._current_arrays is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        d = num_coordinates(self._current_arrays)
+        tally = _Tally()
+        weights = arrays_to_flat(self._current_arrays)
+        outcome = run_server_round(
+            weights,
+            self._valid_payloads(server_round, replies, d, tally),
+            updater=self.updater,
+            server_round=server_round,
+            num_rounds=self.num_rounds,
+            min_voters=self.min_train_nodes,
+        )
+        missing = len(self._sampled - tally.replied)
+        if missing:
+            log(WARNING, "round %d: %d of %d sampled nodes did not reply in time", server_round, missing, len(self._sampled))
+        metrics = MetricRecord(
+            {
+                "voters": outcome.voters,
+                "dropped": tally.received - outcome.voters,
+                "missing": missing,
+                "epsilon": max(tally.epsilons) if tally.epsilons else 0.0,
+                "uplink-bytes": tally.uplink_bytes,
+                "payload-bytes": (d + 7) // 8,
+            }
+        )
+        if outcome.vote is None:
+            log(WARNING, "round %d: %d valid replies, fewer than min-train-nodes=%d; the model is unchanged",
+                server_round, outcome.voters, self.min_train_nodes)
+            return None, metrics
+        return flat_to_arrays(outcome.weights, self._current_arrays), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """No client-side evaluation (not covered by the DP guarantee)."""
+        return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """As FedAvg, with the true round number."""
-        return super().aggregate_evaluate(server_round + self.round_offset, replies)
+        """No client-side evaluation."""
+        return None
 
     def state_dict(self) -> dict:
         """Return the state a checkpoint needs: the updater's momentum and ``epsilon_seen``."""
@@ -166,94 +229,60 @@ class SignMajorityVote(FedAvg):
         self.updater.load_state_dict(state["updater"])
         self.epsilon_seen = {int(node): float(eps) for node, eps in state["epsilon-seen"].items()}
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate the replies, take the majority vote and step the model.
-
-        A reply with an error (a client that raised or refused), that breaks
-        the wire format, or that is a second reply of the same node is dropped
-        with a logged reason; the others still count. With fewer than
-        ``min_train_nodes`` valid replies the model is left unchanged (``None``
-        is returned for the arrays).
-        """
-        if self._current_arrays is None:
-            raise RuntimeError("aggregate_train called before configure_train")
-        server_round += self.round_offset
-        d = num_coordinates(self._current_arrays)
-        packed, epsilons, uplink_bytes, received = self._valid_replies(server_round, replies, d)
-        missing = max(self._sampled - received, 0)
-        if missing:
-            log(WARNING, "round %d: %d of %d sampled nodes did not reply in time", server_round, missing, self._sampled)
-        metrics = {
-            "voters": len(packed),
-            "dropped": received - len(packed),
-            "missing": missing,
-            "epsilon": max(epsilons) if epsilons else 0.0,
-            "uplink-bytes": uplink_bytes,
-            "payload-bytes": (d + 7) // 8,
-        }
-        self.round_metrics[server_round] = metrics
-        if len(packed) < max(self.min_train_nodes, 1):
-            log(
-                WARNING,
-                "round %d: %d valid replies, fewer than min-train-nodes=%d; the model is unchanged",
-                server_round,
-                len(packed),
-                self.min_train_nodes,
-            )
-            return None, MetricRecord(metrics)
-        vote = majority_vote(np.stack(packed), d)
-        weights = arrays_to_flat(self._current_arrays)
-        updated = self.updater.step(weights, vote, server_round)
-        return flat_to_arrays(updated, self._current_arrays), MetricRecord(metrics)
-
-    def _valid_replies(
-        self, server_round: int, replies: Iterable[Message], d: int
-    ) -> tuple[list[np.ndarray], list[float], int, int]:
-        """Return (packed signs, epsilons, payload bytes) of the valid replies, and the count received."""
-        packed, epsilons, uplink_bytes, received, voted = [], [], 0, 0, set()
+    def _valid_payloads(self, server_round: int, replies: Iterable[Message], d: int, tally: "_Tally") -> Iterator[np.ndarray]:
+        """Yield the packed signs of each valid reply, logging why any other is dropped."""
         for message in replies:
-            received += 1
+            tally.received += 1
             node = message.metadata.src_node_id
-            if message.has_error():
-                reason = _last_line(message.error.reason)
-                code = message.error.code
-                log(WARNING, "round %d: dropped reply of node %s: error %s: %s", server_round, node, code, reason)
+            tally.replied.add(node)
+            reason = self._rejection(message, node, tally)
+            if reason is None:
+                try:
+                    signs, epsilon, size = parse_train_reply(message.content, d)
+                except InvalidReply as error:
+                    reason = str(error)
+            if reason is not None:
+                log(WARNING, "round %d: dropped reply of node %s: %s", server_round, node, reason)
                 continue
-            if node in voted:  # one node, one vote: a repeated reply could outvote honest nodes
-                log(WARNING, "round %d: dropped reply of node %s: a second reply in the same round", server_round, node)
-                continue
-            try:
-                signs, _, epsilon, size = parse_train_reply(message.content, d)
-            except InvalidReply as error:
-                log(WARNING, "round %d: dropped reply of node %s: %s", server_round, node, error)
-                continue
-            voted.add(node)
+            tally.voted.add(node)
             self._note_epsilon(server_round, node, epsilon)
-            packed.append(signs)
-            epsilons.append(epsilon)
-            uplink_bytes += size
-        return packed, epsilons, uplink_bytes, received
+            tally.epsilons.append(epsilon)
+            tally.uplink_bytes += size
+            yield signs
+
+    def _rejection(self, message: Message, node: int, tally: "_Tally") -> str | None:
+        """Why a reply cannot vote before its content is read, or None."""
+        if node not in self._sampled:
+            return "the node was not sampled this round"
+        if message.has_error():
+            return f"error {message.error.code}: {_last_line(message.error.reason)}"
+        if node in tally.voted:  # one node, one vote: a repeated reply could outvote honest nodes
+            return "a second reply in the same round"
+        return None
 
     def _note_epsilon(self, server_round: int, node: int, epsilon: float) -> None:
         """Keep the largest epsilon per node; warn when a node's epsilon goes down.
 
         A client's epsilon spent never decreases while its ledger persists; a
-        smaller value means its ledger was reset (e.g. a new simulation run
-        after a resume), so its true privacy loss is larger than it reports.
+        smaller value means its ledger was reset, so its true privacy loss is
+        larger than it reports.
         """
         before = self.epsilon_seen.get(node)
         if before is not None and epsilon < before - 1e-9:
-            log(
-                WARNING,
-                "round %d: node %s reports epsilon %.4f, below the %.4f it reported before: its privacy ledger was reset",
-                server_round,
-                node,
-                epsilon,
-                before,
-            )
+            log(WARNING, "round %d: node %s reports epsilon %.4f, below the %.4f it reported before: its "
+                "privacy ledger was reset", server_round, node, epsilon, before)
         self.epsilon_seen[node] = max(epsilon, before or 0.0)
+
+
+class _Tally:
+    """What one round's replies amounted to, besides the payloads that voted."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.replied: set[int] = set()
+        self.voted: set[int] = set()
+        self.epsilons: list[float] = []
+        self.uplink_bytes = 0
 
 
 def _last_line(reason: str, limit: int = 300) -> str:

@@ -1,6 +1,6 @@
 """A client's ledger of its own DP-SIGN releases, and its budget check.
 
-Each client composes only the releases IT made (DESIGN.md section 2): the
+Each client composes only the releases IT made (docs/privacy.md): the
 ledger holds one ``(sample_rate, noise_multiplier, count)`` entry per run of
 identical releases, so a long training is a handful of self-composed events.
 It serialises to a JSON-safe dict for Flower's ``context.state`` or a file.

@@ -3,7 +3,7 @@
 In deployment the ClientApp runs in a fresh process per message and a
 SuperNode can be restarted at any time; Flower's ``context.state`` lives only
 as long as the SuperNode and the run. A budget kept only there would silently
-reset (DESIGN.md section 2). The file is therefore the source of truth:
+reset (docs/privacy.md). The file is therefore the source of truth:
 
 - it holds :meth:`PrivacyLedger.to_dict` as JSON and nothing about runs or
   targets: every release ever made from one dataset composes, whatever run

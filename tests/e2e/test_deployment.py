@@ -48,7 +48,7 @@ SEED = 11
 def run_config(results: Path, *, rounds: int = ROUNDS, extra: str = "") -> str:
     return (
         f"num-server-rounds={rounds} min-available-nodes={NODES} min-train-nodes={NODES} "
-        f"target-epsilon={TARGET_EPSILON} target-delta={DELTA} learning-rate=0.03 seed='{SEED}' "
+        f"target-epsilon={TARGET_EPSILON} target-delta={DELTA} learning-rate=0.03 model-seed={SEED} "
         f"round-timeout=240.0 results-dir='{results}' {extra}"
     ).strip()
 

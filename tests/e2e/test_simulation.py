@@ -22,9 +22,10 @@ def simulation(tmp_path_factory):
     completed = flwr_run_simulation(
         home,
         num_supernodes=SUPERNODES,
+        done=lambda: (results / "model.pt").exists(),
         run_config=(
             f"num-server-rounds={ROUNDS} target-epsilon={TARGET_EPSILON} learning-rate=0.03 "
-            f"seed='11' results-dir='{results}'"
+            f"model-seed=11 reproducible-noise=true noise-seed=11 results-dir='{results}'"
         ),
     )
     return completed, results, home

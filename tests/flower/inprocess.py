@@ -1,11 +1,14 @@
 """A Grid that runs the ClientApp's train handler in this process: run_server without Ray.
 
 Each node keeps its own ``Context`` (with ``context.state``) across rounds, as a
-simulated SuperNode does within one run. A handler that raises becomes an error
-reply with code 2, as Flower reports a ClientApp that raised.
+simulated SuperNode does within one run, and the handler is told it runs in a
+simulation (as Flower's simulation engine would show it). A handler that
+raises becomes an error reply with code 2, as Flower reports a ClientApp that raised.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -23,15 +26,15 @@ class InProcessGrid:
     Args:
         run_config: the run config every node's Context carries.
         num_nodes: simulated SuperNodes, with partition-id 0..num_nodes-1.
-        handler: the train handler; ``handle_train`` by default.
+        handler: the train handler; ``handle_train`` in simulation mode by default.
         interrupt_at_round: raise :class:`Interrupted` when this round's train
             messages are sent (None = never).
         first_node_id: node ids are first_node_id, first_node_id + 1, ...
             (a new simulation run gets new node ids).
     """
 
-    def __init__(self, run_config, num_nodes, *, handler=handle_train, interrupt_at_round=None, first_node_id=100):
-        self.handler = handler
+    def __init__(self, run_config, num_nodes, *, handler=None, interrupt_at_round=None, first_node_id=100):
+        self.handler = handler or partial(handle_train, simulation=True)
         self.interrupt_at_round = interrupt_at_round
         self.contexts = {
             first_node_id + i: Context(

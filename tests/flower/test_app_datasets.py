@@ -15,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from dpsign_fl.flower.client import clear_data_cache
 from dpsign_fl.flower.server import run_server
 
-from ..test_config import pyproject_defaults
+from ..test_settings import pyproject_defaults
 from ..test_data import _write_tiny_cifar
 from .inprocess import InProcessGrid
 
@@ -33,7 +33,7 @@ def server_identity(monkeypatch):
 
 def run_app(tmp_path, *, num_nodes=3, **overrides):
     run_config = dict(pyproject_defaults())
-    run_config.update({"num-server-rounds": 2, "seed": "1", "results-dir": str(tmp_path / "results")})
+    run_config.update({"num-server-rounds": 2, "model-seed": 1, "reproducible-noise": True, "noise-seed": 1, "results-dir": str(tmp_path / "results")})
     run_config.update(overrides)
     grid = InProcessGrid(run_config, num_nodes)
     run_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))

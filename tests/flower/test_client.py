@@ -1,25 +1,29 @@
 """The ClientApp's train handler, called directly with a Message and a Context."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from dpsign_fl.config import parse_run_config
 from dpsign_fl.data import load_dataset
-from dpsign_fl.flower.client import BUDGET_EXHAUSTED_CODE, handle_train
+from dpsign_fl.flower import client as client_module
+from dpsign_fl.flower.client import BUDGET_EXHAUSTED_CODE
+from dpsign_fl.settings import ConfigError, parse_run_config
 from dpsign_fl.flower.records import LEDGER_STATE_KEY, load_ledger, model_to_arrays
 from dpsign_fl.models import build_model, default_model
 from dpsign_fl.packing import payload_bytes
 
 from .messages import instruction
-from ..test_config import pyproject_defaults
+from ..test_settings import pyproject_defaults
 
 ROUNDS = 2
+handle_train = partial(client_module.handle_train, simulation=True)  # as in Flower's simulation engine
 
 
 def run_config(**overrides):
     config = dict(pyproject_defaults())
-    config.update({"num-server-rounds": ROUNDS, "target-epsilon": 2.0, "seed": "3"})
+    config.update({"num-server-rounds": ROUNDS, "target-epsilon": 2.0, "model-seed": 3, "reproducible-noise": True, "noise-seed": 3})
     config.update(overrides)
     return config
 
@@ -41,7 +45,7 @@ def train_message(server_round):
     return instruction(content, dst_node_id=5), sum(p.numel() for p in model.parameters())
 
 
-def test_reply_holds_exactly_the_packed_bits_and_public_numbers():
+def test_reply_holds_exactly_the_packed_bits_and_the_epsilon_spent():
     context = make_context()
     message, num_coordinates = train_message(1)
 
@@ -52,7 +56,7 @@ def test_reply_holds_exactly_the_packed_bits_and_public_numbers():
     signs = reply.content["arrays"]["signs"].numpy()
     assert signs.dtype == np.uint8 and signs.shape == (payload_bytes(num_coordinates),)
     metrics = reply.content["metrics"]
-    assert set(metrics.keys()) == {"num-examples", "epsilon"}
+    assert set(metrics.keys()) == {"epsilon"}
     assert 0 < metrics["epsilon"] <= 2.0
 
 
@@ -64,8 +68,8 @@ def test_each_release_is_recorded_in_context_state():
     assert LEDGER_STATE_KEY in context.state
     ledger = load_ledger(context.state, accountant="pld")
     assert ledger.num_releases == 2
-    config = parse_run_config(context.run_config)
-    assert ledger.epsilon(config.target_delta) <= config.target_epsilon
+    settings, _ = parse_run_config(context.run_config)
+    assert ledger.epsilon(settings.target_delta) <= settings.target_epsilon
 
 
 def test_client_refuses_once_the_budget_is_spent():
@@ -92,5 +96,5 @@ def test_same_seed_same_round_gives_the_same_bits_and_other_rounds_differ():
 def test_missing_partition_in_node_config_names_the_key():
     context = make_context()
     context.node_config = {}
-    with pytest.raises(ValueError, match="partition-id"):
+    with pytest.raises(ConfigError, match="partition-id"):
         handle_train(train_message(1)[0], context)

@@ -12,12 +12,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from dpsign_fl import SignMajorityVote, majority_vote, pack_signs
 from dpsign_fl.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from dpsign_fl.config import ConfigError
+from dpsign_fl.settings import ConfigError
 from dpsign_fl.flower.client import handle_train
 from dpsign_fl.flower.records import arrays_to_flat, train_reply_content
 from dpsign_fl.flower.server import METRICS_FILE, run_server
 
-from ..test_config import pyproject_defaults
+from ..test_settings import pyproject_defaults
 from .inprocess import InProcessGrid, Interrupted
 from .messages import FakeGrid, reply
 from .test_strategy import D, LEARNING_RATE, global_arrays, signs_for, valid_reply
@@ -112,7 +112,7 @@ def test_a_node_whose_epsilon_goes_down_is_warned_about(caplog):
 
 
 def hostile_contents():
-    good = train_reply_content(pack_signs(signs_for(0)), num_examples=10, epsilon=1.0)
+    good = train_reply_content(pack_signs(signs_for(0)), epsilon=1.0)
     int64_npy = Array(np.zeros(3, np.int64))
     lying_header = Array(dtype="uint8", shape=(3,), stype=int64_npy.stype, data=int64_npy.data)
 
@@ -156,7 +156,7 @@ def run_config(tmp_path, **overrides):
     config.update(
         {
             "num-server-rounds": 2,
-            "seed": "7",
+            "model-seed": 7, "reproducible-noise": True, "noise-seed": 7,
             "accountant": "rdp",  # fast calibration; the accountant is not under test here
             "min-train-nodes": 2,
             "min-available-nodes": 2,

@@ -8,7 +8,7 @@ from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 
-from ..test_config import pyproject_defaults
+from ..test_settings import pyproject_defaults
 from .inprocess import InProcessGrid
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -31,7 +31,7 @@ def server_identity(monkeypatch):
 def test_readme_server_app_example_trains_with_every_client_voting(capsys):
     namespace = {}
     exec(compile(readme_example(), str(README), "exec"), namespace)
-    run_config = dict(pyproject_defaults(), **{"num-server-rounds": 3, "seed": "5"})
+    run_config = dict(pyproject_defaults(), **{"num-server-rounds": 3, "model-seed": 5, "reproducible-noise": True, "noise-seed": 5})
     grid = InProcessGrid(run_config, 3)
     main = namespace["main"]
     main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))

@@ -41,7 +41,7 @@ def signs_for(seed):
 
 
 def valid_reply(node_id, signs, epsilon=0.5):
-    return reply(train_reply_content(pack_signs(signs), num_examples=100, epsilon=epsilon), node_id=node_id)
+    return reply(train_reply_content(pack_signs(signs), epsilon=epsilon), node_id=node_id)
 
 
 def test_valid_replies_move_weights_by_the_core_majority_vote():
@@ -68,7 +68,7 @@ def test_reply_order_does_not_change_the_result():
 
 
 def malformed_replies():
-    good = train_reply_content(pack_signs(signs_for(0)), num_examples=10, epsilon=1.0)
+    good = train_reply_content(pack_signs(signs_for(0)), epsilon=1.0)
     packed = pack_signs(signs_for(1))
 
     def content(arrays=None, metrics=None, extra=None):

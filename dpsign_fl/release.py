@@ -1,0 +1,99 @@
+"""One client's DP-SIGN release from its local data, and where its randomness comes from.
+
+:func:`client_release` is the mechanism end to end: Poisson-sample the local
+data, per-example gradients, clip each to ``clip_norm``, sum, add Gaussian
+noise, sign (:mod:`dpsign_fl.mechanism` holds the pieces). The Flower
+ClientApp, the drop-in helper and the research loop all release through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .gradient_noise import add_gradient_noise
+from .mechanism import dp_sign, per_sample_gradients, poisson_sample, secure_generator
+
+DEFAULT_CHUNK_SIZE = 256
+"""Examples per vmap chunk of per-sample gradients: bounds memory on devices."""
+
+
+@dataclass(frozen=True)
+class ReleaseSettings:
+    """The privacy parameters of one client's DP-SIGN release.
+
+    Attributes:
+        sample_rate: q, the Poisson sampling rate.
+        clip_norm: C, the L2 bound on each example's whole gradient.
+        noise_multiplier: sigma; the noise std is sigma * C.
+        clipping: ``"flat"`` or ``"automatic"``.
+    """
+
+    sample_rate: float
+    clip_norm: float
+    noise_multiplier: float
+    clipping: str = "flat"
+
+
+def client_release(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    settings: ReleaseSettings,
+    *,
+    generator: torch.Generator | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    gradient_noise: str = "none",
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Make one DP-SIGN release from a client's local data at the current model.
+
+    Privacy: one Sampled Gaussian Mechanism SGM(q, sigma) release of this
+    client's data under add/remove-one neighbours (Mironov, Talwar, Zhang 2019,
+    arXiv:1908.10530, Def. 4): each example is sampled with probability q,
+    each sampled example's gradient is clipped to norm C over all parameters
+    (sensitivity C of the sum), noise N(0, (sigma C)^2 I) is added, and only
+    the sign is released. An empty sample still releases the sign of pure noise.
+    Randomness: ``generator``, or one seeded from the OS's secure source.
+
+    Args:
+        model: the current global model (read only).
+        inputs, targets: the client's whole local training set.
+        settings: sample rate, clip norm, noise multiplier, clipping mode.
+        generator: randomness for sampling and noise; None = OS secure source.
+        loss_fn: per-batch loss, applied to batches of one example.
+        gradient_noise: experiment-only noise added to each per-example gradient
+            before clipping (``dpsign_fl.gradient_noise``); not privacy noise.
+        chunk_size: examples per vmap chunk.
+
+    Returns:
+        int8 tensor ``[d]`` of +-1, d = number of trainable parameters.
+    """
+    generator = generator if generator is not None else secure_generator()
+    indices = poisson_sample(inputs.shape[0], settings.sample_rate, generator=generator)
+    grads = per_sample_gradients(model, loss_fn, inputs[indices], targets[indices], chunk_size=chunk_size)
+    if gradient_noise != "none":
+        grads = add_gradient_noise(grads, kind=gradient_noise, generator=generator)
+    return dp_sign(
+        grads,
+        clip_norm=settings.clip_norm,
+        noise_multiplier=settings.noise_multiplier,
+        clipping=settings.clipping,
+        generator=generator,
+    )
+
+
+def seeded_generator(seed: int, *, client: int, server_round: int) -> torch.Generator:
+    """Return a reproducible generator for one client and round (experiments only: NOT private).
+
+    Anyone who knows ``seed``, the client number and the round can rebuild the
+    client's sampling and noise, so releases drawn from it are not private
+    against them. Distinct per client and round.
+    """
+    mixed = np.random.SeedSequence([int(seed), int(client), int(server_round)]).generate_state(2)
+    return secure_generator(int(mixed[0]) << 31 ^ int(mixed[1]))

@@ -1,0 +1,315 @@
+"""The one description of a training run, and the one place that maps and checks its keys.
+
+:class:`RunSettings` describes a run (data, model, privacy, schedule, seeds) for
+both drivers: the Flower app (run-config keys in ``[tool.flwr.app.config]`` of
+pyproject.toml) and the in-process research loop (:mod:`dpsign_fl.experiments`).
+Driver-specific knobs live beside it, declared the same way:
+:class:`FlowerOptions` here, ``Experiment`` in the loop. Every field is declared
+once with :func:`setting`: its run-config key (kebab-case, by default the field
+name with ``-`` for ``_``), its type, its range or choices and a help line. The
+same declaration validates a Python construction (the message names
+``sample_rate``), a run config (``sample-rate``) and a command line
+(``--sample-rate``).
+
+Bounds keep every value in a range where the code is tested and calibration
+ends in seconds (e.g. ``target-epsilon`` in [0.01, 100], ``sample-rate`` >=
+1e-8); seeds are integers in [0, 2**63).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+SEED_LIMIT = 2**63
+"""Seeds are integers in [0, SEED_LIMIT)."""
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names it as the caller spelt it."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A setting of the wrong kind (a string for a number, a float for an integer)."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one setting is named, typed and bounded.
+
+    Attributes:
+        key: the run-config key (kebab-case).
+        kind: ``int``, ``float``, ``str`` or ``bool``.
+        help: one line for ``--help`` texts and docs.
+        choices: the allowed values of a ``str`` setting.
+        low, high: the allowed interval of a number (None = unbounded).
+        low_open, high_open: whether an end is excluded.
+        optional: whether ``None`` is allowed (Python callers only: a run config
+            cannot hold None).
+    """
+
+    key: str
+    kind: type
+    help: str
+    choices: tuple[str, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False
+
+    def interval(self) -> str:
+        """The allowed interval, e.g. ``(0, 1]``."""
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open or self.low is None else '['}{low}, {high}{')' if self.high_open or self.high is None else ']'}"
+
+    def check(self, value: Any, name: str) -> None:
+        """Raise ConfigError naming ``name`` unless ``value`` is of the right kind and in range."""
+        if value is None and self.optional:
+            return
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigTypeError(f"{name} must be true or false, got {value!r}")
+            return
+        if self.kind is str:
+            if not isinstance(value, str):
+                raise ConfigTypeError(f"{name} must be a string, got {value!r}")
+            if self.choices is not None and value not in self.choices:
+                shown = tuple(c for c in self.choices if c)
+                raise ConfigError(f"{name} must be one of {shown}{' or empty' if '' in self.choices else ''}, got {value!r}")
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigTypeError(f"{name} must be {'an integer' if self.kind is int else 'a number'}, got {value!r}")
+        if self.kind is int and not isinstance(value, int):
+            raise ConfigTypeError(f"{name} must be an integer, got {value!r}")
+        if math.isnan(value):
+            raise ConfigTypeError(f"{name} must be a number, got {value!r}")
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        if not (above and below):
+            raise ConfigError(f"{name} must be in {self.interval()}, got {value!r}")
+
+    def coerce(self, value: Any, name: str) -> Any:
+        """Convert a run-config or command-line value (numbers may come as strings) and check it."""
+        if self.kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        elif self.kind in (int, float) and isinstance(value, str):
+            value = _parse_number(value, self.kind, name)
+        elif self.kind is int and isinstance(value, float) and not isinstance(value, bool):
+            if not (math.isfinite(value) and value == int(value)):
+                raise ConfigTypeError(f"{name} must be an integer, got {value!r}")
+            value = int(value)
+        elif self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        self.check(value, name)
+        return value
+
+
+def _parse_number(text: str, kind: type, name: str) -> int | float:
+    try:
+        number = float(text.strip())
+    except ValueError:
+        raise ConfigTypeError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is float:
+        return number
+    if not (math.isfinite(number) and number == int(number)):
+        raise ConfigTypeError(f"{name} must be an integer, got {text!r}")
+    try:
+        return int(text.strip())  # exact for large integers, which float() rounds
+    except ValueError:
+        return int(number)
+
+
+def setting(
+    default: Any,
+    *,
+    help: str,
+    key: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    kind: type | None = None,
+    optional: bool = False,
+) -> Any:
+    """Declare one setting of a settings dataclass (see :class:`Spec`).
+
+    The kind is the default's type unless given; ``key=None`` takes the field
+    name with ``-`` for ``_`` (filled in by :func:`specs`).
+    """
+    spec = dict(
+        key=key, kind=kind or type(default), help=help, choices=choices, low=low, high=high,
+        low_open=low_open, high_open=high_open, optional=optional or default is None,
+    )
+    return dataclasses.field(default=default, metadata={"spec": spec})
+
+
+def specs(cls) -> dict[str, Spec]:
+    """Return field name -> :class:`Spec` of a settings dataclass, in declaration order."""
+    found = {}
+    for field in dataclasses.fields(cls):
+        if field.metadata.get("spec") is None:  # a nested settings group, e.g. Experiment.run
+            continue
+        raw = dict(field.metadata["spec"])
+        raw["key"] = raw["key"] or field.name.replace("_", "-")
+        found[field.name] = Spec(**raw)
+    return found
+
+
+def check_fields(instance) -> None:
+    """Validate every field of a settings dataclass instance (names as in Python)."""
+    for name, spec in specs(type(instance)).items():
+        spec.check(getattr(instance, name), name)
+
+
+def from_mapping(cls, mapping: Mapping[str, Any], *, ignore_unknown: bool = True, style: str = "key"):
+    """Build a settings dataclass from a mapping of run-config keys (kebab-case).
+
+    Missing keys take the dataclass defaults. Values are coerced (``"5"`` for an
+    integer, ``"true"`` for a boolean) and checked; the error names the key.
+
+    Args:
+        cls: a dataclass whose fields are declared with :func:`setting`.
+        mapping: key -> value.
+        ignore_unknown: keep quiet about keys that are not settings of ``cls``
+            (a run config also holds the other settings groups' keys).
+        style: how errors name a setting: ``"key"`` (``sample-rate``) or
+            ``"option"`` (``--sample-rate``).
+
+    Raises:
+        ConfigError: naming the first bad or (unless ignored) unknown key.
+    """
+    by_key = {spec.key: (name, spec) for name, spec in specs(cls).items()}
+    values = {}
+    for key, value in mapping.items():
+        if key not in by_key:
+            if ignore_unknown:
+                continue
+            raise ConfigError(f"unknown setting {_shown(key, style)}; known: {', '.join(sorted(by_key))}")
+        name, spec = by_key[key]
+        values[name] = spec.coerce(value, _shown(key, style))
+    return cls(**values)
+
+
+def to_mapping(instance) -> dict[str, Any]:
+    """Return the run-config form (kebab-case keys) of a settings dataclass instance."""
+    return {spec.key: getattr(instance, name) for name, spec in specs(type(instance)).items()}
+
+
+def keys(*classes) -> set[str]:
+    """Return the run-config keys declared by the given settings dataclasses."""
+    return {spec.key for cls in classes for spec in specs(cls).values()}
+
+
+def _shown(key: str, style: str) -> str:
+    return f"--{key}" if style == "option" else key
+
+
+def _choices():
+    # Each list of names lives with the code that implements it.
+    from .attacks import BYZANTINE_ATTACKS
+    from .data import DATASETS, PARTITIONERS
+    from .gradient_noise import GRADIENT_NOISES
+    from .mechanism import CLIPPING_MODES
+    from .models import MODELS
+    from .privacy.accounting import ACCOUNTANTS
+    from .server_update import LR_SCHEDULES
+
+    return dict(
+        attacks=BYZANTINE_ATTACKS, datasets=DATASETS, partitioners=PARTITIONERS, gradient_noises=GRADIENT_NOISES,
+        clipping=CLIPPING_MODES, models=("",) + MODELS, accountants=ACCOUNTANTS, schedules=LR_SCHEDULES,
+    )
+
+
+_C = _choices()
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One training run, as both the Flower app and the research loop run it.
+
+    Field ``x_y`` is run-config key ``x-y``, except ``num_rounds``, whose key is
+    Flower's ``num-server-rounds``. ``num_rounds`` is T, the total number of
+    rounds of the run (a resumed run counts from round 1 too).
+    """
+
+    dataset: str = setting("digits", choices=_C["datasets"], help="dataset to train on")
+    data_dir: str = setting("", help="absolute path of a local copy of the dataset; empty = embedded or Hugging Face hub")
+    model: str = setting("", choices=_C["models"], help="model; empty = the dataset's default")
+    partitioner: str = setting("iid", choices=_C["partitioners"], help="how the training set is split among clients")
+    dirichlet_alpha: float = setting(0.5, low=0, high=1e6, low_open=True, help="Dirichlet concentration (partitioner dirichlet)")
+    classes_per_partition: int = setting(2, low=1, high=1_000_000, help="classes per client (partitioner pathological)")
+    data_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of the train/test split (digits, mushroom) and of the client partitions")
+    num_rounds: int = setting(60, key="num-server-rounds", low=1, high=1_000_000, help="T, the total number of rounds of the run")
+    target_epsilon: float = setting(8.0, low=0.01, high=100, help="epsilon each client may spend over the run")
+    target_delta: float = setting(1e-5, low=1e-12, high=0.5, help="delta at which epsilon is accounted")
+    sample_rate: float = setting(0.3, low=1e-8, high=1, help="q, the Poisson sampling rate of each client's data per round")
+    clip_norm: float = setting(1.0, low=0, high=1e6, low_open=True, help="C, the L2 bound on each example's whole gradient")
+    clipping: str = setting("flat", choices=_C["clipping"], help="per-example clipping: flat or automatic")
+    accountant: str = setting("pld", choices=_C["accountants"], help="privacy accountant: pld or rdp")
+    learning_rate: float | None = setting(
+        0.02, low=0, high=1e3, low_open=True, optional=True,
+        help="eta, the server's step per vote (Python only: None = 1/sqrt(d T), the source paper's choice)",
+    )
+    lr_schedule: str = setting("constant", choices=_C["schedules"], help="learning-rate schedule over the run")
+    server_momentum: float = setting(0.0, low=0, high=1, high_open=True, help="server momentum on the votes")
+    model_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of the initial model's weights")
+    reproducible_noise: bool = setting(False, help="simulation only: derive clients' sampling and noise from noise-seed (NOT private)")
+    noise_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of clients' randomness when reproducible-noise is true")
+    eval_every: int = setting(1, low=1, high=1_000_000, help="evaluate the global model every k rounds (and after the last)")
+    gradient_noise: str = setting("none", choices=_C["gradient_noises"], help="experiments only: synthetic heavy-tailed gradient noise")
+    byzantine_fraction: float = setting(0.0, low=0, high=1, high_open=True, help="experiments only: fraction of clients that attack")
+    byzantine_attack: str = setting("sign-flip", choices=_C["attacks"], help="experiments only: what attacking clients send")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @property
+    def model_name(self) -> str:
+        """The model to build: ``model``, or the dataset's default when empty."""
+        from .models import default_model
+
+        return self.model or default_model(self.dataset)
+
+    @property
+    def experiment_only(self) -> dict[str, Any]:
+        """The experiment-only settings that differ from their defaults (refused on a deployed node)."""
+        defaults = RunSettings.__dataclass_fields__
+        names = ("gradient_noise", "byzantine_fraction", "byzantine_attack", "reproducible_noise")
+        return {
+            specs(RunSettings)[n].key: getattr(self, n) for n in names if getattr(self, n) != defaults[n].default
+        }
+
+
+@dataclass(frozen=True)
+class FlowerOptions:
+    """The Flower app's own knobs, beside :class:`RunSettings` in the run config."""
+
+    fraction_train: float = setting(1.0, low=0, high=1, low_open=True, help="fraction of connected nodes sampled per round")
+    min_train_nodes: int = setting(2, low=1, high=1_000_000, help="fewest valid replies that move the model")
+    min_available_nodes: int = setting(2, low=1, high=1_000_000, help="nodes to wait for before round 1")
+    round_timeout: float = setting(3600.0, low=0, high=1e7, low_open=True, help="seconds to wait for a round's replies")
+    results_dir: str = setting("results", help="folder for metrics.json, the model and the plot")
+    checkpoint_every: int = setting(0, low=0, high=1_000_000, help="write a checkpoint every k rounds (0 = never)")
+    resume: bool = setting(False, help="continue from the checkpoint in results-dir")
+
+
+def parse_run_config(run_config: Mapping[str, Any]) -> tuple[RunSettings, FlowerOptions]:
+    """Validate a Flower run config and return its two settings groups.
+
+    Keys that are neither (a Flower app may carry keys of its own) are ignored;
+    missing keys take the defaults.
+
+    Raises:
+        ConfigError: naming the first bad key, what was expected and what came.
+    """
+    return from_mapping(RunSettings, run_config), from_mapping(FlowerOptions, run_config)
+
+
+def run_config_of(settings: RunSettings, options: FlowerOptions) -> dict[str, Any]:
+    """Return the kebab-case run config of both groups (for logs, results and checkpoints)."""
+    return {**to_mapping(settings), **to_mapping(options)}

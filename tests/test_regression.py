@@ -1,0 +1,82 @@
+"""Fixed-seed runs give bit-for-bit the recorded metrics and final weights.
+
+``tests/data/regression_reference.json`` holds the fingerprint of two small
+in-process runs: the Flower app (``run_server`` with the ClientApp handler on an
+in-process Grid, 3 clients, 4 rounds, momentum and a linear schedule) and the
+research loop (4 clients, 5 rounds). It was recorded on the code before the
+one-run/one-round refactor, which had to reproduce it exactly. A change that
+means to alter the numbers (another sampler, accountant or vote) records it
+anew and says why in its commit:
+``python -m tests.test_regression > tests/data/regression_reference.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from dpsign_fl.experiments.loop import Experiment, run_experiment
+from dpsign_fl.flower.client import handle_train
+from dpsign_fl.flower.server import run_server
+
+REFERENCE = Path(__file__).resolve().parent / "data" / "regression_reference.json"
+FLOWER_RUN_CONFIG = {
+    "num-server-rounds": 4, "model-seed": 7, "reproducible-noise": True, "noise-seed": 7, "target-epsilon": 4.0,
+    "sample-rate": 0.3, "learning-rate": 0.03, "server-momentum": 0.5, "lr-schedule": "linear",
+}
+LOOP_RUN = dict(
+    dataset="digits", num_clients=4, num_rounds=5, data_seed=3, model_seed=3, noise_seed=3, reproducible_noise=True,
+    sample_rate=0.3, target_epsilon=8.0, learning_rate=0.02, server_momentum=0.3, eval_every=1,
+)
+
+
+def _sha256(weights: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(weights, dtype=np.float32).tobytes()).hexdigest()
+
+
+def flower_fingerprint() -> dict:
+    from .flower.inprocess import InProcessGrid
+
+    with tempfile.TemporaryDirectory() as results:
+        run_config = dict(FLOWER_RUN_CONFIG, **{"results-dir": results})
+        grid = InProcessGrid(run_config, 3, handler=partial(handle_train, simulation=True))
+        rows = run_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+        state = torch.load(Path(results) / "model.pt")
+    weights = torch.cat([tensor.reshape(-1) for tensor in state.values()]).numpy()
+    return {"rows": [{k: v for k, v in row.items() if k != "wall-seconds"} for row in rows], "weights_sha256": _sha256(weights)}
+
+
+def loop_fingerprint() -> dict:
+    final = {}
+    record = run_experiment(
+        Experiment.create(**LOOP_RUN), progress=False, on_round=lambda _, weights: final.update(weights=weights.copy())
+    )
+    return {
+        "history": [{k: v for k, v in h.items() if k != "wall_seconds"} for h in record["history"]],
+        "noise_multiplier": record["noise_multiplier"],
+        "weights_sha256": _sha256(final["weights"]),
+    }
+
+
+def test_flower_app_run_reproduces_the_recorded_metrics_and_weights_bit_for_bit(monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    assert flower_fingerprint() == json.loads(REFERENCE.read_text())["flower"]
+
+
+def test_research_loop_run_reproduces_the_recorded_metrics_and_weights_bit_for_bit():
+    assert loop_fingerprint() == json.loads(REFERENCE.read_text())["loop"]
+
+
+if __name__ == "__main__":
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
+    print(json.dumps({"flower": flower_fingerprint(), "loop": loop_fingerprint()}, indent=1))

@@ -1,0 +1,111 @@
+"""The one run description: defaults, key mapping, coercion, and one clear message per bad key."""
+
+import math
+
+import pytest
+
+from dpsign_fl.settings import (
+    SEED_LIMIT,
+    ConfigError,
+    FlowerOptions,
+    RunSettings,
+    from_mapping,
+    keys,
+    parse_run_config,
+    run_config_of,
+    specs,
+)
+
+
+def pyproject_defaults():
+    import tomllib
+    from pathlib import Path
+
+    with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as handle:
+        return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_lists_exactly_the_declared_keys():
+    assert set(pyproject_defaults()) == keys(RunSettings, FlowerOptions)
+
+
+def test_pyproject_defaults_equal_the_declared_defaults():
+    # pyproject (for `flwr run`) and the dataclasses (for library use) must not drift apart.
+    assert parse_run_config(pyproject_defaults()) == (RunSettings(), FlowerOptions())
+
+
+def test_run_config_round_trips_through_the_key_mapping():
+    settings, options = RunSettings(sample_rate=0.05, num_rounds=7), FlowerOptions(resume=True)
+    assert parse_run_config(run_config_of(settings, options)) == (settings, options)
+
+
+def test_total_rounds_is_num_rounds_in_python_and_num_server_rounds_in_the_run_config():
+    assert specs(RunSettings)["num_rounds"].key == "num-server-rounds"
+    assert parse_run_config({"num-server-rounds": 9})[0].num_rounds == 9
+
+
+def test_values_are_coerced_from_strings_as_the_cli_gives_them():
+    settings, options = parse_run_config({"num-server-rounds": "5", "target-epsilon": "3", "resume": "true", "model-seed": "7"})
+    assert settings.num_rounds == 5 and settings.target_epsilon == 3.0 and options.resume is True
+    assert settings.model_seed == 7
+
+
+def test_large_integer_seeds_are_parsed_exactly():
+    assert parse_run_config({"noise-seed": str(SEED_LIMIT - 1)})[0].noise_seed == SEED_LIMIT - 1
+
+
+def test_python_construction_is_validated_and_names_the_python_field():
+    with pytest.raises(ConfigError, match=r"sample_rate must be in \[1e-08, 1\], got 1.5"):
+        RunSettings(sample_rate=1.5)
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("target-epsilon", 0, "target-epsilon must be in [0.01, 100]"),
+        ("target-epsilon", 1e30, "target-epsilon must be in [0.01, 100], got 1e+30"),
+        ("target-epsilon", "nan", "target-epsilon must be a number"),
+        ("target-delta", 1.0, "target-delta must be in"),
+        ("target-delta", 0, "target-delta"),
+        ("sample-rate", 1.3, "sample-rate must be in [1e-08, 1], got 1.3"),
+        ("sample-rate", 1e-300, "sample-rate"),
+        ("num-server-rounds", 0, "num-server-rounds must be in [1, 1e+06]"),
+        ("num-server-rounds", 2.5, "num-server-rounds must be an integer"),
+        ("num-server-rounds", math.inf, "num-server-rounds must be an integer"),
+        ("num-server-rounds", "inf", "num-server-rounds must be an integer"),
+        ("dataset", "imagenet", "dataset must be one of"),
+        ("dataset", 3, "dataset must be a string"),
+        ("data-dir", None, "data-dir must be a string"),
+        ("model", "resnet", "model must be one of"),
+        ("partitioner", "random", "partitioner must be one of"),
+        ("clipping", "per-layer", "clipping must be one of"),
+        ("accountant", "moments", "accountant must be one of"),
+        ("learning-rate", "fast", "learning-rate must be a number"),
+        ("server-momentum", 1.0, "server-momentum"),
+        ("model-seed", -1, "model-seed must be in [0, 9.22337e+18)"),
+        ("noise-seed", 2**70, "noise-seed must be in [0, 9.22337e+18)"),
+        ("data-seed", "abc", "data-seed must be an integer"),
+        ("resume", "maybe", "resume must be true or false"),
+        ("reproducible-noise", 1, "reproducible-noise must be true or false"),
+        ("byzantine-fraction", 1.0, "byzantine-fraction"),
+        ("fraction-train", 0.0, "fraction-train must be in (0, 1]"),
+    ],
+)
+def test_a_bad_value_fails_with_a_message_naming_the_key(key, value, expected):
+    with pytest.raises(ConfigError) as error:
+        parse_run_config({key: value})
+    assert expected in str(error.value)
+    assert isinstance(error.value, ValueError)
+
+
+def test_unknown_keys_are_named_when_the_caller_asks_for_strictness():
+    with pytest.raises(ConfigError, match="unknown setting --sample-rte"):
+        from_mapping(RunSettings, {"sample-rte": 0.1}, ignore_unknown=False, style="option")
+
+
+def test_experiment_only_settings_are_listed_when_changed():
+    assert RunSettings().experiment_only == {}
+    assert RunSettings(byzantine_fraction=0.2, reproducible_noise=True).experiment_only == {
+        "byzantine-fraction": 0.2,
+        "reproducible-noise": True,
+    }
