@@ -27,7 +27,7 @@ from .privacy import PrivacyLedger, calibrate_noise_multiplier
 from .release import ReleaseSettings, client_release
 from .server_update import VoteUpdater
 from .settings import RunSettings
-from .vote import majority_vote
+from .vote import VoteCounter
 
 
 def plan_release(settings: RunSettings) -> ReleaseSettings:
@@ -166,7 +166,9 @@ def server_round(
 ) -> ServerRoundResult:
     """Take the majority vote of validated packed payloads and step the model.
 
-    Post-processing of the clients' releases: no privacy cost.
+    Post-processing of the clients' releases: no privacy cost. The payloads are
+    counted as they come (:class:`dpsign_fl.vote.VoteCounter`): extra memory is
+    O(d) whatever their number, and none is unpacked.
 
     Args:
         weights: the flat model the payloads were computed at.
@@ -179,8 +181,10 @@ def server_round(
     Returns:
         :class:`ServerRoundResult`.
     """
-    rows = list(payloads)
-    if len(rows) < max(min_voters, 1):
-        return ServerRoundResult(weights, None, len(rows))
-    vote = majority_vote(np.stack(rows), weights.shape[0])
-    return ServerRoundResult(updater.step(weights, vote, server_round, num_rounds), vote, len(rows))
+    counter = VoteCounter(weights.shape[0])
+    for payload in payloads:
+        counter.add(payload)
+    if counter.num_voters < max(min_voters, 1):
+        return ServerRoundResult(weights, None, counter.num_voters)
+    vote = counter.vote()
+    return ServerRoundResult(updater.step(weights, vote, server_round, num_rounds), vote, counter.num_voters)

@@ -1,0 +1,127 @@
+"""Speed and memory of the streaming vote, against copying the payloads.
+
+The reference is what any server must do at least once per payload: touch
+its bytes. ``np.copy`` of each of the ``M`` payloads, one call per payload,
+is that reference; the streaming vote adds the same ``M`` payloads one at a
+time to a :class:`~dpsign_fl.vote.VoteCounter` and computes the packed vote
+bitmaps. Both run in the same process, alternately, on the same payloads.
+
+Run ``python -m dpsign_fl.bench.vote`` for a small table.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import tracemalloc
+
+import numpy as np
+
+from ..packing import BIT_ORDER, payload_bytes
+from ..vote import VoteCounter
+
+# Above this many coordinates the old path (stack + unpack + sum) needs
+# M * d bytes for the unpacked bits alone (2 GB at M = 100), so it is skipped.
+OLD_PATH_MAX_COORDINATES = 20_000_000
+
+
+def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5) -> dict:
+    """Time the streaming vote against copying the payloads, and measure its memory.
+
+    Args:
+        num_coordinates: d.
+        num_voters: M, the number of random payloads voted on.
+        repeats: timed repetitions of each path (median and min reported).
+
+    Returns:
+        dict with ``num_coordinates``, ``num_voters``, ``repeats``;
+        ``copy_seconds_min`` / ``copy_seconds_median`` (a loop of ``M``
+        ``np.copy`` calls); ``vote_seconds_min`` / ``vote_seconds_median``
+        (``M`` ``VoteCounter.add`` calls and ``vote_bitmaps``);
+        ``copy_to_vote_ratio`` (median copy seconds / median vote seconds: the
+        vote's speed as a fraction of copying); ``peak_bytes_per_coordinate``
+        (tracemalloc peak of one vote, beyond the payloads, divided by d);
+        ``old_seconds_min`` / ``old_seconds_median`` for ``np.stack`` +
+        ``np.unpackbits`` + sum, or None above
+        :data:`OLD_PATH_MAX_COORDINATES`.
+
+    Raises:
+        ValueError: if ``num_voters < 1`` or ``repeats < 1``.
+    """
+    if num_voters < 1:
+        raise ValueError(f"num_voters must be >= 1, got {num_voters}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    rng = np.random.default_rng(0)
+    num_bytes = payload_bytes(num_coordinates)
+    payloads = [rng.integers(0, 256, num_bytes, dtype=np.uint8) for _ in range(num_voters)]
+
+    def copy_all() -> None:
+        for payload in payloads:
+            np.copy(payload)
+
+    def stream_vote() -> None:
+        counter = VoteCounter(num_coordinates)
+        for payload in payloads:
+            counter.add(payload)
+        counter.vote_bitmaps()
+
+    def old_vote() -> None:
+        bits = np.unpackbits(
+            np.stack(payloads), axis=1, count=num_coordinates, bitorder=BIT_ORDER
+        )
+        np.sign(2 * bits.sum(axis=0, dtype=np.int64) - num_voters).astype(np.int8)
+
+    copy_seconds, vote_seconds = [], []
+    for _ in range(repeats):
+        copy_seconds.append(_seconds(copy_all))
+        vote_seconds.append(_seconds(stream_vote))
+    old_seconds = None
+    if num_coordinates <= OLD_PATH_MAX_COORDINATES:
+        old_seconds = [_seconds(old_vote) for _ in range(repeats)]
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        stream_vote()
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+    return {
+        "num_coordinates": num_coordinates,
+        "num_voters": num_voters,
+        "repeats": repeats,
+        "copy_seconds_min": min(copy_seconds),
+        "copy_seconds_median": statistics.median(copy_seconds),
+        "vote_seconds_min": min(vote_seconds),
+        "vote_seconds_median": statistics.median(vote_seconds),
+        "copy_to_vote_ratio": statistics.median(copy_seconds) / statistics.median(vote_seconds),
+        "peak_bytes_per_coordinate": peak / num_coordinates,
+        "old_seconds_min": min(old_seconds) if old_seconds else None,
+        "old_seconds_median": statistics.median(old_seconds) if old_seconds else None,
+    }
+
+
+def _seconds(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def _main() -> None:
+    header = ("d", "M", "copy s", "vote s", "ratio", "B/coord", "old s")
+    print("{:>12} {:>4} {:>9} {:>9} {:>6} {:>8} {:>8}".format(*header))
+    for num_coordinates in (1_000_000, 10_000_000):
+        row = measure_vote(num_coordinates, 100)
+        old = row["old_seconds_median"]
+        print(
+            f"{num_coordinates:>12} {row['num_voters']:>4} {row['copy_seconds_median']:>9.4f} "
+            f"{row['vote_seconds_median']:>9.4f} {row['copy_to_vote_ratio']:>6.2f} "
+            f"{row['peak_bytes_per_coordinate']:>8.3f} {'-' if old is None else f'{old:.3f}':>8}"
+        )
+
+
+if __name__ == "__main__":
+    _main()
