@@ -53,12 +53,16 @@ def secure_generator(seed: int | None = None, device: str | torch.device = "cpu"
 
 
 def poisson_sample(num_examples: int, sample_rate: float, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Poisson-sample indices: each example is kept independently with probability q.
+    """Poisson-sample indices: each example is kept independently with probability exactly q.
+
+    The accountant assumes inclusion probability q exactly; :func:`bernoulli_mask`
+    draws it so for every float q (a float32 comparison ``rand() < q`` would
+    round q to a multiple of 2^-24).
 
     Args:
         num_examples: n, the size of the local dataset.
-        sample_rate: q in (0, 1].
-        generator: source of randomness; None means :func:`secure_generator`.
+        sample_rate: q in (0, 1], a Python or numpy float (read as float64).
+        generator: a CPU ``torch.Generator``; None means :func:`secure_generator`.
 
     Returns:
         A LongTensor of the sampled indices, in increasing order (possibly empty).
@@ -70,8 +74,43 @@ def poisson_sample(num_examples: int, sample_rate: float, *, generator: torch.Ge
         raise ValueError(f"num_examples must be an integer >= 0, got {num_examples}")
     _check_sample_rate(sample_rate)
     generator = generator if generator is not None else secure_generator()
-    keep = torch.rand(int(num_examples), generator=generator, device=generator.device) < sample_rate
+    keep = bernoulli_mask(int(num_examples), float(sample_rate), generator=generator)
     return torch.nonzero(keep, as_tuple=False).flatten()
+
+
+_DOUBLE_BITS = 53
+"""``torch.rand(..., dtype=torch.float64)`` on the CPU returns k / 2^53 for a uniform integer k."""
+
+
+def bernoulli_mask(count: int, probability: float, *, generator: torch.Generator) -> torch.Tensor:
+    """Return ``count`` independent booleans, each True with probability exactly ``probability``.
+
+    A float64 ``p`` is a dyadic rational. Write ``p * 2^53 = m + f`` with m an
+    integer and f in [0, 1) (both exact in float64). With U uniform on the
+    integers 0 .. 2^53 - 1 (one float64 ``torch.rand`` draw times 2^53, exact):
+    U < m gives True, U > m False, and U = m (probability 2^-53) is decided by a
+    fresh draw with probability f, recursively. So P(True) = m / 2^53 +
+    f / 2^53 = p exactly; the recursion ends because each level removes 53
+    bits of p's binary expansion (at most 1074 bits).
+
+    Args:
+        count: how many booleans.
+        probability: p in [0, 1].
+        generator: a CPU ``torch.Generator``.
+
+    Returns:
+        A bool tensor of shape ``[count]``.
+    """
+    scale = float(2**_DOUBLE_BITS)
+    scaled = probability * scale  # exact: a power-of-two scaling of a double
+    whole = float(int(scaled))
+    fraction = scaled - whole  # exact
+    draws = torch.rand(count, generator=generator, dtype=torch.float64) * scale  # integers, exact
+    keep = draws < whole
+    ties = torch.nonzero(draws == whole, as_tuple=False).flatten()
+    if ties.numel() and fraction > 0:
+        keep[ties] = bernoulli_mask(ties.numel(), fraction, generator=generator)
+    return keep
 
 
 def per_sample_gradients(

@@ -96,6 +96,41 @@ def test_poisson_sample_size_is_binomial_n_q():
     assert wrong < 1e-6
 
 
+def _inclusions(sampler, sample_rate, draws, *, seed, chunk=2**24):
+    generator = torch.Generator().manual_seed(seed)
+    total = 0
+    for start in range(0, draws, chunk):
+        total += int(sampler(min(chunk, draws - start), sample_rate, generator))
+    return total
+
+
+def _exact(count, sample_rate, generator):
+    return poisson_sample(count, sample_rate, generator=generator).numel()
+
+
+def _float32(count, sample_rate, generator):
+    # The earlier sampler: float32 uniforms are multiples of 2^-24, so P(u < q) is q rounded up to that grid.
+    return int((torch.rand(count, generator=generator) < sample_rate).sum())
+
+
+@pytest.mark.parametrize(("sample_rate", "draws"), [(2.0**-30, 2**29), (0.05, 20_000_000)])
+def test_poisson_inclusion_rate_is_exactly_the_sample_rate_binomial_test(sample_rate, draws):
+    # H0: the count is Binomial(draws, q). At q = 2^-30 the mean is 0.5 (a float32 sampler's is 32).
+    count = _inclusions(_exact, sample_rate, draws, seed=11)
+    assert stats.binomtest(count, draws, sample_rate).pvalue > 1e-4, count
+
+
+def test_float32_sampling_fails_the_same_binomial_test_at_q_2_pow_minus_30_negative_control():
+    count = _inclusions(_float32, 2.0**-30, 2**29, seed=11)
+    assert stats.binomtest(count, 2**29, 2.0**-30).pvalue < 1e-6, count
+
+
+def test_bernoulli_mask_draws_53_bit_uniforms_the_exactness_argument_relies_on():
+    draws = torch.rand(1_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2.0**53
+    assert torch.equal(draws, draws.floor()) and bool((draws < 2.0**53).all())
+    assert 0.49 < float((torch.fmod(draws, 2) == 1).double().mean()) < 0.51  # the lowest bit is used
+
+
 def test_poisson_sample_returns_sorted_unique_indices_and_all_at_q_one():
     generator = secure_generator(12)
 

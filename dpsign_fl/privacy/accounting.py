@@ -10,6 +10,11 @@ Accountants (``accountant=``):
 
 - ``"pld"``: privacy-loss distributions (``dp_accounting.pld.PLDAccountant``,
   pessimistic discretisation, so epsilon is an upper bound). Tightest; default.
+  The value discretisation interval is chosen per computation
+  (:func:`pld_interval`): an integer multiple of 1e-5 that grows with epsilon
+  and shrinks with the number of releases, so that the result is within 1e-3
+  (relative) of dp-accounting's PLD at interval 1e-5 and never below it (its
+  grid contains ours). Tested in tests/test_accounting.py.
 - ``"rdp"``: Renyi DP (``dp_accounting.rdp.RdpAccountant``), the source paper's
   method. RDP -> (epsilon, delta) conversion: Balle et al. 2020,
   arXiv:1905.09982, Thm 21 (as implemented by dp-accounting). At fractional
@@ -25,34 +30,60 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from typing import Iterable, Sequence
 
 import dp_accounting
 from dp_accounting import pld, rdp
+from dp_accounting.rdp import rdp_privacy_accountant
 
 
+class _QuietAbslLogging:
+    """Stands in for ``absl.logging`` inside dp-accounting's RDP module.
 
-class _QuietFractionalOrders(logging.Filter):
-    """Drop dp-accounting's per-order warning when a fractional RDP order fails.
-
-    dp-accounting then excludes that order, which can only make epsilon larger
-    (conservative); the warning is repeated for every call and drowns logs.
+    When a fractional Renyi order fails to converge, dp-accounting excludes that
+    order (which can only make epsilon larger: conservative) and warns through
+    ``absl.logging``, which, before absl is initialised, calls
+    ``logging.basicConfig()``: a root handler appears and every log line of the
+    process (Flower's included) is printed twice. The warning goes to the
+    standard logger ``dp_accounting`` at DEBUG level instead.
     """
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "_compute_log_a_frac failed to converge" not in record.getMessage()
+    _logger = logging.getLogger("dp_accounting")
+
+    def warning(self, message, *args, **kwargs):
+        self._logger.debug(message, *args, **kwargs)
+
+    def __getattr__(self, name):
+        import absl.logging
+
+        return getattr(absl.logging, name)
 
 
-logging.getLogger("absl").addFilter(_QuietFractionalOrders())
+rdp_privacy_accountant.logging = _QuietAbslLogging()
 
 ACCOUNTANTS = ("pld", "rdp")
-PLD_DISCRETIZATION = 1e-3
-"""Value discretisation interval of the PLD accountant.
+PLD_REFERENCE_INTERVAL = 1e-5
+"""The PLD value discretisation every interval here is an integer multiple of."""
 
-dp-accounting's default is 1e-4. With the pessimistic estimate every interval
-gives an upper bound on epsilon; 1e-3 is ~10x faster and was measured within
-1e-4 relative of 1e-4 for q in [0.02, 0.1], sigma in [0.7, 1.5], T up to 1000.
+PLD_INTERVAL_SCALE = 1400.0
+"""k = PLD_INTERVAL_SCALE * epsilon / sqrt(T), rounded down to a power of two.
+
+dp-accounting's pessimistic PLD epsilon exceeds its value at interval 1e-5 by
+a relative amount close to quadratic in the multiple k; measured over q in
+[0.001, 0.3], sigma in [0.6, 1.1], T in [60, 2000] (epsilon 0.2 to 17), the
+excess reaches 1e-3 at k ~ 2800-3400 * epsilon / sqrt(T). 1400 keeps a margin of
+4x or more in the excess; tests/test_accounting.py checks the bound.
 """
+
+PLD_MAX_MULTIPLE = 4096
+PLD_FIRST_MULTIPLE = 1024
+PLD_SMALLEST_EPSILON = 0.05
+"""The relative bound holds from this epsilon up; below it the interval stays that of
+0.05 (finer grids only cost time: at sigma near the floor one would need gigabytes)."""
+
+CALIBRATION_TIMEOUT_SECONDS = 300.0
+"""Calibration gives up (CalibrationTimeout) rather than run longer than this."""
 
 DEFAULT_ORDERS: tuple[float, ...] = tuple(
     [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
@@ -63,6 +94,19 @@ CALIBRATION_RELATIVE_TOLERANCE = 1e-4
 _MAX_BRACKET_STEPS = 60
 _MAX_BISECTION_STEPS = 200
 MAX_NOISE_MULTIPLIER = 1e6
+MIN_NOISE_MULTIPLIER = 0.1
+"""Calibration never returns a smaller sigma: below it the privacy-loss distribution of
+one release is too wide to compute in bounded time, and a target that such a sigma
+meets is so loose that the releases are barely private. When sigma = 0.1 already
+meets the target, calibration returns 0.1 (more noise than needed, never less)."""
+
+
+class BudgetExhausted(ValueError):
+    """The prior releases leave no room for the planned releases at any noise multiplier."""
+
+
+class CalibrationTimeout(ValueError):
+    """Calibration did not finish within its time bound; the message says for which values."""
 
 
 def sgm_event(*, sample_rate: float, noise_multiplier: float, num_steps: int = 1) -> dp_accounting.DpEvent:
@@ -108,20 +152,68 @@ def epsilon_of_events(
     """
     check_delta(target_delta, name="target_delta")
     check_accountant(accountant)
-    events = []
+    history = []
     for sample_rate, noise_multiplier, count in releases:
-        event = sgm_event(sample_rate=sample_rate, noise_multiplier=noise_multiplier, num_steps=count)
+        sgm_event(sample_rate=sample_rate, noise_multiplier=noise_multiplier, num_steps=count)  # validates
         if count == 0:
             continue
         if noise_multiplier == 0:
             return math.inf
-        events.append(event)
-    if not events:
+        history.append((float(sample_rate), float(noise_multiplier), int(count)))
+    if not history:
         return 0.0
+    return _epsilon(tuple(history), float(target_delta), accountant, None if orders is None else tuple(orders))
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(history: tuple, target_delta: float, accountant: str, orders: tuple | None) -> float:
+    # Pure and deterministic: every simulated client in one process at the same
+    # point of a run asks the same question (the ledger check and the reply's
+    # epsilon). cache_clear() resets.
+    events = [sgm_event(sample_rate=q, noise_multiplier=s, num_steps=c) for q, s, c in history]
     composed = events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
-    engine = _make_accountant(accountant, orders)
-    engine.compose(composed)
-    epsilon = float(engine.get_epsilon(target_delta))
+    if accountant == "rdp":
+        engine = rdp.RdpAccountant(orders=list(orders or DEFAULT_ORDERS), neighboring_relation=_RELATION)
+        engine.compose(composed)
+        return _finite_or_inf(engine.get_epsilon(target_delta))
+    total_steps = sum(count for _, _, count in history)
+    multiple = PLD_FIRST_MULTIPLE
+    epsilon = _pld_epsilon(composed, target_delta, multiple)
+    while math.isfinite(epsilon):
+        finer = pld_interval_multiple(epsilon, total_steps)
+        if finer >= multiple:
+            break
+        multiple = finer
+        epsilon = _pld_epsilon(composed, target_delta, multiple)
+    return epsilon
+
+
+def pld_interval_multiple(epsilon: float, total_steps: int) -> int:
+    """The PLD interval, as a multiple of :data:`PLD_REFERENCE_INTERVAL`, for an epsilon of T releases.
+
+    A power of two in [1, :data:`PLD_MAX_MULTIPLE`] (see :data:`PLD_INTERVAL_SCALE`).
+    """
+    target = PLD_INTERVAL_SCALE * max(epsilon, PLD_SMALLEST_EPSILON) / math.sqrt(max(total_steps, 1))
+    if not target >= 2:
+        return 1
+    return min(2 ** int(math.floor(math.log2(target))), PLD_MAX_MULTIPLE)
+
+
+def pld_interval(epsilon: float, total_steps: int) -> float:
+    """The PLD value discretisation interval used for an epsilon of ``total_steps`` releases."""
+    return PLD_REFERENCE_INTERVAL * pld_interval_multiple(epsilon, total_steps)
+
+
+def _pld_epsilon(event: dp_accounting.DpEvent, target_delta: float, multiple: int) -> float:
+    engine = pld.PLDAccountant(
+        neighboring_relation=_RELATION, value_discretization_interval=PLD_REFERENCE_INTERVAL * multiple
+    )
+    engine.compose(event)
+    return _finite_or_inf(engine.get_epsilon(target_delta))
+
+
+def _finite_or_inf(epsilon: float) -> float:
+    epsilon = float(epsilon)
     if math.isnan(epsilon):
         return math.inf
     return max(epsilon, 0.0)
@@ -171,13 +263,18 @@ def calibrate_noise_multiplier(
     num_steps: int,
     accountant: str = "pld",
     orders: Sequence[float] | None = None,
+    prior: Sequence[tuple[float, float, int]] = (),
+    timeout_seconds: float = CALIBRATION_TIMEOUT_SECONDS,
 ) -> float:
     """Return the smallest sigma whose composed epsilon is <= ``target_epsilon``.
 
-    Brackets sigma by doubling/halving, then bisects until the bracket is within
+    The composition is ``prior`` (releases already made, e.g. a ledger's
+    history) followed by ``num_steps`` releases of SGM(sample_rate, sigma).
+    Brackets sigma (starting from the cheap RDP calibration, an upper bound for
+    PLD), then narrows the bracket by a bracketed regula falsi until it is within
     :data:`CALIBRATION_RELATIVE_TOLERANCE` (relative). The returned value is the
-    upper end of the bracket, whose epsilon was computed and is <= the target:
-    calibration never overshoots the target epsilon.
+    upper end of the bracket, whose epsilon was computed with the same function
+    a ledger uses and is <= the target: calibration never overshoots.
 
     Args:
         target_epsilon: epsilon > 0.
@@ -186,69 +283,88 @@ def calibrate_noise_multiplier(
         num_steps: T >= 1.
         accountant: ``"pld"`` or ``"rdp"``.
         orders: Renyi orders for ``"rdp"``.
+        prior: ``(sample_rate, noise_multiplier, count)`` releases made before.
+        timeout_seconds: give up after this long.
 
     Returns:
-        sigma > 0.
+        sigma >= :data:`MIN_NOISE_MULTIPLIER`.
 
     Raises:
         ValueError: on bad arguments, or if no sigma up to
             :data:`MAX_NOISE_MULTIPLIER` meets the target.
+        BudgetExhausted: if ``prior`` leaves no room for ``num_steps`` more releases.
+        CalibrationTimeout: after ``timeout_seconds``.
     """
     check_epsilon(target_epsilon, name="target_epsilon")
     check_delta(target_delta, name="target_delta")
     check_sample_rate(sample_rate)
     check_num_steps(num_steps, minimum=1)
     check_accountant(accountant)
+    history = tuple((float(q), float(s), int(c)) for q, s, c in prior if c)
+    for q, s, c in history:
+        sgm_event(sample_rate=q, noise_multiplier=s, num_steps=c)  # validates
+    if not timeout_seconds > 0:
+        raise ValueError(f"timeout_seconds must be > 0, got {timeout_seconds!r}")
+    if history and not epsilon_of_events(history, target_delta=target_delta, accountant=accountant, orders=orders) < target_epsilon:
+        raise BudgetExhausted(
+            f"the prior releases alone spend epsilon >= target_epsilon={target_epsilon} at "
+            f"target_delta={target_delta}: no further release fits"
+        )
     return _calibrate(
-        float(target_epsilon),
-        float(target_delta),
-        float(sample_rate),
-        int(num_steps),
-        accountant,
-        None if orders is None else tuple(orders),
+        float(target_epsilon), float(target_delta), float(sample_rate), int(num_steps), accountant,
+        None if orders is None else tuple(orders), history, float(timeout_seconds),
     )
 
 
 @functools.lru_cache(maxsize=256)
-def _calibrate(target_epsilon, target_delta, sample_rate, num_steps, accountant, orders) -> float:
-    # Pure and deterministic, and it costs ~1 s: cached per process (every
+def _calibrate(target_epsilon, target_delta, sample_rate, num_steps, accountant, orders, history, timeout) -> float:
+    # Pure and deterministic, and it costs seconds: cached per process (every
     # simulated client of a run asks the same question). cache_clear() resets.
-    def epsilon_at(sigma: float) -> float:
-        return compute_epsilon(
-            sample_rate=sample_rate,
-            noise_multiplier=sigma,
-            num_steps=num_steps,
-            target_delta=target_delta,
-            accountant=accountant,
-            orders=orders,
-        )
+    deadline = time.monotonic() + timeout
+
+    def excess(sigma: float) -> float:
+        if time.monotonic() > deadline:
+            raise CalibrationTimeout(
+                f"calibrating the noise multiplier took more than {timeout:g} s (target_epsilon={target_epsilon}, "
+                f"target_delta={target_delta}, sample_rate={sample_rate}, num_steps={num_steps}, "
+                f"accountant={accountant}): choose a larger sample_rate or target, or fewer steps"
+            )
+        releases = history + ((sample_rate, sigma, num_steps),)
+        return epsilon_of_events(releases, target_delta=target_delta, accountant=accountant, orders=orders) - target_epsilon
 
     # RDP upper-bounds the PLD epsilon, so the RDP-calibrated sigma (cheap) is a
-    # valid upper end of the bracket for the PLD accountant.
+    # valid upper end of the bracket for the PLD accountant, and PLD is never
+    # evaluated far below the answer (where one evaluation can need gigabytes).
     high = 1.0
     if accountant == "pld":
-        high = _calibrate(target_epsilon, target_delta, sample_rate, num_steps, "rdp", None)
-    high_excess = epsilon_at(high) - target_epsilon
+        high = _calibrate(target_epsilon, target_delta, sample_rate, num_steps, "rdp", None, history, timeout)
+    if high <= MIN_NOISE_MULTIPLIER or accountant == "rdp":
+        if excess(MIN_NOISE_MULTIPLIER) <= 0:
+            return MIN_NOISE_MULTIPLIER
+        high = max(high, MIN_NOISE_MULTIPLIER)
+    high_excess = excess(high)
     for _ in range(_MAX_BRACKET_STEPS):
         if high_excess <= 0:
             break
         high *= 2.0
         if high > MAX_NOISE_MULTIPLIER:
-            raise ValueError(
+            kind = BudgetExhausted if history else ValueError
+            raise kind(
                 f"no noise_multiplier <= {MAX_NOISE_MULTIPLIER:g} reaches target_epsilon={target_epsilon} "
                 f"at target_delta={target_delta}, sample_rate={sample_rate}, num_steps={num_steps}"
+                + (f" after {sum(c for _, _, c in history)} earlier releases" if history else "")
             )
-        high_excess = epsilon_at(high) - target_epsilon
+        high_excess = excess(high)
     low = high / 1.5
-    low_excess = epsilon_at(low) - target_epsilon
+    low_excess = excess(low)
     for _ in range(_MAX_BRACKET_STEPS):
         if low_excess > 0:
             break
         high, high_excess = low, low_excess
-        low /= 1.5
-        low_excess = epsilon_at(low) - target_epsilon
-    # Invariant: epsilon_at(low) > target >= epsilon_at(high). Illinois variant
-    # of regula falsi: bracketed like bisection, converges superlinearly.
+        low = max(low / 1.5, MIN_NOISE_MULTIPLIER)  # excess(MIN) > 0 was checked above
+        low_excess = excess(low)
+    # Invariant: excess(low) > 0 >= excess(high). Illinois variant of regula
+    # falsi: bracketed like bisection, converges superlinearly.
     side = 0
     for _ in range(_MAX_BISECTION_STEPS):
         if high - low <= CALIBRATION_RELATIVE_TOLERANCE * high:
@@ -256,25 +372,21 @@ def _calibrate(target_epsilon, target_delta, sample_rate, num_steps, accountant,
         middle = high - high_excess * (high - low) / (high_excess - low_excess)
         if not low < middle < high:
             middle = 0.5 * (low + high)
-        excess = epsilon_at(middle) - target_epsilon
-        if excess <= 0:
-            high, high_excess = middle, excess
+        middle_excess = excess(middle)
+        if middle_excess <= 0:
+            high, high_excess = middle, middle_excess
             if side == 1:
                 low_excess /= 2.0
             side = 1
         else:
-            low, low_excess = middle, excess
+            low, low_excess = middle, middle_excess
             if side == -1:
                 high_excess /= 2.0
             side = -1
     return high
 
 
-def _make_accountant(accountant: str, orders: Sequence[float] | None):
-    relation = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
-    if accountant == "pld":
-        return pld.PLDAccountant(neighboring_relation=relation, value_discretization_interval=PLD_DISCRETIZATION)
-    return rdp.RdpAccountant(orders=list(orders or DEFAULT_ORDERS), neighboring_relation=relation)
+_RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
 
 def check_sample_rate(sample_rate: float) -> None:
