@@ -21,7 +21,7 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         OSError: if the file cannot be written; ``path`` is then unchanged.
     """
     path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    descriptor, temporary = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=_TEMPORARY_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
@@ -32,6 +32,20 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         Path(temporary).unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
+
+
+_TEMPORARY_SUFFIX = ".tmp"
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def temporary_files(path: str | Path) -> list[Path]:
+    """The temporary files :func:`write_atomic` makes for ``path`` (left behind only by a killed writer)."""
+    path = Path(path)
+    prefix = _temporary_prefix(path)
+    return [p for p in path.parent.glob(f"{prefix}*{_TEMPORARY_SUFFIX}") if p.name.startswith(prefix)]
 
 
 def fsync_folder(folder: str | Path) -> None:

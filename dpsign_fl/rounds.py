@@ -1,7 +1,8 @@
 """One round of DP-SignSGD, the same for every driver (Flower app, drop-in helper, research loop).
 
 - :func:`plan_release`: the one sigma planner: the noise multiplier that lets a
-  client make ``num_rounds`` releases within its budget.
+  client make ``num_rounds`` releases within its budget (after the releases
+  its ledger already holds).
 - :func:`client_round`: one client's round: check the budget, release
   (:func:`dpsign_fl.release.client_release`), record the release in the
   client's ledger, pack the signs.
@@ -23,50 +24,89 @@ from torch import nn
 from torch.nn import functional as F
 
 from .packing import pack_signs
-from .privacy import PrivacyLedger, calibrate_noise_multiplier
+from .privacy import PrivacyLedger, Release, calibrate_noise_multiplier
 from .release import ReleaseSettings, client_release
 from .server_update import VoteUpdater
 from .settings import RunSettings
 from .vote import VoteCounter
 
 
-def plan_release(settings: RunSettings) -> ReleaseSettings:
-    """Return the release settings of a run: sigma calibrated for ``num_rounds`` releases.
-
-    A client releases at most once per round, so ``num_rounds`` releases of
-    SGM(``sample_rate``, sigma) must meet (``target_epsilon``, ``target_delta``)
-    under ``accountant``. No amplification from the server's choice of
-    clients is assumed: a client cannot verify it.
-    """
-    sigma = calibrate_noise_multiplier(
-        target_epsilon=settings.target_epsilon,
-        target_delta=settings.target_delta,
-        sample_rate=settings.sample_rate,
-        num_steps=settings.num_rounds,
-        accountant=settings.accountant,
-    )
-    return ReleaseSettings(
-        sample_rate=settings.sample_rate,
-        clip_norm=settings.clip_norm,
-        noise_multiplier=sigma,
-        clipping=settings.clipping,
-    )
-
-
 @dataclass(frozen=True)
 class Budget:
-    """The (epsilon, delta) a client's ledger must stay within."""
+    """The (epsilon, delta) a client's ledger must stay within, over every release it records."""
 
     target_epsilon: float
     target_delta: float
 
 
 @dataclass(frozen=True)
+class ReleasePlan:
+    """How a client releases during one run, planned once at the run's start.
+
+    Attributes:
+        release: sample rate, clip norm, the planned noise multiplier, clipping.
+        num_releases: T, the releases the plan allows in this run.
+        budget: the (epsilon, delta) the ledger must stay within.
+        prior: the ledger's history when the plan was made.
+    """
+
+    release: ReleaseSettings
+    num_releases: int
+    budget: Budget
+    prior: tuple[Release, ...] = ()
+
+    def covers(self, ledger: PrivacyLedger) -> bool:
+        """True when one more planned release provably stays within the budget, without accounting.
+
+        The plan's sigma was calibrated so that ``prior`` followed by
+        ``num_releases`` releases meets the budget, and epsilon grows with each
+        release; so while the ledger holds exactly ``prior`` followed by k <
+        ``num_releases`` planned releases, the next one fits. Any other history
+        (another run wrote to the same ledger file) must be accounted.
+        """
+        history = ledger.releases
+        if history[: len(self.prior)] != self.prior:
+            return False
+        rest = history[len(self.prior) :]
+        if not rest:
+            return self.num_releases >= 1
+        q, sigma = self.release.sample_rate, self.release.noise_multiplier
+        return len(rest) == 1 and (rest[0].sample_rate, rest[0].noise_multiplier) == (q, sigma) and rest[0].count < self.num_releases
+
+
+def plan_release(settings: RunSettings, budget: Budget | None = None, prior: tuple[Release, ...] = ()) -> ReleasePlan:
+    """Plan a run's releases: sigma calibrated so that ``prior`` and ``num_rounds`` releases meet the budget.
+
+    A client releases at most once per round, so ``num_rounds`` releases of
+    SGM(``sample_rate``, sigma) follow ``prior`` (a durable ledger's history)
+    within ``budget`` (default: the run's ``target_epsilon`` and
+    ``target_delta``), under the run's accountant. No amplification from the
+    server's choice of clients is assumed: a client cannot verify it.
+
+    Raises:
+        BudgetExhausted: if ``prior`` leaves no room for ``num_rounds`` releases.
+        CalibrationTimeout: if calibration runs past its time bound.
+    """
+    budget = budget or Budget(settings.target_epsilon, settings.target_delta)
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=budget.target_epsilon,
+        target_delta=budget.target_delta,
+        sample_rate=settings.sample_rate,
+        num_steps=settings.num_rounds,
+        accountant=settings.accountant,
+        prior=[(r.sample_rate, r.noise_multiplier, r.count) for r in prior],
+    )
+    release = ReleaseSettings(
+        sample_rate=settings.sample_rate, clip_norm=settings.clip_norm, noise_multiplier=sigma, clipping=settings.clipping
+    )
+    return ReleasePlan(release, settings.num_rounds, budget, tuple(prior))
+
+
+@dataclass(frozen=True)
 class SignedUpdate:
-    """A client's release: the packed signs and the epsilon spent once they are sent."""
+    """A client's release: the packed signs (already recorded in its ledger)."""
 
     packed: np.ndarray
-    epsilon: float
 
 
 @dataclass(frozen=True)
@@ -90,54 +130,76 @@ class Refusal:
         """A message for logs and the error reply (public numbers only)."""
         return (
             f"privacy budget exhausted: epsilon={self.spent:.4f} spent in {self.releases} releases; one more "
-            f"would reach {self.after:.4f} > target-epsilon={self.budget.target_epsilon:g} "
+            f"would reach {self.after:.4f} > epsilon {self.budget.target_epsilon:g} "
             f"(delta={self.budget.target_delta:g})"
         )
+
+
+@dataclass(frozen=True)
+class FailedRelease:
+    """A release that failed after its data was sampled; it is recorded as a release.
+
+    Only the exception's type is kept: its message may describe the data.
+    """
+
+    error_type: str
+
+    @property
+    def reason(self) -> str:
+        """A message that carries no data."""
+        return "the release failed after sampling; it is counted as a release in the ledger"
 
 
 def client_round(
     model: nn.Module,
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    release: ReleaseSettings,
+    plan: ReleasePlan,
     ledger: PrivacyLedger,
-    budget: Budget,
     *,
     generator: torch.Generator,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     gradient_noise: str = "none",
-) -> SignedUpdate | Refusal:
+) -> SignedUpdate | Refusal | FailedRelease:
     """Make this client's release for the current model, or refuse; record it in ``ledger``.
 
     Privacy: the release is one SGM(q, sigma) (:func:`client_release`); it is
-    made only when the ledger, with it, stays within ``budget``, and it is
+    made only when the ledger, with it, stays within ``plan.budget`` (checked
+    by :meth:`ReleasePlan.covers`, else by accounting the ledger), and it is
     recorded in ``ledger`` before it is returned. The caller persists the
     ledger before the packed signs leave the device. A refusal depends only on
-    public numbers (q, sigma and the number of earlier releases).
+    public numbers (q, sigma and the number of earlier releases). A failure
+    after sampling (e.g. a loss that cannot be computed for a sampled
+    example) is recorded as a release too and reported without its message.
 
     Args:
         model: the current global model.
         inputs, targets: the client's local training set.
-        release: sample rate, clip norm, noise multiplier, clipping.
+        plan: the run's release plan (:func:`plan_release`).
         ledger: the client's ledger (updated in place).
-        budget: the (epsilon, delta) the ledger must stay within.
         generator: the randomness of sampling and noise.
         loss_fn: per-batch loss.
         gradient_noise: experiments only (:mod:`dpsign_fl.gradient_noise`).
 
     Returns:
-        :class:`SignedUpdate` or :class:`Refusal`.
+        :class:`SignedUpdate`, :class:`Refusal` or :class:`FailedRelease`.
     """
-    after = ledger.epsilon_after(
-        target_delta=budget.target_delta, sample_rate=release.sample_rate, noise_multiplier=release.noise_multiplier
-    )
-    if not after <= budget.target_epsilon:
-        return Refusal(ledger.epsilon(budget.target_delta), after, ledger.num_releases, budget)
-    signs = client_release(
-        model, inputs, targets, release, generator=generator, loss_fn=loss_fn, gradient_noise=gradient_noise
-    )
+    release, budget = plan.release, plan.budget
+    if not plan.covers(ledger):
+        after = ledger.epsilon_after(
+            target_delta=budget.target_delta, sample_rate=release.sample_rate, noise_multiplier=release.noise_multiplier
+        )
+        if not after <= budget.target_epsilon:
+            return Refusal(ledger.epsilon(budget.target_delta), after, ledger.num_releases, budget)
+    try:
+        signs = client_release(
+            model, inputs, targets, release, generator=generator, loss_fn=loss_fn, gradient_noise=gradient_noise
+        )
+    except Exception as error:  # noqa: BLE001 - whatever failed, the data was sampled
+        ledger.record(sample_rate=release.sample_rate, noise_multiplier=release.noise_multiplier)
+        return FailedRelease(type(error).__name__)
     ledger.record(sample_rate=release.sample_rate, noise_multiplier=release.noise_multiplier)
-    return SignedUpdate(pack_signs(signs), after)
+    return SignedUpdate(pack_signs(signs))
 
 
 @dataclass(frozen=True)

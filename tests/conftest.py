@@ -10,9 +10,16 @@ random examples when hunting for counterexamples.
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 _NO_TIMING = dict(database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dpsign", derandomize=True, **_NO_TIMING)
 settings.register_profile("explore", derandomize=False, max_examples=500, **_NO_TIMING)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dpsign"))
+
+
+@pytest.fixture(autouse=True)
+def private_flower_home(tmp_path_factory, monkeypatch):
+    """Every test gets its own FLWR_HOME: a deployed node's default ledger lives there, never in ~/.flwr."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))

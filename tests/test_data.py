@@ -305,6 +305,27 @@ def test_local_source_without_data_dir_is_rejected():
         load_dataset("cifar10", source="local")
 
 
+def _dataset(train_inputs, train_targets):
+    return Dataset(train_inputs, train_targets, torch.zeros(1, 2), torch.zeros(1, dtype=torch.int64), 10, "t")
+
+
+def test_a_label_outside_the_classes_is_refused_when_the_data_is_loaded_not_when_sampled():
+    targets = torch.tensor([1, 99, 3], dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"train targets must lie in \[0, 10\): 1 do not"):
+        _dataset(torch.zeros(3, 2), targets)
+
+
+def test_a_non_finite_input_is_refused_when_the_data_is_loaded():
+    inputs = torch.zeros(3, 2)
+    inputs[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="train inputs must be finite: 1 examples"):
+        _dataset(inputs, torch.zeros(3, dtype=torch.int64))
+
+
+def test_valid_data_loads_negative_control():
+    assert _dataset(torch.zeros(3, 2), torch.tensor([0, 9, 3])).num_classes == 10
+
+
 def test_dataset_rejects_inputs_and_targets_of_different_lengths():
     with pytest.raises(ValueError, match="same length"):
         Dataset(torch.zeros(3, 2), torch.zeros(2, dtype=torch.int64), torch.zeros(1, 2),

@@ -11,6 +11,8 @@ import os
 import stat
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,6 +178,107 @@ def test_the_lock_keeps_a_second_process_out_until_the_first_releases_it(tmp_pat
         holder.wait()
 
 
+HAMMER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from dpsign_fl.privacy.ledger_store import lock_ledger_file
+path, stop = Path(sys.argv[1]), Path(sys.argv[2])
+deadline, turns = time.monotonic() + 120, 0
+while not stop.exists() and time.monotonic() < deadline:
+    with lock_ledger_file(path, timeout_seconds=120):
+        turns += 1
+        if turns == 1:
+            print("holding", flush=True)
+        time.sleep(0.02)
+    # asks again at once: a lock that favours the last holder would starve everyone else
+print(turns, flush=True)
+"""
+
+
+def test_the_lock_is_fair_a_waiter_gets_it_while_another_process_keeps_asking_for_it(tmp_path):
+    # The earlier lock (poll every 50 ms, no turnstile) let one process re-acquire it every
+    # time: a second process then waited until its timeout.
+    path, stop = tmp_path / "ledger.json", tmp_path / "stop"
+    repository = str(Path(__file__).resolve().parents[1])
+    hammer = subprocess.Popen([sys.executable, "-c", HAMMER, str(path), str(stop), repository], stdout=subprocess.PIPE, text=True)
+    try:
+        assert hammer.stdout.readline().strip() == "holding"
+        started = time.monotonic()
+        for _ in range(3):  # three turns in a row, while the other process keeps asking
+            with lock_ledger_file(path, timeout_seconds=60):
+                pass
+        waited = time.monotonic() - started
+    finally:
+        stop.touch()
+        turns = int(hammer.stdout.readline() or 0)
+        hammer.wait(timeout=60)
+    assert waited < 60 and turns >= 1
+
+
+def test_a_symbolic_link_is_followed_and_the_real_file_is_written_and_locked(tmp_path):
+    real = tmp_path / "store" / "ledger.json"
+    real.parent.mkdir()
+    write_ledger_file(real, ledger_of((0.1, 1.0, 2)))
+    link = tmp_path / "ledger-link.json"
+    link.symlink_to(real)
+
+    write_ledger_file(link, ledger_of((0.1, 1.0, 3)))
+    with lock_ledger_file(link):
+        pass
+
+    assert link.is_symlink() and read_ledger_file(real, accountant="pld").num_releases == 3
+    assert (real.parent / ("ledger.json" + LOCK_SUFFIX)).exists()
+    assert not (tmp_path / ("ledger-link.json" + LOCK_SUFFIX)).exists()
+
+
+def test_a_dangling_symbolic_link_is_refused_not_read_as_an_empty_ledger(tmp_path):
+    link = tmp_path / "ledger.json"
+    link.symlink_to(tmp_path / "gone.json")
+
+    with pytest.raises(LedgerFileError, match="does not exist"):
+        read_ledger_file(link, accountant="pld")
+
+
+def test_a_ledger_file_with_another_hard_link_is_refused(tmp_path):
+    path = tmp_path / "ledger.json"
+    write_ledger_file(path, ledger_of((0.1, 1.0, 3)))
+    os.link(path, tmp_path / "copy.json")
+
+    with pytest.raises(LedgerFileError, match="2 hard links"):
+        write_ledger_file(path, ledger_of((0.1, 1.0, 4)))
+    with pytest.raises(LedgerFileError, match="2 hard links"):
+        read_ledger_file(tmp_path / "copy.json", accountant="pld")
+
+
+@pytest.mark.parametrize(
+    ("count", "message"),
+    [(2.9, "count must be an integer"), ("7", "count must be an integer"), (True, "count must be an integer"), (0, "count must be an integer >= 1")],
+)
+def test_a_ledger_with_a_count_of_the_wrong_type_is_refused(tmp_path, count, message):
+    path = tmp_path / "ledger.json"
+    data = ledger_of((0.1, 1.0, 3)).to_dict()
+    data["releases"][0]["count"] = count
+    path.write_text(json.dumps(data))
+
+    with pytest.raises(LedgerFileError, match=message):
+        read_ledger_file(path, accountant="pld")
+
+
+def test_temporary_files_of_a_killed_writer_are_removed_under_the_lock(tmp_path):
+    path = tmp_path / "ledger.json"
+    write_ledger_file(path, ledger_of((0.1, 1.0, 3)))
+    leftovers = [tmp_path / f".ledger.json.{tag}.tmp" for tag in ("abc", "def")]
+    for leftover in leftovers:
+        leftover.write_text("{")
+
+    with lock_ledger_file(path):
+        pass
+
+    assert not any(leftover.exists() for leftover in leftovers)
+    assert read_ledger_file(path, accountant="pld").num_releases == 3
+
+
 def test_the_lock_timeout_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="timeout_seconds"):
         with lock_ledger_file(tmp_path / "ledger.json", timeout_seconds=0):
@@ -207,31 +310,45 @@ def train_message(server_round, dataset="digits", model_name=None):
     return instruction(content, dst_node_id=5)
 
 
-def test_a_restarted_supernode_continues_from_the_budget_in_its_ledger_file(tmp_path):
+def test_a_restarted_supernode_plans_within_the_budget_its_ledger_file_has_left(tmp_path):
     ledger_path = tmp_path / "node.json"
     node_config = {"partition-id": 1, "num-partitions": 5, "ledger-path": str(ledger_path)}
 
     first = handle_train(train_message(1), supernode_context(node_config))
     restarted = supernode_context(node_config)  # empty context.state, same file
-    second = handle_train(train_message(2), restarted)
-    third = handle_train(train_message(3), restarted)
+    replies = [handle_train(train_message(t), restarted) for t in (2, 3, 4)]
 
-    assert not first.has_error() and not second.has_error()
-    assert third.has_error() and third.error.code == BUDGET_EXHAUSTED_CODE
-    assert "2 releases" in third.error.reason
-    assert read_ledger_file(ledger_path, accountant="pld").num_releases == ROUNDS
+    ledger = read_ledger_file(ledger_path, accountant="pld")
+    assert not first.has_error() and [r.has_error() for r in replies] == [False, False, True]
+    assert replies[-1].error.code == BUDGET_EXHAUSTED_CODE and "3 releases" in replies[-1].error.reason
+    assert ledger.num_releases == 3 and ledger.epsilon(DELTA) <= 2.0
+    # The restart planned its releases after the first one: more noise, never a fresh budget.
+    assert ledger.releases[1].noise_multiplier > ledger.releases[0].noise_multiplier
     assert LEDGER_STATE_KEY not in restarted.state  # the file is the only copy
 
 
-def test_without_a_ledger_file_a_restart_would_reset_the_budget(tmp_path):
-    # Negative control of the test above: context.state alone does not survive.
-    node_config = {"partition-id": 1, "num-partitions": 5}
+def test_a_node_that_opts_into_a_per_run_budget_starts_afresh_every_run_negative_control():
+    # What the durable ledger prevents: context.state alone does not survive a new run.
+    node_config = {"partition-id": 1, "num-partitions": 5, "per-run-budget": True}
     for server_round in (1, 2):
         handle_train(train_message(server_round), supernode_context(node_config))
 
     reply = handle_train(train_message(3), supernode_context(node_config))
 
     assert not reply.has_error()
+
+
+def test_a_deployed_node_without_a_ledger_path_keeps_a_durable_ledger_in_its_own_folder(tmp_path, monkeypatch):
+    # The red team's case: three runs on a node without ledger-path each spent most of a budget of 1.
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    node_config = {"partition-id": 0, "num-partitions": 5}
+    for run in range(3):
+        context = supernode_context(node_config, **{"target-epsilon": 1.0})  # a new run: empty context.state
+        for server_round in (1, 2):
+            handle_train(train_message(server_round), context)
+
+    ledger = read_ledger_file(tmp_path / "home" / "dpsign-fl" / "ledger.json", accountant="pld")
+    assert ledger.num_releases >= 2 and ledger.epsilon(DELTA) <= 1.0
 
 
 def test_the_ledger_file_holds_the_release_when_the_reply_leaves(tmp_path):

@@ -55,19 +55,19 @@ def test_large_integer_seeds_are_parsed_exactly():
 
 
 def test_python_construction_is_validated_and_names_the_python_field():
-    with pytest.raises(ConfigError, match=r"sample_rate must be in \[1e-08, 1\], got 1.5"):
+    with pytest.raises(ConfigError, match=r"sample_rate must be in \[0.0001, 1\], got 1.5"):
         RunSettings(sample_rate=1.5)
 
 
 @pytest.mark.parametrize(
     "key, value, expected",
     [
-        ("target-epsilon", 0, "target-epsilon must be in [0.01, 100]"),
-        ("target-epsilon", 1e30, "target-epsilon must be in [0.01, 100], got 1e+30"),
+        ("target-epsilon", 0, "target-epsilon must be in [0.05, 100]"),
+        ("target-epsilon", 1e30, "target-epsilon must be in [0.05, 100], got 1e+30"),
         ("target-epsilon", "nan", "target-epsilon must be a number"),
         ("target-delta", 1.0, "target-delta must be in"),
         ("target-delta", 0, "target-delta"),
-        ("sample-rate", 1.3, "sample-rate must be in [1e-08, 1], got 1.3"),
+        ("sample-rate", 1.3, "sample-rate must be in [0.0001, 1], got 1.3"),
         ("sample-rate", 1e-300, "sample-rate"),
         ("num-server-rounds", 0, "num-server-rounds must be in [1, 1e+06]"),
         ("num-server-rounds", 2.5, "num-server-rounds must be an integer"),

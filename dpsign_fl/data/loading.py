@@ -70,6 +70,16 @@ class Dataset:
                 f"train and test examples must have the same shape, got {list(self.train_inputs.shape[1:])} "
                 f"and {list(self.test_inputs.shape[1:])}"
             )
+        # Checked once here, before any release: a bad record found only when a
+        # round samples it would make the failure itself depend on the data.
+        for split in ("train", "test"):
+            inputs, targets = getattr(self, f"{split}_inputs"), getattr(self, f"{split}_targets")
+            if targets.numel() and not (0 <= int(targets.min()) and int(targets.max()) < self.num_classes):
+                bad = int(((targets < 0) | (targets >= self.num_classes)).sum())
+                raise ValueError(f"{split} targets must lie in [0, {self.num_classes}): {bad} do not")
+            if not bool(torch.isfinite(inputs).all()):
+                bad = int((~torch.isfinite(inputs.reshape(inputs.shape[0], -1))).any(dim=1).sum())
+                raise ValueError(f"{split} inputs must be finite: {bad} examples hold NaN or inf")
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -53,7 +53,7 @@ from ..packing import pack_signs
 from ..parameters import load_model_vector, model_vector
 from ..privacy import PrivacyLedger, jin_noise_multiplier
 from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, seeded_generator
-from ..rounds import Budget, Refusal, client_round, plan_release, server_round
+from ..rounds import Budget, ReleasePlan, SignedUpdate, client_round, plan_release, server_round
 from ..server_update import VoteUpdater, learning_rate_at
 from ..settings import ConfigError, RunSettings, check_fields, from_mapping, setting, specs
 
@@ -187,7 +187,7 @@ def noise_multiplier_for(experiment: Experiment, target_delta: float) -> float:
     if experiment.method == "dp-signsgd":
         if experiment.noise_multiplier is not None:
             return experiment.noise_multiplier
-        return plan_release(dataclasses.replace(run, target_delta=target_delta)).noise_multiplier
+        return plan_release(run, Budget(run.target_epsilon, target_delta)).release.noise_multiplier
     if experiment.method == "jin-dp-sign":
         return jin_noise_multiplier(epsilon_per_step=run.target_epsilon, delta_per_step=target_delta)
     if experiment.method == "jin-rectified":
@@ -231,11 +231,11 @@ def run_experiment(
     ledgers = [PrivacyLedger(accountant=run.accountant) for _ in clients] if experiment.private else []
     # A fixed sigma (sweeps) or Jin's per-step calibration are not planned for the target: report, never refuse.
     planned = experiment.method == "dp-signsgd" and experiment.noise_multiplier is None
-    budget = Budget(run.target_epsilon if planned else math.inf, target_delta)
-    updater = VoteUpdater(learning_rate=learning_rate, schedule=run.lr_schedule, momentum=run.server_momentum)
     release = ReleaseSettings(
         sample_rate=run.sample_rate, clip_norm=run.clip_norm, noise_multiplier=noise_multiplier, clipping=run.clipping
     )
+    plan = ReleasePlan(release, run.num_rounds, Budget(run.target_epsilon if planned else math.inf, target_delta))
+    updater = VoteUpdater(learning_rate=learning_rate, schedule=run.lr_schedule, momentum=run.server_momentum)
     test_inputs, test_targets = torch.as_tensor(dataset.test_inputs), torch.as_tensor(dataset.test_targets)
     tail_start = run.num_rounds - int(experiment.tail_average * run.num_rounds) + 1
     tail_sum, tail_count = np.zeros_like(weights, dtype=np.float64), 0
@@ -269,10 +269,10 @@ def run_experiment(
                 generator = _generator(run, m, current)
                 if experiment.private:
                     outcome = client_round(
-                        model, client.inputs, client.targets, release, ledgers[m], budget,
+                        model, client.inputs, client.targets, plan, ledgers[m],
                         generator=generator, gradient_noise=run.gradient_noise,
                     )
-                    if isinstance(outcome, Refusal):
+                    if not isinstance(outcome, SignedUpdate):
                         continue
                     packed = outcome.packed
                 else:

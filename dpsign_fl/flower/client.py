@@ -2,6 +2,20 @@
 
 Privacy: the reply carries only the packed signs and the epsilon spent
 (:mod:`dpsign_fl.flower.records`). No loss, accuracy, batch size or dataset size.
+
+Who decides what (docs/privacy.md has the threat model):
+
+- The budget is the smaller of the run config's (``target-epsilon`` at
+  ``target-delta``) and the node's own cap (node-config ``max-epsilon`` at its
+  ``delta``), over every release in the node's ledger, across runs. A run that
+  asks for more than the node's cap is not refused: the node plans its noise
+  for its own cap and logs that it did.
+- The ledger of a deployed node is a file (node-config ``ledger-path``, else
+  ``ledger.json`` in the node's own folder) unless the node opts into
+  ``per-run-budget``; a simulated node keeps it in ``context.state``.
+- Sampling and noise come from the OS's secure source, except in simulation
+  with run-config ``reproducible-noise`` and on a node that sets its own
+  ``noise-seed`` (experiments; not private against whoever knows the seed).
 """
 
 from __future__ import annotations
@@ -10,6 +24,7 @@ import json
 from contextlib import contextmanager
 from functools import lru_cache
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -20,10 +35,11 @@ from ..attacks import byzantine_payload, is_byzantine
 from ..data import load_dataset, partition
 from ..mechanism import secure_generator
 from ..models import build_model
-from ..privacy import PrivacyLedger
+from ..privacy import PrivacyLedger, Release
+from ..privacy.accounting import BudgetExhausted
 from ..privacy.ledger_store import lock_ledger_file, read_ledger_file, write_ledger_file
 from ..release import ReleaseSettings, seeded_generator
-from ..rounds import Budget, Refusal, client_round, plan_release
+from ..rounds import Budget, FailedRelease, ReleasePlan, Refusal, client_round, plan_release
 from ..settings import RunSettings, from_mapping, to_mapping
 from .node import NodeConfig, parse_node_config, running_in_simulation
 from .records import (
@@ -40,19 +56,20 @@ from .records import (
 BUDGET_EXHAUSTED_CODE = 4601
 """Error code of a reply refused because the privacy budget would be exceeded."""
 
+RELEASE_FAILED_CODE = 4602
+"""Error code of a release that failed after its data was sampled (counted in the ledger)."""
+
 
 def handle_train(message: Message, context: Context, *, simulation: bool | None = None) -> Message:
     """Make this client's DP-SIGN release for the received model, or refuse.
 
     Refuses (an error reply with :data:`BUDGET_EXHAUSTED_CODE`) when the next
-    release would push this client's epsilon above ``target-epsilon``. The
-    ledger is the file named by node-config ``ledger-path`` when set (read at
-    the start of every message under a lock, rewritten right after the
-    release is recorded and before the reply leaves), else ``context.state``.
-
-    Experiment-only settings (Byzantine attacks, synthetic gradient noise,
-    reproducible noise) take effect only in simulation; a deployed node
-    ignores them with a warning and trains honestly with secure randomness.
+    release would push this node's ledger past its budget (module docstring).
+    The ledger is read at the start of every message (a file: under a lock)
+    and written right after the release is recorded, before the reply leaves.
+    Experiment-only settings (attacks, synthetic gradient noise, reproducible
+    noise) take effect only in simulation; a deployed node ignores them with a
+    warning and trains honestly with secure randomness.
 
     Args:
         message: the train instruction (model arrays and the round number).
@@ -67,84 +84,113 @@ def handle_train(message: Message, context: Context, *, simulation: bool | None 
         log(WARNING, "ignoring experiment-only run-config settings on a deployed node: %s", settings.experiment_only)
     server_round = int(message.content[CONFIG_KEY].get(ROUND_KEY, 0)) if CONFIG_KEY in message.content else 0
     inputs, targets, classes = client_data(settings, node)
-    release = release_plan(settings, context)
+    budget = node_budget(settings, node)
+    name = node.name(context.node_id)
     client = node.client_number(context.node_id)
-    with open_ledger(node, context, accountant=settings.accountant) as (ledger, save):
+    with open_ledger(node.durable_ledger_path(simulated), context, accountant=settings.accountant) as (ledger, save):
+        plan = run_plan(settings, budget, ledger, context)
+        if isinstance(plan, str):
+            log(WARNING, "%s: %s", name, plan)
+            return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=f"{name}: {plan}"), reply_to=message)
         model = build_model(settings.model_name, input_shape=tuple(inputs.shape[1:]), num_classes=classes)
         load_arrays_into_model(model, message.content[ARRAYS_KEY])
-        if simulated and settings.reproducible_noise:
-            generator = seeded_generator(settings.noise_seed, client=client, server_round=server_round)
-        else:
-            generator = secure_generator()
+        generator = client_randomness(settings, node, simulated, client=client, server_round=server_round)
         outcome = client_round(
-            model,
-            inputs,
-            targets,
-            release,
-            ledger,
-            Budget(settings.target_epsilon, settings.target_delta),
-            generator=generator,
+            model, inputs, targets, plan, ledger, generator=generator,
             gradient_noise=settings.gradient_noise if simulated else "none",
         )
         if isinstance(outcome, Refusal):
-            reason = f"{node.name(context.node_id)}: {outcome.reason}"
-            log(WARNING, reason)
-            return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=reason), reply_to=message)
+            log(WARNING, "%s: %s", name, outcome.reason)
+            return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=f"{name}: {outcome.reason}"), reply_to=message)
         save(ledger)
+        if isinstance(outcome, FailedRelease):
+            log(WARNING, "%s: %s (%s)", name, outcome.reason, outcome.error_type)
+            return Message(Error(code=RELEASE_FAILED_CODE, reason=outcome.reason), reply_to=message)
+        epsilon = ledger.epsilon(budget.target_delta)
     packed = outcome.packed
     if simulated and node.partition_id is not None and is_byzantine(client, node.num_partitions, settings.byzantine_fraction):
         d = sum(p.numel() for p in model.parameters() if p.requires_grad)
         packed = byzantine_payload(packed, d, attack=settings.byzantine_attack, generator=generator)
-    return Message(train_reply_content(packed, epsilon=outcome.epsilon), reply_to=message)
+    return Message(train_reply_content(packed, epsilon=epsilon), reply_to=message)
+
+
+def node_budget(settings: RunSettings, node: NodeConfig) -> Budget:
+    """The budget this node accepts for the run: the run config's, never above the node's own cap."""
+    if node.max_epsilon is None:
+        return Budget(settings.target_epsilon, settings.target_delta)
+    return Budget(min(settings.target_epsilon, node.max_epsilon), min(settings.target_delta, node.node_delta))
+
+
+def client_randomness(
+    settings: RunSettings, node: NodeConfig, simulated: bool, *, client: int, server_round: int
+) -> torch.Generator:
+    """The generator of this round's sampling and noise (module docstring: who may fix it)."""
+    if node.noise_seed is not None:
+        return seeded_generator(node.noise_seed, client=client, server_round=server_round)
+    if simulated and settings.reproducible_noise:
+        return seeded_generator(settings.noise_seed, client=client, server_round=server_round)
+    return secure_generator()
 
 
 @contextmanager
 def open_ledger(
-    node: NodeConfig, context: Context, *, accountant: str
+    ledger_file: Path | None, context: Context, *, accountant: str
 ) -> Iterator[tuple[PrivacyLedger, Callable[[PrivacyLedger], None]]]:
     """Yield (ledger, save) for this node; call ``save(ledger)`` after recording a release.
 
-    With ``ledger-path`` the file is locked for the whole block and is the
-    source of truth (``context.state`` is not used for the ledger); without
-    it the ledger lives in ``context.state``.
+    With a ledger file, the file is locked for the whole block and is the
+    source of truth (``context.state`` does not hold the ledger); without one
+    the ledger lives in ``context.state`` (one run).
 
     Raises:
         LedgerFileError: if the ledger file is unusable (see
             :func:`dpsign_fl.privacy.ledger_store.read_ledger_file`).
     """
-    if node.ledger_path is None:
+    if ledger_file is None:
         yield load_ledger(context.state, accountant=accountant), lambda ledger: save_ledger(context.state, ledger)
         return
-    with lock_ledger_file(node.ledger_path):
-        ledger = read_ledger_file(node.ledger_path, accountant=accountant)
-        yield ledger, lambda updated: write_ledger_file(node.ledger_path, updated)
+    ledger_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_ledger_file(ledger_file):
+        ledger = read_ledger_file(ledger_file, accountant=accountant)
+        log(INFO, "privacy ledger %s: %d releases", ledger_file, ledger.num_releases)
+        yield ledger, lambda updated: write_ledger_file(ledger_file, updated)
 
 
-def release_plan(settings: RunSettings, context: Context) -> ReleaseSettings:
-    """Return this run's release settings, planned once per run and kept in ``context.state``.
+def run_plan(settings: RunSettings, budget: Budget, ledger: PrivacyLedger, context: Context) -> ReleasePlan | str:
+    """This run's release plan, made at the node's first message of the run and kept in ``context.state``.
 
-    The plan (:func:`dpsign_fl.rounds.plan_release`) must stay fixed for the
-    whole run: the budget holds because every release of the run uses it. It
-    is kept in the state rather than recomputed because a deployed ClientApp
-    runs in a fresh process for every message.
+    The plan fixes sigma for the whole run (the budget holds because every
+    release of the run uses it), planned after the releases the ledger already
+    holds. It is kept in the state because a deployed ClientApp runs in a fresh
+    process for every message. Returns the reason instead when the ledger has
+    already spent the budget.
     """
     key = json.dumps(
-        [settings.target_epsilon, settings.target_delta, settings.sample_rate, settings.num_rounds,
+        [budget.target_epsilon, budget.target_delta, settings.sample_rate, settings.num_rounds,
          settings.accountant, settings.clip_norm, settings.clipping]
     )
     stored = context.state[NOISE_STATE_KEY] if NOISE_STATE_KEY in context.state else None
     if stored is not None and stored.get("key") == key:
-        return ReleaseSettings(
-            sample_rate=settings.sample_rate,
-            clip_norm=settings.clip_norm,
-            noise_multiplier=float(stored["noise-multiplier"]),
-            clipping=settings.clipping,
-        )
-    release = plan_release(settings)
-    log(INFO, "calibrated noise multiplier %.4f for epsilon=%g over %d releases",
-        release.noise_multiplier, settings.target_epsilon, settings.num_rounds)
-    context.state[NOISE_STATE_KEY] = ConfigRecord({"key": key, "noise-multiplier": release.noise_multiplier})
-    return release
+        prior = tuple(Release(*entry) for entry in json.loads(stored["prior"]))
+        release = ReleaseSettings(settings.sample_rate, settings.clip_norm, float(stored["noise-multiplier"]), settings.clipping)
+        return ReleasePlan(release, settings.num_rounds, budget, prior)
+    if (budget.target_epsilon, budget.target_delta) != (settings.target_epsilon, settings.target_delta):
+        log(WARNING, "the run asks for epsilon %g at delta %g; this node's cap is epsilon %g at delta %g: "
+            "planning for the cap", settings.target_epsilon, settings.target_delta, budget.target_epsilon,
+            budget.target_delta)
+    try:
+        plan = plan_release(settings, budget, ledger.releases)
+    except BudgetExhausted:
+        return (f"privacy budget exhausted: the ledger's {ledger.num_releases} releases already spend "
+                f"epsilon {ledger.epsilon(budget.target_delta):.4f} of {budget.target_epsilon:g} "
+                f"(delta={budget.target_delta:g})")
+    log(INFO, "planned noise multiplier %.4f for %d releases within epsilon %g at delta %g (after %d earlier releases)",
+        plan.release.noise_multiplier, settings.num_rounds, budget.target_epsilon, budget.target_delta, ledger.num_releases)
+    context.state[NOISE_STATE_KEY] = ConfigRecord(
+        {"key": key, "noise-multiplier": plan.release.noise_multiplier,
+         "prior": json.dumps([[r.sample_rate, r.noise_multiplier, r.count] for r in plan.prior])}
+    )
+    return plan
 
 
 @lru_cache(maxsize=4)

@@ -13,11 +13,21 @@ decision the device makes on its own.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
-from ..settings import ConfigError, check_fields, from_mapping, setting, specs
+from ..settings import SEED_LIMIT, ConfigError, check_fields, from_mapping, setting, specs
+
+DEFAULT_NODE_DELTA = 1e-5
+"""The node's delta when it sets ``max-epsilon`` without ``delta``."""
+
+STATE_FOLDER = "dpsign-fl"
+"""The node's own folder (ledger, model) inside Flower's home, ``$FLWR_HOME`` or ``~/.flwr``."""
+
+LEDGER_FILE = "ledger.json"
 
 
 @dataclass(frozen=True)
@@ -28,20 +38,42 @@ class NodeConfig:
         partition_id, num_partitions: this node's share of the dataset (both
             None: the node uses the whole dataset in ``data_dir``).
         data_dir: the node's own data folder (overrides run-config ``data-dir``).
-        ledger_path: the file holding this node's privacy ledger; None = keep
-            it in ``context.state``.
+        ledger_path: the file holding this node's privacy ledger. A deployed
+            node without it keeps its ledger in ``state_dir``; a simulated one
+            in ``context.state``.
+        state_dir: the node's own folder for its ledger (and model); None =
+            ``$FLWR_HOME/dpsign-fl`` (``~/.flwr/dpsign-fl``).
+        per_run_budget: a deployed node keeps its ledger in ``context.state``,
+            so that each run starts a new budget (NOT a guarantee over runs).
+        max_epsilon: the most epsilon, at ``delta``, this node's data may ever
+            spend, over every release it records; no run config can raise it.
+        delta: the node's own delta (default 1e-5 when ``max_epsilon`` is set).
+        noise_seed: experiments only: derive this node's sampling and noise
+            from this seed (NOT private against anyone who knows it).
     """
 
     partition_id: int | None = setting(None, kind=int, low=0, high=1_000_000, help="this node's partition of the dataset")
     num_partitions: int | None = setting(None, kind=int, low=1, high=1_000_000, help="how many partitions the dataset is cut into")
     data_dir: str | None = setting(None, kind=str, help="absolute path of this node's own data folder")
     ledger_path: str | None = setting(None, kind=str, help="absolute path of this node's privacy ledger file")
+    state_dir: str | None = setting(None, kind=str, help="absolute path of this node's folder for its ledger and model")
+    per_run_budget: bool = setting(False, help="keep the ledger per run (context.state): the budget restarts every run")
+    max_epsilon: float | None = setting(None, kind=float, low=0.05, high=100, help="the most epsilon this node's data may ever spend")
+    delta: float | None = setting(None, kind=float, low=1e-12, high=0.5, help="the node's own delta (default 1e-5)")
+    noise_seed: int | None = setting(None, kind=int, low=0, high=SEED_LIMIT, high_open=True, help="experiments only: a fixed seed for this node's randomness (NOT private)")
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for name in ("data_dir", "ledger_path"):
-            if getattr(self, name) == "":
+        for name in ("data_dir", "ledger_path", "state_dir"):
+            value = getattr(self, name)
+            if value == "":
                 raise ConfigError(f"node config {specs(NodeConfig)[name].key} must not be empty")
+            if name != "data_dir" and value is not None and not Path(value).expanduser().is_absolute():
+                raise ConfigError(f"node config {specs(NodeConfig)[name].key} must be an absolute path, got {value!r}")
+        if self.delta is not None and self.max_epsilon is None:
+            raise ConfigError("node config delta is the delta of max-epsilon: set max-epsilon too")
+        if self.per_run_budget and self.ledger_path is not None:
+            raise ConfigError("node config per-run-budget keeps the ledger in the run's state: do not set ledger-path too")
         if (self.partition_id is None) != (self.num_partitions is None):
             missing = "num-partitions" if self.num_partitions is None else "partition-id"
             raise ConfigError(f"node config must set {missing!r} too: 'partition-id' and 'num-partitions' go together")
@@ -60,6 +92,32 @@ class NodeConfig:
     def client_number(self, node_id: int) -> int:
         """The number that tells clients apart in seeds and attacks: the partition, else the node ID."""
         return self.partition_id if self.partition_id is not None else int(node_id)
+
+    @property
+    def node_delta(self) -> float | None:
+        """The delta of ``max_epsilon`` (None without a cap)."""
+        if self.max_epsilon is None:
+            return None
+        return self.delta if self.delta is not None else DEFAULT_NODE_DELTA
+
+    def folder(self) -> Path:
+        """The node's own folder (created on first use by its caller)."""
+        if self.state_dir is not None:
+            return Path(self.state_dir).expanduser()
+        home = os.environ.get("FLWR_HOME") or str(Path.home() / ".flwr")
+        return Path(home).expanduser() / STATE_FOLDER
+
+    def durable_ledger_path(self, simulated: bool) -> Path | None:
+        """Where this node's ledger file lives, or None when it lives in ``context.state``.
+
+        ``ledger-path`` when set; else, on a deployed node, ``<state folder>/ledger.json``
+        unless ``per-run-budget`` is set; a simulated node keeps it in the run's state.
+        """
+        if self.ledger_path is not None:
+            return Path(self.ledger_path).expanduser()
+        if simulated or self.per_run_budget:
+            return None
+        return self.folder() / LEDGER_FILE
 
 
 NODE_CONFIG_KEYS = tuple(spec.key for spec in specs(NodeConfig).values())

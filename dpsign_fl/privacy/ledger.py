@@ -125,21 +125,44 @@ class PrivacyLedger:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PrivacyLedger":
-        """Rebuild a ledger from :meth:`to_dict` output.
+        """Rebuild a ledger from :meth:`to_dict` output, strictly.
+
+        Every field must have exactly the type :meth:`to_dict` writes: a count
+        of 2.9 or "7" is not a count, and a ledger that is not exactly right is
+        refused rather than read as something that spends less.
 
         Raises:
-            ValueError: if ``data`` is not a ledger of a known version.
+            ValueError: if ``data`` is not a ledger of a known version, or any
+                field is missing, extra, of the wrong type or out of range.
         """
-        if not isinstance(data, dict) or data.get("version") != LEDGER_FORMAT_VERSION:
-            raise ValueError(f"not a privacy ledger of version {LEDGER_FORMAT_VERSION}: {data!r:.200}")
-        try:
-            releases = [
-                Release(float(r["sample-rate"]), float(r["noise-multiplier"]), int(r["count"]))
-                for r in data["releases"]
-            ]
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"malformed privacy ledger: {error}") from error
-        return cls(releases, accountant=data.get("accountant", "pld"))
+        if not isinstance(data, dict) or set(data) != {"version", "accountant", "releases"}:
+            raise ValueError(f"not a privacy ledger: expected keys version, accountant, releases, got {data!r:.200}")
+        if type(data["version"]) is not int or data["version"] != LEDGER_FORMAT_VERSION:
+            raise ValueError(f"not a privacy ledger of version {LEDGER_FORMAT_VERSION}: version {data['version']!r}")
+        if not isinstance(data["accountant"], str):
+            raise ValueError(f"malformed privacy ledger: accountant must be a string, got {data['accountant']!r}")
+        check_accountant(data["accountant"])
+        if not isinstance(data["releases"], list):
+            raise ValueError(f"malformed privacy ledger: releases must be a list, got {data['releases']!r:.100}")
+        releases = [_release_from_dict(entry, index) for index, entry in enumerate(data["releases"])]
+        return cls(releases, accountant=data["accountant"])
 
     def __repr__(self) -> str:
         return f"PrivacyLedger(releases={self.num_releases}, accountant={self._accountant!r})"
+
+
+def _release_from_dict(entry, index: int) -> Release:
+    where = f"malformed privacy ledger: release {index}"
+    if not isinstance(entry, dict) or set(entry) != {"sample-rate", "noise-multiplier", "count"}:
+        raise ValueError(f"{where} must hold exactly sample-rate, noise-multiplier and count, got {entry!r:.200}")
+    for key in ("sample-rate", "noise-multiplier"):
+        if type(entry[key]) not in (int, float):
+            raise ValueError(f"{where}: {key} must be a number, got {entry[key]!r}")
+    if type(entry["count"]) is not int or entry["count"] < 1:
+        raise ValueError(f"{where}: count must be an integer >= 1, got {entry['count']!r}")
+    try:
+        check_sample_rate(entry["sample-rate"])
+        check_noise_multiplier(entry["noise-multiplier"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from None
+    return Release(float(entry["sample-rate"]), float(entry["noise-multiplier"]), entry["count"])

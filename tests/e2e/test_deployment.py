@@ -9,6 +9,8 @@ message, so a round takes 15-40 s here; the runs are 2 rounds on digits.
   and ``ledger-path``), one 2-round run; its metrics.json and ledger files.
 - ``restarted``: the same SuperNodes stopped and started again (new processes,
   same ledger files), then a new run: every client refuses, the model stays.
+- ``capped``: the same SuperNodes with node-config ``max-epsilon=1`` and fresh
+  ledger files; a run asking for epsilon 8, then one asking for delta 0.5.
 - ``secured``: TLS with a throwaway CA, SuperNode authentication with 3
   registered keys (nodes with their own ``data-dir``) and one unregistered key.
 """
@@ -45,10 +47,13 @@ DELTA = 1e-5
 SEED = 11
 
 
-def run_config(results: Path, *, rounds: int = ROUNDS, extra: str = "") -> str:
+def run_config(
+    results: Path, *, rounds: int = ROUNDS, extra: str = "", epsilon: float = TARGET_EPSILON, delta: float = DELTA,
+    min_train_nodes: int = NODES,
+) -> str:
     return (
-        f"num-server-rounds={rounds} min-available-nodes={NODES} min-train-nodes={NODES} "
-        f"target-epsilon={TARGET_EPSILON} target-delta={DELTA} learning-rate=0.03 model-seed={SEED} "
+        f"num-server-rounds={rounds} min-available-nodes={NODES} min-train-nodes={min_train_nodes} "
+        f"target-epsilon={epsilon} target-delta={delta} learning-rate=0.03 model-seed={SEED} "
         f"round-timeout=240.0 results-dir='{results}' {extra}"
     ).strip()
 
@@ -194,6 +199,49 @@ def test_a_run_where_every_client_refused_leaves_the_model_unchanged(restarted):
     final = torch.load(restarted.results / "model.pt")
     for name, value in initial.state_dict().items():
         torch.testing.assert_close(final[name], value, rtol=0, atol=0)
+
+
+# ------------------------------------------- the device owner's cap, over two runs
+
+NODE_CAP = 1.0
+
+
+@pytest.fixture(scope="module")
+def capped(insecure, restarted):
+    """The same SuperNodes restarted with max-epsilon=1 (fresh ledgers); then two greedy runs."""
+    deployment = insecure.deployment
+    ledger_paths = {name: insecure.root / "ledgers" / f"capped-{name}.json" for name in insecure.node_configs}
+    node_configs = {
+        name: {**config, "ledger-path": str(ledger_paths[name]), "max-epsilon": NODE_CAP, "delta": DELTA}
+        for name, config in insecure.node_configs.items()
+    }
+    for name, node_config in node_configs.items():
+        deployment.stop_supernode(name)
+        deployment.start_supernode(name, node_config)
+    deployment.wait_for_online_nodes(NODES)
+    outcomes, results = [], []
+    for label, asked in (("epsilon-8", dict(epsilon=8.0)), ("delta-0.5", dict(delta=0.5))):
+        folder = insecure.root / f"results-capped-{label}"
+        outcomes.append(deployment.run(run_config(folder, min_train_nodes=1, **asked)))
+        results.append(folder)
+    return Phase(deployment, insecure.root, outcomes[-1], results[-1], node_configs, ledger_paths,
+                 ledger_snapshot(ledger_paths)), outcomes, results
+
+
+def test_runs_that_ask_for_more_than_the_nodes_cap_still_complete(capped):
+    phase, outcomes, results = capped
+    for outcome, folder in zip(outcomes, results):
+        assert outcome.status == "finished:completed", diagnostics(phase.deployment, outcome)
+        assert [row["round"] for row in metrics(folder)] == list(range(1, ROUNDS + 1))
+
+
+def test_every_ledger_stays_within_the_nodes_cap_at_the_nodes_delta_over_both_runs(capped):
+    phase, _, _ = capped
+    for name, path in phase.ledger_paths.items():
+        ledger = read_ledger_file(path, accountant="pld")
+        assert ledger.num_releases >= ROUNDS, name
+        assert ledger.epsilon(DELTA) <= NODE_CAP, (name, ledger.epsilon(DELTA))
+        assert "planning for the cap" in phase.deployment.log_text(name)
 
 
 # Placed after every test that uses `insecure`, so that it runs last in this module.

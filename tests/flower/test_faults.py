@@ -227,7 +227,7 @@ def failing_on_partition(partition_id):
     def handler(message, context):
         if int(context.node_config["partition-id"]) == partition_id:
             raise RuntimeError(f"deliberate failure on partition {partition_id}")
-        return handle_train(message, context)
+        return handle_train(message, context, simulation=True)
 
     return handler
 

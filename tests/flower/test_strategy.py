@@ -147,3 +147,16 @@ def test_server_momentum_accumulates_votes():
     # velocity: v1 = s, v2 = 0.5 s + s = 1.5 s; total step 2.5 * lr * s
     expected = arrays_to_flat(arrays) - 2.5 * LEARNING_RATE * signs
     np.testing.assert_allclose(arrays_to_flat(second), expected, rtol=1e-5)
+
+
+def test_replies_from_nodes_that_were_not_sampled_this_round_do_not_vote(caplog):
+    strategy, arrays, _ = configured_strategy()  # sampled 11, 12, 13
+    signs = [signs_for(seed) for seed in range(2)]
+    outsiders = [valid_reply(21, np.ones(D, dtype=np.int8)), valid_reply(22, np.ones(D, dtype=np.int8))]
+
+    new_arrays, metrics = strategy.aggregate_train(1, [valid_reply(11, signs[0]), valid_reply(12, signs[1]), *outsiders])
+
+    expected_vote = majority_vote([pack_signs(s) for s in signs], D)
+    np.testing.assert_allclose(arrays_to_flat(new_arrays), arrays_to_flat(arrays) - LEARNING_RATE * expected_vote, rtol=1e-6)
+    assert (metrics["voters"], metrics["dropped"], metrics["missing"]) == (2, 2, 1)
+    assert "dropped reply of node 21: the node was not sampled this round" in caplog.text
