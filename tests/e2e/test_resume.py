@@ -6,7 +6,8 @@ process is SIGKILLed and its SuperLink stopped. The second run starts a fresh
 SuperLink (new FLWR_HOME, new ports) with the same run config plus resume=true.
 
 Two simulation start-ups (Ray, one torch import per ClientApp actor) take 2-4 minutes
-on a busy 2-core machine. The exact-continuation check (same final model as an
+on a busy 2-core machine; the harness starts each SuperLink itself and waits for it
+generously (tests/e2e/harness.py). The exact-continuation check (same final model as an
 uninterrupted run) is in tests/flower/test_faults.py, in-process.
 """
 
@@ -20,14 +21,14 @@ import pytest
 
 from dpsign_fl.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
-from .harness import BIN, REPO, flwr_run_simulation, offline_env, stop_processes, superlink_pids
+from .harness import BIN, REPO, LocalSimulation, flwr_run_simulation, stop_processes, superlink_pids
 
 SUPERNODES = 3
 ROUNDS = 8
 CHECKPOINT_EVERY = 2
 RUN_CONFIG = (
     f"num-server-rounds={ROUNDS} checkpoint-every={CHECKPOINT_EVERY} target-epsilon=4.0 accountant='rdp' "
-    f"learning-rate=0.03 server-momentum=0.5 lr-schedule='linear' seed='11'"
+    f"learning-rate=0.03 server-momentum=0.5 lr-schedule='linear' model-seed=11 reproducible-noise=true noise-seed=11"
 )
 
 
@@ -61,29 +62,34 @@ def read_rows(results):
         return []
 
 
-def run_until_round(home, results, stop_round, timeout=300.0):
+def run_until_round(home, results, stop_round, timeout=900.0):
     """Start `flwr run`, wait until metrics.json holds ``stop_round``, then kill the run.
 
     Returns the PIDs that existed at the kill (the CLI, the SuperLink and everything below them).
     """
-    env = offline_env(home)
-    command = [str(BIN / "flwr"), "run", ".", "--stream", "--federation-config",
-               f"num-supernodes={SUPERNODES} client-resources-num-cpus=1",
-               "--run-config", f"{RUN_CONFIG} results-dir='{results}'"]  # fmt: skip
-    cli = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    try:
-        while not any(row["round"] >= stop_round for row in read_rows(results)):
-            assert time.monotonic() < deadline and cli.poll() is None, "the first run never reached round 2"
-            time.sleep(0.1)
-    finally:
-        tree = process_tree(cli.pid) + [pid for link in superlink_pids(home) for pid in process_tree(link)]
-        servers = [pid for pid in tree if b"flwr-simulation" in _cmdline(pid)]
-        for pid in servers:  # the crash: the ServerApp dies at once, mid-round
-            os.kill(pid, signal.SIGKILL)
-        stop_processes(superlink_pids(home) + [cli.pid])
-        cli.wait(timeout=30)
-        stop_processes([pid for pid in tree if alive(pid)], timeout=10)
+    with LocalSimulation(home) as simulation:
+        command = [str(BIN / "flwr"), "run", ".", "--stream", "--federation-config",
+                   f"num-supernodes={SUPERNODES} client-resources-num-cpus=1",
+                   "--run-config", f"{RUN_CONFIG} results-dir='{results}'"]  # fmt: skip
+        cli = subprocess.Popen(command, cwd=REPO, env=simulation.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        try:
+            while not any(row["round"] >= stop_round for row in read_rows(results)):
+                assert cli.poll() is None, f"the first run ended before round {stop_round}:\n{simulation.log_tail()}"
+                assert time.monotonic() < deadline, (
+                    f"the first run did not reach round {stop_round} within {timeout:g} s (rows: {read_rows(results)})\n"
+                    f"{simulation.log_tail()}"
+                )
+                time.sleep(0.1)
+        finally:
+            tree = process_tree(cli.pid) + process_tree(simulation.process.pid)
+            servers = [pid for pid in tree if b"flwr-simulation" in _cmdline(pid)]
+            for pid in servers:  # the crash: the ServerApp dies at once, mid-round
+                os.kill(pid, signal.SIGKILL)
+            simulation.stop()
+            stop_processes([cli.pid])
+            cli.wait(timeout=30)
+            stop_processes([pid for pid in tree if alive(pid)], timeout=10)
     return tree
 
 
@@ -103,7 +109,8 @@ def interrupted_then_resumed(tmp_path_factory):
     rows_at_kill = read_rows(results)
     checkpoint_round = load_checkpoint(results / CHECKPOINT_FILE).server_round
     resumed = flwr_run_simulation(
-        second_home, num_supernodes=SUPERNODES, run_config=f"{RUN_CONFIG} resume=true results-dir='{results}'"
+        second_home, num_supernodes=SUPERNODES, run_config=f"{RUN_CONFIG} resume=true results-dir='{results}'",
+        done=lambda: (results / "model.pt").exists(),
     )
     return {
         "results": results,
