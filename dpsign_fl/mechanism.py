@@ -163,6 +163,31 @@ def per_sample_gradients(
     return torch.cat([grads[name].reshape(inputs.shape[0], -1) for name in names], dim=1)
 
 
+def clip_factors(norms: torch.Tensor, *, clip_norm: float, clipping: str) -> torch.Tensor:
+    """Return each example's clipping factor; 0 where its norm is not finite.
+
+    ``clip(g_i) = factors[i] * g_i`` with factor ``min(1, C / ||g_i||)`` (flat)
+    or ``C / (||g_i|| + gamma)`` (automatic). A non-finite norm means a NaN or
+    inf entry (or an overflow): the example contributes zero, which keeps every
+    contribution's norm <= C (callers must drop such examples rather than
+    multiply them by 0, since 0 * inf is NaN).
+
+    Args:
+        norms: ``[B]`` per-example L2 norms over all trainable parameters.
+        clip_norm: C > 0 (not validated here: the public entry point does it).
+        clipping: ``"flat"`` or ``"automatic"``.
+
+    Returns:
+        ``[B]`` factors in [0, 1] (flat) or [0, C / gamma) (automatic).
+    """
+    if clipping == "flat":
+        # clamp avoids 0/0 for a zero gradient, whose factor is then 1.
+        factors = torch.clamp(clip_norm / torch.clamp(norms, min=1e-12), max=1.0)
+    else:
+        factors = clip_norm / (norms + AUTOMATIC_CLIPPING_GAMMA)
+    return torch.where(torch.isfinite(norms), factors, torch.zeros_like(factors))
+
+
 def clip_per_sample(
     per_sample_grads: torch.Tensor, *, clip_norm: float, clipping: str = "flat"
 ) -> torch.Tensor:
@@ -188,15 +213,10 @@ def clip_per_sample(
     _check_clip_norm(clip_norm)
     if per_sample_grads.ndim != 2:
         raise ValueError(f"per_sample_grads must be 2-D [B, d], got shape {tuple(per_sample_grads.shape)}")
-    norms = torch.linalg.vector_norm(per_sample_grads, dim=1, keepdim=True)
-    if clipping == "flat":
-        # clamp avoids 0/0 for a zero gradient, whose factor is then 1.
-        factors = torch.clamp(clip_norm / torch.clamp(norms, min=1e-12), max=1.0)
-    elif clipping == "automatic":
-        factors = clip_norm / (norms + AUTOMATIC_CLIPPING_GAMMA)
-    else:
+    if clipping not in CLIPPING_MODES:
         raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}")
-    clipped = per_sample_grads * factors
+    norms = torch.linalg.vector_norm(per_sample_grads, dim=1)
+    clipped = per_sample_grads * clip_factors(norms, clip_norm=clip_norm, clipping=clipping)[:, None]
     # A row with a NaN or inf entry would turn the whole sum into NaN and the
     # release into a deterministic all -1 vector: one example would then change
     # the output distribution without bound. Such a row contributes zeros, so
@@ -223,7 +243,22 @@ def noisy_clipped_sum(
     """
     _check_noise_multiplier(noise_multiplier)
     clipped = clip_per_sample(per_sample_grads, clip_norm=clip_norm, clipping=clipping)
-    total = clipped.sum(dim=0)
+    return noisy_sum(clipped.sum(dim=0), clip_norm=clip_norm, noise_multiplier=noise_multiplier, generator=generator)
+
+
+def noisy_sum(
+    total: torch.Tensor, *, clip_norm: float, noise_multiplier: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Return ``total + N(0, (noise_multiplier * clip_norm)^2 I)``: the Gaussian mechanism's noise.
+
+    ``total`` is a sum of per-example contributions of norm <= ``clip_norm``
+    (sensitivity ``clip_norm``). ``noise_multiplier = 0`` adds nothing (not
+    private). Randomness: ``generator``, else the OS's secure source.
+
+    Raises:
+        ValueError: on a bad ``noise_multiplier``.
+    """
+    _check_noise_multiplier(noise_multiplier)
     if noise_multiplier == 0:
         return total
     generator = generator if generator is not None else secure_generator(device=total.device)

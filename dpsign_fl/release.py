@@ -16,11 +16,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .clipped_sum import clipped_gradient_sum
 from .gradient_noise import add_gradient_noise
-from .mechanism import dp_sign, per_sample_gradients, poisson_sample, secure_generator
+from .mechanism import dp_sign, noisy_sum, per_sample_gradients, poisson_sample, secure_generator, to_signs
 
 DEFAULT_CHUNK_SIZE = 256
-"""Examples per vmap chunk of per-sample gradients: bounds memory on devices."""
+"""Examples per vmap chunk where per-example gradients are materialised (experiment-only gradient noise)."""
 
 
 @dataclass(frozen=True)
@@ -66,26 +67,31 @@ def client_release(
         inputs, targets: the client's whole local training set.
         settings: sample rate, clip norm, noise multiplier, clipping mode.
         generator: randomness for sampling and noise; None = OS secure source.
-        loss_fn: per-batch loss, applied to batches of one example.
+        loss_fn: ``loss_fn(outputs, targets)`` on a batch: the MEAN of the
+            per-example losses (as ``F.cross_entropy``).
         gradient_noise: experiment-only noise added to each per-example gradient
             before clipping (``dpsign_fl.gradient_noise``); not privacy noise.
-        chunk_size: examples per vmap chunk.
+            This path materialises the per-example gradients.
+        chunk_size: examples per vmap chunk of that path.
 
     Returns:
         int8 tensor ``[d]`` of +-1, d = number of trainable parameters.
     """
     generator = generator if generator is not None else secure_generator()
     indices = poisson_sample(inputs.shape[0], settings.sample_rate, generator=generator)
-    grads = per_sample_gradients(model, loss_fn, inputs[indices], targets[indices], chunk_size=chunk_size)
+    batch_inputs, batch_targets = inputs[indices], targets[indices]
     if gradient_noise != "none":
+        grads = per_sample_gradients(model, loss_fn, batch_inputs, batch_targets, chunk_size=chunk_size)
         grads = add_gradient_noise(grads, kind=gradient_noise, generator=generator)
-    return dp_sign(
-        grads,
-        clip_norm=settings.clip_norm,
-        noise_multiplier=settings.noise_multiplier,
-        clipping=settings.clipping,
-        generator=generator,
+        return dp_sign(
+            grads, clip_norm=settings.clip_norm, noise_multiplier=settings.noise_multiplier,
+            clipping=settings.clipping, generator=generator,
+        )
+    total = clipped_gradient_sum(
+        model, loss_fn, batch_inputs, batch_targets, clip_norm=settings.clip_norm, clipping=settings.clipping
     )
+    noisy = noisy_sum(total, clip_norm=settings.clip_norm, noise_multiplier=settings.noise_multiplier, generator=generator)
+    return to_signs(noisy)
 
 
 def seeded_generator(seed: int, *, client: int, server_round: int) -> torch.Generator:

@@ -1,0 +1,251 @@
+"""Speed and memory of one client step: the clipped gradient sum against a non-private step.
+
+``python -m dpsign_fl.bench.client_step`` prints a table. Compared, on the same
+model and batch, in one process, interleaved (each repeat runs every step once):
+
+- ``non_private``: ``loss_fn(model(x), y).backward()``, the cost to beat;
+- ``materialised``: ``clip_per_sample(per_sample_gradients(...)).sum(0)``, the
+  earlier path of ``client_release`` (vmap chunks of 256, a ``[B, d]`` matrix);
+- ``vmap`` and ``layers``: :func:`dpsign_fl.clipped_sum.clipped_gradient_sum`;
+- ``release``: the whole :func:`dpsign_fl.release.client_release` at sample
+  rate 1 (sampling, the clipped sum by ``method="auto"``, noise, sign): what a
+  client pays per round on this batch.
+
+Times are wall-clock seconds (``time.perf_counter``) at a fixed
+``torch.set_num_threads``. Peak extra memory is the growth of the process's
+peak resident set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``)
+while running one step twice, in a fresh subprocess per step, after the model
+and batch are built, minus the same for the non-private step; it counts every
+allocation (torch's CPU allocator hands memory straight to malloc).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..clipped_sum import clipped_gradient_sum
+from ..mechanism import clip_per_sample, per_sample_gradients
+from ..models import MODELS, build_model
+from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, client_release
+
+TRANSFORMERS = {
+    # name: (vocab_size, width, depth, heads, seq_len)
+    "transformer": (4000, 256, 2, 4, 64),
+    "transformer-10m": (8000, 512, 2, 8, 64),
+}
+STEPS = ("non_private", "materialised", "vmap", "layers", "release")
+CLIP_NORM = 1.0
+NUM_CLASSES = 10
+MATERIALISED_MEMORY_LIMIT_BYTES = 6 * 2**30
+"""The materialised path holds ~5 copies of the [B, d] matrix (measured before it was replaced); above this it is skipped."""
+RELEASE = ReleaseSettings(sample_rate=1.0, clip_norm=CLIP_NORM, noise_multiplier=1.0)
+_INPUT_SHAPES = {"logreg": (1, 28, 28), "mlp": (1, 28, 28), "tanh-cnn": (1, 28, 28), "cifar-cnn": (3, 32, 32)}
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; attention written with four Linear layers."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.query, self.key, self.value, self.out = (nn.Linear(width, width) for _ in range(4))
+        self.up, self.down = nn.Linear(width, mlp_ratio * width), nn.Linear(mlp_ratio * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, steps, width = x.shape
+        h = self.norm1(x)
+        q, k, v = (
+            layer(h).reshape(batch, steps, self.heads, width // self.heads).transpose(1, 2)
+            for layer in (self.query, self.key, self.value)
+        )
+        attention = torch.softmax(q @ k.mT / math.sqrt(width // self.heads), dim=-1)
+        x = x + self.out((attention @ v).transpose(1, 2).reshape(batch, steps, width))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class TokenClassifier(nn.Module):
+    """Token and position Embedding, transformer blocks, LayerNorm, mean over positions, Linear head."""
+
+    def __init__(self, vocab_size: int, width: int, depth: int, heads: int, seq_len: int, num_classes: int):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab_size, width), nn.Embedding(seq_len, width)
+        self.blocks = nn.Sequential(*(Block(width, heads) for _ in range(depth)))
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # Positions get a batch dimension so that every layer sees the batch on dim 0.
+        positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        x = self.blocks(self.tokens(ids) + self.positions(positions))
+        return self.head(self.norm(x).mean(dim=1))
+
+
+def build_transformer(name: str = "transformer", *, num_classes: int = NUM_CLASSES, seed: int = 0) -> nn.Module:
+    """Build one of :data:`TRANSFORMERS` (``transformer-10m``: 10.4M parameters).
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if name not in TRANSFORMERS:
+        raise ValueError(f"name must be one of {tuple(TRANSFORMERS)}, got {name!r}")
+    vocab_size, width, depth, heads, seq_len = TRANSFORMERS[name]
+    torch.manual_seed(seed)
+    return TokenClassifier(vocab_size, width, depth, heads, seq_len, num_classes)
+
+
+def measure_client_step(model_name: str, batch_size: int, repeats: int = 5, threads: int = 1) -> dict:
+    """Time the non-private step, the earlier materialised path, both clipped-sum methods and the release.
+
+    Args:
+        model_name: one of ``dpsign_fl.models.MODELS`` or of :data:`TRANSFORMERS`.
+        batch_size: examples per step.
+        repeats: timed repeats of each step (after one warm-up), interleaved.
+        threads: ``torch.set_num_threads`` for the timing and memory runs.
+
+    Returns:
+        ``{"model", "batch_size", "threads", "num_parameters", "seconds": {step: (min, median)},
+        "ratio": {step: (by min, by median)}, "peak_extra_mib": {step: MiB}}``; ratio is
+        non-private seconds / step seconds (1 = as fast as a non-private step);
+        peak_extra_mib is each step's peak-RSS growth minus the non-private step's.
+        A step that cannot run (the materialised path past :data:`MATERIALISED_MEMORY_LIMIT_BYTES`,
+        ``layers`` on an unsupported model) is left out.
+
+    Raises:
+        ValueError: for an unknown model or a batch size or repeats < 1.
+    """
+    if model_name not in MODELS and model_name not in TRANSFORMERS:
+        raise ValueError(f"model_name must be one of {MODELS + tuple(TRANSFORMERS)}, got {model_name!r}")
+    if batch_size < 1 or repeats < 1 or threads < 1:
+        raise ValueError(f"batch_size, repeats and threads must be >= 1, got {batch_size}, {repeats}, {threads}")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model, inputs, targets = _setup(model_name, batch_size)
+        steps = _runnable_steps(model, batch_size)
+        times: dict[str, list[float]] = {step: [] for step in steps}
+        for repeat in range(repeats + 1):
+            for step in steps:
+                start = time.perf_counter()
+                _run(step, model, inputs, targets)
+                if repeat:  # repeat 0 is the warm-up
+                    times[step].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous_threads)
+    seconds = {step: (min(t), statistics.median(t)) for step, t in times.items()}
+    base = seconds["non_private"]
+    peaks = {step: _peak_rss_mib(model_name, batch_size, step, threads) for step in steps}
+    return {
+        "model": model_name,
+        "batch_size": batch_size,
+        "threads": threads,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "seconds": seconds,
+        "ratio": {step: (base[0] / s[0], base[1] / s[1]) for step, s in seconds.items()},
+        "peak_extra_mib": {step: peaks[step] - peaks["non_private"] for step in steps},
+    }
+
+
+def _setup(model_name: str, batch_size: int):
+    generator = torch.Generator().manual_seed(1)
+    if model_name in TRANSFORMERS:
+        model = build_transformer(model_name)
+        vocab_size, _, _, _, seq_len = TRANSFORMERS[model_name]
+        inputs = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+    else:
+        shape = _INPUT_SHAPES[model_name]
+        model = build_model(model_name, input_shape=shape, num_classes=NUM_CLASSES, seed=0)
+        inputs = torch.randn(batch_size, *shape, generator=generator)
+    targets = torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator)
+    return model, inputs, targets
+
+
+def _runnable_steps(model: nn.Module, batch_size: int) -> list[str]:
+    num_parameters = sum(p.numel() for p in model.parameters())
+    steps = ["non_private"]
+    if 5 * batch_size * num_parameters * 4 <= MATERIALISED_MEMORY_LIMIT_BYTES:
+        steps.append("materialised")
+    return steps + ["vmap", "layers", "release"]
+
+
+def _run(step: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    if step == "non_private":
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(inputs), targets).backward()
+        model.zero_grad(set_to_none=True)
+    elif step == "materialised":
+        grads = per_sample_gradients(model, F.cross_entropy, inputs, targets, chunk_size=DEFAULT_CHUNK_SIZE)
+        clip_per_sample(grads, clip_norm=CLIP_NORM).sum(0)
+    elif step == "release":
+        client_release(model, inputs, targets, RELEASE, generator=torch.Generator().manual_seed(0))
+    else:
+        clipped_gradient_sum(model, F.cross_entropy, inputs, targets, clip_norm=CLIP_NORM, method=step)
+
+
+def _peak_rss_mib(model_name: str, batch_size: int, step: str, threads: int) -> float:
+    """Peak-RSS growth (MiB) over two runs of ``step`` in a fresh interpreter.
+
+    Linux: the peak (``VmHWM``) is reset to the current RSS by writing 5 to
+    ``/proc/self/clear_refs`` after the model and batch are built, so the import's
+    own peak does not hide the step's.
+    """
+    code = (
+        "import torch\n"
+        "from dpsign_fl.bench.client_step import _setup, _run, _status_kib\n"
+        f"torch.set_num_threads({threads})\n"
+        f"model, inputs, targets = _setup({model_name!r}, {batch_size})\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = _status_kib('VmRSS')\n"
+        f"_run({step!r}, model, inputs, targets)\n"
+        f"_run({step!r}, model, inputs, targets)\n"
+        "print((_status_kib('VmHWM') - before) / 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def format_table(rows: list[dict]) -> str:
+    """Render results of :func:`measure_client_step` as a fixed-width table."""
+    header = f"{'model':<16}{'batch':>6}{'thr':>4}{'d':>11}  {'step':<12}{'min s':>9}{'med s':>9}"
+    header += f"{'ratio min':>10}{'ratio med':>10}{'extra MiB':>10}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        for step, (low, mid) in row["seconds"].items():
+            ratio = row["ratio"][step]
+            lines.append(
+                f"{row['model']:<16}{row['batch_size']:>6}{row['threads']:>4}{row['num_parameters']:>11,}  "
+                f"{step:<12}{low:>9.4f}{mid:>9.4f}{ratio[0]:>9.2f}x{ratio[1]:>9.2f}x"
+                f"{row['peak_extra_mib'][step]:>10.0f}"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Print the table for the project's CNNs (1 and 2 threads) and both transformers."""
+    cases = [("tanh-cnn", 256, 1), ("tanh-cnn", 256, 2), ("cifar-cnn", 256, 1), ("cifar-cnn", 256, 2)]
+    cases += [("transformer", 64, 1), ("transformer-10m", 64, 1)]
+    rows = []
+    for model_name, batch_size, threads in cases:
+        rows.append(measure_client_step(model_name, batch_size, repeats=5, threads=threads))
+        print(format_table(rows[-1:]), flush=True)
+    print()
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""Per-layer rules of the layer pass of :mod:`dpsign_fl.clipped_sum`.
+
+For each supported layer type, from the layer's input ``a`` and the gradient
+``g`` of the summed loss w.r.t. its output (row i depends on example i only):
+
+- ``norms(module, a, g, chunk_size, keep_bytes)``: the per-example squared norm
+  of the gradient of the layer's trainable parameters, ``[B]``, and a cache of
+  per-example tensors for the second step. By the "ghost" identity
+  ``||g_i a_i^T||^2 = ||a_i||^2 ||g_i||^2`` (Goodfellow 2015, arXiv:1510.01799),
+  its sum over position pairs (Li et al. 2022, arXiv:2110.05679, Sec. 4), or by
+  materialising a chunk of per-example gradients, whichever a flop count says
+  is cheaper (Bu et al. 2022, arXiv:2205.10683, "mixed ghost clipping").
+- ``total(module, a, g, factors, cache)``: ``{parameter name: sum_i factors_i
+  grad_i}``, one weight-gradient product with factor-scaled ``g``.
+- ``unsupported(module)``: a reason the rule cannot handle this instance, or "".
+
+Nothing here adds noise or decides anything about privacy: the caller clips with
+the factors these norms give.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+LAYER_SCRATCH_BYTES = 64 * 2**20
+"""Scratch memory per chunk of one layer's per-example work in the layer pass."""
+MAX_CHUNK = 32
+"""Largest default chunk of the layer pass: small chunks stay in cache (measured faster on CPU)."""
+KEEP_BYTES = 64 * 2**20
+"""Per-example gradients the layer pass may keep between its two passes (per call).
+
+Where a layer's norms already materialise its per-example gradients, keeping
+them (largest spatial size first: the most compute per byte) spares the second
+weight-gradient product; the rest are recomputed. Never more than this, so
+never the ``[B, d]`` matrix of a large model.
+"""
+
+
+def squared_norms(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
+
+
+def finite_rows(squares: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the examples with a finite norm, or None when all are finite (the usual case)."""
+    finite = torch.isfinite(squares)
+    return None if bool(finite.all()) else torch.nonzero(finite).flatten()
+
+
+def positions(layer: tuple) -> int:
+    """Positions per example (spatial or sequence) at which a layer's weight is applied."""
+    module, _, g = layer
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return math.prod(g.shape[2:])
+    return g[0].numel() // max(1, g.shape[-1])
+
+
+def _chunks(batch: int, scratch_per_example: int, chunk_size: int | None, element_size: int = 4):
+    step = chunk_size or min(MAX_CHUNK, max(1, LAYER_SCRATCH_BYTES // max(1, scratch_per_example * element_size)))
+    return [slice(start, start + step) for start in range(0, batch, step)]
+
+
+def _keep(keep_bytes: list[int], like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """An empty tensor to keep per-example gradients in, if ``keep_bytes[0]`` still allows it."""
+    size = math.prod(shape) * like.element_size()
+    if size > keep_bytes[0]:
+        return None
+    keep_bytes[0] -= size
+    return like.new_empty(shape)
+
+
+def _scaled(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return x * weights.reshape(-1, *[1] * (x.ndim - 1))
+
+
+def _wants(module: nn.Module, name: str) -> bool:
+    p = getattr(module, name, None)
+    return p is not None and p.requires_grad
+
+
+# ---------------------------------------------------------------- per-layer rules
+# Each rule: norms(module, a, g, chunk_size, keep_bytes) -> ([B] squared norms of the layer's
+# trainable parameters, cache of [B, ...] tensors for total); total(module, a, g, factors, cache)
+# -> {parameter name: sum_i factors_i * grad_i}; unsupported(module) -> a reason, or "".
+
+
+def _linear_norms(module, a, g, chunk_size, keep_bytes):
+    a = a.reshape(a.shape[0], -1, a.shape[-1])
+    g = g.reshape(g.shape[0], -1, g.shape[-1])
+    (batch, steps, fan_in), fan_out = a.shape, g.shape[-1]
+    squares = torch.zeros(batch, dtype=g.dtype, device=g.device)
+    cache = {}
+    if _wants(module, "weight"):
+        if steps == 1:
+            squares += squared_norms(a) * squared_norms(g)
+        elif steps * (fan_in + fan_out) <= fan_in * fan_out:  # ghost: T^2 (in + out) flops vs T in out
+            for part in _chunks(batch, 2 * steps * steps, chunk_size):
+                gram_a, gram_g = a[part] @ a[part].mT, g[part] @ g[part].mT
+                squares[part] += (gram_a * gram_g).sum((1, 2))
+        else:
+            kept = _keep(keep_bytes, g, (batch, fan_out, fan_in))
+            for part in _chunks(batch, fan_in * fan_out, chunk_size):
+                grads = g[part].mT @ a[part]
+                squares[part] += squared_norms(grads)
+                if kept is not None:
+                    kept[part] = grads
+            if kept is not None:
+                cache["weight"] = kept
+    if _wants(module, "bias"):
+        cache["bias"] = g.sum(1)
+        squares += squared_norms(cache["bias"])
+    return squares, cache
+
+
+def _linear_total(module, a, g, weights, cache):
+    sums = {}
+    if "weight" in cache:
+        sums["weight"] = torch.tensordot(weights, cache["weight"], dims=1)
+    elif _wants(module, "weight"):
+        fan_in, fan_out = a.shape[-1], g.shape[-1]
+        # Scale whichever of a, g is smaller: sum_i f_i g_i^T a_i is bilinear.
+        if fan_in < fan_out:
+            a = _scaled(a, weights)
+        else:
+            g = _scaled(g, weights)
+        sums["weight"] = g.reshape(-1, fan_out).mT @ a.reshape(-1, fan_in)
+    if "bias" in cache:
+        sums["bias"] = weights @ cache["bias"]
+    return sums
+
+
+def _conv_unsupported(module):
+    if module.padding_mode != "zeros" or module.padding == "same":
+        return f"padding {module.padding!r} with padding_mode {module.padding_mode!r} (only zeros, numeric)"
+    return ""
+
+
+def _padding(module) -> tuple[int, ...]:
+    return (0,) * len(module.kernel_size) if module.padding == "valid" else tuple(module.padding)
+
+
+def _patches(module, a):
+    """Patches ``[b, C_in * prod(kernel), L]`` of a Conv1d/Conv2d input, as the convolution reads them.
+
+    An ``as_strided`` view of the zero-padded input, copied once (several times
+    faster than ``F.unfold``'s im2col on CPU).
+    """
+    padding, dims = _padding(module), len(module.kernel_size)
+    if any(padding):
+        a = F.pad(a, [p for p in reversed(padding) for _ in range(2)])
+    kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    out_sizes = [(a.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(dims)]
+    strides = a.stride()
+    view = a.as_strided(
+        (*a.shape[:2], *kernel, *out_sizes),
+        (*strides[:2], *(strides[2 + i] * dilation[i] for i in range(dims)),
+         *(strides[2 + i] * stride[i] for i in range(dims))),
+        a.storage_offset(),
+    )
+    return view.reshape(a.shape[0], a.shape[1] * math.prod(kernel), math.prod(out_sizes))
+
+
+def _convolution_weight_grad(module, a, g, groups):
+    """The convolution's own weight-gradient kernel on (a, g), summed over dim 0."""
+    dims = len(module.kernel_size)
+    shape = (g.shape[1], a.shape[1] // groups, *module.kernel_size)
+    return torch.ops.aten.convolution_backward(
+        g, a, module.weight.new_empty(shape),  # the weight's values are not read for the weight gradient
+        None, module.stride, _padding(module), module.dilation, False, (0,) * dims, groups, (False, True, False),
+    )[1]
+
+
+def _conv_norms(module, a, g, chunk_size, keep_bytes):
+    """Per-example norms of a convolution, by the cheapest of three exact forms.
+
+    ``ghost`` (Gram matrices of patches and outputs, ``L^2 (K + C)`` flops) when
+    it needs no more flops than materialising (``L K C``); otherwise the
+    per-example weight gradients, for a chunk of examples, either from the
+    patches by a batched matmul (one input channel per group, where the
+    patches are small) or by the convolution's weight-gradient kernel with the
+    examples folded into groups (no patches at all).
+    """
+    batch, groups, out_spatial = a.shape[0], module.groups, g.shape[2:]
+    g = g.reshape(batch, module.out_channels, -1)
+    steps, per_group_in, per_group_out = g.shape[2], module.weight[0].numel(), module.out_channels // groups
+    squares, cache = torch.zeros(batch, dtype=g.dtype, device=g.device), {}
+    if _wants(module, "weight"):
+        if steps * (per_group_in + per_group_out) <= per_group_in * per_group_out:
+            kind, scratch = "ghost", groups * (2 * steps * steps + per_group_in * steps)
+        elif module.in_channels == groups:
+            kind, scratch = "patches", groups * (per_group_in * steps + per_group_in * per_group_out)
+        else:
+            kind, scratch = "grouped", 2 * groups * per_group_in * per_group_out
+        kept = None if kind == "ghost" else _keep(keep_bytes, g, (batch, *module.weight.shape))
+        for part in _chunks(batch, scratch, chunk_size):
+            size = a[part].shape[0]
+            if kind == "ghost":
+                patches = _patches(module, a[part]).reshape(-1, per_group_in, steps)  # [b * groups, K, L]
+                outs = g[part].reshape(-1, per_group_out, steps)
+                squares[part] += ((patches.mT @ patches) * (outs.mT @ outs)).sum((1, 2)).reshape(size, groups).sum(1)
+                continue
+            if kind == "grouped":  # example j's group k is group j * groups + k
+                folded_a, folded_g = a[part].reshape(1, -1, *a.shape[2:]), g[part].reshape(1, -1, *out_spatial)
+                grads = _convolution_weight_grad(module, folded_a, folded_g, groups * size)
+            else:
+                patches = _patches(module, a[part]).reshape(-1, per_group_in, steps)
+                grads = g[part].reshape(-1, per_group_out, steps) @ patches.mT
+            grads = grads.reshape(size, *module.weight.shape)
+            squares[part] += squared_norms(grads)
+            if kept is not None:
+                kept[part] = grads
+        if kept is not None:
+            cache["weight"] = kept
+    if _wants(module, "bias"):
+        cache["bias"] = g.sum(2)
+        squares += squared_norms(cache["bias"])
+    return squares, cache
+
+
+def _conv_total(module, a, g, weights, cache):
+    sums = {}
+    if "weight" in cache:
+        sums["weight"] = torch.tensordot(weights, cache["weight"], dims=1)
+    elif _wants(module, "weight"):
+        # The weight gradient is bilinear in (a, g): scale the smaller one, then
+        # let the convolution's own backward kernel sum over examples.
+        if a.numel() < g.numel():
+            a = _scaled(a, weights)
+        else:
+            g = _scaled(g, weights)
+        sums["weight"] = _convolution_weight_grad(module, a, g, module.groups)
+    if "bias" in cache:
+        sums["bias"] = weights @ cache["bias"].reshape(cache["bias"].shape[0], -1)
+    return sums
+
+
+def _normalized(module, a):
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(a, module.num_groups, eps=module.eps)
+    if isinstance(module, nn.RMSNorm):
+        return F.rms_norm(a, module.normalized_shape, eps=module.eps)
+    return F.layer_norm(a, module.normalized_shape, eps=module.eps)
+
+
+def _affine_norms(module, a, g, chunk_size, keep_bytes):
+    """GroupNorm, LayerNorm, RMSNorm: per-example affine gradients, which are small, kept in the cache."""
+    batch = a.shape[0]
+    if isinstance(module, nn.GroupNorm):  # [B, C, *]: sum over the positions after the channels
+        reduce = lambda x: x.reshape(batch, x.shape[1], -1).sum(2)  # noqa: E731
+    else:  # [B, *, *normalized_shape]: sum over the positions before the normalised dims
+        reduce = lambda x: x.reshape(batch, -1, *module.normalized_shape).sum(1)  # noqa: E731
+    cache = {}
+    if _wants(module, "weight"):
+        cache["weight"] = reduce(g * _normalized(module, a))
+    if _wants(module, "bias"):
+        cache["bias"] = reduce(g)
+    return sum(squared_norms(value) for value in cache.values()), cache
+
+
+def _affine_total(module, a, g, weights, cache):
+    return {name: torch.tensordot(weights, value, dims=1) for name, value in cache.items()}
+
+
+def _embedding_unsupported(module):
+    if module.max_norm is not None:
+        return "max_norm (it rewrites the weight during the forward)"
+    if module.scale_grad_by_freq:
+        return "scale_grad_by_freq (it mixes the examples of a batch)"
+    return ""
+
+
+def _embedding_norms(module, ids, g, chunk_size, keep_bytes):
+    """Ghost norm of an embedding: ||grad_i||^2 = sum over positions t, s with equal ids of g_t . g_s."""
+    batch = ids.shape[0]
+    ids = ids.reshape(batch, -1)
+    g = g.reshape(batch, ids.shape[1], -1)
+    if module.padding_idx is not None:  # the padding row receives no gradient
+        g = g.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
+    steps = ids.shape[1]
+    if steps == 1:
+        squares = squared_norms(g)
+    else:
+        squares = torch.zeros(batch, dtype=g.dtype, device=g.device)
+        for part in _chunks(batch, 2 * steps * steps, chunk_size):
+            same = ids[part].unsqueeze(2) == ids[part].unsqueeze(1)
+            squares[part] = ((g[part] @ g[part].mT) * same).sum((1, 2))
+    return squares, {"ids": ids, "outputs": g}
+
+
+def _embedding_total(module, ids, g, weights, cache):
+    g = cache["outputs"]
+    weight = torch.zeros_like(module.weight)
+    weight.index_add_(0, cache["ids"].reshape(-1), _scaled(g, weights).reshape(-1, g.shape[-1]))
+    return {"weight": weight}
+
+
+def _always(module):
+    return ""
+
+
+RULES = {
+    nn.Linear: (_linear_norms, _linear_total, _always),
+    nn.Conv1d: (_conv_norms, _conv_total, _conv_unsupported),
+    nn.Conv2d: (_conv_norms, _conv_total, _conv_unsupported),
+    nn.GroupNorm: (_affine_norms, _affine_total, _always),
+    nn.LayerNorm: (_affine_norms, _affine_total, _always),
+    nn.RMSNorm: (_affine_norms, _affine_total, _always),
+    nn.Embedding: (_embedding_norms, _embedding_total, _embedding_unsupported),
+}
+
+
+def min_input_dims(module: nn.Module) -> int:
+    """Input dimensions of a batched call (fewer: an unbatched call, whose dim 0 is not the batch)."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return len(module.normalized_shape) + 1
+    return {nn.Conv1d: 3, nn.Conv2d: 4, nn.Embedding: 1}.get(type(module), 2)
+SUPPORTED_LAYERS = tuple(RULES)
+"""Layer types of the fast path (exact types: a subclass may change the forward)."""

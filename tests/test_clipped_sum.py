@@ -1,0 +1,562 @@
+"""Tests of dpsign_fl.clipped_sum: the sum of per-example clipped gradients.
+
+Golden values come from a one-example-at-a-time loop (one forward and one
+``torch.autograd.grad`` per example, clip, sum), written here independently of
+dpsign_fl.mechanism. Models run in float64 so that agreement is checked far
+below float32 rounding (rtol 1e-9); one test repeats it in float32. Negative
+controls (clip each tensor separately, clip the batch mean, a pass that misses
+a parameter use) must be told apart by the same comparisons.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dpsign_fl import clipped_sum
+from dpsign_fl.clipped_sum import SUPPORTED_LAYERS, clipped_gradient_sum
+from dpsign_fl.mechanism import AUTOMATIC_CLIPPING_GAMMA, clip_factors, clip_per_sample
+from dpsign_fl.models import MODELS, build_model
+
+METHODS = ("vmap", "layers")
+TIGHT = dict(rtol=1e-9, atol=1e-12)  # float64
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 threads that wait for each other ran 50x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------- reference and helpers
+
+
+def one_at_a_time_clipped_sum(model, loss_fn, inputs, targets, *, clip_norm, clipping="flat"):
+    """Reference: per example, autograd.grad of loss_fn on a batch of one; clip by one global norm; sum."""
+    return clip_and_sum(model, one_at_a_time_gradients(model, loss_fn, inputs, targets), clip_norm, clipping)
+
+
+def clip_and_sum(model, rows, clip_norm, clipping="flat"):
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype)
+    for grad in rows:
+        norm = float(torch.linalg.vector_norm(grad))
+        if not torch.isfinite(grad).all() or not math.isfinite(norm):
+            continue  # a non-finite example contributes nothing
+        if clipping == "flat":
+            factor = 1.0 if norm <= clip_norm else clip_norm / norm
+        else:
+            factor = clip_norm / (norm + AUTOMATIC_CLIPPING_GAMMA)
+        total += factor * grad
+    return total
+
+
+def one_at_a_time_gradients(model, loss_fn, inputs, targets):
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(inputs.shape[0]):
+        loss = loss_fn(model(inputs[i : i + 1]), targets[i : i + 1])
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]))
+    return rows
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention from four Linear layers, LayerNorm, MLP."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.query, self.key, self.value, self.out = (nn.Linear(width, width) for _ in range(4))
+        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        batch, steps, width = x.shape
+        h = self.norm1(x)
+        q, k, v = (
+            layer(h).reshape(batch, steps, self.heads, -1).transpose(1, 2)
+            for layer in (self.query, self.key, self.value)
+        )
+        attention = torch.softmax(q @ k.mT / math.sqrt(width // self.heads), dim=-1)
+        x = x + self.out((attention @ v).transpose(1, 2).reshape(batch, steps, width))
+        return x + self.down(torch.tanh(self.up(self.norm2(x))))
+
+
+class TinyTransformer(nn.Module):
+    """Tokens [B, T] -> Embedding + positions -> 2 blocks -> LayerNorm -> per-token logits [B, T, vocab]."""
+
+    def __init__(self, vocab=23, width=12, heads=3, steps=6):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, width, padding_idx=0), nn.Embedding(steps, width)
+        self.blocks = nn.Sequential(Block(width, heads), Block(width, heads))
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+        return self.head(self.norm(self.blocks(self.tokens(ids) + self.positions(positions))))
+
+
+def token_loss(outputs, targets):
+    """Mean over the batch of each sequence's mean token loss (all sequences have the same length)."""
+    return F.cross_entropy(outputs.flatten(0, 1), targets.flatten())
+
+
+# cifar-cnn at 16x16 in float64 (CPU convolutions in float64 are ~10x slower than in
+# float32): the same layers, a smaller first Linear; 32x32 is checked in float32.
+INPUT_SHAPES = {"logreg": (2, 5, 5), "mlp": (13,), "tanh-cnn": (1, 28, 28), "cifar-cnn": (3, 16, 16)}
+FULL_SIZE = {"tanh-cnn": (1, 28, 28), "cifar-cnn": (3, 32, 32)}
+
+
+def project_model(name, batch_size, dtype=torch.float64, seed=0, input_shape=None):
+    input_shape = input_shape or INPUT_SHAPES[name]
+    model = build_model(name, input_shape=input_shape, num_classes=10, seed=seed).to(dtype)
+    generator = torch.Generator().manual_seed(seed + 1)
+    inputs = torch.randn(batch_size, *input_shape, generator=generator, dtype=dtype)
+    targets = torch.randint(0, 10, (batch_size,), generator=generator)
+    return model, F.cross_entropy, inputs, targets
+
+
+def transformer_case(batch_size, seed=0):
+    torch.manual_seed(seed)
+    model = TinyTransformer().double()
+    generator = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, 23, (batch_size, 6), generator=generator)  # id 0 is padding
+    return model, token_loss, ids, torch.randint(0, 23, (batch_size, 6), generator=generator)
+
+
+def clip_norms_for(model, loss_fn, inputs, targets, rows=None):
+    """(small, large): most examples clipped at the small one, none at the large one."""
+    rows = one_at_a_time_gradients(model, loss_fn, inputs, targets) if rows is None else rows
+    norms = torch.stack([torch.linalg.vector_norm(g) for g in rows])
+    small, large = 0.5 * float(norms.median()), 2.0 * float(norms.max())
+    assert float((norms > small).double().mean()) > 0.5 and bool((norms < large).all())
+    return small, large
+
+
+def model_state(model):
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        [p.requires_grad for p in model.parameters()],
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+    )
+
+
+def assert_model_unchanged(model, state):
+    values, flags, grads = state
+    for p, value, flag, grad in zip(model.parameters(), values, flags, grads):
+        assert torch.equal(p.detach(), value)
+        assert p.requires_grad == flag
+        assert (p.grad is None) if grad is None else torch.equal(p.grad, grad)
+    for module in model.modules():
+        hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+        assert all(len(h) == 0 for h in hooks)
+
+
+# ---------------------------------------------------------------- agreement with the reference
+
+
+@pytest.mark.parametrize("batch_size", [0, 1, 7, 64])
+@pytest.mark.parametrize("name", MODELS)
+def test_clipped_sum_equals_one_example_at_a_time_for_project_models(name, batch_size):
+    model, loss_fn, inputs, targets = project_model(name, batch_size)
+    rows = one_at_a_time_gradients(model, loss_fn, inputs, targets)
+    regimes = clip_norms_for(model, loss_fn, inputs, targets, rows) if batch_size > 1 else (1e-3, 1e3)
+    for clipping in ("flat", "automatic"):
+        for clip_norm in regimes:
+            expected = clip_and_sum(model, rows, clip_norm, clipping)
+            for method in METHODS:
+                actual = clipped_gradient_sum(
+                    model, loss_fn, inputs, targets, clip_norm=clip_norm, clipping=clipping, method=method
+                )
+                assert actual.shape == expected.shape and actual.dtype == torch.float64
+                torch.testing.assert_close(actual, expected, **TIGHT, msg=f"{method} {clipping} C={clip_norm}")
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_clipped_sum_equals_one_example_at_a_time_for_a_transformer(batch_size):
+    model, loss_fn, ids, targets = transformer_case(batch_size)
+    rows = one_at_a_time_gradients(model, loss_fn, ids, targets)
+    regimes = clip_norms_for(model, loss_fn, ids, targets, rows) if batch_size > 1 else (1e-3, 1e3)
+    for clipping in ("flat", "automatic"):
+        for clip_norm in regimes:
+            expected = clip_and_sum(model, rows, clip_norm, clipping)
+            for method in METHODS:
+                actual = clipped_gradient_sum(
+                    model, loss_fn, ids, targets, clip_norm=clip_norm, clipping=clipping, method=method
+                )
+                torch.testing.assert_close(actual, expected, **TIGHT, msg=f"{method} {clipping} C={clip_norm}")
+
+
+@pytest.mark.parametrize("name", ["tanh-cnn", "cifar-cnn"])
+def test_float32_clipped_sum_matches_reference_to_float_tolerance(name):
+    model, loss_fn, inputs, targets = project_model(name, 64, dtype=torch.float32, input_shape=FULL_SIZE[name])
+    rows = one_at_a_time_gradients(model, loss_fn, inputs, targets)
+    small, _ = clip_norms_for(model, loss_fn, inputs, targets, rows)
+    expected = clip_and_sum(model, rows, small)
+    for method in METHODS:
+        actual = clipped_gradient_sum(model, loss_fn, inputs, targets, clip_norm=small, method=method)
+        assert actual.dtype == torch.float32
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def layer_zoo():
+    """One small model per path of the layer pass (named after the path it takes)."""
+    torch.manual_seed(3)
+    image = (2, 7, 7)
+    cases = {
+        "linear-sequence-ghost": (nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 3)), (2, 5)),
+        "linear-sequence-materialised": (nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 3)), (6, 2)),
+        "conv-grouped-and-frozen-bias": (nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh()), image),
+        "conv-patches-depthwise-strided": (nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, groups=2), nn.Tanh()), image),
+        "conv-ghost-dilated": (nn.Sequential(nn.Conv2d(2, 16, 3, dilation=2, padding="valid"), nn.Tanh()), image),
+        "conv1d-and-groupnorm": (nn.Sequential(nn.Conv1d(2, 4, 3, stride=2), nn.GroupNorm(2, 4), nn.Tanh()), (2, 9)),
+        "groupnorm-without-spatial": (nn.Sequential(nn.Linear(4, 6), nn.GroupNorm(3, 6), nn.Tanh()), (4,)),
+        "layernorm-two-dims-and-rmsnorm": (nn.Sequential(nn.LayerNorm((3, 4)), nn.RMSNorm(4), nn.Tanh()), (2, 3, 4)),
+    }
+    cases["conv-grouped-and-frozen-bias"][0][0].bias.requires_grad_(False)
+    return cases
+
+
+@pytest.mark.parametrize("case", sorted(layer_zoo()))
+def test_each_layer_path_equals_one_example_at_a_time(case):
+    body, shape = layer_zoo()[case]
+    model = nn.Sequential(body, nn.Flatten(), nn.LazyLinear(3)).double()
+    generator = torch.Generator().manual_seed(4)
+    inputs = torch.randn(9, *shape, generator=generator, dtype=torch.float64)
+    model(inputs)  # materialise the lazy head
+    targets = torch.randint(0, 3, (9,), generator=generator)
+    small, _ = clip_norms_for(model, F.cross_entropy, inputs, targets)
+
+    expected = one_at_a_time_clipped_sum(model, F.cross_entropy, inputs, targets, clip_norm=small)
+    actual = clipped_gradient_sum(model, F.cross_entropy, inputs, targets, clip_norm=small, method="layers")
+
+    torch.testing.assert_close(actual, expected, **TIGHT)
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 2**40])
+@pytest.mark.parametrize("chunk_size", [None, 1, 5])
+def test_chunking_and_keeping_per_example_gradients_do_not_change_the_sum(monkeypatch, chunk_size, keep_bytes):
+    monkeypatch.setattr(clipped_sum, "KEEP_BYTES", keep_bytes)
+    model, loss_fn, inputs, targets = project_model("cifar-cnn", 11)
+    expected = one_at_a_time_clipped_sum(model, loss_fn, inputs, targets, clip_norm=0.05)
+    for method in METHODS:
+        actual = clipped_gradient_sum(
+            model, loss_fn, inputs, targets, clip_norm=0.05, method=method, chunk_size=chunk_size
+        )
+        torch.testing.assert_close(actual, expected, **TIGHT)
+
+
+# ---------------------------------------------------------------- non-finite examples
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_example_contributes_exactly_zero_and_the_rest_stay_correct(method, poison):
+    model, loss_fn, inputs, targets = project_model("tanh-cnn", 7)
+    bad = inputs.clone()
+    bad[3, 0, 10, 10] = poison
+    keep = [0, 1, 2, 4, 5, 6]
+
+    actual = clipped_gradient_sum(model, loss_fn, bad, targets, clip_norm=0.1, method=method)
+    without = clipped_gradient_sum(model, loss_fn, inputs[keep], targets[keep], clip_norm=0.1, method=method)
+
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual, without, **TIGHT)
+    torch.testing.assert_close(
+        actual, one_at_a_time_clipped_sum(model, loss_fn, bad, targets, clip_norm=0.1), **TIGHT
+    )
+
+
+def test_clip_factors_are_zero_for_non_finite_norms():
+    norms = torch.tensor([0.0, 0.5, 4.0, float("nan"), float("inf")])
+
+    flat = clip_factors(norms, clip_norm=1.0, clipping="flat")
+    automatic = clip_factors(norms, clip_norm=1.0, clipping="automatic")
+
+    torch.testing.assert_close(flat, torch.tensor([1.0, 1.0, 0.25, 0.0, 0.0]))
+    gamma = AUTOMATIC_CLIPPING_GAMMA
+    torch.testing.assert_close(automatic, torch.tensor([1 / gamma, 1 / (0.5 + gamma), 1 / (4 + gamma), 0.0, 0.0]))
+
+
+# ---------------------------------------------------------------- sensitivity and negative controls
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("clipping", ["flat", "automatic"])
+def test_adding_one_example_moves_the_sum_by_at_most_clip_norm(method, clipping):
+    model, loss_fn, inputs, targets = project_model("cifar-cnn", 8)
+    clip_norm = 0.01  # far below every example's norm: every example is clipped
+    for extra in range(8):
+        keep = [i for i in range(8) if i != extra]
+        with_all = clipped_gradient_sum(
+            model, loss_fn, inputs, targets, clip_norm=clip_norm, clipping=clipping, method=method
+        )
+        without = clipped_gradient_sum(
+            model, loss_fn, inputs[keep], targets[keep], clip_norm=clip_norm, clipping=clipping, method=method
+        )
+        shift = float(torch.linalg.vector_norm(with_all - without))
+        assert shift <= clip_norm * (1 + 1e-9)
+        assert shift > 0.9 * clip_norm  # the example is clipped to (almost) exactly C, not dropped
+
+
+def clip_each_tensor_then_sum(model, loss_fn, inputs, targets, clip_norm):
+    """NOT sensitivity C: every parameter tensor of every example clipped to C on its own."""
+    sizes = [p.numel() for p in model.parameters()]
+    total = 0
+    for grad in one_at_a_time_gradients(model, loss_fn, inputs, targets):
+        pieces = [piece * min(1.0, clip_norm / float(torch.linalg.vector_norm(piece))) for piece in grad.split(sizes)]
+        total = total + torch.cat(pieces)
+    return total
+
+
+def clip_batch_mean(model, loss_fn, inputs, targets, clip_norm):
+    """NOT sensitivity C (it is 2C): the batch-mean gradient clipped to C."""
+    mean = torch.stack(one_at_a_time_gradients(model, loss_fn, inputs, targets)).mean(0)
+    return mean * min(1.0, clip_norm / float(torch.linalg.vector_norm(mean)))
+
+
+@pytest.mark.parametrize("control", [clip_each_tensor_then_sum, clip_batch_mean])
+def test_negative_controls_per_tensor_or_mean_clipping_are_detected(control):
+    model, loss_fn, inputs, targets = project_model("mlp", 7)
+    small, _ = clip_norms_for(model, loss_fn, inputs, targets)
+    expected = one_at_a_time_clipped_sum(model, loss_fn, inputs, targets, clip_norm=small)
+    wrong = control(model, loss_fn, inputs, targets, small)
+
+    for method in METHODS:
+        actual = clipped_gradient_sum(model, loss_fn, inputs, targets, clip_norm=small, method=method)
+        torch.testing.assert_close(actual, expected, **TIGHT)
+        with pytest.raises(AssertionError):
+            torch.testing.assert_close(actual, wrong, rtol=1e-3, atol=1e-6)
+
+
+# ---------------------------------------------------------------- models the layer pass must not take
+
+
+class FunctionallyTied(nn.Module):
+    """Input embedding reused as the output layer through F.linear (a use outside its own forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix = nn.Embedding(11, 5), nn.Linear(5, 5)
+
+    def forward(self, ids):
+        return F.linear(torch.tanh(self.mix(self.embed(ids))), self.embed.weight).mean(1)
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.layer(torch.tanh(self.layer(x)))))
+
+
+class OwnParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale, self.head = nn.Parameter(torch.linspace(0.5, 2.0, 4)), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(x * self.scale)
+
+
+class SequenceFirst(nn.Module):
+    """Moves the batch off dim 0 before a Linear: the layer pass must refuse, not mis-clip."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.layer(x.transpose(0, 1)).mean(0)
+
+
+class FrozenByNoGrad(nn.Module):
+    """A Linear run under no_grad (as reentrant checkpointing would): its autograd gradient is zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            x = torch.tanh(self.frozen(x))
+        return self.head(x)
+
+
+def registered_tied():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    return model
+
+
+def unsupported_cases():
+    torch.manual_seed(5)
+    vectors = torch.randn(6, 4, dtype=torch.float64)
+    labels = torch.randint(0, 3, (6,))
+    batchnorm_eval = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).eval()
+    return {
+        "functional-tying": (FunctionallyTied(), torch.randint(0, 11, (6, 3)), torch.randint(0, 11, (6,))),
+        "module-called-twice": (CalledTwice(), vectors, labels),
+        "parameter-on-a-plain-module": (OwnParameter(), vectors, labels),
+        "registered-tying": (registered_tied(), vectors, torch.randint(0, 4, (6,))),
+        "batchnorm-in-eval-mode": (batchnorm_eval, vectors, labels),
+        "batch-moved-off-dim-0": (SequenceFirst(), torch.randn(6, 5, 4, dtype=torch.float64), labels),
+        "layer-run-under-no-grad": (FrozenByNoGrad(), vectors, labels),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(unsupported_cases()))
+def test_auto_falls_back_to_vmap_and_layers_refuses_models_it_cannot_prove(case):
+    model, inputs, targets = unsupported_cases()[case]
+    model = model.double()
+    state = model_state(model)
+    expected = one_at_a_time_clipped_sum(model, F.cross_entropy, inputs, targets, clip_norm=0.1)
+
+    actual = clipped_gradient_sum(model, F.cross_entropy, inputs, targets, clip_norm=0.1, method="auto")
+
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    with pytest.raises(ValueError, match="method='layers' cannot handle this model"):
+        clipped_gradient_sum(model, F.cross_entropy, inputs, targets, clip_norm=0.1, method="layers")
+    assert_model_unchanged(model, state)
+
+
+def test_functional_tying_would_be_missed_without_the_use_check(monkeypatch):
+    # Negative control for the graph check: with it disabled, the layer pass
+    # misses the output-layer use of the embedding and the sum is wrong.
+    model, inputs, targets = unsupported_cases()["functional-tying"]
+    model = model.double()
+    expected = one_at_a_time_clipped_sum(model, F.cross_entropy, inputs, targets, clip_norm=0.1)
+    monkeypatch.setattr(clipped_sum, "_check_uses", lambda *args: None)
+
+    unchecked = clipped_gradient_sum(model, F.cross_entropy, inputs, targets, clip_norm=0.1, method="layers")
+
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(unchecked, expected, rtol=1e-3, atol=1e-6)
+
+
+def test_supported_layers_are_the_documented_ones():
+    expected = {nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.Embedding}
+    assert set(SUPPORTED_LAYERS) == expected
+
+
+# ---------------------------------------------------------------- the model is left as it was
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap", "layers"])
+def test_model_is_unchanged_parameters_flags_grads_and_no_hooks(method):
+    model, loss_fn, inputs, targets = project_model("cifar-cnn", 5)
+    model[0].bias.requires_grad_(False)
+    model[3].weight.grad = torch.full_like(model[3].weight, 7.0)
+    state = model_state(model)
+
+    clipped_gradient_sum(model, loss_fn, inputs, targets, clip_norm=0.1, method=method)
+
+    assert_model_unchanged(model, state)
+
+
+def test_model_is_unchanged_when_the_loss_raises():
+    model, _, inputs, targets = project_model("tanh-cnn", 5)
+    state = model_state(model)
+
+    def broken_loss(outputs, targets):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        clipped_gradient_sum(model, broken_loss, inputs, targets, clip_norm=0.1, method="layers")
+
+    assert_model_unchanged(model, state)
+
+
+def test_frozen_parameters_are_left_out():
+    model, loss_fn, inputs, targets = project_model("cifar-cnn", 6)
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    expected = one_at_a_time_clipped_sum(model, loss_fn, inputs, targets, clip_norm=0.1)
+
+    for method in METHODS:
+        actual = clipped_gradient_sum(model, loss_fn, inputs, targets, clip_norm=0.1, method=method)
+        assert actual.shape == (trainable,)
+        torch.testing.assert_close(actual, expected, **TIGHT)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_empty_batch_gives_zeros_of_length_d():
+    model, loss_fn, inputs, targets = project_model("cifar-cnn", 0)
+
+    actual = clipped_gradient_sum(model, loss_fn, inputs, targets, clip_norm=1.0)
+
+    assert torch.equal(actual, torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64))
+
+
+def test_batchnorm_in_training_mode_is_rejected_pointing_to_groupnorm():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+
+    with pytest.raises(ValueError, match="GroupNorm"):
+        clipped_gradient_sum(
+            model, F.cross_entropy, torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), clip_norm=1.0
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"clip_norm": 0.0}, r"clip_norm must be a finite number > 0, got 0.0"),
+        ({"clip_norm": float("inf")}, r"clip_norm must be a finite number > 0, got inf"),
+        ({"clip_norm": 1.0, "clipping": "per-layer"}, r"clipping must be one of \('flat', 'automatic'\), got 'per-la"),
+        ({"clip_norm": 1.0, "method": "opacus"}, r"method must be one of \('auto', 'vmap', 'layers'\), got 'opacus'"),
+        ({"clip_norm": 1.0, "chunk_size": 0}, r"chunk_size must be None or an integer >= 1, got 0"),
+    ],
+)
+def test_bad_arguments_are_rejected_by_name(kwargs, message):
+    model, loss_fn, inputs, targets = project_model("mlp", 3)
+
+    with pytest.raises(ValueError, match=message):
+        clipped_gradient_sum(model, loss_fn, inputs, targets, **kwargs)
+
+
+def test_mismatched_batch_sizes_are_rejected():
+    model, loss_fn, inputs, targets = project_model("mlp", 4)
+
+    with pytest.raises(ValueError, match="same batch size, got 4 and 3"):
+        clipped_gradient_sum(model, loss_fn, inputs, targets[:3], clip_norm=1.0)
+
+
+def test_client_release_equals_the_materialised_path_with_the_same_randomness():
+    # The shipped release (clipped_gradient_sum) against the earlier one (every per-example
+    # gradient materialised, clip_per_sample, sum, noise, sign), drawing the same sample and noise.
+    from dpsign_fl.mechanism import dp_sign, noisy_sum, per_sample_gradients, poisson_sample
+    from dpsign_fl.models import build_model
+    from dpsign_fl.release import ReleaseSettings, client_release
+
+    torch.manual_seed(0)
+    model = build_model("tanh-cnn", input_shape=(1, 28, 28), num_classes=10, seed=0)
+    inputs, targets = torch.randn(200, 1, 28, 28), torch.randint(0, 10, (200,))
+    settings = ReleaseSettings(sample_rate=0.3, clip_norm=0.5, noise_multiplier=0.8)
+
+    signs = client_release(model, inputs, targets, settings, generator=torch.Generator().manual_seed(3))
+
+    generator = torch.Generator().manual_seed(3)
+    index = poisson_sample(200, 0.3, generator=generator)
+    grads = per_sample_gradients(model, F.cross_entropy, inputs[index], targets[index])
+    reference_state = generator.get_state()
+    expected = dp_sign(grads, clip_norm=0.5, noise_multiplier=0.8, generator=generator)
+    generator.set_state(reference_state)
+    noisy = noisy_sum(torch.zeros(grads.shape[1]), clip_norm=0.5, noise_multiplier=0.8, generator=generator)
+    clipped = clip_per_sample(grads, clip_norm=0.5).sum(0)
+    # Coordinates whose noisy sum is within float rounding of 0 may flip; no other may.
+    decided = (clipped + noisy).abs() > 1e-4
+    assert torch.equal(signs[decided], expected[decided])
+    assert int(decided.sum()) > 0.999 * signs.numel()
