@@ -42,23 +42,25 @@ from ..release import ReleaseSettings, seeded_generator
 from ..rounds import Budget, FailedRelease, ReleasePlan, Refusal, client_round, plan_release
 from ..settings import RunSettings, from_mapping, to_mapping
 from .node import NodeConfig, parse_node_config, running_in_simulation
+from ..model_sync import ModelReplica, read_replica_file, write_replica_file
+from ..parameters import load_model_vector, trainable_parameters
 from .records import (
-    ARRAYS_KEY,
+    BUDGET_EXHAUSTED_CODE,
     CONFIG_KEY,
     NOISE_STATE_KEY,
+    OUT_OF_SYNC_CODE,
+    RELEASE_FAILED_CODE,
     ROUND_KEY,
-    load_arrays_into_model,
+    SYNC_ONLY_KEY,
+    OutOfSync,
     load_ledger,
+    load_replica,
+    received_model,
     save_ledger,
+    save_replica,
+    sync_reply_content,
     train_reply_content,
 )
-
-BUDGET_EXHAUSTED_CODE = 4601
-"""Error code of a reply refused because the privacy budget would be exceeded."""
-
-RELEASE_FAILED_CODE = 4602
-"""Error code of a release that failed after its data was sampled (counted in the ledger)."""
-
 
 def handle_train(message: Message, context: Context, *, simulation: bool | None = None) -> Message:
     """Make this client's DP-SIGN release for the received model, or refuse.
@@ -82,7 +84,16 @@ def handle_train(message: Message, context: Context, *, simulation: bool | None 
     simulated = running_in_simulation() if simulation is None else simulation
     if not simulated and settings.experiment_only:
         log(WARNING, "ignoring experiment-only run-config settings on a deployed node: %s", settings.experiment_only)
-    server_round = int(message.content[CONFIG_KEY].get(ROUND_KEY, 0)) if CONFIG_KEY in message.content else 0
+    config = message.content[CONFIG_KEY] if CONFIG_KEY in message.content else {}
+    server_round = int(config.get(ROUND_KEY, 0))
+    replicas = ReplicaStore(node, context, simulated)
+    try:
+        replica = received_model(message.content, replicas.load())
+    except OutOfSync as error:
+        return Message(Error(code=OUT_OF_SYNC_CODE, reason=str(error)), reply_to=message)
+    replicas.save(replica)
+    if config.get(SYNC_ONLY_KEY, False):
+        return Message(sync_reply_content(replica), reply_to=message)
     inputs, targets, classes = client_data(settings, node)
     budget = node_budget(settings, node)
     name = node.name(context.node_id)
@@ -93,7 +104,7 @@ def handle_train(message: Message, context: Context, *, simulation: bool | None 
             log(WARNING, "%s: %s", name, plan)
             return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=f"{name}: {plan}"), reply_to=message)
         model = build_model(settings.model_name, input_shape=tuple(inputs.shape[1:]), num_classes=classes)
-        load_arrays_into_model(model, message.content[ARRAYS_KEY])
+        load_replica_into_model(model, replica)
         generator = client_randomness(settings, node, simulated, client=client, server_round=server_round)
         outcome = client_round(
             model, inputs, targets, plan, ledger, generator=generator,
@@ -112,6 +123,50 @@ def handle_train(message: Message, context: Context, *, simulation: bool | None 
         d = sum(p.numel() for p in model.parameters() if p.requires_grad)
         packed = byzantine_payload(packed, d, attack=settings.byzantine_attack, generator=generator)
     return Message(train_reply_content(packed, epsilon=epsilon), reply_to=message)
+
+
+def load_replica_into_model(model: torch.nn.Module, replica: ModelReplica) -> None:
+    """Set ``model``'s trainable parameters from the replica.
+
+    Raises:
+        ValueError: if the replica's trainable arrays are not exactly the
+            model's trainable parameters (names, in order).
+    """
+    names = tuple(name for name, _ in trainable_parameters(model))
+    if names != replica.trainable:
+        raise ValueError(
+            f"the server's trainable arrays {list(replica.trainable)[:6]} are not this model's trainable parameters "
+            f"{list(names)[:6]} (names, in parameters() order)"
+        )
+    load_model_vector(model, replica.weights)
+
+
+class ReplicaStore:
+    """Where this node keeps its copy of the global model between rounds.
+
+    Simulation: ``context.state``. A deployed node: ``model-run<run id>.npz`` in
+    its own folder (the replica then survives a SuperNode restart); files of
+    other runs are removed when it is written.
+    """
+
+    def __init__(self, node: NodeConfig, context: Context, simulated: bool) -> None:
+        self.context = context
+        self.path = None if simulated else node.folder() / f"model-run{context.run_id}.npz"
+
+    def load(self) -> ModelReplica | None:
+        if self.path is None:
+            return load_replica(self.context.state)
+        return read_replica_file(self.path) if self.path.exists() else None
+
+    def save(self, replica: ModelReplica) -> None:
+        if self.path is None:
+            save_replica(self.context.state, replica)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_replica_file(self.path, replica)
+        for other in self.path.parent.glob("model-run*.npz"):
+            if other != self.path:
+                other.unlink(missing_ok=True)
 
 
 def node_budget(settings: RunSettings, node: NodeConfig) -> Budget:

@@ -1,5 +1,18 @@
 """Conversions between the core's objects and Flower records; the wire keys live here only.
 
+Train instruction (server -> client), a ``RecordDict`` with ``"config"`` (a
+ConfigRecord: ``server-round``; with the vote downlink also ``model-digest``,
+the update rule ``learning-rate``, ``lr-schedule``, ``server-momentum``,
+``num-rounds``, and ``sync-only``) and either
+
+- the full model: ``"arrays"`` (every array of the model, buffers too),
+  ``"server-state"`` (``velocity``, the server momentum, when there is one) and
+  config ``trainable`` (the names the signs and votes cover); or
+- the votes the client missed: ``"votes"``, one uint8 Array per round named by
+  the round number (:func:`dpsign_fl.packing.pack_vote`: 1 bit per coordinate
+  without ties, 1.6 with), with config ``vote-rounds`` and ``base-digest`` (the
+  model they apply to). :mod:`dpsign_fl.model_sync` has the digest and the replay.
+
 Train reply (client -> server), a ``RecordDict`` with exactly:
 
 - ``"arrays"``: ArrayRecord with one Array ``"signs"``: uint8, shape
@@ -21,7 +34,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ..packing import check_packed, payload_bytes
+from ..model_sync import ModelReplica, UpdateRule, check_trainable
+from ..packing import check_packed, payload_bytes, unpack_vote
 from ..parameters import flatten, trainable_parameters, unflatten
 from ..privacy import PrivacyLedger
 
@@ -33,6 +47,24 @@ EPSILON_KEY = "epsilon"
 ROUND_KEY = "server-round"
 LEDGER_STATE_KEY = "dpsign-ledger"
 NOISE_STATE_KEY = "dpsign-noise"
+VOTES_KEY = "votes"
+SERVER_STATE_KEY = "server-state"
+SYNC_KEY = "sync"
+DIGEST_KEY = "model-digest"
+BASE_DIGEST_KEY = "base-digest"
+VOTE_ROUNDS_KEY = "vote-rounds"
+TRAINABLE_KEY = "trainable"
+SYNC_ONLY_KEY = "sync-only"
+RULE_KEYS = ("learning-rate", "lr-schedule", "server-momentum", "num-rounds")
+REPLICA_ARRAYS_KEY = "dpsign-model"
+REPLICA_STATE_KEY = "dpsign-model-state"
+REPLICA_META_KEY = "dpsign-model-meta"
+BUDGET_EXHAUSTED_CODE = 4601
+"""Error reply: one more release would exceed the node's privacy budget."""
+RELEASE_FAILED_CODE = 4602
+"""Error reply: a release failed after its data was sampled (counted in the ledger)."""
+OUT_OF_SYNC_CODE = 4603
+"""Error reply: the client does not hold the model the votes apply to (the server resends the model)."""
 NPY_HEADER_BYTES = 128
 MAX_REPORTED_EPSILON = 1e6
 """Above this a reported epsilon is treated as absurd and the reply dropped."""
@@ -141,3 +173,98 @@ def save_ledger(state: RecordDict, ledger: PrivacyLedger) -> None:
     """Store ``ledger`` in a Flower ``context.state``."""
     state[LEDGER_STATE_KEY] = ConfigRecord({"json": json.dumps(ledger.to_dict())})
 
+
+
+class OutOfSync(ValueError):
+    """The client does not hold the model the server's votes apply to; it needs the full model."""
+
+
+def instruction_config(server_round: int, *, digest: str, rule: UpdateRule, sync_only: bool = False) -> dict:
+    """The config entries of a vote-downlink instruction (module docstring)."""
+    return {
+        ROUND_KEY: int(server_round), DIGEST_KEY: digest, SYNC_ONLY_KEY: bool(sync_only),
+        "learning-rate": float(rule.learning_rate), "lr-schedule": rule.schedule,
+        "server-momentum": float(rule.momentum), "num-rounds": int(rule.num_rounds),
+    }
+
+
+def full_model_content(arrays: ArrayRecord, trainable, velocity: np.ndarray | None, config: dict) -> RecordDict:
+    """An instruction carrying the whole model (and the server momentum)."""
+    content = {ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({**config, TRAINABLE_KEY: list(trainable)})}
+    if velocity is not None:
+        content[SERVER_STATE_KEY] = ArrayRecord(array_dict={"velocity": Array(np.asarray(velocity, dtype=np.float32))})
+    return RecordDict(content)
+
+
+def votes_content(votes: list[tuple[int, np.ndarray]], base_digest: str, config: dict) -> RecordDict:
+    """An instruction carrying the packed votes ``(round, pack_vote(...))`` the client missed."""
+    return RecordDict(
+        {
+            VOTES_KEY: ArrayRecord(array_dict={str(r): Array(np.asarray(packed, dtype=np.uint8)) for r, packed in votes}),
+            CONFIG_KEY: ConfigRecord({**config, BASE_DIGEST_KEY: base_digest, VOTE_ROUNDS_KEY: [r for r, _ in votes]}),
+        }
+    )
+
+
+def content_bytes(content: RecordDict) -> int:
+    """The array payload bytes of a message content (what ``downlink-bytes`` counts)."""
+    return sum(len(array.data) for record in content.array_records.values() for array in record.values())
+
+
+def received_model(content: RecordDict, stored: ModelReplica | None) -> ModelReplica:
+    """The model an instruction brings this client to, from the full model or the votes.
+
+    Raises:
+        OutOfSync: if the votes apply to a model the client does not hold, or
+            the result's digest is not the one the server announced.
+        ValueError: if the content is malformed.
+    """
+    config = content[CONFIG_KEY]
+    if ARRAYS_KEY in content:
+        arrays = {name: array.numpy() for name, array in content[ARRAYS_KEY].items()}
+        trainable = check_trainable(arrays, config[TRAINABLE_KEY]) if TRAINABLE_KEY in config else tuple(arrays)
+        velocity = content[SERVER_STATE_KEY]["velocity"].numpy() if SERVER_STATE_KEY in content else None
+        replica = ModelReplica(arrays, trainable, velocity)
+    elif VOTES_KEY in content:
+        if stored is None or stored.digest != config[BASE_DIGEST_KEY]:
+            raise OutOfSync("this client does not hold the model the votes apply to")
+        d = stored.weights.shape[0]
+        votes = [(int(r), unpack_vote(content[VOTES_KEY][str(r)].numpy(), d)) for r in config[VOTE_ROUNDS_KEY]]
+        replica = stored.replay(votes, update_rule(config))
+    else:
+        raise ValueError(f"an instruction must hold {ARRAYS_KEY!r} or {VOTES_KEY!r}, got {sorted(content.keys())}")
+    if DIGEST_KEY in config and replica.digest != config[DIGEST_KEY]:
+        raise OutOfSync("the model this client reached does not match the server's digest")
+    return replica
+
+
+def update_rule(config: ConfigRecord) -> UpdateRule:
+    """The server's update rule, from an instruction's config."""
+    return UpdateRule(
+        learning_rate=float(config["learning-rate"]), schedule=str(config["lr-schedule"]),
+        momentum=float(config["server-momentum"]), num_rounds=int(config["num-rounds"]),
+    )
+
+
+def sync_reply_content(replica: ModelReplica) -> RecordDict:
+    """The reply to a sync-only instruction: the digest of the model the client now holds."""
+    return RecordDict({SYNC_KEY: ConfigRecord({DIGEST_KEY: replica.digest})})
+
+
+def load_replica(state: RecordDict) -> ModelReplica | None:
+    """The model replica kept in a Flower ``context.state`` (None if absent)."""
+    if REPLICA_ARRAYS_KEY not in state:
+        return None
+    arrays = {name: array.numpy() for name, array in state[REPLICA_ARRAYS_KEY].items()}
+    velocity = state[REPLICA_STATE_KEY]["velocity"].numpy() if REPLICA_STATE_KEY in state else None
+    return ModelReplica(arrays, tuple(state[REPLICA_META_KEY][TRAINABLE_KEY]), velocity)
+
+
+def save_replica(state: RecordDict, replica: ModelReplica) -> None:
+    """Keep a model replica in a Flower ``context.state``."""
+    state[REPLICA_ARRAYS_KEY] = ArrayRecord(array_dict={n: Array(np.asarray(a)) for n, a in replica.arrays.items()})
+    state[REPLICA_META_KEY] = ConfigRecord({TRAINABLE_KEY: list(replica.trainable)})
+    if replica.velocity is not None:
+        state[REPLICA_STATE_KEY] = ArrayRecord(array_dict={"velocity": Array(np.asarray(replica.velocity))})
+    elif REPLICA_STATE_KEY in state:
+        del state[REPLICA_STATE_KEY]

@@ -8,8 +8,10 @@ ServerApp runs in; pass an absolute path to be sure where files go):
   epsilon spent among the clients that replied), ``voters``, ``dropped``
   (error and invalid replies), ``missing`` (sampled nodes that did not reply
   within ``round-timeout``), ``uplink-bytes`` (serialised sign payloads
-  received that round), ``payload-bytes`` (ceil(d/8) per client) and
-  ``wall-seconds``; rewritten after every round.
+  received that round), ``payload-bytes`` (ceil(d/8) per client),
+  ``downlink-bytes`` (array bytes sent that round: votes, or models),
+  ``full-syncs`` (nodes sent the whole model) and ``wall-seconds``;
+  rewritten after every round.
 - ``checkpoint.npz``: every ``checkpoint-every`` rounds (0 = never), see
   :mod:`dpsign_fl.checkpoint`. With ``resume=true`` the run continues after
   the checkpoint's round; ``resume=false`` deletes an old checkpoint first.
@@ -278,6 +280,8 @@ class RoundRecorder:
             "missing": train["missing"],
             "uplink-bytes": train["uplink-bytes"],
             "payload-bytes": train["payload-bytes"],
+            "downlink-bytes": train["downlink-bytes"],
+            "full-syncs": train["full-syncs"],
             "wall-seconds": round(time.monotonic() - self._started, 3),
         }
         self.records.append(row)

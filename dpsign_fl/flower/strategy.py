@@ -8,8 +8,11 @@ momentum), through the same server round as the research loop
 (:func:`dpsign_fl.rounds.server_round`).
 
 It has its own round loop (``start``) rather than ``Strategy.start``: round
-numbers stay true when a run resumes, and each round's train metrics reach the
-caller's ``round_end_fn`` as an argument.
+numbers stay true when a run resumes, each round's train metrics reach the
+caller's ``round_end_fn`` as an argument, and the downlink
+(:mod:`dpsign_fl.flower.downlink`) can send a client the votes it missed instead
+of the model, and resend the model within the round to a client that needs it.
+After the last round every connected node is brought to the final model.
 
 Faults: a reply with an error (the client raised or refused), one that breaks
 the wire format, a second reply of one node, or a reply from a node that was
@@ -27,22 +30,25 @@ from collections.abc import Callable, Iterable, Iterator
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from ..model_sync import UpdateRule, check_trainable, default_trainable
+from ..parameters import flatten, unflatten
 from ..rounds import server_round as run_server_round
 from ..server_update import VoteUpdater
+from .downlink import Downlink
 from .records import (
-    ARRAYS_KEY,
-    CONFIG_KEY,
-    ROUND_KEY,
+    BUDGET_EXHAUSTED_CODE,
+    DIGEST_KEY,
+    OUT_OF_SYNC_CODE,
+    RELEASE_FAILED_CODE,
+    SYNC_KEY,
     InvalidReply,
-    arrays_to_flat,
-    flat_to_arrays,
-    num_coordinates,
+    content_bytes,
     parse_train_reply,
 )
 
@@ -60,15 +66,27 @@ class SignMajorityVote(Strategy):
         learning_rate: eta > 0, the step per vote.
         lr_schedule: ``"constant"``, ``"linear"``, ``"cosine"`` or ``"inverse-sqrt"``.
         server_momentum: beta in [0, 1); post-processing, free of privacy cost.
+        downlink: ``"votes"`` (clients keep a replica and get the votes they
+            missed, or the model when that is smaller or they need it) or
+            ``"weights"`` (the model every round, for clients without a replica).
+        trainable: names of the arrays of ``initial_arrays`` that the signs and
+            votes cover, in the order of the flattened coordinates. None: every
+            floating-point array except BatchNorm's running statistics, so that
+            ``ArrayRecord(model.state_dict())`` works for the usual models; other
+            buffers must be left out by naming the parameters here (a client
+            whose parameters differ says so in its error).
+        final_sync: after the last round, bring every connected node to the
+            final model (vote downlink only).
 
     Each round's :class:`MetricRecord` (returned by :meth:`aggregate_train`, kept
     in ``Result.train_metrics_clientapp``) holds ``voters`` (valid replies),
     ``dropped`` (error and invalid replies), ``missing`` (sampled nodes that did
     not reply before the timeout), ``epsilon`` (largest epsilon spent among the
-    clients that replied), ``uplink-bytes`` (serialised sign payloads received)
-    and ``payload-bytes`` (ceil(d/8)). ``epsilon_seen`` maps each node id to the
-    largest epsilon it reported; a node whose epsilon goes down (its ledger was
-    reset) is logged as a warning.
+    clients that replied), ``uplink-bytes`` (serialised sign payloads received),
+    ``payload-bytes`` (ceil(d/8)), ``downlink-bytes`` (array bytes sent that
+    round, resends included) and ``full-syncs`` (nodes sent the whole model).
+    ``epsilon_seen`` maps each node id to the largest epsilon it reported; a
+    node whose epsilon goes down (its ledger was reset) is logged as a warning.
     """
 
     def __init__(
@@ -80,6 +98,9 @@ class SignMajorityVote(Strategy):
         learning_rate: float = 0.01,
         lr_schedule: str = "constant",
         server_momentum: float = 0.0,
+        downlink: str = "votes",
+        trainable: list[str] | tuple[str, ...] | None = None,
+        final_sync: bool = True,
     ) -> None:
         if not 0 < fraction_train <= 1:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
@@ -90,17 +111,24 @@ class SignMajorityVote(Strategy):
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
         self.updater = VoteUpdater(learning_rate=learning_rate, schedule=lr_schedule, momentum=server_momentum)
+        self.downlink_mode = downlink
+        self.trainable = None if trainable is None else tuple(trainable)
+        self.final_sync = final_sync
         self.num_rounds = 1
         self.epsilon_seen: dict[int, float] = {}
+        self._downlink = Downlink(downlink, (), self._rule())
         self._current_arrays: ArrayRecord | None = None
         self._sampled: set[int] = set()
+        self._sent = _Traffic()
 
     def summary(self) -> None:
         """Log the configuration."""
         log(INFO, "\t├── Sampling: fraction %g of connected nodes per round, at least %d (waits for %d)",
             self.fraction_train, self.min_train_nodes, self.min_available_nodes)
-        log(INFO, "\t└── Majority vote of packed signs: learning rate %g (%s), server momentum %g",
+        log(INFO, "\t├── Majority vote of packed signs: learning rate %g (%s), server momentum %g",
             self.updater.learning_rate, self.updater.schedule, self.updater.momentum)
+        log(INFO, "\t└── Downlink: %s", "the votes each node missed (or the model)" if self.downlink_mode == "votes"
+            else "the model every round")
 
     def start(
         self,
@@ -131,6 +159,9 @@ class SignMajorityVote(Strategy):
         if not 1 <= first_round <= num_rounds + 1:
             raise ValueError(f"first_round must be in [1, {num_rounds + 1}], got {first_round}")
         self.num_rounds = num_rounds
+        arrays_np = {name: array.numpy() for name, array in initial_arrays.items()}
+        trainable = check_trainable(arrays_np, self.trainable) if self.trainable else default_trainable(arrays_np)
+        self._downlink = Downlink(self.downlink_mode, trainable, self._rule())
         log(INFO, "Starting %s, rounds %d to %d:", type(self).__name__, first_round, num_rounds)
         self.summary()
         train_config = ConfigRecord() if train_config is None else train_config
@@ -143,7 +174,8 @@ class SignMajorityVote(Strategy):
         arrays = initial_arrays
         for current in range(first_round, num_rounds + 1):
             log(INFO, "[ROUND %d/%d]", current, num_rounds)
-            replies = grid.send_and_receive(self.configure_train(current, arrays, train_config, grid), timeout=timeout)
+            replies = list(grid.send_and_receive(self.configure_train(current, arrays, train_config, grid), timeout=timeout))
+            replies = self._resend_to_stale(grid, replies, current, arrays, train_config, timeout)
             updated, train_metrics = self.aggregate_train(current, replies)
             if updated is not None:
                 arrays = updated
@@ -156,21 +188,23 @@ class SignMajorityVote(Strategy):
                 round_end_fn(current, arrays, train_metrics, evaluate_metrics)
         log(INFO, "%s finished rounds %d to %d in %.1f s", type(self).__name__, first_round, num_rounds,
             time.monotonic() - started)
+        if self.final_sync and self.downlink_mode == "votes" and first_round <= num_rounds:
+            self._sync_every_node(grid, arrays, timeout)
         return result
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample nodes and send each the model and the round number."""
+        """Sample nodes and send each the model, or the votes it missed, and the round number."""
         available = len(list(grid.get_node_ids()))
         sample_size = max(int(available * self.fraction_train), self.min_train_nodes)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
         log(INFO, "round %d: sampled %d of %d nodes", server_round, len(node_ids), available)
         self._current_arrays = arrays
         self._sampled = set(node_ids)
-        round_config = ConfigRecord({**dict(config), ROUND_KEY: server_round})
-        content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: round_config})
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in node_ids]
+        self._sent = _Traffic()
+        self._downlink.begin_round(server_round, self._weights(arrays), self._velocity())
+        return [self._instruction(node, server_round, arrays, config) for node in node_ids]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -182,9 +216,9 @@ class SignMajorityVote(Strategy):
         """
         if self._current_arrays is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        d = num_coordinates(self._current_arrays)
+        weights = self._weights(self._current_arrays)
+        d = weights.shape[0]
         tally = _Tally()
-        weights = arrays_to_flat(self._current_arrays)
         outcome = run_server_round(
             weights,
             self._valid_payloads(server_round, replies, d, tally),
@@ -196,6 +230,11 @@ class SignMajorityVote(Strategy):
         missing = len(self._sampled - tally.replied)
         if missing:
             log(WARNING, "round %d: %d of %d sampled nodes did not reply in time", server_round, missing, len(self._sampled))
+        for node in self._sampled:
+            if node in tally.holds_model:
+                self._downlink.node_holds(node, server_round)
+            else:
+                self._downlink.forget(node)
         metrics = MetricRecord(
             {
                 "voters": outcome.voters,
@@ -204,13 +243,17 @@ class SignMajorityVote(Strategy):
                 "epsilon": max(tally.epsilons) if tally.epsilons else 0.0,
                 "uplink-bytes": tally.uplink_bytes,
                 "payload-bytes": (d + 7) // 8,
+                "downlink-bytes": self._sent.bytes,
+                "full-syncs": self._sent.full,
             }
         )
         if outcome.vote is None:
             log(WARNING, "round %d: %d valid replies, fewer than min-train-nodes=%d; the model is unchanged",
                 server_round, outcome.voters, self.min_train_nodes)
             return None, metrics
-        return flat_to_arrays(outcome.weights, self._current_arrays), metrics
+        full_bytes = sum(len(a.data) for a in self._current_arrays.values())
+        self._downlink.record_vote(server_round, outcome.vote, full_bytes)
+        return self._with_weights(self._current_arrays, outcome.weights), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """No client-side evaluation (not covered by the DP guarantee)."""
@@ -229,12 +272,66 @@ class SignMajorityVote(Strategy):
         self.updater.load_state_dict(state["updater"])
         self.epsilon_seen = {int(node): float(eps) for node, eps in state["epsilon-seen"].items()}
 
+    def _rule(self) -> UpdateRule:
+        return UpdateRule(self.updater.learning_rate, self.updater.schedule, self.updater.momentum, self.num_rounds)
+
+    def _weights(self, arrays: ArrayRecord) -> np.ndarray:
+        """The trainable arrays as one float32 vector (the coordinates of signs and votes)."""
+        trainable = self._downlink.trainable or tuple(arrays.keys())
+        return flatten(arrays[name].numpy() for name in trainable)
+
+    def _velocity(self) -> np.ndarray | None:
+        return self.updater.state_dict()["velocity"]
+
+    def _with_weights(self, arrays: ArrayRecord, weights: np.ndarray) -> ArrayRecord:
+        """``arrays`` with the trainable ones replaced by ``weights`` (others, and the order, kept)."""
+        trainable = self._downlink.trainable or tuple(arrays.keys())
+        shapes = {name: (tuple(arrays[name].shape), np.dtype(arrays[name].dtype)) for name in trainable}
+        new = unflatten(weights, shapes)
+        return ArrayRecord(array_dict={name: Array(new[name]) if name in new else array for name, array in arrays.items()})
+
+    def _instruction(self, node: int, server_round: int, arrays: ArrayRecord, config: ConfigRecord, **kwargs) -> Message:
+        content, full = self._downlink.instruction(node, server_round, arrays, self._velocity(), config, **kwargs)
+        self._sent.add(content_bytes(content), full)
+        return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+
+    def _resend_to_stale(
+        self, grid: Grid, replies: list[Message], server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+        timeout: float, **kwargs,
+    ) -> list[Message]:
+        """Send the full model, in the same round, to the nodes that answered "out of sync"."""
+        stale = [r.metadata.src_node_id for r in replies if r.has_error() and r.error.code == OUT_OF_SYNC_CODE]
+        if not stale:
+            return replies
+        log(INFO, "round %d: %d nodes did not hold the model the votes apply to: sending them the model", server_round, len(stale))
+        resend = [self._instruction(node, server_round, arrays, config, full=True, **kwargs) for node in stale]
+        kept = [r for r in replies if not (r.has_error() and r.error.code == OUT_OF_SYNC_CODE)]
+        return kept + list(grid.send_and_receive(resend, timeout=timeout))
+
+    def _sync_every_node(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
+        """Bring every connected node to the final model (no release: a sync-only instruction)."""
+        nodes = list(grid.get_node_ids())
+        final_round = self.num_rounds + 1
+        digest = self._downlink.begin_round(final_round, self._weights(arrays), self._velocity())
+        self._sent = _Traffic()
+        messages = [self._instruction(node, final_round, arrays, ConfigRecord(), sync_only=True) for node in nodes]
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        replies = self._resend_to_stale(grid, replies, final_round, arrays, ConfigRecord(), timeout, sync_only=True)
+        synced = sum(
+            1 for r in replies
+            if not r.has_error() and SYNC_KEY in r.content and r.content[SYNC_KEY].get(DIGEST_KEY) == digest
+        )
+        log(INFO, "final sync: %d of %d nodes hold the final model (%d array bytes sent, %d full models)",
+            synced, len(nodes), self._sent.bytes, self._sent.full)
+
     def _valid_payloads(self, server_round: int, replies: Iterable[Message], d: int, tally: "_Tally") -> Iterator[np.ndarray]:
         """Yield the packed signs of each valid reply, logging why any other is dropped."""
         for message in replies:
             tally.received += 1
             node = message.metadata.src_node_id
             tally.replied.add(node)
+            if message.has_error() and message.error.code in _HOLDS_MODEL_CODES:
+                tally.holds_model.add(node)
             reason = self._rejection(message, node, tally)
             if reason is None:
                 try:
@@ -245,6 +342,7 @@ class SignMajorityVote(Strategy):
                 log(WARNING, "round %d: dropped reply of node %s: %s", server_round, node, reason)
                 continue
             tally.voted.add(node)
+            tally.holds_model.add(node)
             self._note_epsilon(server_round, node, epsilon)
             tally.epsilons.append(epsilon)
             tally.uplink_bytes += size
@@ -274,6 +372,10 @@ class SignMajorityVote(Strategy):
         self.epsilon_seen[node] = max(epsilon, before or 0.0)
 
 
+_HOLDS_MODEL_CODES = (BUDGET_EXHAUSTED_CODE, RELEASE_FAILED_CODE)
+"""Error replies sent after the client reached the round's model: a refusal, a failed release."""
+
+
 class _Tally:
     """What one round's replies amounted to, besides the payloads that voted."""
 
@@ -281,8 +383,21 @@ class _Tally:
         self.received = 0
         self.replied: set[int] = set()
         self.voted: set[int] = set()
+        self.holds_model: set[int] = set()
         self.epsilons: list[float] = []
         self.uplink_bytes = 0
+
+
+class _Traffic:
+    """What the server sent in one round: array bytes and how many full models."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.full = 0
+
+    def add(self, size: int, full: bool) -> None:
+        self.bytes += size
+        self.full += int(full)
 
 
 def _last_line(reason: str, limit: int = 300) -> str:

@@ -27,6 +27,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpsign_fl.flower.local_superlink import LocalSuperLink
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -96,47 +98,18 @@ class LocalSimulation:
     """A simulation-mode SuperLink started by the test, reused by `flwr run .`, stopped by PID.
 
     `flwr run .` starts the same SuperLink itself when none answers on its port,
-    but gives it only 15 s; starting it here lets a loaded machine take up to
-    :data:`SUPERLINK_START_SECONDS`. Use as a context manager.
+    but gives it only 15 s; :class:`dpsign_fl.flower.local_superlink.LocalSuperLink`
+    lets a loaded machine take up to :data:`SUPERLINK_START_SECONDS`. Use as a
+    context manager.
     """
 
     def __init__(self, flwr_home: Path, *, start_timeout: float = SUPERLINK_START_SECONDS):
         self.home = flwr_home
         self.env = offline_env(flwr_home)
-        self.log_file = flwr_home / "local-superlink" / "superlink.log"
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        port = self.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
-        command = [
-            str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-            "--control-api-address", f"127.0.0.1:{self.env['FLWR_LOCAL_CONTROL_API_PORT']}",
-            "--host", "127.0.0.1", "--port", port, "--log-file", str(self.log_file),
-            "--database", str(self.log_file.parent / "state.db"),
-        ]  # fmt: skip
-        started = time.monotonic()
-        self.process = subprocess.Popen(
-            command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self.url = f"http://127.0.0.1:{port}/health"
-        try:
-            wait_until(self._healthy, timeout=start_timeout, what=f"the local SuperLink to answer {self.url}", log=self.log_tail)
-        except BaseException:
-            self.stop()
-            raise
-        self.start_seconds = time.monotonic() - started
-
-    def _healthy(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"the local SuperLink exited with {self.process.returncode}:\n{self.log_tail()}")
-        try:
-            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(self.url, timeout=2) as reply:
-                return reply.status == 200
-        except OSError:
-            return False
-
-    def log_tail(self, characters: int = 4000) -> str:
-        """The end of the SuperLink's log file."""
-        return self.log_file.read_text(errors="replace")[-characters:] if self.log_file.exists() else "(no log yet)"
+        self.superlink = LocalSuperLink(self.env, timeout=start_timeout)
+        self.process = self.superlink.process
+        self.start_seconds = self.superlink.start_seconds
+        self.log_tail = self.superlink.log_tail
 
     def run(self, run_config: str, *, num_supernodes: int, timeout: float = 900.0, done=None) -> subprocess.CompletedProcess:
         """`flwr run . --stream` on this SuperLink; retried once if Ray lost its start-up race.
@@ -172,7 +145,7 @@ class LocalSimulation:
 
     def stop(self) -> None:
         """Stop the SuperLink and everything it started, by PID."""
-        stop_process_tree(self.process)
+        self.superlink.stop()
 
     def __enter__(self) -> "LocalSimulation":
         return self

@@ -55,10 +55,12 @@ class InProcessGrid:
         messages = list(messages)
         if not messages:
             return []
-        server_round = int(messages[0].content["config"]["server-round"])
+        config = messages[0].content["config"]
+        server_round = int(config["server-round"])
         if server_round == self.interrupt_at_round:
             raise Interrupted(f"interrupted at round {server_round}")
-        self.rounds_sent.append(server_round)
+        if not config.get("sync-only", False):
+            self.rounds_sent.append(server_round)
         replies = []
         for message in messages:
             context = self.contexts[message.metadata.dst_node_id]
