@@ -311,7 +311,7 @@ def _dataset(train_inputs, train_targets):
 
 def test_a_label_outside_the_classes_is_refused_when_the_data_is_loaded_not_when_sampled():
     targets = torch.tensor([1, 99, 3], dtype=torch.int64)
-    with pytest.raises(ValueError, match=r"train targets must lie in \[0, 10\): 1 do not"):
+    with pytest.raises(ValueError, match=r"train targets must be class indices in \[0, 10\): 1 are not"):
         _dataset(torch.zeros(3, 2), targets)
 
 

@@ -70,21 +70,40 @@ class Dataset:
                 f"train and test examples must have the same shape, got {list(self.train_inputs.shape[1:])} "
                 f"and {list(self.test_inputs.shape[1:])}"
             )
-        # Checked once here, before any release: a bad record found only when a
-        # round samples it would make the failure itself depend on the data.
         for split in ("train", "test"):
-            inputs, targets = getattr(self, f"{split}_inputs"), getattr(self, f"{split}_targets")
-            if targets.numel() and not (0 <= int(targets.min()) and int(targets.max()) < self.num_classes):
-                bad = int(((targets < 0) | (targets >= self.num_classes)).sum())
-                raise ValueError(f"{split} targets must lie in [0, {self.num_classes}): {bad} do not")
-            if not bool(torch.isfinite(inputs).all()):
-                bad = int((~torch.isfinite(inputs.reshape(inputs.shape[0], -1))).any(dim=1).sum())
-                raise ValueError(f"{split} inputs must be finite: {bad} examples hold NaN or inf")
+            check_examples(getattr(self, f"{split}_inputs"), getattr(self, f"{split}_targets"), self.num_classes, name=split)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         """The shape of one example, e.g. ``(1, 28, 28)`` or ``(117,)``."""
         return tuple(self.train_inputs.shape[1:])
+
+
+def check_examples(inputs: torch.Tensor, targets: torch.Tensor, num_classes: int | None, *, name: str) -> None:
+    """Refuse data a release could fail on: non-finite inputs, class targets out of range, ragged shapes.
+
+    Checked once, when the data is loaded and before any release: a bad record
+    found only when a round samples it would make the failure itself depend on
+    the data.
+
+    Args:
+        inputs: ``[N, ...]``.
+        targets: ``[N, ...]``; class indices when ``num_classes`` is given.
+        num_classes: the number of classes, or None for targets that are not classes.
+        name: how errors name the data.
+
+    Raises:
+        ValueError: naming how many examples are bad.
+    """
+    if inputs.shape[0] != targets.shape[0]:
+        raise ValueError(f"{name} inputs and targets must have the same length, got {inputs.shape[0]} and {targets.shape[0]}")
+    if num_classes is not None and targets.numel():
+        if targets.is_floating_point() or not (0 <= int(targets.min()) and int(targets.max()) < num_classes):
+            bad = int(((targets < 0) | (targets >= num_classes)).sum()) if not targets.is_floating_point() else targets.numel()
+            raise ValueError(f"{name} targets must be class indices in [0, {num_classes}): {bad} are not")
+    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        bad = int((~torch.isfinite(inputs.reshape(inputs.shape[0], -1))).any(dim=1).sum())
+        raise ValueError(f"{name} inputs must be finite: {bad} examples hold NaN or inf")
 
 
 def load_dataset(name: str, *, data_dir: str | None = None, source: str = "auto", seed: int = 0) -> Dataset:

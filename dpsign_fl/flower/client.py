@@ -27,23 +27,25 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.common import log
+from torch.nn import functional as F
 
 from ..attacks import byzantine_payload, is_byzantine
 from ..data import load_dataset, partition
 from ..mechanism import secure_generator
+from ..model_sync import ModelReplica, read_replica_file, write_replica_file
 from ..models import build_model
+from ..parameters import trainable_parameters
 from ..privacy import PrivacyLedger, Release
 from ..privacy.accounting import BudgetExhausted
 from ..privacy.ledger_store import lock_ledger_file, read_ledger_file, write_ledger_file
 from ..release import ReleaseSettings, seeded_generator
 from ..rounds import Budget, FailedRelease, ReleasePlan, Refusal, client_round, plan_release
-from ..settings import RunSettings, from_mapping, to_mapping
+from ..settings import ConfigError, RunSettings, from_mapping, to_mapping
 from .node import NodeConfig, parse_node_config, running_in_simulation
-from ..model_sync import ModelReplica, read_replica_file, write_replica_file
-from ..parameters import load_model_vector, trainable_parameters
 from .records import (
     BUDGET_EXHAUSTED_CODE,
     CONFIG_KEY,
@@ -63,18 +65,17 @@ from .records import (
 )
 
 def handle_train(message: Message, context: Context, *, simulation: bool | None = None) -> Message:
-    """Make this client's DP-SIGN release for the received model, or refuse.
+    """The shipped ClientApp's train handler: this node's DP-SIGN release, or its refusal.
 
-    Refuses (an error reply with :data:`BUDGET_EXHAUSTED_CODE`) when the next
-    release would push this node's ledger past its budget (module docstring).
-    The ledger is read at the start of every message (a file: under a lock)
-    and written right after the release is recorded, before the reply leaves.
-    Experiment-only settings (attacks, synthetic gradient noise, reproducible
-    noise) take effect only in simulation; a deployed node ignores them with a
-    warning and trains honestly with secure randomness.
+    The model is run-config ``model`` (or the dataset's default) and the data
+    this node's share of run-config ``dataset`` (:func:`client_data`); the rest
+    is :func:`receive_model` and :func:`release_with_model`. Experiment-only
+    settings (attacks, synthetic gradient noise, reproducible noise) take
+    effect only in simulation; a deployed node ignores them with a warning and
+    trains honestly with secure randomness.
 
     Args:
-        message: the train instruction (model arrays and the round number).
+        message: the train instruction.
         context: this node's Flower context.
         simulation: whether this node is simulated; None = detect it
             (:func:`running_in_simulation`). In-process tests pass True.
@@ -84,8 +85,32 @@ def handle_train(message: Message, context: Context, *, simulation: bool | None 
     simulated = running_in_simulation() if simulation is None else simulation
     if not simulated and settings.experiment_only:
         log(WARNING, "ignoring experiment-only run-config settings on a deployed node: %s", settings.experiment_only)
+    received = receive_model(message, context, node, simulated)
+    if isinstance(received, Message):
+        return received
+    inputs, targets, classes = client_data(settings, node)
+    model = build_model(settings.model_name, input_shape=tuple(inputs.shape[1:]), num_classes=classes)
+    attack = None
+    if simulated and node.partition_id is not None and is_byzantine(node.partition_id, node.num_partitions, settings.byzantine_fraction):
+        attack = settings.byzantine_attack
+    return release_with_model(
+        message, context, received, model, inputs, targets, settings, node, simulated,
+        gradient_noise=settings.gradient_noise if simulated else "none", attack=attack,
+    )
+
+
+def receive_model(
+    message: Message, context: Context, node: NodeConfig, simulated: bool, *, model: torch.nn.Module | None = None
+) -> ModelReplica | Message:
+    """Bring this node's replica to the model the instruction names; return it, or the reply to send.
+
+    The replica (:class:`ReplicaStore`) is updated from the votes or the full
+    model and saved before any release. Returns a Message instead for a
+    sync-only instruction (its acknowledgement) or when the votes do not apply
+    to the model this node holds (error :data:`OUT_OF_SYNC_CODE`: the server
+    then sends the model).
+    """
     config = message.content[CONFIG_KEY] if CONFIG_KEY in message.content else {}
-    server_round = int(config.get(ROUND_KEY, 0))
     replicas = ReplicaStore(node, context, simulated)
     try:
         replica = received_model(message.content, replicas.load())
@@ -94,21 +119,44 @@ def handle_train(message: Message, context: Context, *, simulation: bool | None 
     replicas.save(replica)
     if config.get(SYNC_ONLY_KEY, False):
         return Message(sync_reply_content(replica), reply_to=message)
-    inputs, targets, classes = client_data(settings, node)
+    return replica
+
+
+def release_with_model(
+    message: Message,
+    context: Context,
+    replica: ModelReplica,
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    settings: RunSettings,
+    node: NodeConfig,
+    simulated: bool,
+    *,
+    loss_fn=F.cross_entropy,
+    gradient_noise: str = "none",
+    attack: str | None = None,
+) -> Message:
+    """One client round at the replica's model, with the node's ledger; the reply Message.
+
+    Refuses (an error reply with :data:`BUDGET_EXHAUSTED_CODE`) when the next
+    release would push this node's ledger past its budget (module docstring).
+    The ledger is read at the start (a file: under a lock) and written right
+    after the release is recorded, before the reply leaves.
+    """
+    server_round = int(message.content[CONFIG_KEY].get(ROUND_KEY, 0)) if CONFIG_KEY in message.content else 0
     budget = node_budget(settings, node)
     name = node.name(context.node_id)
     client = node.client_number(context.node_id)
+    load_replica_into_model(model, replica)
     with open_ledger(node.durable_ledger_path(simulated), context, accountant=settings.accountant) as (ledger, save):
         plan = run_plan(settings, budget, ledger, context)
         if isinstance(plan, str):
             log(WARNING, "%s: %s", name, plan)
             return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=f"{name}: {plan}"), reply_to=message)
-        model = build_model(settings.model_name, input_shape=tuple(inputs.shape[1:]), num_classes=classes)
-        load_replica_into_model(model, replica)
         generator = client_randomness(settings, node, simulated, client=client, server_round=server_round)
         outcome = client_round(
-            model, inputs, targets, plan, ledger, generator=generator,
-            gradient_noise=settings.gradient_noise if simulated else "none",
+            model, inputs, targets, plan, ledger, generator=generator, loss_fn=loss_fn, gradient_noise=gradient_noise
         )
         if isinstance(outcome, Refusal):
             log(WARNING, "%s: %s", name, outcome.reason)
@@ -119,39 +167,47 @@ def handle_train(message: Message, context: Context, *, simulation: bool | None 
             return Message(Error(code=RELEASE_FAILED_CODE, reason=outcome.reason), reply_to=message)
         epsilon = ledger.epsilon(budget.target_delta)
     packed = outcome.packed
-    if simulated and node.partition_id is not None and is_byzantine(client, node.num_partitions, settings.byzantine_fraction):
-        d = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        packed = byzantine_payload(packed, d, attack=settings.byzantine_attack, generator=generator)
+    if attack is not None:
+        packed = byzantine_payload(packed, replica.weights.shape[0], attack=attack, generator=generator)
     return Message(train_reply_content(packed, epsilon=epsilon), reply_to=message)
 
 
 def load_replica_into_model(model: torch.nn.Module, replica: ModelReplica) -> None:
-    """Set ``model``'s trainable parameters from the replica.
+    """Set ``model``'s parameters and buffers from the replica.
 
     Raises:
         ValueError: if the replica's trainable arrays are not exactly the
-            model's trainable parameters (names, in order).
+            model's trainable parameters (names, in order), or it holds an
+            array the model does not have.
     """
     names = tuple(name for name, _ in trainable_parameters(model))
     if names != replica.trainable:
         raise ValueError(
             f"the server's trainable arrays {list(replica.trainable)[:6]} are not this model's trainable parameters "
-            f"{list(names)[:6]} (names, in parameters() order)"
+            f"{list(names)[:6]} (names, in parameters() order): pass trainable=[...] to SignMajorityVote"
         )
-    load_model_vector(model, replica.weights)
+    state = model.state_dict()
+    unknown = [name for name in replica.arrays if name not in state]
+    if unknown:
+        raise ValueError(f"the server's model holds arrays this model does not have: {unknown[:6]}")
+    with torch.no_grad():
+        for name, array in replica.arrays.items():
+            state[name].copy_(torch.from_numpy(np.ascontiguousarray(array)).view_as(state[name]))
 
 
 class ReplicaStore:
     """Where this node keeps its copy of the global model between rounds.
 
-    Simulation: ``context.state``. A deployed node: ``model-run<run id>.npz`` in
-    its own folder (the replica then survives a SuperNode restart); files of
-    other runs are removed when it is written.
+    Simulation: ``context.state``. A deployed node:
+    ``model-node<node id>-run<run id>.npz`` in its own folder (the replica then
+    survives a SuperNode restart; SuperNodes sharing a folder keep theirs apart);
+    this node's files of other runs are removed when it is written.
     """
 
     def __init__(self, node: NodeConfig, context: Context, simulated: bool) -> None:
         self.context = context
-        self.path = None if simulated else node.folder() / f"model-run{context.run_id}.npz"
+        self.prefix = f"model-node{context.node_id}-run"
+        self.path = None if simulated else node.folder() / f"{self.prefix}{context.run_id}.npz"
 
     def load(self) -> ModelReplica | None:
         if self.path is None:
@@ -164,7 +220,7 @@ class ReplicaStore:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_replica_file(self.path, replica)
-        for other in self.path.parent.glob("model-run*.npz"):
+        for other in self.path.parent.glob(f"{self.prefix}*.npz"):
             if other != self.path:
                 other.unlink(missing_ok=True)
 
@@ -281,6 +337,11 @@ def client_data(settings: RunSettings, node: NodeConfig) -> tuple[torch.Tensor, 
         ValueError: if node-config ``data-dir`` is set for ``digits``, which
             ships with scikit-learn and reads no folder.
     """
+    if node.partition_id is None and node.data_dir is None:
+        raise ConfigError(
+            "node config must set 'partition-id' and 'num-partitions' (e.g. --node-config "
+            "'partition-id=0 num-partitions=3'), or 'data-dir' (e.g. --node-config 'data-dir=\"/data\"')"
+        )
     if node.data_dir is not None and settings.dataset == "digits":
         raise ValueError(
             f"node config data-dir is set ({node.data_dir!r}) but dataset 'digits' ships with scikit-learn "

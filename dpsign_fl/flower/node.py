@@ -77,11 +77,6 @@ class NodeConfig:
         if (self.partition_id is None) != (self.num_partitions is None):
             missing = "num-partitions" if self.num_partitions is None else "partition-id"
             raise ConfigError(f"node config must set {missing!r} too: 'partition-id' and 'num-partitions' go together")
-        if self.partition_id is None and self.data_dir is None:
-            raise ConfigError(
-                "node config must set 'partition-id' and 'num-partitions' (e.g. --node-config "
-                "'partition-id=0 num-partitions=3'), or 'data-dir' (e.g. --node-config 'data-dir=\"/data\"')"
-            )
         if self.partition_id is not None and not self.partition_id < self.num_partitions:
             raise ConfigError(f"partition-id must be in [0, {self.num_partitions}), got {self.partition_id}")
 
@@ -124,19 +119,31 @@ NODE_CONFIG_KEYS = tuple(spec.key for spec in specs(NodeConfig).values())
 """The node-config keys this ClientApp reads."""
 
 
-def parse_node_config(node_config: Mapping[str, Any]) -> NodeConfig:
+def parse_node_config(node_config: Mapping[str, Any], *, require_data: bool = True) -> NodeConfig:
     """Validate the node config and return it as a :class:`NodeConfig`.
 
     An unknown key is an error: a misspelt ``ledger-path`` would otherwise
     silently lose the budget.
 
+    Args:
+        node_config: ``context.node_config``.
+        require_data: the shipped ClientApp needs ``partition-id`` and
+            ``num-partitions`` or ``data-dir``; the drop-in helper, whose app
+            finds its own data, does not.
+
     Raises:
         ConfigError: naming the key that is unknown, missing or out of range.
     """
     try:
-        return from_mapping(NodeConfig, node_config, ignore_unknown=False)
+        node = from_mapping(NodeConfig, node_config, ignore_unknown=False)
     except ConfigError as error:
         raise type(error)(f"node config: {error}") from None
+    if require_data and node.partition_id is None and node.data_dir is None:
+        raise ConfigError(
+            "node config must set 'partition-id' and 'num-partitions' (e.g. --node-config "
+            "'partition-id=0 num-partitions=3'), or 'data-dir' (e.g. --node-config 'data-dir=\"/data\"')"
+        )
+    return node
 
 
 def running_in_simulation() -> bool:

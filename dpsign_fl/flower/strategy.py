@@ -77,6 +77,11 @@ class SignMajorityVote(Strategy):
             whose parameters differ says so in its error).
         final_sync: after the last round, bring every connected node to the
             final model (vote downlink only).
+        max_failed_rounds: stop the run (RuntimeError quoting the last reason)
+            after this many rounds in a row in which replies came but none was
+            valid, for a reason other than a spent privacy budget: a client
+            that cannot take part (wrong model, bad data, a bug) would
+            otherwise make every round a silent no-op.
 
     Each round's :class:`MetricRecord` (returned by :meth:`aggregate_train`, kept
     in ``Result.train_metrics_clientapp``) holds ``voters`` (valid replies),
@@ -101,6 +106,7 @@ class SignMajorityVote(Strategy):
         downlink: str = "votes",
         trainable: list[str] | tuple[str, ...] | None = None,
         final_sync: bool = True,
+        max_failed_rounds: int = 3,
     ) -> None:
         if not 0 < fraction_train <= 1:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
@@ -114,6 +120,10 @@ class SignMajorityVote(Strategy):
         self.downlink_mode = downlink
         self.trainable = None if trainable is None else tuple(trainable)
         self.final_sync = final_sync
+        if isinstance(max_failed_rounds, bool) or not isinstance(max_failed_rounds, int) or max_failed_rounds < 1:
+            raise ValueError(f"max_failed_rounds must be an integer >= 1, got {max_failed_rounds!r}")
+        self.max_failed_rounds = max_failed_rounds
+        self._failed_rounds: list[str] = []
         self.num_rounds = 1
         self.epsilon_seen: dict[int, float] = {}
         self._downlink = Downlink(downlink, (), self._rule())
@@ -159,9 +169,7 @@ class SignMajorityVote(Strategy):
         if not 1 <= first_round <= num_rounds + 1:
             raise ValueError(f"first_round must be in [1, {num_rounds + 1}], got {first_round}")
         self.num_rounds = num_rounds
-        arrays_np = {name: array.numpy() for name, array in initial_arrays.items()}
-        trainable = check_trainable(arrays_np, self.trainable) if self.trainable else default_trainable(arrays_np)
-        self._downlink = Downlink(self.downlink_mode, trainable, self._rule())
+        self._prepare_downlink(initial_arrays)
         log(INFO, "Starting %s, rounds %d to %d:", type(self).__name__, first_round, num_rounds)
         self.summary()
         train_config = ConfigRecord() if train_config is None else train_config
@@ -177,6 +185,7 @@ class SignMajorityVote(Strategy):
             replies = list(grid.send_and_receive(self.configure_train(current, arrays, train_config, grid), timeout=timeout))
             replies = self._resend_to_stale(grid, replies, current, arrays, train_config, timeout)
             updated, train_metrics = self.aggregate_train(current, replies)
+            self._stop_if_clients_keep_failing(current)
             if updated is not None:
                 arrays = updated
             result.arrays = arrays
@@ -203,6 +212,8 @@ class SignMajorityVote(Strategy):
         self._current_arrays = arrays
         self._sampled = set(node_ids)
         self._sent = _Traffic()
+        if not self._downlink.trainable:
+            self._prepare_downlink(arrays)
         self._downlink.begin_round(server_round, self._weights(arrays), self._velocity())
         return [self._instruction(node, server_round, arrays, config) for node in node_ids]
 
@@ -247,6 +258,10 @@ class SignMajorityVote(Strategy):
                 "full-syncs": self._sent.full,
             }
         )
+        if outcome.voters == 0 and tally.reasons and not tally.budget_refusals:
+            self._failed_rounds.append(tally.reasons[-1])
+        else:
+            self._failed_rounds = []
         if outcome.vote is None:
             log(WARNING, "round %d: %d valid replies, fewer than min-train-nodes=%d; the model is unchanged",
                 server_round, outcome.voters, self.min_train_nodes)
@@ -271,6 +286,19 @@ class SignMajorityVote(Strategy):
         """Restore the state saved by :meth:`state_dict` (node ids may come as strings)."""
         self.updater.load_state_dict(state["updater"])
         self.epsilon_seen = {int(node): float(eps) for node, eps in state["epsilon-seen"].items()}
+
+    def _stop_if_clients_keep_failing(self, server_round: int) -> None:
+        if len(self._failed_rounds) >= self.max_failed_rounds:
+            raise RuntimeError(
+                f"round {server_round}: {len(self._failed_rounds)} rounds in a row got replies but no valid one; "
+                f"the last reason: {self._failed_rounds[-1]}"
+            )
+
+    def _prepare_downlink(self, arrays: ArrayRecord) -> None:
+        """Learn which arrays the votes move (``trainable``, else the default rule) for this run."""
+        values = {name: array.numpy() for name, array in arrays.items()}
+        trainable = check_trainable(values, self.trainable) if self.trainable else default_trainable(values)
+        self._downlink = Downlink(self.downlink_mode, trainable, self._rule())
 
     def _rule(self) -> UpdateRule:
         return UpdateRule(self.updater.learning_rate, self.updater.schedule, self.updater.momentum, self.num_rounds)
@@ -340,6 +368,9 @@ class SignMajorityVote(Strategy):
                     reason = str(error)
             if reason is not None:
                 log(WARNING, "round %d: dropped reply of node %s: %s", server_round, node, reason)
+                tally.reasons.append(f"node {node}: {reason}")
+                if message.has_error() and message.error.code == BUDGET_EXHAUSTED_CODE:
+                    tally.budget_refusals += 1
                 continue
             tally.voted.add(node)
             tally.holds_model.add(node)
@@ -386,6 +417,8 @@ class _Tally:
         self.holds_model: set[int] = set()
         self.epsilons: list[float] = []
         self.uplink_bytes = 0
+        self.reasons: list[str] = []
+        self.budget_refusals = 0
 
 
 class _Traffic:

@@ -111,7 +111,9 @@ class LocalSimulation:
         self.start_seconds = self.superlink.start_seconds
         self.log_tail = self.superlink.log_tail
 
-    def run(self, run_config: str, *, num_supernodes: int, timeout: float = 900.0, done=None) -> subprocess.CompletedProcess:
+    def run(
+        self, run_config: str, *, num_supernodes: int, timeout: float = 900.0, done=None, app: Path | str = "."
+    ) -> subprocess.CompletedProcess:
         """`flwr run . --stream` on this SuperLink; retried once if Ray lost its start-up race.
 
         ``flwr run --stream`` exits 0 even when the ServerApp fails, so callers
@@ -123,7 +125,7 @@ class LocalSimulation:
             TimeoutError: naming the phase that was slow.
         """
         command = [
-            str(BIN / "flwr"), "run", ".", "--stream", "--federation-config",
+            str(BIN / "flwr"), "run", str(app), "--stream", "--federation-config",
             f"num-supernodes={num_supernodes} client-resources-num-cpus=1", "--run-config", run_config,
         ]  # fmt: skip
         for attempt in (1, 2):
@@ -155,11 +157,11 @@ class LocalSimulation:
 
 
 def flwr_run_simulation(
-    flwr_home: Path, *, num_supernodes: int, run_config: str, timeout: float = 900.0, done=None
+    flwr_home: Path, *, num_supernodes: int, run_config: str, timeout: float = 900.0, done=None, app: Path | str = "."
 ) -> subprocess.CompletedProcess:
-    """One `flwr run . --stream` on a fresh :class:`LocalSimulation`, stopped afterwards."""
+    """One `flwr run <app> --stream` on a fresh :class:`LocalSimulation`, stopped afterwards."""
     with LocalSimulation(flwr_home) as simulation:
-        return simulation.run(run_config, num_supernodes=num_supernodes, timeout=timeout, done=done)
+        return simulation.run(run_config, num_supernodes=num_supernodes, timeout=timeout, done=done, app=app)
 
 
 def _text(value) -> str:

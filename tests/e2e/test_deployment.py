@@ -222,7 +222,8 @@ def capped(insecure, restarted):
     outcomes, results = [], []
     for label, asked in (("epsilon-8", dict(epsilon=8.0)), ("delta-0.5", dict(delta=0.5))):
         folder = insecure.root / f"results-capped-{label}"
-        outcomes.append(deployment.run(run_config(folder, min_train_nodes=1, **asked)))
+        # One round each: a run asking for epsilon 8 over one round is the greediest kind.
+        outcomes.append(deployment.run(run_config(folder, rounds=1, min_train_nodes=1, **asked)))
         results.append(folder)
     return Phase(deployment, insecure.root, outcomes[-1], results[-1], node_configs, ledger_paths,
                  ledger_snapshot(ledger_paths)), outcomes, results
@@ -232,14 +233,14 @@ def test_runs_that_ask_for_more_than_the_nodes_cap_still_complete(capped):
     phase, outcomes, results = capped
     for outcome, folder in zip(outcomes, results):
         assert outcome.status == "finished:completed", diagnostics(phase.deployment, outcome)
-        assert [row["round"] for row in metrics(folder)] == list(range(1, ROUNDS + 1))
+        assert [row["round"] for row in metrics(folder)] == [1]
 
 
 def test_every_ledger_stays_within_the_nodes_cap_at_the_nodes_delta_over_both_runs(capped):
     phase, _, _ = capped
     for name, path in phase.ledger_paths.items():
         ledger = read_ledger_file(path, accountant="pld")
-        assert ledger.num_releases >= ROUNDS, name
+        assert ledger.num_releases >= 1, name
         assert ledger.epsilon(DELTA) <= NODE_CAP, (name, ledger.epsilon(DELTA))
         assert "planning for the cap" in phase.deployment.log_text(name)
 

@@ -1,0 +1,1 @@
+"""A quickstart-shaped Flower app, converted to DP-SignSGD."""
