@@ -4,7 +4,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from dpsign_fl.flower.client import handle_train
+from dpsign_fl.flower.logs import plain_logs
 
+plain_logs()
 app = ClientApp()
 
 

@@ -3,8 +3,10 @@
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from dpsign_fl.flower.logs import plain_logs
 from dpsign_fl.flower.server import run_server
 
+plain_logs()
 app = ServerApp()
 
 

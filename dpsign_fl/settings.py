@@ -19,7 +19,11 @@ ends in seconds (e.g. ``target-epsilon`` in [0.01, 100], ``sample-rate`` >=
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import shlex
+import sys
+import tomllib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -313,3 +317,61 @@ def parse_run_config(run_config: Mapping[str, Any]) -> tuple[RunSettings, Flower
 def run_config_of(settings: RunSettings, options: FlowerOptions) -> dict[str, Any]:
     """Return the kebab-case run config of both groups (for logs, results and checkpoints)."""
     return {**to_mapping(settings), **to_mapping(options)}
+
+
+def parse_override_string(text: str) -> dict[str, Any]:
+    """Parse ``flwr run --run-config`` text (``key=value`` pairs, TOML values) into a dict.
+
+    Raises:
+        ConfigError: for a pair without ``=`` or a value that is not TOML.
+    """
+    values = {}
+    for pair in shlex.split(text, posix=False):
+        key, equals, value = pair.partition("=")
+        if not equals:
+            raise ConfigError(f"expected key=value, got {pair!r}")
+        try:
+            values[key.strip()] = tomllib.loads(f"value = {value}")["value"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"{key.strip()}: {value!r} is not a TOML value (strings need quotes: {key.strip()}='...')") from None
+    return values
+
+
+def check_run_config(overrides: Mapping[str, Any]) -> tuple[RunSettings, FlowerOptions]:
+    """Validate run-config overrides as the app would, and name misspelt keys with the closest known ones.
+
+    Raises:
+        ConfigError: naming the first unknown or bad key.
+    """
+    known = keys(RunSettings, FlowerOptions)
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=2)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"unknown run-config key {key!r}{hint}")
+    return parse_run_config(overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dpsign_fl.settings "key=value ..."``: check a run config before ``flwr run``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m dpsign_fl.settings",
+        description="Check run-config overrides the way the app will, before flwr run starts anything; "
+        "prints every setting, or the first bad key.",
+    )
+    parser.add_argument("run_config", nargs="?", default="", help="the text you pass to flwr run --run-config")
+    args = parser.parse_args(argv)
+    try:
+        settings, options = check_run_config(parse_override_string(args.run_config))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for key, value in run_config_of(settings, options).items():
+        print(f"{key} = {value!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

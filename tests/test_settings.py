@@ -109,3 +109,19 @@ def test_experiment_only_settings_are_listed_when_changed():
         "byzantine-fraction": 0.2,
         "reproducible-noise": True,
     }
+
+
+def test_the_run_config_checker_names_a_misspelt_key_and_the_closest_known_one(capsys):
+    from dpsign_fl.settings import main
+
+    assert main(["sample-rte=0.1 dataset='mnist'"]) == 2
+    assert "unknown run-config key 'sample-rte'; did you mean 'sample-rate'?" in capsys.readouterr().err
+
+
+def test_the_run_config_checker_names_a_bad_value_and_accepts_good_ones(capsys):
+    from dpsign_fl.settings import main
+
+    assert main(["sample-rate=1.5"]) == 2
+    assert "sample-rate must be in [0.0001, 1], got 1.5" in capsys.readouterr().err
+    assert main(["num-server-rounds=5 dataset='mnist'"]) == 0
+    assert "num-server-rounds = 5" in capsys.readouterr().out

@@ -34,7 +34,7 @@ from flwr.common import log
 from torch.nn import functional as F
 
 from ..attacks import byzantine_payload, is_byzantine
-from ..data import load_dataset, partition
+from ..data import load_dataset, partition_indices
 from ..mechanism import secure_generator
 from ..model_sync import ModelReplica, read_replica_file, write_replica_file
 from ..models import build_model
@@ -304,22 +304,26 @@ def run_plan(settings: RunSettings, budget: Budget, ledger: PrivacyLedger, conte
     return plan
 
 
-@lru_cache(maxsize=4)
-def _load_client_data(data_settings: tuple, partition_id: int | None, num_partitions: int | None):
+@lru_cache(maxsize=2)
+def _dataset(data_settings: tuple):
     settings = from_mapping(RunSettings, dict(data_settings))
-    data = load_dataset(settings.dataset, data_dir=settings.data_dir or None, seed=settings.data_seed)
-    if partition_id is None:
-        return data.train_inputs, data.train_targets, data.num_classes
-    inputs, targets = partition(
-        data,
-        partition_id=partition_id,
+    return load_dataset(settings.dataset, data_dir=settings.data_dir or None, seed=settings.data_seed)
+
+
+@lru_cache(maxsize=2)
+def _partitions(data_settings: tuple, num_partitions: int) -> tuple[torch.Tensor, ...]:
+    # Every partition at once, so that the nodes a process serves (a Ray actor
+    # serves many simulated nodes) share one partitioning.
+    settings = from_mapping(RunSettings, dict(data_settings))
+    shares = partition_indices(
+        _dataset(data_settings).train_targets,
         num_partitions=num_partitions,
         partitioner=settings.partitioner,
         alpha=settings.dirichlet_alpha,
         classes_per_partition=settings.classes_per_partition,
         seed=settings.data_seed,
     )
-    return inputs, targets, data.num_classes
+    return tuple(torch.from_numpy(np.asarray(indices, dtype=np.int64)) for indices in shares)
 
 
 _DATA_KEYS = ("dataset", "data-dir", "partitioner", "dirichlet-alpha", "classes-per-partition", "data-seed")
@@ -331,7 +335,8 @@ def client_data(settings: RunSettings, node: NodeConfig) -> tuple[torch.Tensor, 
     The dataset is run-config ``dataset``, read from node-config ``data-dir``
     when set (else run-config ``data-dir``); the node keeps its partition, or
     the whole training split when it has no ``partition-id``. Loaded once per
-    process and node config (:func:`clear_data_cache` resets), not per round.
+    process (the dataset and its partitioning, shared by every node the process
+    serves; :func:`clear_data_cache` resets), not per round.
 
     Raises:
         ValueError: if node-config ``data-dir`` is set for ``digits``, which
@@ -351,9 +356,14 @@ def client_data(settings: RunSettings, node: NodeConfig) -> tuple[torch.Tensor, 
     if node.data_dir is not None:
         values["data-dir"] = node.data_dir
     key = tuple((name, values[name]) for name in _DATA_KEYS)
-    return _load_client_data(key, node.partition_id, node.num_partitions)
+    data = _dataset(key)
+    if node.partition_id is None:
+        return data.train_inputs, data.train_targets, data.num_classes
+    index = _partitions(key, node.num_partitions)[node.partition_id]
+    return data.train_inputs[index], data.train_targets[index], data.num_classes
 
 
 def clear_data_cache() -> None:
     """Forget the data loaded in this process (tests, or a changed data-dir)."""
-    _load_client_data.cache_clear()
+    _dataset.cache_clear()
+    _partitions.cache_clear()

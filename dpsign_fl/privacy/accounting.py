@@ -85,6 +85,15 @@ PLD_SMALLEST_EPSILON = 0.05
 CALIBRATION_TIMEOUT_SECONDS = 300.0
 """Calibration gives up (CalibrationTimeout) rather than run longer than this."""
 
+BRACKET_ORDERS: tuple[float, ...] = tuple(range(2, 65)) + (128, 256, 512, 1024)
+"""Integer Renyi orders of the RDP bound that starts the PLD calibration's bracket.
+
+At integer orders dp-accounting's RDP of the SGM is a closed-form sum (0.37 s vs
+2.37 s for the default grid with its fractional orders, measured on the default
+run); the sigma it gives is a valid upper end for the PLD sigma either way
+(1.748 vs 1.730 there; PLD's answer 1.620).
+"""
+
 DEFAULT_ORDERS: tuple[float, ...] = tuple(
     [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
 )
@@ -337,7 +346,7 @@ def _calibrate(target_epsilon, target_delta, sample_rate, num_steps, accountant,
     # evaluated far below the answer (where one evaluation can need gigabytes).
     high = 1.0
     if accountant == "pld":
-        high = _calibrate(target_epsilon, target_delta, sample_rate, num_steps, "rdp", None, history, timeout)
+        high = _calibrate(target_epsilon, target_delta, sample_rate, num_steps, "rdp", BRACKET_ORDERS, history, timeout)
     if high <= MIN_NOISE_MULTIPLIER or accountant == "rdp":
         if excess(MIN_NOISE_MULTIPLIER) <= 0:
             return MIN_NOISE_MULTIPLIER

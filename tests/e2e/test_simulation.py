@@ -63,7 +63,7 @@ def test_final_accuracy_is_well_above_chance(simulation):
     _, results, _ = simulation
     rows = json.loads((results / "metrics.json").read_text())
     assert rows[-1]["accuracy"] > 0.3  # 10 classes: chance is 0.1
-    assert (results / "accuracy_epsilon.png").stat().st_size > 1000
+    assert (results / "accuracy_and_epsilon_by_round.png").stat().st_size > 1000
 
 
 def test_the_superlink_started_by_the_test_is_stopped(simulation):
