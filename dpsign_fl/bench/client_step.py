@@ -101,7 +101,7 @@ def build_transformer(name: str = "transformer", *, num_classes: int = NUM_CLASS
     return TokenClassifier(vocab_size, width, depth, heads, seq_len, num_classes)
 
 
-def measure_client_step(model_name: str, batch_size: int, repeats: int = 5, threads: int = 1) -> dict:
+def measure_client_step(model_name: str, batch_size: int, repeats: int = 5, threads: int = 1, memory: bool = True) -> dict:
     """Time the non-private step, the earlier materialised path, both clipped-sum methods and the release.
 
     Args:
@@ -109,6 +109,7 @@ def measure_client_step(model_name: str, batch_size: int, repeats: int = 5, thre
         batch_size: examples per step.
         repeats: timed repeats of each step (after one warm-up), interleaved.
         threads: ``torch.set_num_threads`` for the timing and memory runs.
+        memory: also measure peak memory (a fresh interpreter per step; slow).
 
     Returns:
         ``{"model", "batch_size", "threads", "num_parameters", "seconds": {step: (min, median)},
@@ -141,7 +142,7 @@ def measure_client_step(model_name: str, batch_size: int, repeats: int = 5, thre
         torch.set_num_threads(previous_threads)
     seconds = {step: (min(t), statistics.median(t)) for step, t in times.items()}
     base = seconds["non_private"]
-    peaks = {step: _peak_rss_mib(model_name, batch_size, step, threads) for step in steps}
+    peaks = {step: _peak_rss_mib(model_name, batch_size, step, threads) if memory else float("nan") for step in steps}
     return {
         "model": model_name,
         "batch_size": batch_size,

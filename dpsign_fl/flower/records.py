@@ -15,11 +15,13 @@ the update rule ``learning-rate``, ``lr-schedule``, ``server-momentum``,
 
 Train reply (client -> server), a ``RecordDict`` with exactly:
 
-- ``"arrays"``: ArrayRecord with one Array ``"signs"``: uint8, shape
-  ``[ceil(d/8)]``, the packed signs (:mod:`dpsign_fl.packing` gives the bit
-  order; coordinates follow the order of the arrays in the global model's
-  ArrayRecord, each flattened row-major). Serialised as a ``.npy`` buffer:
-  ``ceil(d/8)`` bytes plus a 128-byte header.
+- ``"arrays"``: ArrayRecord with one Array ``"signs"``: the packed signs
+  (:mod:`dpsign_fl.packing` gives the bit order; coordinates follow the order
+  of the trainable arrays of the global model, each flattened row-major), as
+  raw bytes: dtype ``uint8``, shape ``[ceil(d/8)]``, stype
+  :data:`PACKED_STYPE`, exactly ``ceil(d/8)`` bytes of data (no ``.npy``
+  header: 1 bit per coordinate on the wire). Votes on the downlink travel the
+  same way.
 - ``"metrics"``: MetricRecord with exactly ``"epsilon"``, the epsilon the
   client has spent with this release (a function of q, sigma and its number of
   releases: public). Nothing else: under add/remove-one neighbours even the
@@ -35,7 +37,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ..model_sync import ModelReplica, UpdateRule, check_trainable
-from ..packing import check_packed, payload_bytes, unpack_vote
+from ..packing import payload_bytes, unpack_vote
 from ..parameters import flatten, trainable_parameters, unflatten
 from ..privacy import PrivacyLedger
 
@@ -66,6 +68,9 @@ RELEASE_FAILED_CODE = 4602
 OUT_OF_SYNC_CODE = 4603
 """Error reply: the client does not hold the model the votes apply to (the server resends the model)."""
 NPY_HEADER_BYTES = 128
+"""The header of an Array serialised as ``.npy`` (the model's arrays on a full sync)."""
+PACKED_STYPE = "dpsign-fl.packed-bits"
+"""The Array serialisation type of packed signs and votes: their bytes, nothing else."""
 MAX_REPORTED_EPSILON = 1e6
 """Above this a reported epsilon is treated as absurd and the reply dropped."""
 
@@ -122,10 +127,33 @@ def train_reply_content(packed: np.ndarray, *, epsilon: float) -> RecordDict:
     """Build the content of a train reply (see the module docstring)."""
     return RecordDict(
         {
-            ARRAYS_KEY: ArrayRecord(array_dict={SIGNS_KEY: Array(np.ascontiguousarray(packed, dtype=np.uint8))}),
+            ARRAYS_KEY: ArrayRecord(array_dict={SIGNS_KEY: packed_array(packed)}),
             METRICS_KEY: MetricRecord({EPSILON_KEY: float(epsilon)}),
         }
     )
+
+
+def packed_array(packed: np.ndarray) -> Array:
+    """An Array holding packed bits as raw bytes (:data:`PACKED_STYPE`)."""
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    return Array(dtype="uint8", shape=(int(packed.shape[0]),), stype=PACKED_STYPE, data=packed.tobytes())
+
+
+def packed_bytes(array: Array, expected: int, *, name: str) -> np.ndarray:
+    """The packed bits an Array carries, after checking its type, dtype, shape and length.
+
+    Raises:
+        ValueError: naming what is wrong.
+    """
+    if array.stype != PACKED_STYPE:
+        raise ValueError(f"{name} must be serialised as {PACKED_STYPE!r} (raw packed bits), got {array.stype!r}")
+    if array.dtype != "uint8":
+        raise ValueError(f"{name} must have dtype uint8, got {array.dtype}")
+    if list(array.shape) != [expected]:
+        raise ValueError(f"{name} must have shape [{expected}], got {list(array.shape)}")
+    if not isinstance(array.data, bytes) or len(array.data) != expected:
+        raise ValueError(f"{name} must hold exactly {expected} bytes, got {len(array.data)}")
+    return np.frombuffer(array.data, dtype=np.uint8)
 
 
 def parse_train_reply(content: RecordDict, num_coordinates: int) -> tuple[np.ndarray, float, int]:
@@ -142,18 +170,10 @@ def parse_train_reply(content: RecordDict, num_coordinates: int) -> tuple[np.nda
     if list(arrays.keys()) != [SIGNS_KEY]:
         raise InvalidReply(f"arrays must hold exactly one array {SIGNS_KEY!r}, got {list(arrays.keys())}")
     signs = arrays[SIGNS_KEY]
-    expected = payload_bytes(num_coordinates)
-    # Check the declared dtype and shape before deserialising anything.
-    if signs.dtype != "uint8":
-        raise InvalidReply(f"signs must have dtype uint8, got {signs.dtype}")
-    if list(signs.shape) != [expected]:
-        raise InvalidReply(f"signs must have shape [{expected}] (ceil({num_coordinates}/8)), got {list(signs.shape)}")
-    if len(signs.data) > expected + 4 * NPY_HEADER_BYTES:
-        raise InvalidReply(f"signs payload is {len(signs.data)} bytes, expected about {expected + NPY_HEADER_BYTES}")
     try:
-        packed = check_packed(signs.numpy(), num_coordinates)
-    except Exception as error:  # a corrupt buffer must not crash the round
-        raise InvalidReply(f"signs could not be decoded: {error}") from None
+        packed = packed_bytes(signs, payload_bytes(num_coordinates), name="signs")
+    except ValueError as error:
+        raise InvalidReply(str(error)) from None
     if list(metrics.keys()) != [EPSILON_KEY]:
         raise InvalidReply(f"metrics must hold exactly [{EPSILON_KEY!r}], got {sorted(metrics.keys())}")
     epsilon = metrics[EPSILON_KEY]
@@ -200,7 +220,7 @@ def votes_content(votes: list[tuple[int, np.ndarray]], base_digest: str, config:
     """An instruction carrying the packed votes ``(round, pack_vote(...))`` the client missed."""
     return RecordDict(
         {
-            VOTES_KEY: ArrayRecord(array_dict={str(r): Array(np.asarray(packed, dtype=np.uint8)) for r, packed in votes}),
+            VOTES_KEY: ArrayRecord(array_dict={str(r): packed_array(packed) for r, packed in votes}),
             CONFIG_KEY: ConfigRecord({**config, BASE_DIGEST_KEY: base_digest, VOTE_ROUNDS_KEY: [r for r, _ in votes]}),
         }
     )
@@ -229,7 +249,11 @@ def received_model(content: RecordDict, stored: ModelReplica | None) -> ModelRep
         if stored is None or stored.digest != config[BASE_DIGEST_KEY]:
             raise OutOfSync("this client does not hold the model the votes apply to")
         d = stored.weights.shape[0]
-        votes = [(int(r), unpack_vote(content[VOTES_KEY][str(r)].numpy(), d)) for r in config[VOTE_ROUNDS_KEY]]
+        records = content[VOTES_KEY]
+        votes = [
+            (int(r), unpack_vote(packed_bytes(records[str(r)], records[str(r)].shape[0], name="vote"), d))
+            for r in config[VOTE_ROUNDS_KEY]
+        ]
         replica = stored.replay(votes, update_rule(config))
     else:
         raise ValueError(f"an instruction must hold {ARRAYS_KEY!r} or {VOTES_KEY!r}, got {sorted(content.keys())}")

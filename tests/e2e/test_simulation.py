@@ -6,7 +6,6 @@ import math
 import pytest
 
 from dpsign_fl.packing import payload_bytes
-from dpsign_fl.flower.records import NPY_HEADER_BYTES
 
 from .harness import flwr_run_simulation, superlink_pids
 
@@ -47,7 +46,7 @@ def test_epsilon_increases_and_never_exceeds_the_target(simulation):
     assert 0 < epsilons[0] and epsilons[-1] <= TARGET_EPSILON
 
 
-def test_uplink_is_ceil_d_over_8_bytes_plus_the_npy_header_per_client(simulation):
+def test_uplink_is_ceil_d_over_8_bytes_per_client(simulation):
     _, results, _ = simulation
     rows = json.loads((results / "metrics.json").read_text())
     import torch
@@ -56,7 +55,7 @@ def test_uplink_is_ceil_d_over_8_bytes_plus_the_npy_header_per_client(simulation
     d = sum(t.numel() for t in state.values())
     for row in rows:
         assert row["payload-bytes"] == payload_bytes(d) == math.ceil(d / 8)
-        assert row["uplink-bytes"] == SUPERNODES * (payload_bytes(d) + NPY_HEADER_BYTES)
+        assert row["uplink-bytes"] == SUPERNODES * payload_bytes(d)
 
 
 def test_final_accuracy_is_well_above_chance(simulation):

@@ -41,3 +41,10 @@ class FakeGrid:
 
     def get_node_ids(self):
         return self.node_ids
+
+
+def reply_signs(message: Message):
+    """The packed signs a train reply carries (raw bytes on the wire)."""
+    import numpy as np
+
+    return np.frombuffer(message.content["arrays"]["signs"].data, dtype=np.uint8)

@@ -14,7 +14,7 @@ from dpsign_fl.flower.records import LEDGER_STATE_KEY, load_ledger, model_to_arr
 from dpsign_fl.models import build_model, default_model
 from dpsign_fl.packing import payload_bytes
 
-from .messages import instruction
+from .messages import instruction, reply_signs
 from ..test_settings import pyproject_defaults
 
 ROUNDS = 2
@@ -53,7 +53,7 @@ def test_reply_holds_exactly_the_packed_bits_and_the_epsilon_spent():
 
     assert not reply.has_error()
     assert set(reply.content.keys()) == {"arrays", "metrics"}
-    signs = reply.content["arrays"]["signs"].numpy()
+    signs = reply_signs(reply)
     assert signs.dtype == np.uint8 and signs.shape == (payload_bytes(num_coordinates),)
     metrics = reply.content["metrics"]
     assert set(metrics.keys()) == {"epsilon"}
@@ -86,9 +86,9 @@ def test_client_refuses_once_the_budget_is_spent():
 
 
 def test_same_seed_same_round_gives_the_same_bits_and_other_rounds_differ():
-    first = handle_train(train_message(1)[0], make_context()).content["arrays"]["signs"].numpy()
-    again = handle_train(train_message(1)[0], make_context()).content["arrays"]["signs"].numpy()
-    other = handle_train(train_message(2)[0], make_context()).content["arrays"]["signs"].numpy()
+    first = reply_signs(handle_train(train_message(1)[0], make_context()))
+    again = reply_signs(handle_train(train_message(1)[0], make_context()))
+    other = reply_signs(handle_train(train_message(2)[0], make_context()))
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
 

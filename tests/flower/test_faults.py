@@ -127,10 +127,10 @@ def hostile_contents():
         "header says uint8, buffer holds int64": with_arrays(lying_header),
         "2-D signs": with_arrays(Array(np.zeros((3, 1), np.uint8))),
         "not a numpy buffer": with_arrays(Array(dtype="uint8", shape=(3,), stype="torch.raw", data=b"\x00\x01\x02")),
-        "negative epsilon": with_metrics(MetricRecord({"num-examples": 10, "epsilon": -1.0})),
-        "infinite epsilon": with_metrics(MetricRecord({"num-examples": 10, "epsilon": float("inf")})),
-        "float num-examples": with_metrics(MetricRecord({"num-examples": 10.5, "epsilon": 1.0})),
-        "metrics as a ConfigRecord": with_metrics(ConfigRecord({"num-examples": 10, "epsilon": 1.0})),
+        "negative epsilon": with_metrics(MetricRecord({"epsilon": -1.0})),
+        "infinite epsilon": with_metrics(MetricRecord({"epsilon": float("inf")})),
+        "a list for epsilon": with_metrics(MetricRecord({"epsilon": [1.0, 2.0]})),
+        "metrics as a ConfigRecord": with_metrics(ConfigRecord({"epsilon": 1.0})),
         "empty reply": RecordDict({}),
     }
 

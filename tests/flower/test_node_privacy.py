@@ -22,7 +22,7 @@ from dpsign_fl.release import ReleaseSettings, client_release, seeded_generator
 
 from ..e2e.harness import digits_as_mnist, write_idx_folder
 from ..test_settings import pyproject_defaults
-from .messages import instruction
+from .messages import instruction, reply_signs
 
 deployed = partial(client_module.handle_train, simulation=False)
 simulated = partial(client_module.handle_train, simulation=True)
@@ -146,14 +146,14 @@ def test_a_deployed_node_ignores_the_run_configs_noise_seed_and_the_server_canno
 
     reply = deployed(train_message(1), context(node, **overrides))
 
-    bits = reply.content["arrays"]["signs"].numpy()
+    bits = reply_signs(reply)
     assert not np.array_equal(bits, predicted_signs(1234, 1))
 
 
 def test_in_simulation_the_same_seed_is_reproducible_as_documented_negative_control():
     node = {"partition-id": 0, "num-partitions": 5}
     reply = simulated(train_message(1), context(node, **{"reproducible-noise": True, "noise-seed": 1234}))
-    np.testing.assert_array_equal(reply.content["arrays"]["signs"].numpy(), predicted_signs(1234, 1))
+    np.testing.assert_array_equal(reply_signs(reply), predicted_signs(1234, 1))
 
 
 # ------------------------------------------------------------- errors that carry no data

@@ -6,7 +6,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, Reco
 from flwr.supercore.task_identity import TaskIdentity
 
 from dpsign_fl import SignMajorityVote, majority_vote, pack_signs
-from dpsign_fl.flower.records import arrays_to_flat, train_reply_content
+from dpsign_fl.flower.records import PACKED_STYPE, arrays_to_flat, packed_array, train_reply_content
 
 from .messages import FakeGrid, reply
 
@@ -68,6 +68,7 @@ def test_reply_order_does_not_change_the_result():
 
 
 def malformed_replies():
+    """kind -> (reply content, what the logged reason must say)."""
     good = train_reply_content(pack_signs(signs_for(0)), epsilon=1.0)
     packed = pack_signs(signs_for(1))
 
@@ -79,38 +80,44 @@ def malformed_replies():
         record.update(extra or {})
         return RecordDict(record)
 
-    ok_metrics = MetricRecord({"num-examples": 10, "epsilon": 1.0})
+    def raw(dtype="uint8", shape=(3,), data=b"\x00" * 3):
+        return ArrayRecord(array_dict={"signs": Array(dtype=dtype, shape=shape, stype=PACKED_STYPE, data=data)})
+
     return {
-        "wrong length": content(arrays=ArrayRecord(array_dict={"signs": Array(np.zeros(4, np.uint8))})),
-        "wrong dtype": content(arrays=ArrayRecord(array_dict={"signs": Array(packed.astype(np.int16))})),
-        "float payload": content(arrays=ArrayRecord(array_dict={"signs": Array(np.zeros(3, np.float32))})),
-        "extra array": content(
-            arrays=ArrayRecord(array_dict={"signs": Array(packed), "loss": Array(np.zeros(1, np.float32))})
+        "wrong length": (content(arrays=ArrayRecord(array_dict={"signs": packed_array(np.zeros(4, np.uint8))})), "shape [3]"),
+        "wrong dtype": (content(arrays=raw(dtype="int16", data=b"\x00" * 6)), "dtype uint8"),
+        "float payload": (content(arrays=raw(dtype="float32", data=b"\x00" * 12)), "dtype uint8"),
+        "declared 3 bytes, holds more": (content(arrays=raw(data=b"\x00" * 300)), "exactly 3 bytes"),
+        "the .npy format": (content(arrays=ArrayRecord(array_dict={"signs": Array(packed)})), "raw packed bits"),
+        "extra array": (
+            content(arrays=ArrayRecord(array_dict={"signs": packed_array(packed), "loss": Array(np.zeros(1, np.float32))})),
+            "exactly one array",
         ),
-        "missing arrays": RecordDict({"metrics": ok_metrics}),
-        "missing metric": content(metrics=MetricRecord({"num-examples": 10})),
-        "extra metric": content(metrics=MetricRecord({"num-examples": 10, "epsilon": 1.0, "train-loss": 0.3})),
-        "non-finite epsilon": content(metrics=MetricRecord({"num-examples": 10, "epsilon": float("nan")})),
-        "absurd epsilon": content(metrics=MetricRecord({"num-examples": 10, "epsilon": 1e12})),
-        "negative examples": content(metrics=MetricRecord({"num-examples": -5, "epsilon": 1.0})),
-        "oversized payload": content(arrays=ArrayRecord(array_dict={"signs": Array(np.zeros(10_000, np.uint8))})),
-        "other model size": content(arrays=ArrayRecord(array_dict={"signs": Array(np.zeros(2, np.uint8))})),
-        "extra record": content(extra={"config": ConfigRecord({"x": 1})}),
+        "missing arrays": (RecordDict({"metrics": good["metrics"]}), "reply must hold exactly"),
+        "missing metric": (content(metrics=MetricRecord({})), "metrics must hold exactly"),
+        "the dataset size": (content(metrics=MetricRecord({"num-examples": 10, "epsilon": 1.0})), "metrics must hold exactly"),
+        "extra metric": (content(metrics=MetricRecord({"epsilon": 1.0, "train-loss": 0.3})), "metrics must hold exactly"),
+        "non-finite epsilon": (content(metrics=MetricRecord({"epsilon": float("nan")})), "epsilon must be a finite number"),
+        "absurd epsilon": (content(metrics=MetricRecord({"epsilon": 1e12})), "epsilon must be a finite number"),
+        "oversized payload": (content(arrays=ArrayRecord(array_dict={"signs": packed_array(np.zeros(10_000, np.uint8))})), "shape [3]"),
+        "other model size": (content(arrays=ArrayRecord(array_dict={"signs": packed_array(np.zeros(2, np.uint8))})), "shape [3]"),
+        "extra record": (content(extra={"config": ConfigRecord({"x": 1})}), "reply must hold exactly"),
     }
 
 
 @pytest.mark.parametrize("kind", sorted(malformed_replies()))
-def test_each_malformed_reply_is_dropped_and_the_rest_still_vote(kind, caplog):
+def test_each_malformed_reply_is_dropped_for_its_own_reason_and_the_rest_still_vote(kind, caplog):
     strategy, arrays, _ = configured_strategy()
     good_signs = [signs_for(10), signs_for(11)]
-    replies = [valid_reply(11, good_signs[0]), reply(malformed_replies()[kind], node_id=12), valid_reply(13, good_signs[1])]
+    bad, reason = malformed_replies()[kind]
+    replies = [valid_reply(11, good_signs[0]), reply(bad, node_id=12), valid_reply(13, good_signs[1])]
 
     new_arrays, metrics = strategy.aggregate_train(1, replies)
 
     assert metrics["voters"] == 2 and metrics["dropped"] == 1
     expected = arrays_to_flat(arrays) - LEARNING_RATE * majority_vote([pack_signs(s) for s in good_signs], D)
     np.testing.assert_allclose(arrays_to_flat(new_arrays), expected, rtol=1e-6)
-    assert "dropped reply of node 12" in caplog.text
+    assert "dropped reply of node 12" in caplog.text and reason in caplog.text
 
 
 def test_error_replies_are_dropped_with_their_reason(caplog):
@@ -124,7 +131,7 @@ def test_error_replies_are_dropped_with_their_reason(caplog):
 def test_a_round_with_no_valid_reply_leaves_the_model_unchanged():
     strategy, _, _ = configured_strategy()
     bad = malformed_replies()
-    replies = [reply(bad["wrong length"], node_id=11), reply(bad["wrong dtype"], node_id=12)]
+    replies = [reply(bad["wrong length"][0], node_id=11), reply(bad["wrong dtype"][0], node_id=12)]
     new_arrays, metrics = strategy.aggregate_train(1, replies)
     assert new_arrays is None  # Strategy.start keeps the current arrays on None
     assert metrics["voters"] == 0 and metrics["dropped"] == 2

@@ -1,0 +1,146 @@
+"""``python -m dpsign_fl.bench``: every cost ratio of the scale work, measured side by side, in one table.
+
+- wire: bits per coordinate of an uplink reply and of the downlink (a vote, a
+  tied vote, the full model), from the messages themselves;
+- vote: the streaming packed vote against copying the payloads, and its memory;
+- client step: ``client_release`` (and the bare clipped sum) against a
+  non-private forward and backward on the same batch, and extra peak memory;
+- round: a real ``flwr run`` simulation against the in-process loop on the same
+  work (digits, 10 clients; with ``--data-dir``, MNIST with the tanh CNN too).
+
+``--quick`` runs a tiny version of each (seconds; what the tests run) and skips
+the Flower round. ``--json PATH`` writes every number measured. Not a test:
+numbers depend on the machine and its load; docs/performance.md has a table
+from an idle 2-core machine and the command that made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the table; return the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m dpsign_fl.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, no Flower run (seconds)")
+    parser.add_argument("--json", type=Path, default=None, help="write every measurement to this JSON file")
+    parser.add_argument("--data-dir", default=None, help="folder with MNIST (../shared/data): adds an MNIST round")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the client step (default 1)")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: wire, vote, client, round")
+    args = parser.parse_args(argv)
+    skip = {part.strip() for part in args.skip.split(",") if part.strip()}
+    if args.quick:
+        skip.add("round")
+    started = time.monotonic()
+    report: dict = {"quick": args.quick, "threads": args.threads, "torch": torch.__version__}
+    rows: list[tuple[str, str, str, str]] = []  # stage, setting, measured, reference
+    if "wire" not in skip:
+        report["wire"] = _wire(rows)
+    if "vote" not in skip:
+        report["vote"] = _vote(rows, quick=args.quick)
+    if "client" not in skip:
+        report["client_step"] = _client(rows, quick=args.quick, threads=args.threads)
+    if "round" not in skip:
+        report["round"] = _rounds(rows, data_dir=args.data_dir)
+    report["seconds"] = round(time.monotonic() - started, 1)
+    print(format_table(rows))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, default=float))
+    return 0
+
+
+def format_table(rows: list[tuple[str, str, str, str]]) -> str:
+    """A Markdown table: stage, setting, measured, reference."""
+    lines = ["| stage | setting | measured | reference |", "|---|---|---|---|"]
+    lines += [f"| {stage} | {setting} | {measured} | {reference} |" for stage, setting, measured, reference in rows]
+    return "\n".join(lines)
+
+
+def _wire(rows) -> list[dict]:
+    from .wire import measure_wire
+
+    results = [measure_wire(name) for name in ("mlp", "tanh-cnn", "cifar-cnn")]
+    for r in results:
+        setting = f"{r['model']} (d = {r['num_coordinates']:,})"
+        rows.append(("uplink bits/coordinate", setting, f"{r['uplink_bits_per_coordinate']:.3f}", "1"))
+        rows.append((
+            "downlink bits/coordinate", setting,
+            f"{r['downlink_vote_bits_per_coordinate']:.3f} (tied vote {r['downlink_tied_vote_bits_per_coordinate']:.3f})",
+            f"1; the model: {r['downlink_model_bits_per_coordinate']:.1f}",
+        ))
+    return results
+
+
+def _vote(rows, *, quick: bool) -> list[dict]:
+    from .vote import measure_vote
+
+    cases = [(10**5, 10)] if quick else [(10**7, 100), (10**8, 100)]
+    results = []
+    for d, m in cases:
+        r = measure_vote(d, m, repeats=2 if quick else 5)
+        results.append(r)
+        rows.append((
+            "vote vs copying the payloads", f"d = {d:.0e}, M = {m}",
+            f"{r['copy_to_vote_ratio']:.2f}x copy speed, {r['peak_bytes_per_coordinate']:.2f} bytes/coordinate",
+            "target >= 0.3x, <= 10 bytes/coordinate",
+        ))
+    return results
+
+
+def _client(rows, *, quick: bool, threads: int) -> list[dict]:
+    from .client_step import measure_client_step
+
+    cases = [("tanh-cnn", 32, 1)] if quick else [("tanh-cnn", 256, 5), ("cifar-cnn", 256, 5), ("transformer-10m", 64, 3)]
+    results = []
+    for model, batch, repeats in cases:
+        r = measure_client_step(model, batch, repeats=repeats, threads=threads, memory=not quick)
+        results.append(r)
+        release = r["ratio"]["release"]
+        rows.append((
+            "client step vs non-private step", f"{model}, batch {batch}, {threads} thread(s)",
+            f"{release[1]:.2f}x (min {release[0]:.2f}x), +{r['peak_extra_mib']['release']:.0f} MiB",
+            "target >= 0.5x" + ("; <= 2 GiB extra" if "transformer" in model else ""),
+        ))
+    return results
+
+
+def _rounds(rows, *, data_dir: str | None) -> list[dict]:
+    from .flower_round import app_available, measure_flower_round, measure_loop_round
+
+    if not app_available():
+        rows.append(("Flower round vs loop", "-", "skipped: the Flower app is not next to the package", "-"))
+        return []
+    cases = [("digits, 10 clients, q 0.3", "", dict(dataset="digits", sample_rate=0.3))]
+    if data_dir:
+        mnist = f"dataset='mnist' data-dir='{Path(data_dir).resolve()}' sample-rate=0.05"
+        cases.append(("MNIST tanh-cnn, 10 clients, q 0.05", mnist,
+                      dict(dataset="mnist", data_dir=str(Path(data_dir).resolve()), sample_rate=0.05)))
+    results = []
+    for label, run_config, fields in cases:
+        flower = measure_flower_round(run_config=run_config)
+        loop = measure_loop_round(**fields)
+        results.append({"case": label, "flower": flower, "loop": loop})
+        rows.append((
+            "Flower round vs in-process loop", label,
+            f"{flower['seconds_per_round']:.3f} s vs {loop['seconds_per_round']:.3f} s "
+            f"({flower['seconds_per_round'] / loop['seconds_per_round']:.1f}x)",
+            "target <= 1.5x",
+        ))
+        rows.append((
+            "time to round 1", label,
+            f"{flower['seconds_to_round_1']:.1f} s after flwr run (+ SuperLink {flower['superlink_start_seconds']:.1f} s) "
+            f"vs {loop['seconds_to_round_1']:.1f} s",
+            "-",
+        ))
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())
