@@ -15,7 +15,7 @@ results into messages; the loop calls them for every simulated client.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -28,7 +28,7 @@ from .privacy import PrivacyLedger, Release, calibrate_noise_multiplier
 from .release import ReleaseSettings, client_release
 from .server_update import VoteUpdater
 from .settings import RunSettings
-from .vote import VoteCounter
+from .vote import VoteCounter, robust_vote
 
 
 @dataclass(frozen=True)
@@ -210,11 +210,13 @@ class ServerRoundResult:
         weights: the new flat weights (the old ones when the round did not step).
         vote: the int8 vote in {-1, 0, +1}, or None when there were too few voters.
         voters: how many payloads voted.
+        excluded: payload position -> why the robust vote left it out.
     """
 
     weights: np.ndarray
     vote: np.ndarray | None
     voters: int
+    excluded: dict[int, str] = field(default_factory=dict)
 
 
 def server_round(
@@ -225,12 +227,16 @@ def server_round(
     server_round: int,
     num_rounds: int,
     min_voters: int = 1,
+    vote_rule: str = "majority",
 ) -> ServerRoundResult:
     """Take the majority vote of validated packed payloads and step the model.
 
-    Post-processing of the clients' releases: no privacy cost. The payloads are
-    counted as they come (:class:`dpsign_fl.vote.VoteCounter`): extra memory is
-    O(d) whatever their number, and none is unpacked.
+    Post-processing of the clients' releases: no privacy cost. With the
+    majority rule the payloads are counted as they come
+    (:class:`dpsign_fl.vote.VoteCounter`): extra memory is O(d) whatever their
+    number, and none is unpacked. The robust rule
+    (:func:`dpsign_fl.vote.robust_vote`) reads them two more times to leave out
+    the ones that look like a coordinated attack; still O(d) beyond the payloads.
 
     Args:
         weights: the flat model the payloads were computed at.
@@ -239,10 +245,20 @@ def server_round(
         server_round: the round number (1-based), for the schedule.
         num_rounds: T, the total rounds of the run, for the schedule.
         min_voters: fewer payloads leave the model unchanged.
+        vote_rule: ``"majority"`` or ``"robust"`` (:data:`dpsign_fl.vote.VOTE_RULES`).
 
     Returns:
         :class:`ServerRoundResult`.
     """
+    if vote_rule == "robust":
+        rows = list(payloads)
+        if len(rows) < max(min_voters, 1):
+            return ServerRoundResult(weights, None, len(rows))
+        outcome = robust_vote(rows, weights.shape[0])
+        new = updater.step(weights, outcome.vote, server_round, num_rounds)
+        return ServerRoundResult(new, outcome.vote, len(rows), dict(outcome.dropped))
+    if vote_rule != "majority":
+        raise ValueError(f"vote_rule must be 'majority' or 'robust', got {vote_rule!r}")
     counter = VoteCounter(weights.shape[0])
     for payload in payloads:
         counter.add(payload)

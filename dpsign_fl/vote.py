@@ -11,6 +11,9 @@ vote is a bit-sliced comparison of the planes with a threshold. Memory is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import numpy as np
 
 from .packing import BIT_ORDER, check_packed, payload_bytes
@@ -365,3 +368,156 @@ def _count(packed, num_coordinates: int) -> VoteCounter:
     for row in packed:
         counter.add(row)
     return counter
+
+VOTE_RULES = ("majority", "robust")
+"""How the server turns the payloads of a round into a vote: :func:`majority_vote` or :func:`robust_vote`."""
+
+ROBUST_SKETCH_BYTES = 512
+"""Bytes (8 coordinates each) of every payload compared pairwise to find colluders: 4096 coordinates."""
+
+RATE_THRESHOLD = 8.0
+"""A payload is dropped when its +1 rate is more than this many robust standard deviations from the median."""
+
+COLLUSION_MARGIN = 8.0
+"""... when it agrees with another payload on the sketch more than this many standard errors above the median agreement."""
+
+AGREEMENT_THRESHOLD = 4.0
+"""... when its agreement with the tentative vote is this many robust standard deviations below the median."""
+
+
+@dataclass(frozen=True)
+class RobustVote:
+    """The outcome of :func:`robust_vote`.
+
+    Attributes:
+        vote: int8 ``[d]`` in {-1, 0, +1}, the majority of the kept payloads.
+        kept: indices of the payloads that voted.
+        dropped: payload index -> why it was left out (``"+1 rate"``, ``"collusion"``, ``"disagreement"``).
+    """
+
+    vote: np.ndarray
+    kept: tuple[int, ...]
+    dropped: dict[int, str]
+
+
+def robust_vote(payloads: Sequence[np.ndarray], num_coordinates: int, *, generator: np.random.Generator | None = None) -> RobustVote:
+    """Majority vote of the payloads that do not look like a coordinated attack.
+
+    Server-side post-processing of released bits: no privacy cost, nothing asked
+    of the clients. Three filters, each on statistics of the packed payloads
+    (popcounts; no payload is unpacked), then the plain majority of the rest:
+
+    1. **+1 rate.** Under DP noise every honest payload's share of +1 bits sits
+       close to the others' (measured 0.515-0.52 on MNIST); a payload whose
+       rate is far from the median (robust z-score over the median absolute
+       deviation, floored at the binomial standard deviation 0.5/sqrt(d)) pushes
+       a constant direction (all-ones) and is dropped.
+    2. **Collusion.** Honest noisy payloads agree with each other on about half
+       of the coordinates; identical or correlated attackers agree on many more.
+       On a random sketch of coordinates (:data:`ROBUST_SKETCH_BYTES`, drawn
+       afresh every call) each payload's agreement with the payload most like it
+       is compared with the other payloads' (robust z-score, floored at the
+       sketch's standard error 0.5/sqrt(K)); a payload far above is dropped.
+    3. **Disagreement.** Against the majority of the OTHER payloads left (its
+       own vote would inflate its agreement: a tenth of the vote with 10
+       voters), a payload that agrees far less than the rest is dropped
+       (sign-flippers push against the others' direction).
+
+    Memory: O(d) for the counters plus O(M K) for the sketches; the payloads
+    themselves are read, never copied (the caller holds them: Flower's replies).
+
+    Args:
+        payloads: validated packed payloads.
+        num_coordinates: d.
+        generator: randomness of the sketch; None = fresh OS entropy.
+
+    Returns:
+        :class:`RobustVote`. With fewer than 3 payloads, no filter runs.
+    """
+    rows = [check_packed(p, num_coordinates) for p in payloads]
+    count = len(rows)
+    dropped: dict[int, str] = {}
+    if count >= 3:
+        rates = np.array([_positives(row, num_coordinates) for row in rows]) / num_coordinates
+        for index in _far_from_median(rates, floor=0.5 / np.sqrt(num_coordinates), threshold=RATE_THRESHOLD, side="both"):
+            dropped[index] = "+1 rate"
+        for index in _colluders(rows, [i for i in range(count) if i not in dropped], generator):
+            dropped[index] = "collusion"
+        kept = [i for i in range(count) if i not in dropped]
+        if len(kept) >= 3:
+            agreement, decided = _agreement_with_the_others(rows, kept, num_coordinates)
+            floor = 0.5 / np.sqrt(max(decided.min(), 1))
+            for position in _far_from_median(agreement, floor=floor, threshold=AGREEMENT_THRESHOLD, side="low"):
+                dropped[kept[position]] = "disagreement"
+    kept = tuple(i for i in range(count) if i not in dropped)
+    return RobustVote(_counter(rows, kept, num_coordinates).vote(), kept, dropped)
+
+
+def _agreement_with_the_others(rows, kept: list[int], num_coordinates: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each kept payload's agreement with the majority of the OTHER kept payloads, and the coordinates it counts.
+
+    With c the +1 count and n the voters, the vote without a payload whose bit
+    is +1 is sign(2c - n - 1) (threshold shift +1), and without one whose bit is
+    -1 it is sign(2c - n + 1) (shift -1): two pairs of bitmaps serve every
+    payload, so a payload's own vote does not inflate its agreement.
+    """
+    counter = _counter(rows, kept, num_coordinates)
+    plus_positive, plus_negative = counter.vote_bitmaps(shift=1)
+    minus_positive, minus_negative = counter.vote_bitmaps(shift=-1)
+    agreement, decided = [], []
+    for i in kept:
+        row, complement = rows[i], np.bitwise_not(rows[i])
+        agree = _count_bits(row & plus_positive) + _count_bits(complement & minus_negative)
+        total = agree + _count_bits(row & plus_negative) + _count_bits(complement & minus_positive)
+        agreement.append(agree / max(total, 1))
+        decided.append(total)
+    return np.array(agreement), np.array(decided)
+
+
+def _counter(rows, indices, num_coordinates: int) -> VoteCounter:
+    counter = VoteCounter(num_coordinates)
+    for i in indices:
+        counter.add(rows[i])
+    return counter
+
+
+def _count_bits(bytes_: np.ndarray) -> int:
+    """Set bits of a uint8 array of any length."""
+    return int(np.bitwise_count(bytes_).sum(dtype=np.int64))
+
+
+def _positives(row: np.ndarray, num_coordinates: int) -> int:
+    full = num_coordinates // 8
+    count = _count_bits(row[:full])
+    tail = num_coordinates % 8
+    if tail:
+        count += int(np.bitwise_count(row[full] & np.uint8((0xFF << (8 - tail)) & 0xFF)))
+    return count
+
+
+def _far_from_median(values: np.ndarray, *, floor: float, threshold: float, side: str) -> list[int]:
+    """Indices whose value is more than ``threshold`` robust standard deviations from the median."""
+    median = float(np.median(values))
+    spread = max(1.4826 * float(np.median(np.abs(values - median))), floor)
+    score = (values - median) / spread
+    far = {"low": score < -threshold, "high": score > threshold, "both": np.abs(score) > threshold}[side]
+    return [int(i) for i in np.nonzero(far)[0]]
+
+
+def _colluders(rows, candidates: list[int], generator) -> set[int]:
+    """Payloads that agree with another far more than the pairs of payloads usually do, on a random sketch."""
+    full_bytes = min(row.shape[0] for row in rows)
+    full_bytes -= 1  # the last byte may hold unused tail bits
+    if len(candidates) < 3 or full_bytes < 1:
+        return set()
+    generator = generator if generator is not None else np.random.default_rng()
+    positions = generator.choice(full_bytes, size=min(ROBUST_SKETCH_BYTES, full_bytes), replace=False)
+    sketch = np.stack([rows[i][positions] for i in candidates])
+    bits = 8 * sketch.shape[1]
+    agreement = np.empty((len(candidates), len(candidates)))
+    for a in range(len(candidates)):
+        agreement[a] = 1.0 - np.bitwise_count(sketch[a] ^ sketch).sum(axis=1, dtype=np.int64) / bits
+    np.fill_diagonal(agreement, -np.inf)
+    closest = agreement.max(axis=1)  # each payload's agreement with the one most like it
+    far = _far_from_median(closest, floor=0.5 / np.sqrt(bits), threshold=COLLUSION_MARGIN, side="high")
+    return {candidates[i] for i in far}

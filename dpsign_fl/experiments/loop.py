@@ -42,7 +42,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from ..attacks import byzantine_payload, is_byzantine
+from ..attacks import attack_round, is_byzantine
 from ..compressors import sign as sign_of, sto_sign
 from ..data import load_dataset, partition_indices
 from ..evaluation import evaluate
@@ -253,6 +253,7 @@ def run_experiment(
         }
 
     history = [evaluate_at(0)]
+    excluded_total = excluded_attackers = 0
     bar = tqdm(range(1, run.num_rounds + 1), desc=experiment.name(), file=sys.stderr, disable=not progress,
                leave=False, mininterval=1.0)
     for current in bar:
@@ -264,7 +265,7 @@ def run_experiment(
             eta = learning_rate_at(current, learning_rate=learning_rate, num_rounds=run.num_rounds, schedule=run.lr_schedule)
             weights = weights - eta * np.mean(gradients, axis=0).astype(weights.dtype)
         else:
-            payloads = []
+            payloads, senders = [], []
             for m, client in enumerate(clients):
                 generator = _generator(run, m, current)
                 if experiment.private:
@@ -274,15 +275,22 @@ def run_experiment(
                     )
                     if not isinstance(outcome, SignedUpdate):
                         continue
-                    packed = outcome.packed
+                    payloads.append(outcome.packed)
                 else:
-                    packed = pack_signs(_client_signs(model, client, experiment, generator))
-                if is_byzantine(m, experiment.num_clients, run.byzantine_fraction):
-                    packed = byzantine_payload(packed, num_coordinates, attack=run.byzantine_attack, generator=generator)
-                payloads.append(packed)
-            weights = server_round(
-                weights, payloads, updater=updater, server_round=current, num_rounds=run.num_rounds
-            ).weights
+                    payloads.append(pack_signs(_client_signs(model, client, experiment, generator)))
+                senders.append(m)
+            attackers = [i for i, m in enumerate(senders) if is_byzantine(m, experiment.num_clients, run.byzantine_fraction)]
+            if attackers:
+                payloads = attack_round(
+                    payloads, attackers, num_coordinates, attack=run.byzantine_attack,
+                    generator=_generator(run, experiment.num_clients, current),
+                )
+            outcome = server_round(
+                weights, payloads, updater=updater, server_round=current, num_rounds=run.num_rounds, vote_rule=run.vote
+            )
+            weights = outcome.weights
+            excluded_total += len(outcome.excluded)
+            excluded_attackers += sum(1 for i in outcome.excluded if i in attackers)
         if current >= tail_start:
             tail_sum += weights
             tail_count += 1
@@ -311,6 +319,8 @@ def run_experiment(
         "client_sizes": [c.size for c in clients],
         "wall_seconds": round(time.monotonic() - started, 3),
         "setup_seconds": round(setup_seconds, 3),
+        "excluded": excluded_total,
+        "excluded_attackers": excluded_attackers,
         "history": history,
     }
     if experiment.method in ("jin-dp-sign", "jin-rectified"):

@@ -10,7 +10,8 @@ ServerApp runs in; pass an absolute path to be sure where files go):
   within ``round-timeout``), ``uplink-bytes`` (serialised sign payloads
   received that round), ``payload-bytes`` (ceil(d/8) per client),
   ``downlink-bytes`` (array bytes sent that round: votes, or models),
-  ``full-syncs`` (nodes sent the whole model) and ``wall-seconds``;
+  ``full-syncs`` (nodes sent the whole model), ``excluded`` (valid replies
+  the robust vote left out) and ``wall-seconds``;
   rewritten after every round.
 - ``checkpoint.npz``: every ``checkpoint-every`` rounds (0 = never), see
   :mod:`dpsign_fl.checkpoint`. With ``resume=true`` the run continues after
@@ -45,6 +46,7 @@ from ..checkpoint import (
     save_checkpoint,
 )
 from ..atomic_file import write_json_atomic
+from ..attacks import BLIND_ATTACKS
 from ..data import Dataset, load_dataset
 from ..evaluation import evaluate
 from ..models import build_model
@@ -79,6 +81,7 @@ def build_strategy(settings: RunSettings, options: FlowerOptions) -> SignMajorit
         learning_rate=settings.learning_rate,
         lr_schedule=settings.lr_schedule,
         server_momentum=settings.server_momentum,
+        vote=settings.vote,
     )
 
 
@@ -133,6 +136,11 @@ def prepare_run(run_config) -> tuple[RunSettings, FlowerOptions, Dataset, Path]:
         ConfigError: naming the key (``data-dir`` for data that cannot be read).
     """
     settings, options = parse_run_config(run_config)
+    if settings.byzantine_fraction > 0 and settings.byzantine_attack not in BLIND_ATTACKS:
+        raise ConfigError(
+            f"byzantine-attack {settings.byzantine_attack!r} needs every honest client's bits of the round: the "
+            f"research loop runs it (python -m dpsign_fl.experiments); a simulation runs {BLIND_ATTACKS}"
+        )
     if settings.data_dir and not Path(settings.data_dir).expanduser().is_absolute():
         raise ConfigError(
             f"data-dir must be an absolute path, got {settings.data_dir!r}: the ServerApp and the ClientApps run "
@@ -310,6 +318,7 @@ class RoundRecorder:
             "payload-bytes": train["payload-bytes"],
             "downlink-bytes": train["downlink-bytes"],
             "full-syncs": train["full-syncs"],
+            "excluded": train["excluded"],
             "wall-seconds": round(time.monotonic() - self._started, 3),
         }
         self.records.append(row)

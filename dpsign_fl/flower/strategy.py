@@ -40,6 +40,7 @@ from ..model_sync import UpdateRule, check_trainable, default_trainable
 from ..parameters import flatten, unflatten
 from ..rounds import server_round as run_server_round
 from ..server_update import VoteUpdater
+from ..vote import VOTE_RULES
 from .downlink import Downlink
 from .records import (
     BUDGET_EXHAUSTED_CODE,
@@ -66,6 +67,10 @@ class SignMajorityVote(Strategy):
         learning_rate: eta > 0, the step per vote.
         lr_schedule: ``"constant"``, ``"linear"``, ``"cosine"`` or ``"inverse-sqrt"``.
         server_momentum: beta in [0, 1); post-processing, free of privacy cost.
+        vote: ``"majority"`` (the coordinate-wise majority) or ``"robust"``
+            (:func:`dpsign_fl.vote.robust_vote`: payloads that look like a
+            coordinated attack are left out first; server-side, free of privacy
+            cost, O(d) memory).
         downlink: ``"votes"`` (clients keep a replica and get the votes they
             missed, or the model when that is smaller or they need it) or
             ``"weights"`` (the model every round, for clients without a replica).
@@ -89,7 +94,8 @@ class SignMajorityVote(Strategy):
     not reply before the timeout), ``epsilon`` (largest epsilon spent among the
     clients that replied), ``uplink-bytes`` (serialised sign payloads received),
     ``payload-bytes`` (ceil(d/8)), ``downlink-bytes`` (array bytes sent that
-    round, resends included) and ``full-syncs`` (nodes sent the whole model).
+    round, resends included), ``full-syncs`` (nodes sent the whole model) and
+    ``excluded`` (valid replies the robust vote left out; 0 with majority).
     ``epsilon_seen`` maps each node id to the largest epsilon it reported; a
     node whose epsilon goes down (its ledger was reset) is logged as a warning.
     """
@@ -103,6 +109,7 @@ class SignMajorityVote(Strategy):
         learning_rate: float = 0.01,
         lr_schedule: str = "constant",
         server_momentum: float = 0.0,
+        vote: str = "majority",
         downlink: str = "votes",
         trainable: list[str] | tuple[str, ...] | None = None,
         final_sync: bool = True,
@@ -117,6 +124,9 @@ class SignMajorityVote(Strategy):
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
         self.updater = VoteUpdater(learning_rate=learning_rate, schedule=lr_schedule, momentum=server_momentum)
+        if vote not in VOTE_RULES:
+            raise ValueError(f"vote must be one of {VOTE_RULES}, got {vote!r}")
+        self.vote = vote
         self.downlink_mode = downlink
         self.trainable = None if trainable is None else tuple(trainable)
         self.final_sync = final_sync
@@ -135,8 +145,8 @@ class SignMajorityVote(Strategy):
         """Log the configuration."""
         log(INFO, "\t├── Sampling: fraction %g of connected nodes per round, at least %d (waits for %d)",
             self.fraction_train, self.min_train_nodes, self.min_available_nodes)
-        log(INFO, "\t├── Majority vote of packed signs: learning rate %g (%s), server momentum %g",
-            self.updater.learning_rate, self.updater.schedule, self.updater.momentum)
+        log(INFO, "\t├── %s vote of packed signs: learning rate %g (%s), server momentum %g",
+            self.vote.capitalize(), self.updater.learning_rate, self.updater.schedule, self.updater.momentum)
         log(INFO, "\t└── Downlink: %s", "the votes each node missed (or the model)" if self.downlink_mode == "votes"
             else "the model every round")
 
@@ -237,7 +247,10 @@ class SignMajorityVote(Strategy):
             server_round=server_round,
             num_rounds=self.num_rounds,
             min_voters=self.min_train_nodes,
+            vote_rule=self.vote,
         )
+        for position, why in sorted(outcome.excluded.items()):
+            log(WARNING, "round %d: the robust vote left out node %s (%s)", server_round, tally.in_order[position], why)
         missing = len(self._sampled - tally.replied)
         if missing:
             log(WARNING, "round %d: %d of %d sampled nodes did not reply in time", server_round, missing, len(self._sampled))
@@ -256,6 +269,7 @@ class SignMajorityVote(Strategy):
                 "payload-bytes": (d + 7) // 8,
                 "downlink-bytes": self._sent.bytes,
                 "full-syncs": self._sent.full,
+                "excluded": len(outcome.excluded),
             }
         )
         if outcome.voters == 0 and tally.reasons and not tally.budget_refusals:
@@ -373,6 +387,7 @@ class SignMajorityVote(Strategy):
                     tally.budget_refusals += 1
                 continue
             tally.voted.add(node)
+            tally.in_order.append(node)
             tally.holds_model.add(node)
             self._note_epsilon(server_round, node, epsilon)
             tally.epsilons.append(epsilon)
@@ -414,6 +429,7 @@ class _Tally:
         self.received = 0
         self.replied: set[int] = set()
         self.voted: set[int] = set()
+        self.in_order: list[int] = []
         self.holds_model: set[int] = set()
         self.epsilons: list[float] = []
         self.uplink_bytes = 0

@@ -80,3 +80,16 @@ def test_cifar10_in_the_standard_layout_with_the_groupnorm_cnn(tmp_path):
     rows = run_app(tmp_path, dataset="cifar10", **{"data-dir": str(folder), "sample-rate": 0.5})
     assert all(r["voters"] == 3 for r in rows)
     assert rows[-1]["accuracy"] is not None
+
+
+def test_the_app_with_vote_robust_leaves_out_the_all_ones_nodes_every_round(tmp_path):
+    rows = run_app(tmp_path, num_nodes=10, **{"vote": "robust", "byzantine-fraction": 0.3, "byzantine-attack": "all-ones"})
+    assert [row["excluded"] for row in rows] == [3, 3]
+    assert [row["voters"] for row in rows] == [10, 10]  # valid replies; the vote counted 7 of them
+
+
+def test_the_app_refuses_an_attack_that_needs_the_other_clients_bits(tmp_path):
+    from dpsign_fl.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="byzantine-attack 'inverse-majority'"):
+        run_app(tmp_path, **{"byzantine-fraction": 0.3, "byzantine-attack": "inverse-majority"})
