@@ -15,6 +15,13 @@ activations.
   convolutions and a max-pool, 32/64/128 channels, then Linear(2048, 128),
   Linear(128, classes)), tanh; we add GroupNorm after every convolution
   (stable training without BatchNorm): 551,466 parameters for 10 classes.
+- ``scatternet-linear`` and ``scatternet-cnn``: heads on wavelet-scattering
+  features (:mod:`dpsign_fl.features`; inputs ``[81 k, h, w]``), as in
+  Tramer & Boneh 2021. Both first normalise each example on its own
+  (GroupNorm, :data:`SCATTER_GROUPS` groups, no learned scale: no parameter,
+  no statistic of the training set). Linear: 39,700 parameters on MNIST.
+  CNN: Conv(32, 3x3), tanh, max-pool 2, Conv(64, 3x3), tanh, Linear:
+  47,626 parameters on MNIST.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ import numbers
 import torch
 from torch import nn
 
-MODELS = ("logreg", "mlp", "tanh-cnn", "cifar-cnn")
+MODELS = ("logreg", "mlp", "tanh-cnn", "cifar-cnn", "scatternet-linear", "scatternet-cnn")
+SCATTER_GROUPS = 27  # GroupNorm groups over the scattering channels (81 per input channel)
 MLP_HIDDEN_UNITS = 64
 CIFAR_CNN_GROUPS = 8  # GroupNorm groups per convolution
 
@@ -101,6 +109,11 @@ def default_model(dataset_name: str) -> str:
     return _DEFAULT_MODELS[dataset_name]
 
 
+def input_features(name: str) -> str:
+    """What a model takes: ``"scattering"`` (the scatternet models) or ``"pixels"`` (the dataset's own inputs)."""
+    return "scattering" if name.startswith("scatternet-") else "pixels"
+
+
 def num_parameters(model: nn.Module) -> int:
     """Return d, the number of trainable parameter entries (the length of a release)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -159,11 +172,48 @@ def _cifar_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def _scatter_input(input_shape: tuple[int, ...], name: str) -> None:
+    if len(input_shape) != 3 or input_shape[0] % SCATTER_GROUPS:
+        raise ValueError(
+            f"input_shape must be ScatterNet features (channels, height, width) with channels a multiple of "
+            f"{SCATTER_GROUPS} for {name}, got {input_shape!r}"
+        )
+
+
+def _scatternet_linear(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    _scatter_input(input_shape, "scatternet-linear")
+    return nn.Sequential(
+        nn.GroupNorm(SCATTER_GROUPS, input_shape[0], affine=False),
+        nn.Flatten(),
+        nn.Linear(math.prod(input_shape), num_classes),
+    )
+
+
+def _scatternet_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    _scatter_input(input_shape, "scatternet-cnn")
+    if min(input_shape[1:]) < 2:
+        raise ValueError(f"input_shape must be at least 2x2 for scatternet-cnn, got {input_shape!r}")
+    pooled = (input_shape[1] // 2) * (input_shape[2] // 2)
+    return nn.Sequential(
+        nn.GroupNorm(SCATTER_GROUPS, input_shape[0], affine=False),
+        nn.Conv2d(input_shape[0], 32, kernel_size=3, padding=1),
+        nn.Tanh(),
+        nn.MaxPool2d(kernel_size=2, stride=2),
+        nn.Conv2d(32, 64, kernel_size=3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(64 * pooled, num_classes),
+    )
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-_BUILDERS = {"logreg": _logreg, "mlp": _mlp, "tanh-cnn": _tanh_cnn, "cifar-cnn": _cifar_cnn}
+_BUILDERS = {
+    "logreg": _logreg, "mlp": _mlp, "tanh-cnn": _tanh_cnn, "cifar-cnn": _cifar_cnn,
+    "scatternet-linear": _scatternet_linear, "scatternet-cnn": _scatternet_cnn,
+}
 
 
 def _reset_parameters(module: nn.Module, generator: torch.Generator) -> None:

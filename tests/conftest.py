@@ -23,3 +23,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dpsign"))
 def private_flower_home(tmp_path_factory, monkeypatch):
     """Every test gets its own FLWR_HOME: a deployed node's default ledger lives there, never in ~/.flwr."""
     monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_feature_cache(tmp_path_factory):
+    """Computed ScatterNet features go to a folder of this test session, never to the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("feature-cache")
+    previous = os.environ.get("DPSIGN_FL_CACHE")
+    os.environ["DPSIGN_FL_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("DPSIGN_FL_CACHE", None)
+    else:
+        os.environ["DPSIGN_FL_CACHE"] = previous

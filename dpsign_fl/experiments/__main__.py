@@ -148,12 +148,12 @@ def _overrides(items: list[str]) -> dict[str, str]:
 
 def _cached_dataset(cache: dict, experiment: Experiment):
     """Load each dataset once per invocation, not once per run."""
-    from ..data import load_dataset
+    from ..features import load_run_dataset
 
     run = experiment.run
-    key = (run.dataset, run.data_dir, run.data_seed)
+    key = (run.dataset, run.data_dir, run.data_seed, run.model_name)
     if key not in cache:
-        cache[key] = load_dataset(run.dataset, data_dir=run.data_dir or None, seed=run.data_seed)
+        cache[key] = load_run_dataset(run)
     return cache[key]
 
 

@@ -44,7 +44,8 @@ from tqdm import tqdm
 
 from ..attacks import attack_round, is_byzantine
 from ..compressors import sign as sign_of, sto_sign
-from ..data import load_dataset, partition_indices
+from ..data import partition_indices
+from ..features import load_run_dataset
 from ..evaluation import evaluate
 from ..gradient_noise import add_gradient_noise
 from ..mechanism import per_sample_gradients, poisson_sample, secure_generator
@@ -156,7 +157,7 @@ def load_run_data(experiment: Experiment, *, dataset=None):
     """Return (dataset, [ClientData per client]) for a run; partitions are made once."""
     run = experiment.run
     if dataset is None:
-        dataset = load_dataset(run.dataset, data_dir=run.data_dir or None, seed=run.data_seed)
+        dataset = load_run_dataset(run)
     if experiment.max_examples > 0:
         dataset = _truncated(dataset, experiment.max_examples)
     # One partitioning for all clients (dpsign_fl.data.partition would redo it per client).

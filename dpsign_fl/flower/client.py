@@ -34,7 +34,8 @@ from flwr.common import log
 from torch.nn import functional as F
 
 from ..attacks import byzantine_payload, is_byzantine
-from ..data import load_dataset, partition_indices
+from ..data import partition_indices
+from ..features import load_run_dataset
 from ..mechanism import secure_generator
 from ..model_sync import ModelReplica, read_replica_file, write_replica_file
 from ..models import build_model
@@ -307,7 +308,7 @@ def run_plan(settings: RunSettings, budget: Budget, ledger: PrivacyLedger, conte
 @lru_cache(maxsize=2)
 def _dataset(data_settings: tuple):
     settings = from_mapping(RunSettings, dict(data_settings))
-    return load_dataset(settings.dataset, data_dir=settings.data_dir or None, seed=settings.data_seed)
+    return load_run_dataset(settings)
 
 
 @lru_cache(maxsize=2)
@@ -326,7 +327,7 @@ def _partitions(data_settings: tuple, num_partitions: int) -> tuple[torch.Tensor
     return tuple(torch.from_numpy(np.asarray(indices, dtype=np.int64)) for indices in shares)
 
 
-_DATA_KEYS = ("dataset", "data-dir", "partitioner", "dirichlet-alpha", "classes-per-partition", "data-seed")
+_DATA_KEYS = ("dataset", "model", "data-dir", "partitioner", "dirichlet-alpha", "classes-per-partition", "data-seed")
 
 
 def client_data(settings: RunSettings, node: NodeConfig) -> tuple[torch.Tensor, torch.Tensor, int]:

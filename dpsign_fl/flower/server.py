@@ -47,7 +47,8 @@ from ..checkpoint import (
 )
 from ..atomic_file import write_json_atomic
 from ..attacks import BLIND_ATTACKS
-from ..data import Dataset, load_dataset
+from ..data import Dataset
+from ..features import load_run_dataset
 from ..evaluation import evaluate
 from ..models import build_model
 from ..results import plot_metrics
@@ -152,7 +153,9 @@ def prepare_run(run_config) -> tuple[RunSettings, FlowerOptions, Dataset, Path]:
             f"(resolved to {Path(settings.data_dir).resolve()})"
         )
     try:
-        dataset = load_dataset(settings.dataset, data_dir=settings.data_dir or None, seed=settings.data_seed)
+        dataset = load_run_dataset(settings)
+    except ImportError as error:
+        raise ConfigError(f"model {settings.model_name!r}: {error}") from None
     except (OSError, ValueError) as error:
         raise ConfigError(
             f"data-dir {settings.data_dir!r} (empty = built-in or Hugging Face hub) did not give dataset "
