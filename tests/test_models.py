@@ -11,7 +11,10 @@ from dpsign_fl.data import DATASETS
 from dpsign_fl.mechanism import per_sample_gradients
 from dpsign_fl.models import MODELS, build_model, default_model, num_parameters
 
-INPUT_SHAPES = {"logreg": (117,), "mlp": (1, 8, 8), "tanh-cnn": (1, 28, 28), "cifar-cnn": (3, 32, 32)}
+INPUT_SHAPES = {
+    "logreg": (117,), "mlp": (1, 8, 8), "tanh-cnn": (1, 28, 28), "cifar-cnn": (3, 32, 32),
+    "scatternet-linear": (81, 7, 7), "scatternet-cnn": (243, 8, 8),
+}
 DATASET_INPUT_SHAPES = {
     "digits": (1, 8, 8),
     "mnist": (1, 28, 28),
@@ -67,7 +70,7 @@ def test_per_sample_gradients_run_and_have_one_row_of_d_entries_per_example(name
     assert torch.isfinite(grads).all()
 
 
-@pytest.mark.parametrize("name", ["tanh-cnn", "cifar-cnn"])
+@pytest.mark.parametrize("name", ["tanh-cnn", "cifar-cnn", "scatternet-cnn"])
 def test_per_sample_gradients_equal_one_example_at_a_time_backprop(name):
     model = build_model(name, input_shape=INPUT_SHAPES[name], num_classes=10, seed=1)
     inputs, targets = _batch(INPUT_SHAPES[name], batch_size=2)
