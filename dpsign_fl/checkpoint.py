@@ -47,7 +47,7 @@ class Checkpoint:
     Attributes:
         server_round: k >= 1, the last round whose update is in ``weights``.
         weights: the global model after round k, a 1-D float32 vector.
-        updater_state: :meth:`VoteUpdater.state_dict` (``{"velocity": array or None}``).
+        updater_state: :meth:`VoteUpdater.state_dict` (``{"velocity": array or None, "step-scale": float or None}``).
         epsilon_seen: node id (as a string) -> largest epsilon that node reported.
         rng_state: ``random.getstate()`` at the end of round k.
         metrics: the metrics rows of rounds 1..k (JSON-safe dicts).
@@ -106,13 +106,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} has format {found!r}, expected {FORMAT_VERSION}")
     if weights.ndim != 1:
         raise CheckpointError(f"checkpoint {path}: weights must be 1-D, got shape {weights.shape}")
-    if velocity is not None and velocity.shape != weights.shape:
-        raise CheckpointError(f"checkpoint {path}: velocity shape {velocity.shape} differs from weights {weights.shape}")
+    if velocity is not None and (velocity.ndim != 1 or velocity.shape[0] not in (weights.shape[0], 2 * weights.shape[0])):
+        raise CheckpointError(
+            f"checkpoint {path}: velocity shape {velocity.shape} fits neither momentum nor automatic steps "
+            f"for weights {weights.shape}"
+        )
     try:
         return Checkpoint(
             server_round=int(meta["server-round"]),
             weights=weights,
-            updater_state={"velocity": velocity},
+            updater_state={"velocity": velocity, "step-scale": meta.get("step-scale")},
             epsilon_seen={str(node): float(eps) for node, eps in meta["epsilon-seen"].items()},
             rng_state=_rng_state_from_json(meta["rng-state"]),
             metrics=list(meta["metrics"]),
@@ -137,6 +140,7 @@ def _meta(checkpoint: Checkpoint) -> dict:
     return {
         "format": FORMAT_VERSION,
         "server-round": int(checkpoint.server_round),
+        "step-scale": checkpoint.updater_state.get("step-scale"),
         "epsilon-seen": {str(node): float(eps) for node, eps in checkpoint.epsilon_seen.items()},
         "rng-state": _rng_state_to_json(checkpoint.rng_state),
         "metrics": json_safe(checkpoint.metrics),

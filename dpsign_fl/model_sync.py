@@ -58,10 +58,13 @@ class UpdateRule:
     schedule: str
     momentum: float
     num_rounds: int
+    step_scale: float | None = None
 
     def updater(self, velocity: np.ndarray | None) -> VoteUpdater:
-        """A :class:`VoteUpdater` in the given momentum state."""
-        updater = VoteUpdater(learning_rate=self.learning_rate, schedule=self.schedule, momentum=self.momentum)
+        """A :class:`VoteUpdater` in the given state (momentum, or the automatic steps' agreement)."""
+        updater = VoteUpdater(
+            learning_rate=self.learning_rate, schedule=self.schedule, momentum=self.momentum, step_scale=self.step_scale
+        )
         updater.load_state_dict({"velocity": velocity})
         return updater
 
@@ -73,7 +76,8 @@ class ModelReplica:
     Attributes:
         arrays: name -> array, the whole model as the server sent it (buffers too).
         trainable: the names whose flattened concatenation the signs and votes cover.
-        velocity: the server update's momentum (None without momentum or before its first step).
+        velocity: the server update's state: momentum, or the automatic steps' agreement and last
+            vote (None when the rule keeps none, or before its first step).
     """
 
     arrays: dict[str, np.ndarray]

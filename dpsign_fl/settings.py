@@ -258,8 +258,9 @@ class RunSettings:
     clipping: str = setting("flat", choices=_C["clipping"], help="per-example clipping: flat or automatic")
     accountant: str = setting("pld", choices=_C["accountants"], help="privacy accountant: pld or rdp")
     learning_rate: float | None = setting(
-        0.02, low=0, high=1e3, low_open=True, optional=True,
-        help="eta, the server's step per vote (Python only: None = 1/sqrt(d T), the source paper's choice)",
+        0.0, low=0, high=1e3, optional=True,
+        help="eta, the server's step per vote; 0 = automatic steps from the votes' agreement, nothing to tune "
+        "(Python only: None = 1/sqrt(d T), the source paper's choice)",
     )
     lr_schedule: str = setting("constant", choices=_C["schedules"], help="learning-rate schedule over the run")
     server_momentum: float = setting(0.0, low=0, high=1, high_open=True, help="server momentum on the votes")

@@ -84,6 +84,8 @@ class Experiment:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.method == "sgd" and self.run.learning_rate == 0:
+            raise ConfigError("learning_rate 0 (automatic steps) needs a sign method, got method 'sgd': give a learning rate")
         if self.method == "sgd" and self.run.byzantine_fraction > 0:
             raise ConfigError("byzantine_fraction > 0 needs a sign method (the attacks replace signs), got method 'sgd'")
 
@@ -227,7 +229,7 @@ def run_experiment(
     weights = model_vector(model)
     num_coordinates = weights.shape[0]
     target_delta = 1.0 / max(c.size for c in clients) ** 1.1 if experiment.delta_from_data else run.target_delta
-    learning_rate = run.learning_rate or 1.0 / math.sqrt(num_coordinates * run.num_rounds)
+    learning_rate = run.learning_rate if run.learning_rate is not None else 1.0 / math.sqrt(num_coordinates * run.num_rounds)
     noise_multiplier = noise_multiplier_for(experiment, target_delta)
     ledgers = [PrivacyLedger(accountant=run.accountant) for _ in clients] if experiment.private else []
     # A fixed sigma (sweeps) or Jin's per-step calibration are not planned for the target: report, never refuse.
@@ -237,6 +239,7 @@ def run_experiment(
     )
     plan = ReleasePlan(release, run.num_rounds, Budget(run.target_epsilon if planned else math.inf, target_delta))
     updater = VoteUpdater(learning_rate=learning_rate, schedule=run.lr_schedule, momentum=run.server_momentum)
+    updater.start(weights)
     test_inputs, test_targets = torch.as_tensor(dataset.test_inputs), torch.as_tensor(dataset.test_targets)
     tail_start = run.num_rounds - int(experiment.tail_average * run.num_rounds) + 1
     tail_sum, tail_count = np.zeros_like(weights, dtype=np.float64), 0

@@ -3,10 +3,10 @@
 Train instruction (server -> client), a ``RecordDict`` with ``"config"`` (a
 ConfigRecord: ``server-round``; with the vote downlink also ``model-digest``,
 the update rule ``learning-rate``, ``lr-schedule``, ``server-momentum``,
-``num-rounds``, and ``sync-only``) and either
+``step-scale`` (0 unless automatic steps), ``num-rounds``, and ``sync-only``) and either
 
 - the full model: ``"arrays"`` (every array of the model, buffers too),
-  ``"server-state"`` (``velocity``, the server momentum, when there is one) and
+  ``"server-state"`` (``velocity``, the update rule's state: momentum or vote agreement, when there is one) and
   config ``trainable`` (the names the signs and votes cover); or
 - the votes the client missed: ``"votes"``, one uint8 Array per round named by
   the round number (:func:`dpsign_fl.packing.pack_vote`: 1 bit per coordinate
@@ -57,7 +57,7 @@ BASE_DIGEST_KEY = "base-digest"
 VOTE_ROUNDS_KEY = "vote-rounds"
 TRAINABLE_KEY = "trainable"
 SYNC_ONLY_KEY = "sync-only"
-RULE_KEYS = ("learning-rate", "lr-schedule", "server-momentum", "num-rounds")
+RULE_KEYS = ("learning-rate", "lr-schedule", "server-momentum", "num-rounds", "step-scale")
 REPLICA_ARRAYS_KEY = "dpsign-model"
 REPLICA_STATE_KEY = "dpsign-model-state"
 REPLICA_META_KEY = "dpsign-model-meta"
@@ -205,6 +205,7 @@ def instruction_config(server_round: int, *, digest: str, rule: UpdateRule, sync
         ROUND_KEY: int(server_round), DIGEST_KEY: digest, SYNC_ONLY_KEY: bool(sync_only),
         "learning-rate": float(rule.learning_rate), "lr-schedule": rule.schedule,
         "server-momentum": float(rule.momentum), "num-rounds": int(rule.num_rounds),
+        "step-scale": float(rule.step_scale or 0.0),
     }
 
 
@@ -267,6 +268,7 @@ def update_rule(config: ConfigRecord) -> UpdateRule:
     return UpdateRule(
         learning_rate=float(config["learning-rate"]), schedule=str(config["lr-schedule"]),
         momentum=float(config["server-momentum"]), num_rounds=int(config["num-rounds"]),
+        step_scale=float(config["step-scale"]) or None,
     )
 
 

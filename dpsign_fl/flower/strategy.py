@@ -312,10 +312,13 @@ class SignMajorityVote(Strategy):
         """Learn which arrays the votes move (``trainable``, else the default rule) for this run."""
         values = {name: array.numpy() for name, array in arrays.items()}
         trainable = check_trainable(values, self.trainable) if self.trainable else default_trainable(values)
+        self.updater.start(flatten(values[name] for name in trainable))  # automatic steps: the step scale
         self._downlink = Downlink(self.downlink_mode, trainable, self._rule())
 
     def _rule(self) -> UpdateRule:
-        return UpdateRule(self.updater.learning_rate, self.updater.schedule, self.updater.momentum, self.num_rounds)
+        return UpdateRule(
+            self.updater.learning_rate, self.updater.schedule, self.updater.momentum, self.num_rounds, self.updater.step_scale
+        )
 
     def _weights(self, arrays: ArrayRecord) -> np.ndarray:
         """The trainable arrays as one float32 vector (the coordinates of signs and votes)."""

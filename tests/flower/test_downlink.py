@@ -110,3 +110,18 @@ def test_the_weights_downlink_sends_the_model_every_round_negative_control(tmp_p
         server_module.build_strategy = build
     d = sum(t.numel() for t in state.values())
     assert all(row["downlink-bytes"] == 6 * (4 * d + len(state) * NPY_HEADER_BYTES) for row in rows)
+
+
+def test_with_automatic_steps_every_node_ends_with_the_servers_model_and_state(tmp_path):
+    # Automatic steps keep a [2d] state (vote agreement, last vote) that the replicas must follow bit for bit.
+    grid, rows, state = run(tmp_path, RestartingGrid, **{"learning-rate": 0.0, "server-momentum": 0.0})
+
+    final = {name: tensor.numpy() for name, tensor in state.items()}
+    digests = set()
+    for node, context in grid.contexts.items():
+        replica = load_replica(context.state)
+        assert all(replica.arrays[name].tobytes() == value.tobytes() for name, value in final.items()), node
+        assert replica.velocity is not None and replica.velocity.shape == (2 * replica.weights.shape[0],)
+        digests.add(replica.digest)
+    assert len(digests) == 1
+    assert sum(row["full-syncs"] for row in rows[1:]) <= 1 + sum(1 for row in rows)  # votes, not models, after round 1

@@ -259,10 +259,14 @@ def final_weights(results_dir):
     return np.concatenate([t.reshape(-1).numpy() for t in state.values()])
 
 
-def test_an_interrupted_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_ends(tmp_path, caplog):
-    straight = run_config(tmp_path / "straight", **RESUME_SETTINGS)
+AUTOMATIC_STEPS = {**RESUME_SETTINGS, "server-momentum": 0.0, "learning-rate": 0.0}  # state: agreement + step scale
+
+
+@pytest.mark.parametrize("settings", [RESUME_SETTINGS, AUTOMATIC_STEPS], ids=["momentum", "automatic-steps"])
+def test_an_interrupted_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_ends(tmp_path, caplog, settings):
+    straight = run_config(tmp_path / "straight", **settings)
     run_server(InProcessGrid(straight, num_nodes=2), server_context(straight))
-    interrupted = run_config(tmp_path / "interrupted", **RESUME_SETTINGS)
+    interrupted = run_config(tmp_path / "interrupted", **settings)
     results = tmp_path / "interrupted" / "results"
 
     with pytest.raises(Interrupted):
