@@ -125,3 +125,16 @@ def test_the_run_config_checker_names_a_bad_value_and_accepts_good_ones(capsys):
     assert "sample-rate must be in [0.0001, 1], got 1.5" in capsys.readouterr().err
     assert main(["num-server-rounds=5 dataset='mnist'"]) == 0
     assert "num-server-rounds = 5" in capsys.readouterr().out
+
+
+def test_a_dataset_run_with_the_digits_defaults_gets_a_warning_with_measured_settings(capsys):
+    from dpsign_fl.settings import main
+
+    assert main(["dataset='mnist'"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: dataset 'mnist' runs with sample-rate=0.3 and num-server-rounds=60" in err
+    assert "scatternet-linear" in err
+    assert main(["dataset='mnist' sample-rate=0.05 num-server-rounds=1000"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main([""]) == 0  # digits: the defaults are its own
+    assert "warning" not in capsys.readouterr().err

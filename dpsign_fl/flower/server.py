@@ -52,7 +52,7 @@ from ..features import load_run_dataset
 from ..evaluation import evaluate
 from ..models import build_model
 from ..results import plot_metrics
-from ..settings import ConfigError, FlowerOptions, RunSettings, parse_run_config, run_config_of
+from ..settings import ConfigError, FlowerOptions, RunSettings, parse_run_config, run_config_of, tuning_warnings
 from .records import arrays_to_flat, flat_to_arrays, load_arrays_into_model, model_to_arrays
 from .strategy import SignMajorityVote
 
@@ -137,6 +137,8 @@ def prepare_run(run_config) -> tuple[RunSettings, FlowerOptions, Dataset, Path]:
         ConfigError: naming the key (``data-dir`` for data that cannot be read).
     """
     settings, options = parse_run_config(run_config)
+    for warning in tuning_warnings(settings):
+        log(WARNING, "%s", warning)
     if settings.byzantine_fraction > 0 and settings.byzantine_attack not in BLIND_ATTACKS:
         raise ConfigError(
             f"byzantine-attack {settings.byzantine_attack!r} needs every honest client's bits of the round: the "
