@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-NOT_CORE = ("dpsign_fl.flower", "dpsign_fl.experiments")
+NOT_CORE = ("dpsign_fl.flower", "dpsign_fl.experiments", "dpsign_fl.bench")
 ADAPTER = "dpsign_fl.flower"
 
 # Walks dpsign_fl without importing the excluded subpackages (pkgutil.walk_packages would

@@ -106,7 +106,7 @@ def test_reported_epsilon_is_the_ledger_epsilon_and_never_above_target(digits):
 
 def test_non_private_methods_report_infinite_epsilon(digits):
     for method in ("signsgd", "sgd", "sto-sign"):
-        record = run_experiment(_small(method=method, num_rounds=1, eval_every=1), dataset=digits, progress=False)
+        record = run_experiment(_small(method=method, num_rounds=1, eval_every=1, learning_rate=0.01), dataset=digits, progress=False)
         assert record["epsilon"] == float("inf") and record["noise_multiplier"] == 0.0
 
 
@@ -163,7 +163,7 @@ def test_bad_settings_are_rejected_with_the_parameter_named():
     with pytest.raises(ValueError, match="method"):
         Experiment.create(method="adam")
     with pytest.raises(ValueError, match="byzantine_fraction"):
-        Experiment.create(method="sgd", byzantine_fraction=0.2)
+        Experiment.create(method="sgd", learning_rate=0.01, byzantine_fraction=0.2)
     with pytest.raises(ValueError, match="sample_rate"):
         Experiment.create(sample_rate=2.0)
 

@@ -52,7 +52,7 @@ def needs_shared(folder):
         {"partitioner": "dirichlet", "dirichlet-alpha": 0.5},
         {"partitioner": "pathological", "classes-per-partition": 2},
         {"model": "logreg", "clipping": "automatic", "accountant": "rdp"},
-        {"lr-schedule": "cosine", "server-momentum": 0.5},
+        {"lr-schedule": "cosine", "server-momentum": 0.5, "learning-rate": 0.02},
     ],
     ids=["dirichlet", "pathological", "logreg-automatic-rdp", "cosine-momentum"],
 )
