@@ -328,6 +328,19 @@ def test_only_runs_the_matching_labels_and_keeps_earlier_results(tmp_path, capsy
     assert labels[-1] == "dp-signsgd-levy"  # replaced, not duplicated
 
 
+def test_resume_runs_only_the_labels_missing_from_results(tmp_path, capsys):
+    _write_mushroom(tmp_path / "data" / "mushroom")
+    out = tmp_path / "out"
+    _run_cli("mushroom-logreg", tmp_path / "data", out, capsys, "--rounds", "2", "--only", "sgd-none")
+    first = json.loads((out / "results.json").read_text())
+
+    records = _run_cli("mushroom-logreg", tmp_path / "data", out, capsys, "--rounds", "2", "--only", "sgd-*", "--resume")
+
+    assert records[0] == first[0]  # kept as it was, not run again
+    assert sorted(r["label"] for r in records) == sorted(run.name() for run in RECIPES["mushroom-logreg"].runs() if run.name().startswith("sgd-"))
+    assert len(records) > 1
+
+
 @pytest.mark.parametrize("recipe", ["mnist-scatternet", "fmnist-scatternet", "cifar10-scatternet"])
 def test_scatternet_recipes_list_the_eps3_iid_target_first_then_auto_epsilons_dirichlet_cnn_and_ceiling(recipe):
     runs = RECIPES[recipe].runs()

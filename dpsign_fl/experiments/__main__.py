@@ -65,7 +65,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records = _load_previous(out / RESULTS_FILE, {run.name() for run in runs})
+    if args.resume:
+        records = _load_previous(out / RESULTS_FILE, set())
+        done = {record.get("label") for record in records}
+        skipped = [run.name() for run in runs if run.name() in done]
+        runs = [run for run in runs if run.name() not in done]
+        if skipped:
+            print(f"--resume: {len(skipped)} run(s) already in {out / RESULTS_FILE}, {len(runs)} to go", file=sys.stderr)
+    else:
+        records = _load_previous(out / RESULTS_FILE, {run.name() for run in runs})
     cache: dict = {}
     for experiment in runs:
         dataset = _cached_dataset(cache, experiment)
@@ -129,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FIELD=VALUE",
         help="override a setting of every run (a RunSettings or Experiment field, or its run-config key), "
         "e.g. --set learning-rate=0.02 (repeatable)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip the runs whose label is already in OUT/results.json (an interrupted grid goes on where it stopped)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
