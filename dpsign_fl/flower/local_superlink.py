@@ -78,14 +78,14 @@ def healthy(port: int) -> bool:
 
 def stop_pid(pid: int, timeout: float = 30.0) -> None:
     """SIGTERM ``pid`` and its descendants, wait, then SIGKILL what is left."""
-    family = [pid] + _descendants(pid)
+    family = [pid] + descendant_pids(pid)
     for member in family:
         _signal(member, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for member in family:
-        while _alive(member) and time.monotonic() < deadline:
+        while is_alive(member) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _alive(member):
+        if is_alive(member):
             _signal(member, signal.SIGKILL)
 
 
@@ -154,7 +154,8 @@ class LocalSuperLink:
         self.stop()
 
 
-def _descendants(pid: int) -> list[int]:
+def descendant_pids(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid`` (children, grandchildren, ...), from /proc."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -172,7 +173,8 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:

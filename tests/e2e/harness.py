@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpsign_fl.flower.local_superlink import LocalSuperLink
+from dpsign_fl.flower.local_superlink import LocalSuperLink, descendant_pids, is_alive  # noqa: F401 (re-exported to the tests)
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -195,35 +195,6 @@ def wait_until(condition, *, timeout: float, what: str, interval: float = 0.5, l
             detail = f"\n{log()}" if log is not None else ""
             raise TimeoutError(f"waited {timeout:g} s for {what}{detail}")
         time.sleep(interval)
-
-
-def descendant_pids(pid: int) -> list[int]:
-    """PIDs of every live descendant of ``pid`` (children, grandchildren, ...), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def is_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def stop_process_tree(process: subprocess.Popen, timeout: float = 30.0) -> None:
