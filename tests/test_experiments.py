@@ -363,7 +363,8 @@ def test_scatternet_recipe_runs_on_generated_idx_files(tmp_path, capsys):
     )
 
     assert [r["label"] for r in records] == [
-        "linear-dp-signsgd-iid-eps3", "linear-dp-signsgd-iid-eps3-auto", "cnn-dp-signsgd-iid-eps3", "linear-signsgd-iid",
+        "linear-dp-signsgd-iid-eps3", "linear-dp-signsgd-iid-eps3-auto", "linear-dp-signsgd-iid-eps3-q0.1",
+        "cnn-dp-signsgd-iid-eps3", "linear-signsgd-iid",
     ]
     assert records[0]["num_parameters"] == 81 * 7 * 7 * 10 + 10
     assert records[-1]["test_accuracy"] > 0.2  # the non-private ceiling learns the generated classes (chance 0.1)
