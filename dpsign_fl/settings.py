@@ -222,10 +222,10 @@ def _choices():
     from .models import MODELS
     from .privacy.accounting import ACCOUNTANTS
     from .server_update import LR_SCHEDULES
-    from .vote import VOTE_RULES
+    from .vote import DEFAULT_VOTE, VOTE_RULES
 
     return dict(
-        votes=VOTE_RULES,
+        votes=VOTE_RULES, default_vote=DEFAULT_VOTE,
         attacks=BYZANTINE_ATTACKS, datasets=DATASETS, partitioners=PARTITIONERS, gradient_noises=GRADIENT_NOISES,
         clipping=CLIPPING_MODES, models=("",) + MODELS, accountants=ACCOUNTANTS, schedules=LR_SCHEDULES,
     )
@@ -264,7 +264,7 @@ class RunSettings:
     )
     lr_schedule: str = setting("constant", choices=_C["schedules"], help="learning-rate schedule over the run")
     server_momentum: float = setting(0.0, low=0, high=1, high_open=True, help="server momentum on the votes")
-    vote: str = setting("majority", choices=_C["votes"], help="how the server counts the signs: majority or robust")
+    vote: str = setting(_C["default_vote"], choices=_C["votes"], help="how the server counts the signs: majority or robust")
     model_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of the initial model's weights")
     reproducible_noise: bool = setting(False, help="simulation only: derive clients' sampling and noise from noise-seed (NOT private)")
     noise_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of clients' randomness when reproducible-noise is true")

@@ -372,6 +372,10 @@ def _count(packed, num_coordinates: int) -> VoteCounter:
 VOTE_RULES = ("majority", "robust")
 """How the server turns the payloads of a round into a vote: :func:`majority_vote` or :func:`robust_vote`."""
 
+DEFAULT_VOTE = "robust"
+"""The default rule of the app, the loop and :class:`~dpsign_fl.flower.strategy.SignMajorityVote`:
+measured at the accuracy of plain majority without attackers (docs/robustness.md)."""
+
 ROBUST_SKETCH_BYTES = 512
 """Bytes (8 coordinates each) of every payload compared pairwise to find colluders: 4096 coordinates."""
 

@@ -22,6 +22,7 @@ SETTINGS = Experiment.create(
     accountant="rdp",  # fast; the accountant is not under test
     eval_every=15,
     reproducible_noise=True,
+    vote="majority",  # the rule under test; the robust vote is asked for by name below
 )
 
 

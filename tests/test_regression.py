@@ -31,10 +31,11 @@ REFERENCE = Path(__file__).resolve().parent / "data" / "regression_reference.jso
 FLOWER_RUN_CONFIG = {
     "num-server-rounds": 4, "model-seed": 7, "reproducible-noise": True, "noise-seed": 7, "target-epsilon": 4.0,
     "sample-rate": 0.3, "learning-rate": 0.03, "server-momentum": 0.5, "lr-schedule": "linear",
+    "vote": "majority",  # recorded before the robust vote became the default; the robust sketch draws fresh entropy
 }
 LOOP_RUN = dict(
     dataset="digits", num_clients=4, num_rounds=5, data_seed=3, model_seed=3, noise_seed=3, reproducible_noise=True,
-    sample_rate=0.3, target_epsilon=8.0, learning_rate=0.02, server_momentum=0.3, eval_every=1,
+    sample_rate=0.3, target_epsilon=8.0, learning_rate=0.02, server_momentum=0.3, eval_every=1, vote="majority",
 )
 
 

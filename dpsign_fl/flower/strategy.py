@@ -40,7 +40,7 @@ from ..model_sync import UpdateRule, check_trainable, default_trainable
 from ..parameters import flatten, unflatten
 from ..rounds import server_round as run_server_round
 from ..server_update import VoteUpdater
-from ..vote import VOTE_RULES
+from ..vote import DEFAULT_VOTE, VOTE_RULES
 from .downlink import Downlink
 from .records import (
     BUDGET_EXHAUSTED_CODE,
@@ -64,10 +64,10 @@ class SignMajorityVote(Strategy):
         min_train_nodes: fewest valid replies that move the model (and fewest
             nodes sampled), >= 1.
         min_available_nodes: nodes to wait for before sampling, >= 1.
-        learning_rate: eta > 0, the step per vote.
+        learning_rate: eta > 0, the step per vote, or 0 for automatic steps.
         lr_schedule: ``"constant"``, ``"linear"``, ``"cosine"`` or ``"inverse-sqrt"``.
         server_momentum: beta in [0, 1); post-processing, free of privacy cost.
-        vote: ``"majority"`` (the coordinate-wise majority) or ``"robust"``
+        vote: ``"robust"`` (the default) or ``"majority"`` (the plain coordinate-wise majority); ``"robust"``
             (:func:`dpsign_fl.vote.robust_vote`: payloads that look like a
             coordinated attack are left out first; server-side, free of privacy
             cost, O(d) memory).
@@ -106,10 +106,10 @@ class SignMajorityVote(Strategy):
         fraction_train: float = 1.0,
         min_train_nodes: int = 2,
         min_available_nodes: int = 2,
-        learning_rate: float = 0.01,
+        learning_rate: float = 0.0,
         lr_schedule: str = "constant",
         server_momentum: float = 0.0,
-        vote: str = "majority",
+        vote: str = DEFAULT_VOTE,
         downlink: str = "votes",
         trainable: list[str] | tuple[str, ...] | None = None,
         final_sync: bool = True,
