@@ -328,6 +328,18 @@ def test_only_runs_the_matching_labels_and_keeps_earlier_results(tmp_path, capsy
     assert labels[-1] == "dp-signsgd-levy"  # replaced, not duplicated
 
 
+def test_set_applies_only_to_the_runs_only_selects(tmp_path, capsys):
+    # learning-rate 0 (automatic steps) is invalid for the recipe's sgd runs, which --only leaves out.
+    _write_mushroom(tmp_path / "data" / "mushroom")
+
+    records = _run_cli(
+        "mushroom-logreg", tmp_path / "data", tmp_path / "out", capsys, "--rounds", "2",
+        "--only", "dp-signsgd-none", "--set", "learning-rate=0",
+    )
+
+    assert [(r["label"], r["learning_rate"]) for r in records] == [("dp-signsgd-none", 0.0)]
+
+
 def test_resume_runs_only_the_labels_missing_from_results(tmp_path, capsys):
     _write_mushroom(tmp_path / "data" / "mushroom")
     out = tmp_path / "out"

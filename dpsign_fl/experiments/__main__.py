@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     recipe = get_recipe(args.recipe)
     runs = recipe.runs(RecipeOptions(rounds=args.rounds, quick=args.quick, seed=args.seed))
+    if args.only:  # first: --set must only be valid for the runs that will run
+        patterns = [p for p in args.only.split(",") if p]
+        runs = [run for run in runs if any(fnmatch.fnmatchcase(run.name(), p) for p in patterns)]
+        if not runs:
+            print(f"--only {args.only!r} matches no run of recipe {recipe.name}", file=sys.stderr)
+            return 2
     try:
         changes = _overrides(args.set)
         if args.data_dir is not None:
@@ -57,12 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.only:
-        patterns = [p for p in args.only.split(",") if p]
-        runs = [run for run in runs if any(fnmatch.fnmatchcase(run.name(), p) for p in patterns)]
-        if not runs:
-            print(f"--only {args.only!r} matches no run of recipe {recipe.name}", file=sys.stderr)
-            return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.resume:
