@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from flwr.app import Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from dpsign_fl.flower.client import clear_data_cache
 from dpsign_fl.flower.server import run_server
@@ -23,13 +22,9 @@ SHARED_DATA = Path(os.environ.get("DPSIGN_DATA_DIR", Path(__file__).resolve().pa
 
 
 @pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+def fresh_data_cache(server_identity):
     yield
     clear_data_cache()
-
 
 def run_app(tmp_path, *, num_nodes=3, **overrides):
     run_config = dict(pyproject_defaults())

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from dpsign_fl.flower.records import NPY_HEADER_BYTES, load_replica
 from dpsign_fl.flower.server import run_server
@@ -21,11 +20,7 @@ from ..test_settings import pyproject_defaults
 from .inprocess import InProcessGrid
 
 
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 class RestartingGrid(InProcessGrid):

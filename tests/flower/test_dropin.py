@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -25,11 +24,7 @@ RUN_CONFIG = {"target-epsilon": 4.0, "target-delta": 1e-5, "sample-rate": 0.5, "
               "num-server-rounds": 3, "batch-size": 16}  # batch-size: the user's own key
 
 
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 class Net(nn.Module):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
-from flwr.supercore.task_identity import TaskIdentity
 
 from dpsign_fl import SignMajorityVote, majority_vote, pack_signs
 from dpsign_fl.checkpoint import CHECKPOINT_FILE, load_checkpoint
@@ -23,13 +22,7 @@ from .messages import FakeGrid, reply
 from .test_strategy import D, LEARNING_RATE, global_arrays, signs_for, valid_reply
 
 
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    # Strategy.configure_train builds instruction Messages, which read the task
-    # identity that a real ServerApp process has.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def strategy_for(nodes, **kwargs):

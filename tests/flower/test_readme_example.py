@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 from flwr.app import Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 
 from ..test_settings import pyproject_defaults
@@ -21,11 +20,7 @@ def readme_example() -> str:
     return match.group(1)
 
 
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def test_readme_server_app_example_trains_with_every_client_voting(capsys):

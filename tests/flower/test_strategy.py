@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from dpsign_fl import SignMajorityVote, majority_vote, pack_signs
 from dpsign_fl.flower.records import PACKED_STYPE, arrays_to_flat, packed_array, train_reply_content
@@ -14,13 +13,7 @@ D = 21  # not a multiple of 8: the last byte is partly padding
 LEARNING_RATE = 0.5
 
 
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    # configure_train builds instruction Messages, which read the task identity
-    # that a real ServerApp process has.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def global_arrays():
