@@ -103,6 +103,12 @@ class LocalSuperLink:
     """
 
     def __init__(self, env: dict, *, timeout: float = START_TIMEOUT_SECONDS) -> None:
+        # The SuperLink starts flower-superexec (and ServerApp processes) from PATH: put this
+        # interpreter's scripts first, so that a venv's python works without activating the venv.
+        scripts = str(Path(sys.executable).parent)
+        path = env.get("PATH", "")
+        if scripts not in path.split(os.pathsep):
+            env = dict(env, PATH=os.pathsep.join([scripts, path]) if path else scripts)
         self.env = env
         self.port, control = ports(env)
         home = Path(env.get("FLWR_HOME") or Path.home() / ".flwr")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 
@@ -68,3 +69,16 @@ def test_final_accuracy_is_well_above_chance(simulation):
 def test_the_superlink_started_by_the_test_is_stopped(simulation):
     _, _, home = simulation
     assert superlink_pids(home) == []
+
+
+def test_the_local_superlink_starts_from_the_venvs_python_without_the_venv_on_path(tmp_path):
+    # flower-superlink starts flower-superexec from PATH; `.venv/bin/python -m dpsign_fl.bench`
+    # (no activated venv) once failed with "No such file or directory: 'flower-superexec'".
+    from dpsign_fl.flower.local_superlink import LocalSuperLink, healthy
+
+    from .harness import offline_env
+
+    env = offline_env(tmp_path / "home", PATH=os.pathsep.join(["/usr/bin", "/bin"]))
+    with LocalSuperLink(env) as superlink:
+        assert healthy(superlink.port)
+    assert not healthy(superlink.port)
