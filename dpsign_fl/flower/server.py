@@ -333,8 +333,9 @@ class RoundRecorder:
         if evaluated is not None:
             log(
                 INFO,
-                "round %d: accuracy %.4f, loss %.4f, epsilon %.4f, voters %d, dropped %d, missing %d",
+                "round %d: accuracy %.4f, loss %.4f, epsilon %.4f, voters %d, dropped %d, missing %d, excluded %d",
                 server_round, row["accuracy"], row["loss"], row["epsilon"], row["voters"], row["dropped"], row["missing"],
+                row["excluded"],
             )
 
     def _save_checkpoint(self, strategy: SignMajorityVote, server_round: int, arrays: ArrayRecord) -> None:
