@@ -28,7 +28,7 @@ from .privacy import PrivacyLedger, Release, calibrate_noise_multiplier
 from .release import ReleaseSettings, client_release
 from .server_update import VoteUpdater
 from .settings import RunSettings
-from .vote import VoteCounter, robust_vote
+from .vote import DEFAULT_VOTE, VOTE_RULES, VoteCounter, robust_vote
 
 
 @dataclass(frozen=True)
@@ -227,9 +227,9 @@ def server_round(
     server_round: int,
     num_rounds: int,
     min_voters: int = 1,
-    vote_rule: str = "majority",
+    vote_rule: str = DEFAULT_VOTE,
 ) -> ServerRoundResult:
-    """Take the majority vote of validated packed payloads and step the model.
+    """Take the vote (robust by default, :data:`dpsign_fl.vote.DEFAULT_VOTE`) of validated packed payloads and step the model.
 
     Post-processing of the clients' releases: no privacy cost. With the
     majority rule the payloads are counted as they come
@@ -257,8 +257,8 @@ def server_round(
         outcome = robust_vote(rows, weights.shape[0])
         new = updater.step(weights, outcome.vote, server_round, num_rounds)
         return ServerRoundResult(new, outcome.vote, len(rows), dict(outcome.dropped))
-    if vote_rule != "majority":
-        raise ValueError(f"vote_rule must be 'majority' or 'robust', got {vote_rule!r}")
+    if vote_rule not in VOTE_RULES:
+        raise ValueError(f"vote_rule must be one of {VOTE_RULES}, got {vote_rule!r}")
     counter = VoteCounter(weights.shape[0])
     for payload in payloads:
         counter.add(payload)

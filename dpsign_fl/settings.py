@@ -214,18 +214,18 @@ def _shown(key: str, style: str) -> str:
 
 
 def _choices():
-    # Each list of names lives with the code that implements it.
+    # Each list of names (and the default it implies) lives with the code that implements it.
     from .attacks import BYZANTINE_ATTACKS
     from .data import DATASETS, PARTITIONERS
     from .gradient_noise import GRADIENT_NOISES
     from .mechanism import CLIPPING_MODES
     from .models import MODELS
     from .privacy.accounting import ACCOUNTANTS
-    from .server_update import LR_SCHEDULES
+    from .server_update import AUTOMATIC, LR_SCHEDULES
     from .vote import DEFAULT_VOTE, VOTE_RULES
 
     return dict(
-        votes=VOTE_RULES, default_vote=DEFAULT_VOTE,
+        votes=VOTE_RULES, default_vote=DEFAULT_VOTE, automatic_steps=AUTOMATIC,
         attacks=BYZANTINE_ATTACKS, datasets=DATASETS, partitioners=PARTITIONERS, gradient_noises=GRADIENT_NOISES,
         clipping=CLIPPING_MODES, models=("",) + MODELS, accountants=ACCOUNTANTS, schedules=LR_SCHEDULES,
     )
@@ -258,7 +258,7 @@ class RunSettings:
     clipping: str = setting("flat", choices=_C["clipping"], help="per-example clipping: flat or automatic")
     accountant: str = setting("pld", choices=_C["accountants"], help="privacy accountant: pld or rdp")
     learning_rate: float | None = setting(
-        0.0, low=0, high=1e3, optional=True,
+        _C["automatic_steps"], low=0, high=1e3, optional=True,
         help="eta, the server's step per vote; 0 = automatic steps from the votes' agreement, nothing to tune "
         "(Python only: None = 1/sqrt(d T), the source paper's choice)",
     )

@@ -55,7 +55,7 @@ from ..parameters import load_model_vector, model_vector
 from ..privacy import PrivacyLedger, jin_noise_multiplier
 from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, seeded_generator
 from ..rounds import Budget, ReleasePlan, SignedUpdate, client_round, plan_release, server_round
-from ..server_update import VoteUpdater, learning_rate_at
+from ..server_update import AUTOMATIC, VoteUpdater, learning_rate_at
 from ..settings import ConfigError, RunSettings, check_fields, from_mapping, setting, specs
 
 METHODS = ("dp-signsgd", "signsgd", "sgd", "jin-dp-sign", "jin-rectified", "sto-sign")
@@ -84,7 +84,7 @@ class Experiment:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.method == "sgd" and self.run.learning_rate == 0:
+        if self.method == "sgd" and self.run.learning_rate == AUTOMATIC:
             raise ConfigError("learning_rate 0 (automatic steps) needs a sign method, got method 'sgd': give a learning rate")
         if self.method == "sgd" and self.run.byzantine_fraction > 0:
             raise ConfigError("byzantine_fraction > 0 needs a sign method (the attacks replace signs), got method 'sgd'")

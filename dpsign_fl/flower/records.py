@@ -194,7 +194,6 @@ def save_ledger(state: RecordDict, ledger: PrivacyLedger) -> None:
     state[LEDGER_STATE_KEY] = ConfigRecord({"json": json.dumps(ledger.to_dict())})
 
 
-
 class OutOfSync(ValueError):
     """The client does not hold the model the server's votes apply to; it needs the full model."""
 

@@ -39,7 +39,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from ..model_sync import UpdateRule, check_trainable, default_trainable
 from ..parameters import flatten, unflatten
 from ..rounds import server_round as run_server_round
-from ..server_update import VoteUpdater
+from ..server_update import AUTOMATIC, VoteUpdater
 from ..vote import DEFAULT_VOTE, VOTE_RULES
 from .downlink import Downlink
 from .records import (
@@ -106,7 +106,7 @@ class SignMajorityVote(Strategy):
         fraction_train: float = 1.0,
         min_train_nodes: int = 2,
         min_available_nodes: int = 2,
-        learning_rate: float = 0.0,
+        learning_rate: float = AUTOMATIC,
         lr_schedule: str = "constant",
         server_momentum: float = 0.0,
         vote: str = DEFAULT_VOTE,
