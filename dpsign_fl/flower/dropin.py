@@ -114,12 +114,13 @@ def privacy_settings(run_config, given: dict[str, Any]) -> RunSettings:
         ConfigError: naming a missing key (and how to give it) or a bad value.
     """
     by_name = specs(RunSettings)
-    unknown = set(given) - {"target_epsilon", "target_delta", "sample_rate", "clip_norm", "num_rounds", "clipping", "accountant"}
+    names = {spec.key: name for name, spec in by_name.items() if spec.key in PRIVACY_KEYS + tuple(OPTIONAL_KEYS)}
+    unknown = set(given) - set(names.values())
     if unknown:
         raise ConfigError(f"dp_sign_train got unknown privacy settings {sorted(unknown)}")
     values = {}
     for key in PRIVACY_KEYS + tuple(OPTIONAL_KEYS):
-        name = next(n for n, spec in by_name.items() if spec.key == key)
+        name = names[key]
         if name in given:
             values[name] = by_name[name].coerce(given[name], name)
         elif key in run_config:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dpsign_fl import SignMajorityVote
 from dpsign_fl.flower import dp_sign_train
-from dpsign_fl.flower.dropin import examples
+from dpsign_fl.flower.dropin import examples, privacy_settings
 from dpsign_fl.flower.records import LEDGER_STATE_KEY, load_ledger
 from dpsign_fl.settings import ConfigError
 
@@ -112,6 +112,13 @@ def test_a_missing_privacy_key_is_an_error_naming_it_and_how_to_give_it():
     strategy = SignMajorityVote(learning_rate=0.05, min_available_nodes=3, max_failed_rounds=1)
     with pytest.raises(RuntimeError, match="needs sample-rate: add it to \\[tool.flwr.app.config\\].*or pass sample_rate="):
         strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()), num_rounds=3)
+
+
+def test_privacy_arguments_are_the_documented_keys_python_names_and_nothing_else():
+    settings = privacy_settings(RUN_CONFIG, {"sample_rate": 0.25, "clipping": "automatic"})
+    assert (settings.sample_rate, settings.clipping) == (0.25, "automatic")
+    with pytest.raises(ConfigError, match=r"unknown privacy settings \['epsilon'\]"):
+        privacy_settings(RUN_CONFIG, {"epsilon": 3.0})
 
 
 def test_arguments_override_the_run_configs_privacy_keys():
