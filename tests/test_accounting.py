@@ -408,3 +408,32 @@ def test_calibration_rejects_bad_arguments_naming_them(change, message):
 def test_compute_epsilon_rejects_wrong_kinds_with_type_error(change, name):
     with pytest.raises(TypeError, match=name):
         compute_epsilon(**{**GOOD_EPSILON_ARGS, **change})
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        ((0.3, 1.1, 7),),
+        ((0.01, 0.9, 300),),
+        ((1.0, 2.0, 5),),
+        ((0.05, 1.0, 10), (0.1, 1.3, 4)),
+        ((1.0, 1.5, 3), (0.2, 0.8, 2)),
+    ],
+)
+@pytest.mark.parametrize("multiple", [1024, 64])
+def test_pld_epsilon_from_cached_one_release_plds_equals_dp_accountings_accountant_bit_for_bit(history, multiple):
+    from dpsign_fl.privacy.accounting import PLD_REFERENCE_INTERVAL, _one_release_pld, _pld_epsilon
+
+    interval = PLD_REFERENCE_INTERVAL * multiple
+    events = [reference_event(q, sigma, count) for q, sigma, count in history]
+    accountant = pld.PLDAccountant(neighboring_relation=ADD_OR_REMOVE, value_discretization_interval=interval)
+    accountant.compose(events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events))
+    expected = accountant.get_epsilon(DELTA)
+
+    _one_release_pld.cache_clear()
+    assert _pld_epsilon(history, DELTA, multiple) == expected
+    assert _pld_epsilon(history, DELTA, multiple) == expected  # from the cache
+    # Negative control: the same history at another interval differs, so equality is not a coincidence.
+    other = pld.PLDAccountant(neighboring_relation=ADD_OR_REMOVE, value_discretization_interval=interval * 4)
+    other.compose(events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events))
+    assert other.get_epsilon(DELTA) != expected

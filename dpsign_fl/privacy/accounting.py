@@ -179,21 +179,21 @@ def _epsilon(history: tuple, target_delta: float, accountant: str, orders: tuple
     # Pure and deterministic: every simulated client in one process at the same
     # point of a run asks the same question (the ledger check and the reply's
     # epsilon). cache_clear() resets.
-    events = [sgm_event(sample_rate=q, noise_multiplier=s, num_steps=c) for q, s, c in history]
-    composed = events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
     if accountant == "rdp":
+        events = [sgm_event(sample_rate=q, noise_multiplier=s, num_steps=c) for q, s, c in history]
+        composed = events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
         engine = rdp.RdpAccountant(orders=list(orders or DEFAULT_ORDERS), neighboring_relation=_RELATION)
         engine.compose(composed)
         return _finite_or_inf(engine.get_epsilon(target_delta))
     total_steps = sum(count for _, _, count in history)
     multiple = PLD_FIRST_MULTIPLE
-    epsilon = _pld_epsilon(composed, target_delta, multiple)
+    epsilon = _pld_epsilon(history, target_delta, multiple)
     while math.isfinite(epsilon):
         finer = pld_interval_multiple(epsilon, total_steps)
         if finer >= multiple:
             break
         multiple = finer
-        epsilon = _pld_epsilon(composed, target_delta, multiple)
+        epsilon = _pld_epsilon(history, target_delta, multiple)
     return epsilon
 
 
@@ -213,12 +213,39 @@ def pld_interval(epsilon: float, total_steps: int) -> float:
     return PLD_REFERENCE_INTERVAL * pld_interval_multiple(epsilon, total_steps)
 
 
-def _pld_epsilon(event: dp_accounting.DpEvent, target_delta: float, multiple: int) -> float:
-    engine = pld.PLDAccountant(
-        neighboring_relation=_RELATION, value_discretization_interval=PLD_REFERENCE_INTERVAL * multiple
+def _pld_epsilon(history: tuple, target_delta: float, multiple: int) -> float:
+    """Epsilon of ``history`` as ``pld.PLDAccountant`` composes it, at interval ``multiple`` * 1e-5.
+
+    The same operations in the same order as the accountant (each SGM's PLD
+    self-composed ``count`` times, composed onto the identity), except that the
+    one-release PLD comes from :func:`_one_release_pld`'s cache: a client asks
+    for its epsilon after every round, and building that PLD was about a third
+    of each answer. Tested equal to the accountant's result, bit for bit.
+    """
+    interval = PLD_REFERENCE_INTERVAL * multiple
+    composed = pld.privacy_loss_distribution.identity(value_discretization_interval=interval)
+    for sample_rate, noise_multiplier, count in history:
+        if sample_rate == 1:  # the plain Gaussian mechanism: the accountant scales sigma instead
+            one = pld.privacy_loss_distribution.from_gaussian_mechanism(
+                standard_deviation=noise_multiplier / math.sqrt(count),
+                value_discretization_interval=interval,
+                neighboring_relation=_RELATION,
+            )
+            composed = composed.compose(one)
+        else:
+            composed = composed.compose(_one_release_pld(sample_rate, noise_multiplier, interval).self_compose(count))
+    return _finite_or_inf(composed.get_epsilon_for_delta(target_delta))
+
+
+@functools.lru_cache(maxsize=16)
+def _one_release_pld(sample_rate: float, noise_multiplier: float, interval: float):
+    """The PLD of one SGM(q, sigma) release at this discretisation interval (immutable; cached)."""
+    return pld.privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=noise_multiplier,
+        value_discretization_interval=interval,
+        sampling_prob=sample_rate,
+        neighboring_relation=_RELATION,
     )
-    engine.compose(event)
-    return _finite_or_inf(engine.get_epsilon(target_delta))
 
 
 def _finite_or_inf(epsilon: float) -> float:
