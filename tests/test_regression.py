@@ -44,7 +44,7 @@ def _sha256(weights: np.ndarray) -> str:
 
 
 def flower_fingerprint() -> dict:
-    from .flower.inprocess import InProcessGrid
+    from dpsign_fl.flower.inprocess import InProcessGrid
 
     with tempfile.TemporaryDirectory() as results:
         run_config = dict(FLOWER_RUN_CONFIG, **{"results-dir": results})

@@ -5,8 +5,10 @@
 - vote: the streaming packed vote against copying the payloads, and its memory;
 - client step: ``client_release`` (and the bare clipped sum) against a
   non-private forward and backward on the same batch, and extra peak memory;
-- round: a real ``flwr run`` simulation against the in-process loop on the same
-  work (digits, 10 clients; with ``--data-dir``, MNIST with the tanh CNN too).
+- round: a real ``flwr run`` simulation, and the same app without the
+  simulation engine (in this process), against the in-process loop on the
+  same work (digits, 10 clients; with ``--data-dir``, MNIST with the tanh CNN
+  too).
 
 ``--quick`` runs a tiny version of each (seconds; what the tests run) and skips
 the Flower round. ``--json PATH`` writes every number measured. Not a test:
@@ -112,7 +114,7 @@ def _client(rows, *, quick: bool, threads: int) -> list[dict]:
 
 
 def _rounds(rows, *, data_dir: str | None) -> list[dict]:
-    from .flower_round import app_available, measure_flower_round, measure_loop_round
+    from .flower_round import app_available, measure_app_round, measure_flower_round, measure_loop_round
 
     if not app_available():
         rows.append(("Flower round vs loop", "-", "skipped: the Flower app is not next to the package", "-"))
@@ -125,13 +127,20 @@ def _rounds(rows, *, data_dir: str | None) -> list[dict]:
     results = []
     for label, run_config, fields in cases:
         flower = measure_flower_round(run_config=run_config)
+        app = measure_app_round(run_config=run_config)
         loop = measure_loop_round(**fields)
-        results.append({"case": label, "flower": flower, "loop": loop})
+        results.append({"case": label, "flower": flower, "app": app, "loop": loop})
         rows.append((
             "Flower round vs in-process loop", label,
             f"{flower['seconds_per_round']:.3f} s vs {loop['seconds_per_round']:.3f} s "
             f"({flower['seconds_per_round'] / loop['seconds_per_round']:.1f}x)",
             "target <= 1.5x",
+        ))
+        rows.append((
+            "the app without the simulation engine vs loop", label,
+            f"{app['seconds_per_round']:.3f} s vs {loop['seconds_per_round']:.3f} s "
+            f"({app['seconds_per_round'] / loop['seconds_per_round']:.1f}x)",
+            "same strategy and ClientApp, no Ray or SuperLink",
         ))
         rows.append((
             "time to round 1", label,

@@ -1,11 +1,14 @@
 """A Flower simulation round against the in-process loop on the same work.
 
 Runs the app in this repository with the real ``flwr run`` (a private
-``FLWR_HOME``, free ports, its own local SuperLink, stopped by PID) and the
-research loop with the same dataset, clients, sample rate and rounds, in the
-same process, one after the other. Per round: the median difference of
-consecutive rows' ``wall-seconds`` (Flower; evaluation every round) and of the
-loop's round end times (the loop also evaluates every round).
+``FLWR_HOME``, free ports, its own local SuperLink, stopped by PID), the same
+app's ServerApp and ClientApp logic without the simulation engine
+(:func:`dpsign_fl.flower.inprocess.run_in_process`: the strategy, the
+records, the replicas and ledgers in ``context.state``, no Ray and no
+SuperLink), and the research loop with the same dataset, clients, sample rate
+and rounds, one after the other. Per round: the median difference of
+consecutive rows' ``wall-seconds`` (the app; evaluation every round) and of
+the loop's round end times (the loop also evaluates every round).
 """
 
 from __future__ import annotations
@@ -80,6 +83,30 @@ def measure_flower_round(*, num_clients: int = 10, num_rounds: int = 10, run_con
         "seconds_per_round": statistics.median(per_round),
         "seconds_per_round_min": min(per_round),
         "total_seconds": time.monotonic() - started,
+    }
+
+
+def measure_app_round(*, num_clients: int = 10, num_rounds: int = 10, run_config: str = "") -> dict:
+    """Time the app's rounds in this process, without Flower's simulation engine (same run config as ``flwr run``)."""
+    import tomllib
+
+    from ..flower.inprocess import run_in_process
+    from ..settings import parse_override_string
+
+    with open(REPOSITORY / "pyproject.toml", "rb") as handle:
+        config = dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+    with tempfile.TemporaryDirectory() as results:
+        config.update(parse_override_string(
+            f"num-server-rounds={num_rounds} eval-every=1 reproducible-noise=true results-dir='{results}' {run_config}"
+        ))
+        rows = run_in_process(config, num_clients)
+    walls = [row["wall-seconds"] for row in rows]
+    per_round = [b - a for a, b in zip(walls, walls[1:])]
+    return {
+        "clients": num_clients,
+        "rounds": num_rounds,
+        "seconds_per_round": statistics.median(per_round),
+        "seconds_per_round_min": min(per_round),
     }
 
 

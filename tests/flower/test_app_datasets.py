@@ -16,7 +16,7 @@ from dpsign_fl.flower.server import run_server
 
 from ..test_settings import pyproject_defaults
 from ..test_data import _write_tiny_cifar
-from .inprocess import InProcessGrid
+from dpsign_fl.flower.inprocess import InProcessGrid
 
 SHARED_DATA = Path(os.environ.get("DPSIGN_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
 

@@ -17,7 +17,7 @@ from dpsign_fl.flower.server import run_server
 from dpsign_fl.model_sync import state_digest
 
 from ..test_settings import pyproject_defaults
-from .inprocess import InProcessGrid
+from dpsign_fl.flower.inprocess import InProcessGrid
 
 
 pytestmark = pytest.mark.usefixtures("server_identity")

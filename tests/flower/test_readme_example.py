@@ -8,7 +8,7 @@ from flwr.app import Context, RecordDict
 
 
 from ..test_settings import pyproject_defaults
-from .inprocess import InProcessGrid
+from dpsign_fl.flower.inprocess import InProcessGrid
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -1,19 +1,30 @@
-"""A Grid that runs the ClientApp's train handler in this process: run_server without Ray.
+"""The app's ServerApp and ClientApp logic in one process, without Flower's simulation engine.
 
-Each node keeps its own ``Context`` (with ``context.state``) across rounds, as a
-simulated SuperNode does within one run, and the handler is told it runs in a
-simulation (as Flower's simulation engine would show it). A handler that
-raises becomes an error reply with code 2, as Flower reports a ClientApp that raised.
+:class:`InProcessGrid` is a Grid whose ``send_and_receive`` calls the
+ClientApp's train handler directly for each node: no SuperLink, no Ray, no
+serialisation. Each node keeps its own ``Context`` (with ``context.state``)
+across rounds, as a simulated SuperNode does within one run, and the handler
+is told it runs in a simulation (as Flower's simulation engine would show it).
+A handler that raises becomes an error reply with code 2, as Flower reports a
+ClientApp that raised. :func:`run_in_process` runs a whole app run this way.
+
+For tests, debugging (a breakpoint in the ClientApp works) and the benchmark
+that separates the app's own per-round cost from the simulation engine's
+(``dpsign_fl.bench.flower_round``). Not a way to deploy: there is no network
+and no privacy boundary between the nodes and the server.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
+from flwr.supercore.task_identity import TaskIdentity
 
-from dpsign_fl.flower.client import handle_train
+from .client import handle_train
+from .server import run_server
 
 
 class Interrupted(Exception):
@@ -70,3 +81,36 @@ class InProcessGrid:
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(error)}:<'{error}'>"), reply_to=message)
             replies.append(reply)
         return replies
+
+
+def run_in_process(run_config: dict, num_nodes: int) -> list[dict]:
+    """Run the app's rounds (:func:`~dpsign_fl.flower.server.run_server`) on an :class:`InProcessGrid`.
+
+    Flower's ``Message`` reads the identity of the task it runs in, which a
+    real ServerApp process has; it is set here for the duration of the run
+    and restored afterwards.
+
+    Args:
+        run_config: the run config (every key; e.g. pyproject.toml's defaults
+            with overrides).
+        num_nodes: simulated nodes, partition-id 0..num_nodes-1.
+
+    Returns:
+        The per-round records (as ``metrics.json`` holds them).
+    """
+    grid = InProcessGrid(run_config, num_nodes)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+    with _server_task_identity():
+        return run_server(grid, context)
+
+
+@contextmanager
+def _server_task_identity():
+    names = ("_run_id", "_node_id", "_task_id")
+    saved = [getattr(TaskIdentity, name, None) for name in names]
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
+    try:
+        yield
+    finally:
+        for name, value in zip(names, saved):
+            setattr(TaskIdentity, name, value)
