@@ -127,8 +127,8 @@ def _rounds(rows, *, data_dir: str | None) -> list[dict]:
     results = []
     for label, run_config, fields in cases:
         flower = measure_flower_round(run_config=run_config)
+        loop = measure_loop_round(**fields)  # before the app's round, which would warm its caches
         app = measure_app_round(run_config=run_config)
-        loop = measure_loop_round(**fields)
         results.append({"case": label, "flower": flower, "app": app, "loop": loop})
         rows.append((
             "Flower round vs in-process loop", label,
