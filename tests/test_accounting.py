@@ -437,3 +437,16 @@ def test_pld_epsilon_from_cached_one_release_plds_equals_dp_accountings_accounta
     other = pld.PLDAccountant(neighboring_relation=ADD_OR_REMOVE, value_discretization_interval=interval * 4)
     other.compose(events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events))
     assert other.get_epsilon(DELTA) != expected
+
+
+def test_clear_accounting_cache_forgets_epsilons_and_calibrations_and_changes_no_result():
+    from dpsign_fl.privacy.accounting import _calibrate, _epsilon, _one_release_pld, clear_accounting_cache
+
+    first = compute_epsilon(sample_rate=0.2, noise_multiplier=1.1, num_steps=5, target_delta=DELTA)
+    calibrate_noise_multiplier(target_epsilon=3.0, target_delta=DELTA, sample_rate=0.2, num_steps=5)
+    assert _epsilon.cache_info().currsize and _one_release_pld.cache_info().currsize and _calibrate.cache_info().currsize
+
+    clear_accounting_cache()
+
+    assert _epsilon.cache_info().currsize == _one_release_pld.cache_info().currsize == _calibrate.cache_info().currsize == 0
+    assert compute_epsilon(sample_rate=0.2, noise_multiplier=1.1, num_steps=5, target_delta=DELTA) == first

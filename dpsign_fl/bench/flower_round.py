@@ -27,6 +27,9 @@ from ..flower.local_superlink import LocalSuperLink
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
+ROUNDS = 30
+"""Rounds of each timed run (the per-round figure is the median of its 29 intervals)."""
+
 
 def _free_port() -> str:
     with socket.socket() as sock:
@@ -40,7 +43,7 @@ def app_available() -> bool:
     return pyproject.exists() and "[tool.flwr.app]" in pyproject.read_text()
 
 
-def measure_flower_round(*, num_clients: int = 10, num_rounds: int = 10, run_config: str = "", timeout: float = 900.0) -> dict:
+def measure_flower_round(*, num_clients: int = 10, num_rounds: int = ROUNDS, run_config: str = "", timeout: float = 900.0) -> dict:
     """Time a real ``flwr run`` simulation: per round, and from ``flwr run`` to round 1's row.
 
     Raises:
@@ -86,12 +89,17 @@ def measure_flower_round(*, num_clients: int = 10, num_rounds: int = 10, run_con
     }
 
 
-def measure_app_round(*, num_clients: int = 10, num_rounds: int = 10, run_config: str = "") -> dict:
+def measure_app_round(*, num_clients: int = 10, num_rounds: int = ROUNDS, run_config: str = "") -> dict:
     """Time the app's rounds in this process, without Flower's simulation engine (same run config as ``flwr run``)."""
     import tomllib
 
+    from ..flower.client import clear_data_cache
     from ..flower.inprocess import run_in_process
+    from ..privacy.accounting import clear_accounting_cache
     from ..settings import parse_override_string
+
+    clear_data_cache()
+    clear_accounting_cache()  # as in the fresh processes flwr run starts
 
     with open(REPOSITORY / "pyproject.toml", "rb") as handle:
         config = dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
@@ -110,9 +118,12 @@ def measure_app_round(*, num_clients: int = 10, num_rounds: int = 10, run_config
     }
 
 
-def measure_loop_round(*, num_clients: int = 10, num_rounds: int = 10, **fields) -> dict:
+def measure_loop_round(*, num_clients: int = 10, num_rounds: int = ROUNDS, **fields) -> dict:
     """Time the in-process loop on the same work: per round (median), evaluating every round."""
     from ..experiments.loop import Experiment, run_experiment
+    from ..privacy.accounting import clear_accounting_cache
+
+    clear_accounting_cache()  # as in a fresh process: the loop's per-round epsilon is computed, not looked up
 
     stamps: list[float] = []
     experiment = Experiment.create(

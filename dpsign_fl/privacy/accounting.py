@@ -197,6 +197,17 @@ def _epsilon(history: tuple, target_delta: float, accountant: str, orders: tuple
     return epsilon
 
 
+def clear_accounting_cache() -> None:
+    """Forget every epsilon and calibration computed in this process (results are pure; this only costs time).
+
+    For benchmarks that compare runs as fresh processes would make them; the
+    caches otherwise live as long as the process.
+    """
+    _epsilon.cache_clear()
+    _one_release_pld.cache_clear()
+    _calibrate.cache_clear()
+
+
 def pld_interval_multiple(epsilon: float, total_steps: int) -> int:
     """The PLD interval, as a multiple of :data:`PLD_REFERENCE_INTERVAL`, for an epsilon of T releases.
 
