@@ -15,17 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from dpsign_fl.experiments.loop import Experiment, run_experiment
-from dpsign_fl.flower.client import handle_train
-from dpsign_fl.flower.server import run_server
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "regression_reference.json"
 FLOWER_RUN_CONFIG = {
@@ -44,12 +39,10 @@ def _sha256(weights: np.ndarray) -> str:
 
 
 def flower_fingerprint() -> dict:
-    from dpsign_fl.flower.inprocess import InProcessGrid
+    from dpsign_fl.flower.inprocess import run_in_process
 
     with tempfile.TemporaryDirectory() as results:
-        run_config = dict(FLOWER_RUN_CONFIG, **{"results-dir": results})
-        grid = InProcessGrid(run_config, 3, handler=partial(handle_train, simulation=True))
-        rows = run_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+        rows = run_in_process(dict(FLOWER_RUN_CONFIG, **{"results-dir": results}), 3)
         state = torch.load(Path(results) / "model.pt")
     weights = torch.cat([tensor.reshape(-1) for tensor in state.values()]).numpy()
     return {"rows": [{k: v for k, v in row.items() if k != "wall-seconds"} for row in rows], "weights_sha256": _sha256(weights)}
@@ -67,10 +60,7 @@ def loop_fingerprint() -> dict:
     }
 
 
-def test_flower_app_run_reproduces_the_recorded_metrics_and_weights_bit_for_bit(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+def test_flower_app_run_reproduces_the_recorded_metrics_and_weights_bit_for_bit():
     assert flower_fingerprint() == json.loads(REFERENCE.read_text())["flower"]
 
 
@@ -79,5 +69,4 @@ def test_research_loop_run_reproduces_the_recorded_metrics_and_weights_bit_for_b
 
 
 if __name__ == "__main__":
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
     print(json.dumps({"flower": flower_fingerprint(), "loop": loop_fingerprint()}, indent=1))

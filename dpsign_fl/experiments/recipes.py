@@ -220,8 +220,8 @@ def scatternet_runs(dataset: str) -> list[Experiment]:
 
     The epsilon-3 IID run of the linear head comes first (the accuracy target),
     with the tuned learning rate; then the same with automatic steps (nothing
-    to tune) and with sample rate 0.1 instead of 0.05, epsilon 1 and 8, Dirichlet(0.5), the CNN head, and the
-    non-private signSGD-MV ceiling.
+    to tune) and with sample rate 0.1 instead of 0.05, epsilon 1 and 8,
+    Dirichlet(0.5), the CNN head, and the non-private signSGD-MV ceiling.
     """
     base = Experiment.create(
         dataset=dataset,

@@ -100,12 +100,18 @@ def run_in_process(run_config: dict, num_nodes: int) -> list[dict]:
     """
     grid = InProcessGrid(run_config, num_nodes)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
-    with _server_task_identity():
+    with server_task_identity():
         return run_server(grid, context)
 
 
 @contextmanager
-def _server_task_identity():
+def server_task_identity():
+    """Within the block, this process has the task identity of a ServerApp (run 1, node 0, task 1).
+
+    Flower's ``Message`` constructor reads it; a ServerApp process started by
+    Flower has one, a test or a benchmark does not. The previous identity is
+    restored on exit.
+    """
     names = ("_run_id", "_node_id", "_task_id")
     saved = [getattr(TaskIdentity, name, None) for name in names]
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1

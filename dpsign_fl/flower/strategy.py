@@ -67,10 +67,10 @@ class SignMajorityVote(Strategy):
         learning_rate: eta > 0, the step per vote, or 0 for automatic steps.
         lr_schedule: ``"constant"``, ``"linear"``, ``"cosine"`` or ``"inverse-sqrt"``.
         server_momentum: beta in [0, 1); post-processing, free of privacy cost.
-        vote: ``"robust"`` (the default) or ``"majority"`` (the plain coordinate-wise majority); ``"robust"``
-            (:func:`dpsign_fl.vote.robust_vote`: payloads that look like a
-            coordinated attack are left out first; server-side, free of privacy
-            cost, O(d) memory).
+        vote: ``"robust"`` (the default: :func:`dpsign_fl.vote.robust_vote`,
+            payloads that look like a coordinated attack are left out first;
+            server-side, free of privacy cost, O(d) memory) or ``"majority"``
+            (the plain coordinate-wise majority).
         downlink: ``"votes"`` (clients keep a replica and get the votes they
             missed, or the model when that is smaller or they need it) or
             ``"weights"`` (the model every round, for clients without a replica).

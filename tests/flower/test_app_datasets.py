@@ -13,10 +13,10 @@ from flwr.app import Context, RecordDict
 
 from dpsign_fl.flower.client import clear_data_cache
 from dpsign_fl.flower.server import run_server
+from dpsign_fl.flower.inprocess import InProcessGrid
 
 from ..test_settings import pyproject_defaults
 from ..test_data import _write_tiny_cifar
-from dpsign_fl.flower.inprocess import InProcessGrid
 
 SHARED_DATA = Path(os.environ.get("DPSIGN_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
@@ -25,6 +25,7 @@ SHARED_DATA = Path(os.environ.get("DPSIGN_DATA_DIR", Path(__file__).resolve().pa
 def fresh_data_cache(server_identity):
     yield
     clear_data_cache()
+
 
 def run_app(tmp_path, *, num_nodes=3, **overrides):
     run_config = dict(pyproject_defaults())

@@ -17,8 +17,8 @@ from dpsign_fl.flower import dp_sign_train
 from dpsign_fl.flower.dropin import examples, privacy_settings
 from dpsign_fl.flower.records import LEDGER_STATE_KEY, load_ledger
 from dpsign_fl.settings import ConfigError
-
 from dpsign_fl.flower.inprocess import InProcessGrid
+
 
 RUN_CONFIG = {"target-epsilon": 4.0, "target-delta": 1e-5, "sample-rate": 0.5, "clip-norm": 1.0,
               "num-server-rounds": 3, "batch-size": 16}  # batch-size: the user's own key

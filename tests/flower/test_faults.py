@@ -15,9 +15,9 @@ from dpsign_fl.settings import ConfigError
 from dpsign_fl.flower.client import handle_train
 from dpsign_fl.flower.records import arrays_to_flat, train_reply_content
 from dpsign_fl.flower.server import METRICS_FILE, run_server
+from dpsign_fl.flower.inprocess import InProcessGrid, Interrupted
 
 from ..test_settings import pyproject_defaults
-from dpsign_fl.flower.inprocess import InProcessGrid, Interrupted
 from .messages import FakeGrid, reply
 from .test_strategy import D, LEARNING_RATE, global_arrays, signs_for, valid_reply
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from flwr.app import Context, RecordDict
 
+from dpsign_fl.flower.inprocess import InProcessGrid
 
 from ..test_settings import pyproject_defaults
-from dpsign_fl.flower.inprocess import InProcessGrid
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
