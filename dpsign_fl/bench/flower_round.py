@@ -100,19 +100,20 @@ def measure_flower_round(*, num_clients: int = 10, num_rounds: int = ROUNDS, run
 
 
 def measure_app_round(*, num_clients: int = 10, num_rounds: int = ROUNDS, run_config: str = "") -> dict:
-    """Time the app's rounds in this process, without Flower's simulation engine (same run config as ``flwr run``)."""
-    import tomllib
+    """Time the app's rounds in this process, without Flower's simulation engine (same run config as ``flwr run``).
 
+    The run config starts from the declared defaults, which tests/test_settings.py
+    holds equal to pyproject.toml's ``[tool.flwr.app.config]``.
+    """
     from ..flower.client import clear_data_cache
     from ..flower.inprocess import run_in_process
     from ..privacy.accounting import clear_accounting_cache
-    from ..settings import parse_override_string
+    from ..settings import FlowerOptions, RunSettings, parse_override_string, to_mapping
 
     clear_data_cache()
     clear_accounting_cache()  # as in the fresh processes flwr run starts
 
-    with open(REPOSITORY / "pyproject.toml", "rb") as handle:
-        config = dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+    config = {**to_mapping(RunSettings()), **to_mapping(FlowerOptions())}
     with tempfile.TemporaryDirectory() as results:
         config.update(parse_override_string(
             f"num-server-rounds={num_rounds} eval-every=1 reproducible-noise=true results-dir='{results}' {run_config}"
