@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .atomic_file import fsync_folder
+from .cache import cache_dir
 from .data import Dataset, load_dataset
 
 log = logging.getLogger("dpsign_fl")
@@ -46,17 +47,7 @@ SCATTERING_ANGLES = 8
 """Orientations L of the Morlet wavelets."""
 FEATURES_FORMAT = 1
 """Bumped whenever cached features would no longer match what this code computes."""
-CACHE_ENV = "DPSIGN_FL_CACHE"
-"""Environment variable naming the cache folder."""
 _BATCH = 1024
-
-
-def cache_dir() -> Path:
-    """Where computed features are kept: ``$DPSIGN_FL_CACHE``, else ``$XDG_CACHE_HOME/dpsign-fl``, else ``~/.cache/dpsign-fl``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "dpsign-fl"
 
 
 def load_run_dataset(settings) -> Dataset:

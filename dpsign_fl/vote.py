@@ -7,6 +7,10 @@ holds bit ``k`` of every coordinate's count, packed in the wire bit order of
 vote is a bit-sliced comparison of the planes with a threshold. Memory is
 ``O(d)`` whatever the number of voters: ``ceil(log2(M + 1))`` planes of
 ``ceil(d/8)`` bytes, plus fixed-size scratch.
+
+The adders run in a small C loop compiled on first use
+(:mod:`dpsign_fl.vote_kernel`, faster than copying the payloads) or, without
+a C compiler, as numpy calls (about 0.3x copy speed); the counts are the same.
 """
 
 from __future__ import annotations
@@ -17,12 +21,17 @@ from typing import Sequence
 import numpy as np
 
 from .packing import BIT_ORDER, check_packed, payload_bytes
+from .vote_kernel import load_kernel
 
-# Rows are summed 16 at a time with a carry-save tree before the sums reach
-# the higher planes: 16 rows plus plane 0 are 17 bits at weight 0, exactly 8
-# full adders, and the whole tree costs 5 numpy calls per row, the floor for
-# two-input bitwise operations (a full adder takes 5). So at most 15 rows wait.
-_BATCH_ROWS = 16
+# Rows wait until 32 are pending, then are summed together before the sums
+# reach the higher planes. The compiled kernel keeps a block of the planes in
+# L1 cache across the batch, so a larger batch reads and writes the planes
+# fewer times: 1.16x copy speed with 32 rows vs 0.97x with 16 at d = 1e7,
+# M = 100 (64 and 112: 1.17x, 1.18x). In numpy the carry-save tree costs
+# 5 calls per row whatever the batch (a full adder takes 5 two-input
+# operations; 16 rows plus plane 0 are exactly 8 full adders at weight 0):
+# 32 rows measured 0.317-0.328x vs 0.318x with 16. So at most 31 rows wait.
+_BATCH_ROWS = 32
 
 # The tree runs over slices of this many bytes, so that one slice of each of
 # the ~15 live registers (planes, scratch, the two rows being read) stays
@@ -47,14 +56,19 @@ class VoteCounter:
 
     Args:
         num_coordinates: d, the number of coordinates of every payload.
+        kernel: ``"compiled"``, ``"numpy"`` or ``"auto"`` (compiled when a C
+            compiler works); None = ``$DPSIGN_FL_VOTE_KERNEL``, else auto
+            (:mod:`dpsign_fl.vote_kernel`).
 
     Raises:
         TypeError: if ``num_coordinates`` is not an int.
-        ValueError: if ``num_coordinates < 1``.
+        ValueError: if ``num_coordinates < 1``, or for an unknown kernel.
+        RuntimeError: for ``kernel="compiled"`` when it cannot be built.
     """
 
-    def __init__(self, num_coordinates: int):
+    def __init__(self, num_coordinates: int, *, kernel: str | None = None):
         self._num_bytes = payload_bytes(num_coordinates)
+        self._kernel = load_kernel(kernel)
         self._num_coordinates = int(num_coordinates)
         # Bytes whose 8 bits are all coordinates. A partial last byte is summed
         # apart from them, from masked copies, so no row is ever copied whole.
@@ -77,6 +91,11 @@ class VoteCounter:
         return self._num_coordinates
 
     @property
+    def kernel(self) -> str:
+        """``"compiled"`` or ``"numpy"``: which adders this counter runs."""
+        return "numpy" if self._kernel is None else "compiled"
+
+    @property
     def num_voters(self) -> int:
         """n, the number of payloads added so far."""
         return self._summed_voters + len(self._pending)
@@ -85,9 +104,9 @@ class VoteCounter:
         """Add one voter's packed signs.
 
         The counter keeps a reference to (not a copy of) each payload until it
-        sums a group of 16, or until a result is read: copying every payload
-        would cost a fifth of the whole adder tree. So at most 15 payloads are
-        held, and a payload must not be modified after it is added.
+        sums a group of 32, or until a result is read: copying every payload
+        would cost about as much as the compiled adders. So at most 31
+        payloads are held, and a payload must not be modified after it is added.
 
         Args:
             packed: 1-D uint8 array of ``ceil(d / 8)`` bytes, as
@@ -96,7 +115,10 @@ class VoteCounter:
         Raises:
             ValueError: if ``packed`` has the wrong dtype, shape or length.
         """
-        self._pending.append(check_packed(packed, self._num_coordinates))
+        row = check_packed(packed, self._num_coordinates)
+        if self._kernel is not None:
+            row = np.ascontiguousarray(row)  # the C loop reads raw memory; a copy only for a strided view
+        self._pending.append(row)
         if len(self._pending) == _BATCH_ROWS:
             self._flush()
 
@@ -181,7 +203,18 @@ class VoteCounter:
         # Counts reach num_voters, so bit_length(num_voters) planes hold them
         # and the top plane never carries out.
         while len(self._planes) < num_voters.bit_length():
-            self._planes.append(np.zeros(self._padded_bytes, dtype=np.uint8))
+            # Allocated as words: the compiled kernel reads and writes them as aligned uint64.
+            self._planes.append(np.zeros(self._padded_bytes // 8, dtype=np.uint64).view(np.uint8))
+        if self._kernel is not None:
+            tail_mask = 0xFF if self._tail_mask is None else int(self._tail_mask)
+            self._kernel.add(rows, self._planes, self._num_bytes, tail_mask)
+        else:
+            self._add_in_numpy(rows)
+        self._summed_voters = num_voters
+        self._pending = []
+
+    def _add_in_numpy(self, rows: list[np.ndarray]) -> None:
+        """Sum ``rows`` into the planes with an adder schedule of numpy calls (the kernel without a C compiler)."""
         key = (len(rows), len(self._planes))
         if key not in self._schedules:
             self._schedules[key] = _compile_adder_tree(*key)
@@ -196,8 +229,6 @@ class VoteCounter:
             tails = np.fromiter((row[last] for row in rows), dtype=np.uint8, count=len(rows))
             tails &= self._tail_mask
             self._run(schedule, last, last + 1, [tails[i : i + 1] for i in range(len(rows))])
-        self._summed_voters = num_voters
-        self._pending = []
 
     def _run(self, schedule, start: int, stop: int, row_slices: list[np.ndarray]) -> None:
         """Execute a compiled schedule on bytes ``[start, stop)`` of the planes."""

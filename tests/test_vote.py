@@ -1,5 +1,6 @@
 """Tests of dpsign_fl.vote: the coordinate-wise majority vote over packed signs."""
 
+import os
 import tracemalloc
 from unittest import mock
 
@@ -11,6 +12,17 @@ from hypothesis import strategies as st
 from dpsign_fl import vote as vote_module
 from dpsign_fl.packing import pack_signs, unpack_signs
 from dpsign_fl.vote import VoteCounter, majority_vote, vote_counts
+from dpsign_fl.vote_kernel import KERNEL_ENV, find_compiler
+
+
+@pytest.fixture(scope="module", autouse=True, params=["compiled", "numpy"])
+def vote_kernel(request):
+    """Every test of this module runs on both kernels (module-scoped: hypothesis forbids per-test fixtures)."""
+    if request.param == "compiled" and find_compiler() is None:
+        pytest.skip("no C compiler on this machine: only the numpy kernel can be tested")
+    with mock.patch.dict(os.environ, {KERNEL_ENV: request.param}):
+        assert VoteCounter(1).kernel == request.param
+        yield request.param
 
 
 @st.composite
@@ -98,8 +110,9 @@ def test_vote_rejects_2d_array_of_wrong_dtype_or_width():
 
 # --- VoteCounter: the streaming, bit-sliced count, against a one-payload-at-a-time reference.
 
-# Batch edges of the 16-row adder tree (15, 16, 17), plane edges (2**k - 1, 2**k).
-EDGE_VOTER_COUNTS = [0, 1, 2, 15, 16, 17, 31, 32, 64, 255, 256, 300]
+# Edges of the 16-row adder tree (15, 16, 17) and of the 32-row batch (31, 32,
+# 33, 48, 49), plane edges (2**k - 1, 2**k).
+EDGE_VOTER_COUNTS = [0, 1, 2, 15, 16, 17, 31, 32, 33, 48, 49, 64, 255, 256, 300]
 
 
 def reference_positive_counts(payloads, num_coordinates):

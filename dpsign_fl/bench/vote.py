@@ -4,7 +4,9 @@ The reference is what any server must do at least once per payload: touch
 its bytes. ``np.copy`` of each of the ``M`` payloads, one call per payload,
 is that reference; the streaming vote adds the same ``M`` payloads one at a
 time to a :class:`~dpsign_fl.vote.VoteCounter` and computes the packed vote
-bitmaps. Both run in the same process, alternately, on the same payloads.
+bitmaps, with the kernel the server would use (compiled when a C compiler
+works, :mod:`dpsign_fl.vote_kernel`) and with the numpy kernel. All run in the
+same process, alternately, on the same payloads.
 
 Run ``python -m dpsign_fl.bench.vote`` for a small table.
 """
@@ -39,7 +41,11 @@ def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5) -> dic
         ``np.copy`` calls); ``vote_seconds_min`` / ``vote_seconds_median``
         (``M`` ``VoteCounter.add`` calls and ``vote_bitmaps``);
         ``copy_to_vote_ratio`` (median copy seconds / median vote seconds: the
-        vote's speed as a fraction of copying); ``peak_bytes_per_coordinate``
+        vote's speed as a fraction of copying); ``kernel`` (``"compiled"`` or
+        ``"numpy"``: the default kernel, the one timed above);
+        ``numpy_seconds_median`` and ``numpy_copy_to_vote_ratio`` (the numpy
+        kernel, timed alongside; the same as above when it is the default);
+        ``peak_bytes_per_coordinate``
         (tracemalloc peak of one vote, beyond the payloads, divided by d);
         ``old_seconds_min`` / ``old_seconds_median`` for ``np.stack`` +
         ``np.unpackbits`` + sum, or None above
@@ -60,8 +66,10 @@ def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5) -> dic
         for payload in payloads:
             np.copy(payload)
 
-    def stream_vote() -> None:
-        counter = VoteCounter(num_coordinates)
+    kernel = VoteCounter(1).kernel
+
+    def stream_vote(kernel: str | None = None) -> None:
+        counter = VoteCounter(num_coordinates, kernel=kernel)
         for payload in payloads:
             counter.add(payload)
         counter.vote_bitmaps()
@@ -72,10 +80,13 @@ def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5) -> dic
         )
         np.sign(2 * bits.sum(axis=0, dtype=np.int64) - num_voters).astype(np.int8)
 
-    copy_seconds, vote_seconds = [], []
+    copy_seconds, vote_seconds, numpy_seconds = [], [], []
     for _ in range(repeats):
         copy_seconds.append(_seconds(copy_all))
         vote_seconds.append(_seconds(stream_vote))
+        if kernel != "numpy":
+            numpy_seconds.append(_seconds(lambda: stream_vote("numpy")))
+    numpy_seconds = numpy_seconds or vote_seconds
     old_seconds = None
     if num_coordinates <= OLD_PATH_MAX_COORDINATES:
         old_seconds = [_seconds(old_vote) for _ in range(repeats)]
@@ -98,6 +109,9 @@ def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5) -> dic
         "vote_seconds_min": min(vote_seconds),
         "vote_seconds_median": statistics.median(vote_seconds),
         "copy_to_vote_ratio": statistics.median(copy_seconds) / statistics.median(vote_seconds),
+        "kernel": kernel,
+        "numpy_seconds_median": statistics.median(numpy_seconds),
+        "numpy_copy_to_vote_ratio": statistics.median(copy_seconds) / statistics.median(numpy_seconds),
         "peak_bytes_per_coordinate": peak / num_coordinates,
         "old_seconds_min": min(old_seconds) if old_seconds else None,
         "old_seconds_median": statistics.median(old_seconds) if old_seconds else None,
@@ -111,14 +125,15 @@ def _seconds(function) -> float:
 
 
 def _main() -> None:
-    header = ("d", "M", "copy s", "vote s", "ratio", "B/coord", "old s")
-    print("{:>12} {:>4} {:>9} {:>9} {:>6} {:>8} {:>8}".format(*header))
+    header = ("d", "M", "kernel", "copy s", "vote s", "ratio", "numpy", "B/coord", "old s")
+    print("{:>12} {:>4} {:>8} {:>9} {:>9} {:>6} {:>6} {:>8} {:>8}".format(*header))
     for num_coordinates in (1_000_000, 10_000_000):
         row = measure_vote(num_coordinates, 100)
         old = row["old_seconds_median"]
         print(
-            f"{num_coordinates:>12} {row['num_voters']:>4} {row['copy_seconds_median']:>9.4f} "
+            f"{num_coordinates:>12} {row['num_voters']:>4} {row['kernel']:>8} {row['copy_seconds_median']:>9.4f} "
             f"{row['vote_seconds_median']:>9.4f} {row['copy_to_vote_ratio']:>6.2f} "
+            f"{row['numpy_copy_to_vote_ratio']:>6.2f} "
             f"{row['peak_bytes_per_coordinate']:>8.3f} {'-' if old is None else f'{old:.3f}':>8}"
         )
 

@@ -1,0 +1,143 @@
+"""The compiled vote kernel: built once per machine, cached, checked against numpy, and never required.
+
+tests/test_vote.py runs every counter test on both kernels; these tests cover
+how the kernel is built, found and replaced.
+"""
+
+import logging
+import subprocess
+from unittest import mock
+
+import numpy as np
+import pytest
+
+from dpsign_fl import vote_kernel
+from dpsign_fl.vote import VoteCounter
+from dpsign_fl.vote_kernel import KERNEL_ENV, find_compiler, library_path, load_kernel
+
+needs_compiler = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path):
+    """An empty cache folder and no kernel loaded yet in this process."""
+    monkeypatch.setenv("DPSIGN_FL_CACHE", str(tmp_path / "cache"))
+    vote_kernel._build.cache_clear()
+    vote_kernel._warn_once.cache_clear()
+    yield tmp_path / "cache"
+    vote_kernel._build.cache_clear()
+    vote_kernel._warn_once.cache_clear()
+
+
+def awkward_rows(num_rows, num_coordinates, seed):
+    """Payloads as they arrive: unaligned views into one buffer, and one strided view."""
+    rng = np.random.default_rng(seed)
+    num_bytes = -(-num_coordinates // 8)
+    buffer = rng.integers(0, 256, num_rows * num_bytes + 1, dtype=np.uint8)
+    rows = [buffer[1 + i * num_bytes : 1 + (i + 1) * num_bytes] for i in range(num_rows)]
+    strided = np.empty((num_bytes, 2), dtype=np.uint8)
+    strided[:, 0] = rows[0]
+    rows[0] = strided[:, 0]  # not contiguous: the counter copies it for the C loop
+    return rows
+
+
+def counts(rows, num_coordinates, kernel):
+    counter = VoteCounter(num_coordinates, kernel=kernel)
+    for row in rows:
+        counter.add(row)
+    assert counter.kernel == kernel
+    return counter.positive_counts()
+
+
+@needs_compiler
+def test_first_use_compiles_into_the_cache_and_later_loads_do_not_compile(fresh_cache, caplog):
+    with caplog.at_level(logging.INFO, logger="dpsign_fl"):
+        first = load_kernel("compiled")
+    assert first.path.parent == fresh_cache / "vote-kernel"
+    assert first.path.is_file()
+    assert "compiled the vote kernel" in caplog.text
+
+    vote_kernel._build.cache_clear()  # as a new process would
+    with mock.patch.object(subprocess, "run", side_effect=AssertionError("compiled again")):
+        again = load_kernel("compiled")
+
+    assert again.path == first.path
+
+
+@needs_compiler
+def test_a_corrupt_cached_library_is_compiled_again(fresh_cache, caplog):
+    path = library_path(find_compiler())
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a shared library")  # e.g. left by a full disk
+
+    with caplog.at_level(logging.WARNING, logger="dpsign_fl"):
+        kernel = load_kernel("compiled")
+
+    assert "could not load the cached vote kernel" in caplog.text
+    assert kernel.path == path and path.read_bytes() != b"not a shared library"
+    rows = awkward_rows(20, 1001, seed=1)
+    np.testing.assert_array_equal(counts(rows, 1001, "compiled"), counts(rows, 1001, "numpy"))
+
+
+@needs_compiler
+def test_an_unwritable_cache_still_gives_a_working_kernel(fresh_cache, monkeypatch, caplog):
+    blocker = fresh_cache.parent / "a-file"
+    blocker.write_text("the cache folder cannot be made here")
+    monkeypatch.setenv("DPSIGN_FL_CACHE", str(blocker))
+
+    with caplog.at_level(logging.WARNING, logger="dpsign_fl"):
+        rows = awkward_rows(40, 777, seed=2)
+        compiled = counts(rows, 777, "compiled")
+
+    assert "could not keep the vote kernel" in caplog.text
+    np.testing.assert_array_equal(compiled, counts(rows, 777, "numpy"))
+
+
+@needs_compiler
+@pytest.mark.parametrize("num_coordinates", [8 * 2048 * 2 + 61, 8 * 2048 * 2 + 64])
+def test_baseline_and_multiversioned_builds_count_like_numpy_on_unaligned_and_strided_rows(
+    fresh_cache, monkeypatch, num_coordinates
+):
+    # Two 2 KiB blocks of the C loop plus a short one, then 0-8 tail bytes.
+    rows = awkward_rows(50, num_coordinates, seed=num_coordinates)
+    expected = counts(rows, num_coordinates, "numpy")
+    compiler = " ".join(find_compiler())
+    for flags in ("", " -DDPSIGN_NO_MULTIVERSION"):
+        monkeypatch.setenv("CC", compiler + flags)
+        vote_kernel._build.cache_clear()
+
+        np.testing.assert_array_equal(counts(rows, num_coordinates, "compiled"), expected)
+
+
+def test_without_a_compiler_auto_warns_once_and_counts_in_numpy(fresh_cache, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+
+    with caplog.at_level(logging.WARNING, logger="dpsign_fl"):
+        assert load_kernel("auto") is None
+        counter = VoteCounter(77, kernel="auto")
+    with pytest.raises(RuntimeError, match=f"{KERNEL_ENV}=compiled, but .* no C compiler found"):
+        load_kernel("compiled")
+
+    assert counter.kernel == "numpy"
+    warnings = [r for r in caplog.records if "the vote runs in numpy" in r.getMessage()]
+    assert len(warnings) == 1 and "set CC" in warnings[0].getMessage()
+
+
+def test_a_failing_compiler_reports_its_error(fresh_cache, monkeypatch):
+    if find_compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("CC", " ".join(find_compiler()) + " -include /nonexistent/header.h")
+
+    with pytest.raises(RuntimeError, match="exited [1-9].*nonexistent/header.h"):
+        load_kernel("compiled")
+    assert not (fresh_cache / "vote-kernel").exists() or not any((fresh_cache / "vote-kernel").iterdir())
+
+
+def test_an_unknown_kernel_is_refused_naming_the_setting(monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match=f"{KERNEL_ENV} must be one of .*'fast'"):
+        VoteCounter(8)
+    with pytest.raises(ValueError, match="the vote kernel must be one of .*'fast'"):
+        VoteCounter(8, kernel="fast")
+    monkeypatch.setenv(KERNEL_ENV, "numpy")
+    assert VoteCounter(8).kernel == "numpy"
