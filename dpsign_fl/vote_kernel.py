@@ -230,9 +230,7 @@ def load_kernel(choice: str | None = None) -> CompiledVoteKernel | None:
         ValueError: for an unknown choice.
         RuntimeError: for ``"compiled"`` when no compiler works (the reason included).
     """
-    choice = kernel_choice() if choice is None else choice
-    if choice not in KERNEL_CHOICES:
-        raise ValueError(f"the vote kernel must be one of {KERNEL_CHOICES}, got {choice!r}")
+    choice = _validated(choice)
     if choice == "numpy":
         return None
     kernel, reason = _build()
@@ -243,12 +241,43 @@ def load_kernel(choice: str | None = None) -> CompiledVoteKernel | None:
     return kernel
 
 
+def describe_kernel(choice: str | None = None) -> tuple[str, str]:
+    """Which kernel counts the votes, built now if needed: ``(name, why numpy)``, for a run's log.
+
+    Returns:
+        ``("compiled", "")``, ``("numpy", "")`` when numpy was chosen, or
+        ``("numpy", reason)`` when ``auto`` fell back to it.
+
+    Raises:
+        ValueError, RuntimeError: as :func:`load_kernel`.
+    """
+    choice = _validated(choice)
+    if choice == "numpy":
+        return "numpy", ""
+    if choice == "compiled":
+        load_kernel(choice)  # raises if it cannot be built
+        return "compiled", ""
+    kernel, reason = _build()
+    return ("compiled", "") if kernel is not None else ("numpy", _fallback_message(reason))
+
+
+def _validated(choice: str | None) -> str:
+    choice = kernel_choice() if choice is None else choice
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"the vote kernel must be one of {KERNEL_CHOICES}, got {choice!r}")
+    return choice
+
+
+def _fallback_message(reason: str) -> str:
+    return (
+        f"the vote runs in numpy, 2-3x slower than the compiled kernel: {reason} "
+        f"(set CC to a C compiler, or {KERNEL_ENV}=numpy to silence this)"
+    )
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_once(reason: str) -> None:
-    log.warning(
-        "the vote runs in numpy, about 3x slower than the compiled kernel: %s "
-        "(set CC to a C compiler, or %s=numpy to silence this)", reason, KERNEL_ENV,
-    )
+    log.warning("%s", _fallback_message(reason))
 
 
 @functools.lru_cache(maxsize=None)

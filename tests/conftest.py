@@ -27,7 +27,7 @@ def private_flower_home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(autouse=True, scope="session")
 def private_feature_cache(tmp_path_factory):
-    """Computed ScatterNet features go to a folder of this test session, never to the user's ~/.cache."""
+    """Computed ScatterNet features and the compiled vote kernel go to a folder of this test session, never to the user's ~/.cache."""
     folder = tmp_path_factory.mktemp("feature-cache")
     previous = os.environ.get("DPSIGN_FL_CACHE")
     os.environ["DPSIGN_FL_CACHE"] = str(folder)
@@ -36,3 +36,16 @@ def private_feature_cache(tmp_path_factory):
         os.environ.pop("DPSIGN_FL_CACHE", None)
     else:
         os.environ["DPSIGN_FL_CACHE"] = previous
+
+
+@pytest.fixture
+def fresh_vote_kernel(monkeypatch, tmp_path):
+    """An empty cache folder and no vote kernel loaded yet in this process (and none left loaded after)."""
+    from dpsign_fl import vote_kernel
+
+    monkeypatch.setenv("DPSIGN_FL_CACHE", str(tmp_path / "cache"))
+    vote_kernel._build.cache_clear()
+    vote_kernel._warn_once.cache_clear()
+    yield tmp_path / "cache"
+    vote_kernel._build.cache_clear()
+    vote_kernel._warn_once.cache_clear()

@@ -13,20 +13,14 @@ import pytest
 
 from dpsign_fl import vote_kernel
 from dpsign_fl.vote import VoteCounter
-from dpsign_fl.vote_kernel import KERNEL_ENV, find_compiler, library_path, load_kernel
+from dpsign_fl.vote_kernel import KERNEL_ENV, describe_kernel, find_compiler, library_path, load_kernel
 
 needs_compiler = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on this machine")
 
 
 @pytest.fixture
-def fresh_cache(monkeypatch, tmp_path):
-    """An empty cache folder and no kernel loaded yet in this process."""
-    monkeypatch.setenv("DPSIGN_FL_CACHE", str(tmp_path / "cache"))
-    vote_kernel._build.cache_clear()
-    vote_kernel._warn_once.cache_clear()
-    yield tmp_path / "cache"
-    vote_kernel._build.cache_clear()
-    vote_kernel._warn_once.cache_clear()
+def fresh_cache(fresh_vote_kernel):
+    return fresh_vote_kernel
 
 
 def awkward_rows(num_rows, num_coordinates, seed):
@@ -141,3 +135,15 @@ def test_an_unknown_kernel_is_refused_naming_the_setting(monkeypatch):
         VoteCounter(8, kernel="fast")
     monkeypatch.setenv(KERNEL_ENV, "numpy")
     assert VoteCounter(8).kernel == "numpy"
+
+
+def test_describe_kernel_says_which_counts_and_why_not_the_compiled_one(fresh_cache, monkeypatch):
+    assert describe_kernel("numpy") == ("numpy", "")
+    if find_compiler() is not None:
+        assert describe_kernel("auto") == describe_kernel("compiled") == ("compiled", "")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    vote_kernel._build.cache_clear()
+
+    name, why = describe_kernel("auto")
+
+    assert name == "numpy" and "no C compiler found" in why and KERNEL_ENV in why

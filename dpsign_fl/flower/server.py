@@ -53,6 +53,7 @@ from ..evaluation import evaluate
 from ..models import build_model
 from ..results import plot_metrics
 from ..settings import ConfigError, FlowerOptions, RunSettings, parse_run_config, run_config_of, tuning_warnings
+from ..vote_kernel import describe_kernel
 from .records import arrays_to_flat, flat_to_arrays, load_arrays_into_model, model_to_arrays
 from .strategy import SignMajorityVote
 
@@ -170,6 +171,11 @@ def prepare_run(run_config) -> tuple[RunSettings, FlowerOptions, Dataset, Path]:
         raise ConfigError(f"results-dir {str(results_dir)!r} could not be created: {error}") from None
     write_json_atomic(results_dir / RUN_CONFIG_FILE, run_config_of(settings, options))
     log(INFO, "results go to %s", results_dir)
+    try:
+        kernel, fallback = describe_kernel()  # compiles the vote kernel now (once per machine), not in round 1
+    except (ValueError, RuntimeError) as error:
+        raise ConfigError(str(error)) from None
+    log(WARNING if fallback else INFO, "votes are counted by the %s kernel%s", kernel, f"; {fallback}" if fallback else "")
     return settings, options, dataset, results_dir
 
 

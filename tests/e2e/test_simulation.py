@@ -66,6 +66,17 @@ def test_final_accuracy_is_well_above_chance(simulation):
     assert (results / "accuracy_and_epsilon_by_round.png").stat().st_size > 1000
 
 
+def test_the_serverapp_in_the_app_bundle_counts_votes_with_the_compiled_kernel(simulation):
+    # flwr run imports dpsign_fl from the bundle it makes of the folder (.py files only):
+    # the kernel's C source lives in a .py file so that it is there too.
+    from dpsign_fl.vote_kernel import find_compiler
+
+    if find_compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    completed, _, _ = simulation
+    assert "votes are counted by the compiled kernel" in completed.stdout + completed.stderr
+
+
 def test_the_superlink_started_by_the_test_is_stopped(simulation):
     _, _, home = simulation
     assert superlink_pids(home) == []

@@ -89,3 +89,21 @@ def test_the_app_refuses_an_attack_that_needs_the_other_clients_bits(tmp_path):
 
     with pytest.raises(ConfigError, match="byzantine-attack 'inverse-majority'"):
         run_app(tmp_path, **{"byzantine-fraction": 0.3, "byzantine-attack": "inverse-majority"})
+
+
+def test_the_app_counts_in_numpy_without_a_c_compiler_and_refuses_an_unknown_kernel(tmp_path, monkeypatch, fresh_vote_kernel):
+    from unittest import mock
+
+    from dpsign_fl.flower import server
+    from dpsign_fl.settings import ConfigError
+
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with mock.patch.object(server, "log", wraps=server.log) as log:
+        rows = run_app(tmp_path)
+    assert [r["voters"] for r in rows] == [3, 3]
+    lines = [call.args[1] % call.args[2:] for call in log.call_args_list]
+    assert any(line.startswith("votes are counted by the numpy kernel; the vote runs in numpy") for line in lines)
+
+    monkeypatch.setenv("DPSIGN_FL_VOTE_KERNEL", "fast")
+    with pytest.raises(ConfigError, match="DPSIGN_FL_VOTE_KERNEL must be one of"):
+        run_app(tmp_path)
