@@ -77,6 +77,17 @@ _SOURCE = r"""
 /* Payloads come from the network: any alignment. */
 static inline uint64_t load(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
+/* ones, twos, fours += rows x[b] .. x[b + 7] at word i; their weight-8 carry goes to e. */
+#define ADD8(e, b) do { \
+    CSA(twosA, ones, ones, load(x[(b)] + 8 * i), load(x[(b) + 1] + 8 * i)); \
+    CSA(twosB, ones, ones, load(x[(b) + 2] + 8 * i), load(x[(b) + 3] + 8 * i)); \
+    CSA(foursA, twos, twos, twosA, twosB); \
+    CSA(twosA, ones, ones, load(x[(b) + 4] + 8 * i), load(x[(b) + 5] + 8 * i)); \
+    CSA(twosB, ones, ones, load(x[(b) + 6] + 8 * i), load(x[(b) + 7] + 8 * i)); \
+    CSA(foursB, twos, twos, twosA, twosB); \
+    CSA(e, fours, fours, foursA, foursB); \
+} while (0)
+
 /* Add 16 rows into planes 0-3 of a block (low); their weight-16 carries go to carry. */
 MULTIVERSION
 static void add16(const uint8_t *const *x, size_t count, uint64_t (*restrict low)[BLOCK_WORDS],
@@ -84,20 +95,8 @@ static void add16(const uint8_t *const *x, size_t count, uint64_t (*restrict low
     for (size_t i = 0; i < count; i++) {
         uint64_t ones = low[0][i], twos = low[1][i], fours = low[2][i], eights = low[3][i];
         uint64_t twosA, twosB, foursA, foursB, eightsA, eightsB, sixteens;
-        CSA(twosA, ones, ones, load(x[0] + 8 * i), load(x[1] + 8 * i));
-        CSA(twosB, ones, ones, load(x[2] + 8 * i), load(x[3] + 8 * i));
-        CSA(foursA, twos, twos, twosA, twosB);
-        CSA(twosA, ones, ones, load(x[4] + 8 * i), load(x[5] + 8 * i));
-        CSA(twosB, ones, ones, load(x[6] + 8 * i), load(x[7] + 8 * i));
-        CSA(foursB, twos, twos, twosA, twosB);
-        CSA(eightsA, fours, fours, foursA, foursB);
-        CSA(twosA, ones, ones, load(x[8] + 8 * i), load(x[9] + 8 * i));
-        CSA(twosB, ones, ones, load(x[10] + 8 * i), load(x[11] + 8 * i));
-        CSA(foursA, twos, twos, twosA, twosB);
-        CSA(twosA, ones, ones, load(x[12] + 8 * i), load(x[13] + 8 * i));
-        CSA(twosB, ones, ones, load(x[14] + 8 * i), load(x[15] + 8 * i));
-        CSA(foursB, twos, twos, twosA, twosB);
-        CSA(eightsB, fours, fours, foursA, foursB);
+        ADD8(eightsA, 0);
+        ADD8(eightsB, 8);
         CSA(sixteens, eights, eights, eightsA, eightsB);
         low[0][i] = ones; low[1][i] = twos; low[2][i] = fours; low[3][i] = eights;
         carry[i] = sixteens;
