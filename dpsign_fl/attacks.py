@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .packing import BIT_ORDER, check_packed, pack_signs
+from .packing import BIT_ORDER, check_packed, last_byte_mask, pack_signs
 
 BLIND_ATTACKS = ("sign-flip", "random", "all-ones")
 COORDINATED_ATTACKS = ("inverse-majority", "stealthy", "mimic")
@@ -133,7 +133,5 @@ def _push_pattern(num_coordinates: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _clear_tail(packed: np.ndarray, num_coordinates: int) -> np.ndarray:
     packed = np.array(packed, dtype=np.uint8)
-    unused = (-num_coordinates) % 8
-    if unused:
-        packed[-1] &= (0xFF << unused) & 0xFF
+    packed[-1] &= last_byte_mask(num_coordinates)
     return packed

@@ -187,14 +187,14 @@ def pack_vote_bitmaps(positive, negative, num_coordinates: int) -> np.ndarray:
     """
     positive = check_packed(positive, num_coordinates, name="positive")
     negative = check_packed(negative, num_coordinates, name="negative")
-    tail = np.uint8(~_last_byte_mask(num_coordinates) & 0xFF)
+    tail = np.uint8(~last_byte_mask(num_coordinates) & 0xFF)
     for name, bitmap in (("positive", positive), ("negative", negative)):
         if bitmap[-1] & tail:
             raise ValueError(f"{name} must have no set bit past coordinate {num_coordinates}")
     if np.any(positive & negative):
         raise ValueError("positive and negative must not share a coordinate")
     voted = np.bitwise_or(positive, negative)
-    if np.all(voted[:-1] == 0xFF) and voted[-1] == _last_byte_mask(num_coordinates):
+    if np.all(voted[:-1] == 0xFF) and voted[-1] == last_byte_mask(num_coordinates):
         return _with_tag(VOTE_FORMAT_BINARY, positive)
     trits = np.unpackbits(positive, count=num_coordinates, bitorder=BIT_ORDER)
     trits += np.uint8(_PADDING_TRIT)
@@ -239,7 +239,7 @@ def unpack_vote(payload, num_coordinates: int) -> np.ndarray:
         )
     body = array[1:]
     if not ternary:
-        if body[-1] & np.uint8(~_last_byte_mask(num_coordinates) & 0xFF):
+        if body[-1] & np.uint8(~last_byte_mask(num_coordinates) & 0xFF):
             raise ValueError(
                 f"binary vote payload has a set bit past coordinate {num_coordinates}"
             )
@@ -280,7 +280,7 @@ def _with_tag(tag: int, body: np.ndarray) -> np.ndarray:
     return payload
 
 
-def _last_byte_mask(num_coordinates: int) -> int:
+def last_byte_mask(num_coordinates: int) -> int:
     """Return the bits of the last packed byte that hold coordinates (the rest are zero)."""
     used = num_coordinates % 8 or 8
     return (0xFF << (8 - used)) & 0xFF

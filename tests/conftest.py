@@ -49,3 +49,21 @@ def fresh_vote_kernel(monkeypatch, tmp_path):
     yield tmp_path / "cache"
     vote_kernel._build.cache_clear()
     vote_kernel._warn_once.cache_clear()
+
+
+@pytest.fixture(scope="module", params=["compiled", "numpy"])
+def both_vote_kernels(request):
+    """Run a module's tests on each vote kernel (module-scoped: hypothesis forbids per-test fixtures).
+
+    Use with ``pytestmark = pytest.mark.usefixtures("both_vote_kernels")``.
+    """
+    from unittest import mock
+
+    from dpsign_fl.vote import VoteCounter
+    from dpsign_fl.vote_kernel import KERNEL_ENV, find_compiler
+
+    if request.param == "compiled" and find_compiler() is None:
+        pytest.skip("no C compiler on this machine: only the numpy kernel can be tested")
+    with mock.patch.dict(os.environ, {KERNEL_ENV: request.param}):
+        assert VoteCounter(1).kernel == request.param
+        yield request.param

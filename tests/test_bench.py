@@ -11,7 +11,7 @@ def test_quick_benchmark_prints_one_table_and_writes_every_measurement(tmp_path,
     table = capsys.readouterr().out
     report = json.loads((tmp_path / "bench.json").read_text())
     assert table.startswith("| stage | setting | measured | reference |")
-    for stage in ("uplink bits/coordinate", "downlink bits/coordinate", "vote vs copying", "client step vs non-private"):
+    for stage in ("uplink bits/coordinate", "downlink bits/coordinate", "vote vs copying", "robust vote", "client step vs non-private"):
         assert stage in table
     assert {"wire", "vote", "client_step"} <= set(report)
     cifar = next(r for r in report["wire"] if r["model"] == "cifar-cnn")

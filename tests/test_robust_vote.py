@@ -14,6 +14,8 @@ from dpsign_fl.attacks import attack_round
 from dpsign_fl.packing import pack_signs
 from dpsign_fl.vote import majority_vote, robust_vote
 
+pytestmark = pytest.mark.usefixtures("both_vote_kernels")
+
 D = 40_000
 
 

@@ -1,6 +1,5 @@
 """Tests of dpsign_fl.vote: the coordinate-wise majority vote over packed signs."""
 
-import os
 import tracemalloc
 from unittest import mock
 
@@ -12,17 +11,9 @@ from hypothesis import strategies as st
 from dpsign_fl import vote as vote_module
 from dpsign_fl.packing import pack_signs, unpack_signs
 from dpsign_fl.vote import VoteCounter, majority_vote, vote_counts
-from dpsign_fl.vote_kernel import KERNEL_ENV, find_compiler
 
 
-@pytest.fixture(scope="module", autouse=True, params=["compiled", "numpy"])
-def vote_kernel(request):
-    """Every test of this module runs on both kernels (module-scoped: hypothesis forbids per-test fixtures)."""
-    if request.param == "compiled" and find_compiler() is None:
-        pytest.skip("no C compiler on this machine: only the numpy kernel can be tested")
-    with mock.patch.dict(os.environ, {KERNEL_ENV: request.param}):
-        assert VoteCounter(1).kernel == request.param
-        yield request.param
+pytestmark = pytest.mark.usefixtures("both_vote_kernels")
 
 
 @st.composite

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dpsign_fl import vote_kernel
+from dpsign_fl.packing import last_byte_mask, pack_signs
 from dpsign_fl.vote import VoteCounter
 from dpsign_fl.vote_kernel import KERNEL_ENV, describe_kernel, find_compiler, library_path, load_kernel
 
@@ -147,3 +148,37 @@ def test_describe_kernel_says_which_counts_and_why_not_the_compiled_one(fresh_ca
     name, why = describe_kernel("auto")
 
     assert name == "numpy" and "no C compiler found" in why and KERNEL_ENV in why
+
+
+@needs_compiler
+@pytest.mark.parametrize("num_coordinates", [1, 9, 77, 64 * 256 * 2 + 61, 64 * 256 * 2 + 64])
+def test_and_counts_equal_an_unpacked_count_for_every_row_and_mask(num_coordinates):
+    rows = awkward_rows(21, num_coordinates, seed=num_coordinates)
+    for row in rows:  # rows arrive with set tail bits; they never count
+        row[-1] |= np.uint8(~last_byte_mask(num_coordinates) & 0xFF)
+    rng = np.random.default_rng(0)
+    masks = [None] + [pack_signs(rng.choice(np.array([-1, 1], dtype=np.int8), num_coordinates)) for _ in range(3)]
+    kernel = load_kernel("compiled")
+
+    counts = kernel.and_counts([np.ascontiguousarray(r) for r in rows], masks, len(rows[0]), last_byte_mask(num_coordinates))
+
+    bits = [np.unpackbits(r, count=num_coordinates) for r in rows]
+    expected = [[int(b.sum()) if m is None else int((b & np.unpackbits(m, count=num_coordinates)).sum()) for m in masks] for b in bits]
+    np.testing.assert_array_equal(counts, expected)
+
+
+@needs_compiler
+def test_the_robust_vote_decides_the_same_on_both_kernels(monkeypatch):
+    from dpsign_fl.vote import robust_vote
+
+    num_coordinates = 30_011
+    rng = np.random.default_rng(5)
+    honest = [pack_signs(np.where(rng.random(num_coordinates) < 0.55, 1, -1).astype(np.int8)) for _ in range(12)]
+    attackers = [np.full(len(honest[0]), 0xFF, dtype=np.uint8) for _ in range(3)]  # all ones, tail bits too
+    outcomes = {}
+    for kernel in ("compiled", "numpy"):
+        monkeypatch.setenv(KERNEL_ENV, kernel)
+        outcomes[kernel] = robust_vote(honest + attackers, num_coordinates, generator=np.random.default_rng(1))
+
+    assert outcomes["compiled"].dropped == outcomes["numpy"].dropped == {12: "+1 rate", 13: "+1 rate", 14: "+1 rate"}
+    np.testing.assert_array_equal(outcomes["compiled"].vote, outcomes["numpy"].vote)

@@ -94,6 +94,10 @@ def _vote(rows, *, quick: bool) -> list[dict]:
             f"{r['numpy_copy_to_vote_ratio']:.2f}x), {r['peak_bytes_per_coordinate']:.2f} bytes/coordinate",
             "target >= 0.3x, <= 10 bytes/coordinate",
         ))
+        rows.append((
+            "robust vote (the default rule) vs copying", f"d = {d:.0e}, M = {m}",
+            f"{r['copy_to_robust_ratio']:.2f}x copy speed ({r['kernel']} kernel)", "no target; leaves out attack-like payloads",
+        ))
     return results
 
 

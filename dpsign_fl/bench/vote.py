@@ -20,7 +20,7 @@ import tracemalloc
 import numpy as np
 
 from ..packing import BIT_ORDER, payload_bytes
-from ..vote import VoteCounter
+from ..vote import VoteCounter, robust_vote
 
 # Above this many coordinates the old path (stack + unpack + sum) needs
 # M * d bytes for the unpacked bits alone (2 GB at M = 100), so it is skipped.
@@ -45,6 +45,9 @@ def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5) -> dic
         ``"numpy"``: the default kernel, the one timed above);
         ``numpy_seconds_median`` and ``numpy_copy_to_vote_ratio`` (the numpy
         kernel, timed alongside; the same as above when it is the default);
+        ``robust_seconds_median`` and ``copy_to_robust_ratio`` (the robust
+        vote, the app's default rule, with the default kernel, to the int8
+        vote; on these random payloads it leaves none out);
         ``peak_bytes_per_coordinate``
         (tracemalloc peak of one vote, beyond the payloads, divided by d);
         ``old_seconds_min`` / ``old_seconds_median`` for ``np.stack`` +
@@ -80,12 +83,13 @@ def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5) -> dic
         )
         np.sign(2 * bits.sum(axis=0, dtype=np.int64) - num_voters).astype(np.int8)
 
-    copy_seconds, vote_seconds, numpy_seconds = [], [], []
+    copy_seconds, vote_seconds, numpy_seconds, robust_seconds = [], [], [], []
     for _ in range(repeats):
         copy_seconds.append(_seconds(copy_all))
         vote_seconds.append(_seconds(stream_vote))
         if kernel != "numpy":
             numpy_seconds.append(_seconds(lambda: stream_vote("numpy")))
+        robust_seconds.append(_seconds(lambda: robust_vote(payloads, num_coordinates, generator=np.random.default_rng(0))))
     numpy_seconds = numpy_seconds or vote_seconds
     old_seconds = None
     if num_coordinates <= OLD_PATH_MAX_COORDINATES:
@@ -112,6 +116,8 @@ def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5) -> dic
         "kernel": kernel,
         "numpy_seconds_median": statistics.median(numpy_seconds),
         "numpy_copy_to_vote_ratio": statistics.median(copy_seconds) / statistics.median(numpy_seconds),
+        "robust_seconds_median": statistics.median(robust_seconds),
+        "copy_to_robust_ratio": statistics.median(copy_seconds) / statistics.median(robust_seconds),
         "peak_bytes_per_coordinate": peak / num_coordinates,
         "old_seconds_min": min(old_seconds) if old_seconds else None,
         "old_seconds_median": statistics.median(old_seconds) if old_seconds else None,
