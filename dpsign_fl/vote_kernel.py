@@ -16,8 +16,9 @@ a ``.py`` file: Flower's app bundle (``flwr run``) carries only Python and text
 files, and the ServerApp imports this package from the bundle. On x86-64 with
 GCC, AVX-512 / AVX2 / baseline versions are compiled side by side and the
 loader picks the one the CPU runs (``target_clones``), so a cache folder shared
-between machines stays valid (``CC="gcc -DDPSIGN_NO_MULTIVERSION"`` builds the
-baseline version alone).
+between machines stays valid. Where that build fails (a toolchain without
+``target_clones``), the baseline version alone is built instead
+(``-DDPSIGN_NO_MULTIVERSION``).
 
 ``$DPSIGN_FL_VOTE_KERNEL`` chooses: ``auto`` (default: compiled when a
 compiler works, else numpy with one warning), ``compiled`` (an error if it
@@ -368,6 +369,11 @@ def _warn_once(reason: str) -> None:
     log.warning("%s", _fallback_message(reason))
 
 
+# Tried in order: the multiversioned build, then the baseline alone, for
+# toolchains without target_clones (e.g. musl, which has no ifunc).
+_VARIANTS = ((), ("-DDPSIGN_NO_MULTIVERSION",))
+
+
 @functools.lru_cache(maxsize=None)
 def _build() -> tuple[CompiledVoteKernel | None, str]:
     """Load the cached library, compiling it first if needed: ``(kernel, "")`` or ``(None, why not)``.
@@ -377,13 +383,26 @@ def _build() -> tuple[CompiledVoteKernel | None, str]:
     compiler = find_compiler()
     if compiler is None:
         return None, "no C compiler found (tried $CC, cc, gcc, clang)"
-    command = [*compiler, *_COMPILE_FLAGS]
-    path = library_path(compiler)
-    if path.is_file():
-        try:
-            return CompiledVoteKernel(path), ""
-        except OSError as error:  # truncated or foreign file: build it again
-            log.warning("could not load the cached vote kernel %s (%s); compiling it again", path, error)
+    for variant in _VARIANTS:
+        path = library_path(compiler, variant)
+        if path.is_file():
+            try:
+                return CompiledVoteKernel(path), ""
+            except OSError as error:  # truncated or foreign file: build it again
+                log.warning("could not load the cached vote kernel %s (%s); compiling it again", path, error)
+    failures = []
+    for variant in _VARIANTS:
+        kernel, reason = _compile(compiler, variant)
+        if kernel is not None:
+            return kernel, ""
+        failures.append(reason)
+    return None, failures[0] if len(set(failures)) == 1 else " / then ".join(failures)
+
+
+def _compile(compiler: list[str], variant: tuple[str, ...]) -> tuple[CompiledVoteKernel | None, str]:
+    """Compile into the cache and load: ``(kernel, "")`` or ``(None, why not)``."""
+    command = [*compiler, *_COMPILE_FLAGS, *variant]
+    path = library_path(compiler, variant)
     with tempfile.TemporaryDirectory(prefix="dpsign-vote-", ignore_cleanup_errors=True) as folder:
         source, built = Path(folder) / "vote.c", Path(folder) / path.name
         source.write_text(_SOURCE)
@@ -398,7 +417,7 @@ def _build() -> tuple[CompiledVoteKernel | None, str]:
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip()[-500:]
             return None, f"{shlex.join(command)} exited {result.returncode}: {tail}"
-        log.info("compiled the vote kernel with %s in %.1f s", shlex.join(compiler), time.perf_counter() - start)
+        log.info("compiled the vote kernel with %s in %.1f s", shlex.join(command), time.perf_counter() - start)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, built.read_bytes())
@@ -411,9 +430,12 @@ def _build() -> tuple[CompiledVoteKernel | None, str]:
                 return None, f"the compiled kernel did not load: {load_error}"
 
 
-def library_path(compiler: list[str]) -> Path:
-    """Where the library built by ``compiler`` is cached: named after the source, the command and the platform."""
-    command = [*compiler, *_COMPILE_FLAGS]
+def library_path(compiler: list[str], variant: tuple[str, ...] = ()) -> Path:
+    """Where the library built by ``compiler`` (with the ``variant`` flags) is cached.
+
+    Named after the source, the command and the platform.
+    """
+    command = [*compiler, *_COMPILE_FLAGS, *variant]
     key = hashlib.sha256("\0".join([_SOURCE, *command, sys.platform, platform.machine()]).encode()).hexdigest()
     return cache_dir() / "vote-kernel" / f"vote-{key[:16]}{'.dll' if sys.platform == 'win32' else '.so'}"
 

@@ -182,3 +182,26 @@ def test_the_robust_vote_decides_the_same_on_both_kernels(monkeypatch):
 
     assert outcomes["compiled"].dropped == outcomes["numpy"].dropped == {12: "+1 rate", 13: "+1 rate", 14: "+1 rate"}
     np.testing.assert_array_equal(outcomes["compiled"].vote, outcomes["numpy"].vote)
+
+
+@needs_compiler
+def test_a_toolchain_without_multiversioning_gets_the_baseline_build(fresh_cache, monkeypatch, tmp_path):
+    # A compiler that refuses the multiversioned build, as one without target_clones would.
+    wrapper = tmp_path / "cc-without-target-clones"
+    real = " ".join(find_compiler())
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *-DDPSIGN_NO_MULTIVERSION*) exec ' + real + ' "$@";; esac\n'
+        'echo "error: target_clones is not supported here" >&2; exit 1\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+
+    kernel = load_kernel("compiled")
+
+    assert kernel.path == library_path([str(wrapper)], ("-DDPSIGN_NO_MULTIVERSION",))
+    rows = awkward_rows(40, 1003, seed=4)
+    np.testing.assert_array_equal(counts(rows, 1003, "compiled"), counts(rows, 1003, "numpy"))
+    vote_kernel._build.cache_clear()  # a later process finds the baseline build without compiling
+    with mock.patch.object(subprocess, "run", side_effect=AssertionError("compiled again")):
+        assert load_kernel("compiled").path == kernel.path
