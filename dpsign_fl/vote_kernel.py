@@ -7,6 +7,8 @@ payload: about 0.3x the speed of copying the payloads. The C loop below does
 the same arithmetic with the planes of a 2 KiB block held in registers and L1
 cache across a batch of payloads (Harley-Seal carry-save tree over 16
 payloads, Mula, Kurz and Lemire 2018, arXiv:1611.07612): faster than copying.
+A second function counts, for the robust vote's filters, the bits each payload
+shares with a few bitmaps, reading each payload once for all of them.
 
 It is compiled here, with the machine's C compiler, the first time a counter
 needs it, and kept in :func:`dpsign_fl.cache.cache_dir` under a name derived
@@ -24,7 +26,7 @@ between machines stays valid. Where that build fails (a toolchain without
 compiler works, else numpy with one warning), ``compiled`` (an error if it
 cannot be built) or ``numpy``. ``$CC`` names the compiler (default: ``cc``,
 then ``gcc``, then ``clang``). Both kernels give the same counts, bit for bit
-(tests/test_vote.py runs every counter test on both).
+(tests/test_vote.py and tests/test_robust_vote.py run on both).
 """
 
 from __future__ import annotations
