@@ -283,11 +283,11 @@ class CompiledVoteKernel:
 
         Rows and masks: C-contiguous uint8 of ``num_bytes``; every row's last byte is ANDed with ``tail_mask``.
         """
-        counts = np.zeros((len(rows), len(masks)), dtype=np.uint64)
+        counts = np.empty((len(rows), len(masks)), dtype=np.int64)  # the C side zeroes and fills it
         row_pointers = (ctypes.c_void_p * len(rows))(*(row.ctypes.data for row in rows))
         mask_pointers = (ctypes.c_void_p * len(masks))(*(None if m is None else m.ctypes.data for m in masks))
         self._and_counts(row_pointers, len(rows), mask_pointers, len(masks), num_bytes, tail_mask, counts.ctypes.data)
-        return counts.astype(np.int64)
+        return counts
 
     def add(self, rows: list[np.ndarray], planes: list[np.ndarray], num_bytes: int, tail_mask: int) -> None:
         """Add ``rows`` (C-contiguous uint8, ``num_bytes`` each) to ``planes`` (8-byte aligned, padded to words).
@@ -384,7 +384,7 @@ def _build() -> tuple[CompiledVoteKernel | None, str]:
     """
     compiler = find_compiler()
     if compiler is None:
-        return None, "no C compiler found (tried $CC, cc, gcc, clang)"
+        return None, "no C compiler found ($CC if set, else cc, gcc or clang)"
     for variant in _VARIANTS:
         path = library_path(compiler, variant)
         if path.is_file():

@@ -152,12 +152,12 @@ def _rounds(rows, *, data_dir: str | None) -> list[dict]:
             "time to round 1", label,
             f"{flower['seconds_to_round_1']:.1f} s after flwr run (+ SuperLink {flower['superlink_start_seconds']:.1f} s) "
             f"vs {loop['seconds_to_round_1']:.1f} s",
-            f"run accepted after {_seconds(flower['seconds_to_submit'])} (packaging the app folder)",
+            f"run accepted after {_format_seconds(flower['seconds_to_submit'])} (packaging the app folder)",
         ))
     return results
 
 
-def _seconds(value: float | None) -> str:
+def _format_seconds(value: float | None) -> str:
     return "?" if value is None else f"{value:.1f} s"
 
 

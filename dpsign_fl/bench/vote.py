@@ -71,8 +71,8 @@ def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5) -> dic
 
     kernel = VoteCounter(1).kernel
 
-    def stream_vote(kernel: str | None = None) -> None:
-        counter = VoteCounter(num_coordinates, kernel=kernel)
+    def stream_vote(which: str | None = None) -> None:
+        counter = VoteCounter(num_coordinates, kernel=which)
         for payload in payloads:
             counter.add(payload)
         counter.vote_bitmaps()
