@@ -17,17 +17,31 @@ Privacy of one release (docs/privacy.md has the whole model):
   reveal that S was empty.
 - Randomness: a ``torch.Generator``; when none is given, one seeded from the
   operating system's secure random source (:func:`secure_generator`).
+- Float precision: the noise is drawn and added in float64, whatever the
+  model's dtype, and the clipping bound has a floor (:data:`MIN_CLIP_NORM`).
+  In float32 a server-chosen ``clip_norm`` of 8e-46 made ``sigma * C`` round to
+  0 while one clipped example still moved the sum by one float32 step: a
+  release without noise. With ``C >= MIN_CLIP_NORM`` every clipped example's
+  coordinates stay far above float32's subnormal range (rounding can only
+  shrink a contribution by a relative 2^-24, never lift a zero to the
+  smallest subnormal), and ``sigma * C`` is a normal float64.
 """
 
 from __future__ import annotations
 
+import numbers
 import secrets
+import sys
 from typing import Callable
 
 import torch
 from torch import nn
 
 CLIPPING_MODES = ("flat", "automatic")
+MIN_CLIP_NORM = 1e-5
+"""The smallest clipping bound C a release accepts (module docstring: float precision)."""
+MAX_CLIP_NORM = 1e6
+"""The largest clipping bound C a release accepts."""
 AUTOMATIC_CLIPPING_GAMMA = 0.01
 """Stability constant gamma of automatic clipping, C * g / (||g|| + gamma).
 
@@ -249,21 +263,31 @@ def noisy_clipped_sum(
 def noisy_sum(
     total: torch.Tensor, *, clip_norm: float, noise_multiplier: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Return ``total + N(0, (noise_multiplier * clip_norm)^2 I)``: the Gaussian mechanism's noise.
+    """Return ``total + N(0, (noise_multiplier * clip_norm)^2 I)`` in float64: the Gaussian mechanism's noise.
 
     ``total`` is a sum of per-example contributions of norm <= ``clip_norm``
-    (sensitivity ``clip_norm``). ``noise_multiplier = 0`` adds nothing (not
-    private). Randomness: ``generator``, else the OS's secure source.
+    (sensitivity ``clip_norm``). The noise is drawn and added in float64 (a
+    float32 ``sigma * C`` can round to zero; module docstring), so the result
+    is float64 whatever ``total``'s dtype. ``noise_multiplier = 0`` adds
+    nothing (not private). Randomness: ``generator``, else the OS's secure source.
 
     Raises:
-        ValueError: on a bad ``noise_multiplier``.
+        ValueError: on a bad ``clip_norm`` or ``noise_multiplier``, or a noise
+            scale ``noise_multiplier * clip_norm`` that is not a normal float64.
     """
     _check_noise_multiplier(noise_multiplier)
+    _check_clip_norm(clip_norm)
+    total = total.to(torch.float64)
     if noise_multiplier == 0:
         return total
+    scale = float(noise_multiplier) * float(clip_norm)
+    if not sys.float_info.min <= scale < float("inf"):
+        raise ValueError(
+            f"noise_multiplier * clip_norm must be a normal float64, got {noise_multiplier!r} * {clip_norm!r} = {scale!r}"
+        )
     generator = generator if generator is not None else secure_generator(device=total.device)
-    noise = torch.randn(total.shape, generator=generator, device=total.device, dtype=total.dtype)
-    return total + noise * (noise_multiplier * clip_norm)
+    noise = torch.randn(total.shape, generator=generator, device=total.device, dtype=torch.float64)
+    return total + noise * scale
 
 
 def dp_sign(
@@ -327,6 +351,12 @@ def _check_sample_rate(sample_rate: float) -> None:
 def _check_clip_norm(clip_norm: float) -> None:
     if not clip_norm > 0 or clip_norm == float("inf"):
         raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm}")
+
+
+def check_release_clip_norm(clip_norm: float) -> None:
+    """Raise ValueError unless ``clip_norm`` is in [:data:`MIN_CLIP_NORM`, :data:`MAX_CLIP_NORM`] (a release's range)."""
+    if isinstance(clip_norm, bool) or not isinstance(clip_norm, numbers.Real) or not MIN_CLIP_NORM <= clip_norm <= MAX_CLIP_NORM:
+        raise ValueError(f"clip_norm must be in [{MIN_CLIP_NORM:g}, {MAX_CLIP_NORM:g}], got {clip_norm!r}")
 
 
 def _check_noise_multiplier(noise_multiplier: float) -> None:

@@ -18,7 +18,27 @@ from torch.nn import functional as F
 
 from .clipped_sum import clipped_gradient_sum
 from .gradient_noise import add_gradient_noise
-from .mechanism import dp_sign, noisy_sum, per_sample_gradients, poisson_sample, secure_generator, to_signs
+from .mechanism import (
+    CLIPPING_MODES,
+    _check_noise_multiplier,
+    _check_sample_rate,
+    check_release_clip_norm,
+    dp_sign,
+    noisy_sum,
+    per_sample_gradients,
+    poisson_sample,
+    secure_generator,
+    to_signs,
+)
+
+MAX_MODEL_MAGNITUDE = 1e6
+"""The largest absolute value a model entry may hold when a client releases at it.
+
+The model comes from the server, which may be hostile: a client refuses to
+release at a model with a non-finite entry or one beyond this bound (a
+trained model of this project holds values of order 1-10; huge values only
+serve to push the per-example gradients out of float32's range).
+"""
 
 DEFAULT_CHUNK_SIZE = 256
 """Examples per vmap chunk where per-example gradients are materialised (experiment-only gradient noise)."""
@@ -39,6 +59,38 @@ class ReleaseSettings:
     clip_norm: float
     noise_multiplier: float
     clipping: str = "flat"
+
+    def __post_init__(self) -> None:
+        _check_sample_rate(self.sample_rate)
+        check_release_clip_norm(self.clip_norm)
+        _check_noise_multiplier(self.noise_multiplier)
+        if self.clipping not in CLIPPING_MODES:
+            raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {self.clipping!r}")
+
+
+class UnsafeRelease(ValueError):
+    """The model a release would be made at is not safe to release at; nothing was sampled.
+
+    Raised before any data is read, from what the server sent alone, so
+    refusing is data-independent and costs no privacy budget.
+    """
+
+
+def check_release_model(model: nn.Module) -> None:
+    """Raise :class:`UnsafeRelease` unless every floating entry of ``model`` is finite and within :data:`MAX_MODEL_MAGNITUDE`.
+
+    Parameters and buffers both: a buffer (e.g. a normalisation statistic)
+    shapes the per-example gradients as much as a weight does.
+    """
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, tensor in tensors:
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        largest = float(tensor.detach().abs().max())
+        if not largest <= MAX_MODEL_MAGNITUDE:  # also catches NaN
+            raise UnsafeRelease(
+                f"model entry {name} must be finite with magnitude <= {MAX_MODEL_MAGNITUDE:g}, got largest magnitude {largest!r}"
+            )
 
 
 def client_release(
@@ -61,6 +113,10 @@ def client_release(
     (sensitivity C of the sum), noise N(0, (sigma C)^2 I) is added, and only
     the sign is released. An empty sample still releases the sign of pure noise.
     Randomness: ``generator``, or one seeded from the OS's secure source.
+    Hostile input: the model is checked (:func:`check_release_model`) and the
+    settings were checked when built (:class:`ReleaseSettings`: C in
+    [MIN_CLIP_NORM, MAX_CLIP_NORM]) before any example is sampled; the noise
+    is added in float64 (:func:`dpsign_fl.mechanism.noisy_sum`).
 
     Args:
         model: the current global model (read only).
@@ -76,7 +132,11 @@ def client_release(
 
     Returns:
         int8 tensor ``[d]`` of +-1, d = number of trainable parameters.
+
+    Raises:
+        UnsafeRelease: before sampling, if the model holds a non-finite or huge value.
     """
+    check_release_model(model)
     generator = generator if generator is not None else secure_generator()
     indices = poisson_sample(inputs.shape[0], settings.sample_rate, generator=generator)
     batch_inputs, batch_targets = inputs[indices], targets[indices]

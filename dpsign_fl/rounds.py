@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from .packing import pack_signs
 from .privacy import PrivacyLedger, Release, calibrate_noise_multiplier
-from .release import ReleaseSettings, client_release
+from .release import ReleaseSettings, UnsafeRelease, client_release
 from .server_update import VoteUpdater
 from .settings import RunSettings
 from .vote import DEFAULT_VOTE, VOTE_RULES, VoteCounter, robust_vote
@@ -183,6 +183,10 @@ def client_round(
 
     Returns:
         :class:`SignedUpdate`, :class:`Refusal` or :class:`FailedRelease`.
+
+    Raises:
+        UnsafeRelease: the model holds a non-finite or huge value; raised
+            before sampling and not recorded (:func:`dpsign_fl.release.check_release_model`).
     """
     release, budget = plan.release, plan.budget
     if not plan.covers(ledger):
@@ -195,6 +199,8 @@ def client_round(
         signs = client_release(
             model, inputs, targets, release, generator=generator, loss_fn=loss_fn, gradient_noise=gradient_noise
         )
+    except UnsafeRelease:
+        raise  # refused before sampling, from the server's model alone: nothing released, nothing recorded
     except Exception as error:  # noqa: BLE001 - whatever failed, the data was sampled
         ledger.record(sample_rate=release.sample_rate, noise_multiplier=release.noise_multiplier)
         return FailedRelease(type(error).__name__)

@@ -218,7 +218,7 @@ def _choices():
     from .attacks import BYZANTINE_ATTACKS
     from .data import DATASETS, PARTITIONERS
     from .gradient_noise import GRADIENT_NOISES
-    from .mechanism import CLIPPING_MODES
+    from .mechanism import CLIPPING_MODES, MAX_CLIP_NORM, MIN_CLIP_NORM
     from .models import MODELS
     from .privacy.accounting import ACCOUNTANTS
     from .server_update import AUTOMATIC, LR_SCHEDULES
@@ -227,7 +227,7 @@ def _choices():
     return dict(
         votes=VOTE_RULES, default_vote=DEFAULT_VOTE, automatic_steps=AUTOMATIC,
         attacks=BYZANTINE_ATTACKS, datasets=DATASETS, partitioners=PARTITIONERS, gradient_noises=GRADIENT_NOISES,
-        clipping=CLIPPING_MODES, models=("",) + MODELS, accountants=ACCOUNTANTS, schedules=LR_SCHEDULES,
+        clipping=CLIPPING_MODES, clip_norm_range=(MIN_CLIP_NORM, MAX_CLIP_NORM), models=("",) + MODELS, accountants=ACCOUNTANTS, schedules=LR_SCHEDULES,
     )
 
 
@@ -254,7 +254,7 @@ class RunSettings:
     target_epsilon: float = setting(8.0, low=0.05, high=100, help="epsilon each client may spend over the run")
     target_delta: float = setting(1e-5, low=1e-12, high=0.5, help="delta at which epsilon is accounted")
     sample_rate: float = setting(0.3, low=1e-4, high=1, help="q, the Poisson sampling rate of each client's data per round")
-    clip_norm: float = setting(1.0, low=0, high=1e6, low_open=True, help="C, the L2 bound on each example's whole gradient")
+    clip_norm: float = setting(1.0, low=_C["clip_norm_range"][0], high=_C["clip_norm_range"][1], help="C, the L2 bound on each example's whole gradient")
     clipping: str = setting("flat", choices=_C["clipping"], help="per-example clipping: flat or automatic")
     accountant: str = setting("pld", choices=_C["accountants"], help="privacy accountant: pld or rdp")
     learning_rate: float | None = setting(
