@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from dpsign_fl.data import load_dataset
 from dpsign_fl.flower.client import BUDGET_EXHAUSTED_CODE, clear_data_cache, client_data, handle_train
+from dpsign_fl.flower.records import NODE_ERROR_CODE, NODE_ERROR_REASON
 from dpsign_fl.flower.node import NodeConfig, parse_node_config
 from dpsign_fl.settings import ConfigError, RunSettings, from_mapping
 from dpsign_fl.flower.records import LEDGER_STATE_KEY, model_to_arrays
@@ -347,7 +348,8 @@ def test_a_deployed_node_without_a_ledger_path_keeps_a_durable_ledger_in_its_own
         for server_round in (1, 2):
             handle_train(train_message(server_round), context)
 
-    ledger = read_ledger_file(tmp_path / "home" / "dpsign-fl" / "ledger.json", accountant="pld")
+    (ledger_file,) = (tmp_path / "home" / "dpsign-fl").glob("ledger-*.json")  # one file: one data set
+    ledger = read_ledger_file(ledger_file, accountant="pld")
     assert ledger.num_releases >= 2 and ledger.epsilon(DELTA) <= 1.0
 
 
@@ -390,13 +392,15 @@ def test_a_refusal_leaves_the_ledger_file_unchanged(tmp_path):
     assert ledger_path.read_bytes() == before
 
 
-def test_a_corrupt_ledger_file_stops_the_client_before_any_release(tmp_path):
+def test_a_corrupt_ledger_file_stops_the_client_before_any_release(tmp_path, caplog):
     ledger_path = tmp_path / "node.json"
     ledger_path.write_text("{")
     context = supernode_context({"partition-id": 0, "num-partitions": 5, "ledger-path": str(ledger_path)})
 
-    with pytest.raises(LedgerFileError, match="not a privacy ledger"):
-        handle_train(train_message(1), context)
+    reply = handle_train(train_message(1), context)
+
+    assert reply.has_error() and (reply.error.code, reply.error.reason) == (NODE_ERROR_CODE, NODE_ERROR_REASON)
+    assert LedgerFileError.__name__ in caplog.text and "not a privacy ledger" in caplog.text  # the node's own log
     assert ledger_path.read_text() == "{"
 
 

@@ -21,11 +21,12 @@ Who decides what (docs/privacy.md has the threat model):
 from __future__ import annotations
 
 import json
+import traceback
 from contextlib import contextmanager
 from functools import lru_cache
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -43,13 +44,16 @@ from ..parameters import trainable_parameters
 from ..privacy import PrivacyLedger, Release
 from ..privacy.accounting import BudgetExhausted
 from ..privacy.ledger_store import lock_ledger_file, read_ledger_file, write_ledger_file
-from ..release import ReleaseSettings, seeded_generator
+from ..release import ReleaseSettings, UnsafeRelease, seeded_generator
 from ..rounds import Budget, FailedRelease, ReleasePlan, Refusal, client_round, plan_release
 from ..settings import ConfigError, RunSettings, from_mapping, to_mapping
-from .node import NodeConfig, parse_node_config, running_in_simulation
+from .node import NodeConfig, data_identity, parse_node_config, running_in_simulation
 from .records import (
     BUDGET_EXHAUSTED_CODE,
     CONFIG_KEY,
+    INVALID_INSTRUCTION_CODE,
+    NODE_ERROR_CODE,
+    NODE_ERROR_REASON,
     NOISE_STATE_KEY,
     OUT_OF_SYNC_CODE,
     RELEASE_FAILED_CODE,
@@ -64,6 +68,48 @@ from .records import (
     sync_reply_content,
     train_reply_content,
 )
+
+class BadInstruction(ValueError):
+    """The server's instruction (its run config) is invalid; the message is derived from the instruction alone."""
+
+
+@contextmanager
+def instruction_checks() -> Iterator[None]:
+    """Turn a ConfigError raised inside the block into :class:`BadInstruction`.
+
+    For blocks that check only what the server sent (the run config) or the
+    app's own arguments: their messages may go back to the server.
+    """
+    try:
+        yield
+    except ConfigError as error:
+        raise BadInstruction(str(error)) from None
+
+
+def guarded_reply(message: Message, context: Context, work: Callable[[], Message]) -> Message:
+    """Run ``work`` (a train handler's body); any error becomes one of the fixed, data-independent replies.
+
+    Privacy: an error reply is sent before or instead of a release and costs no
+    budget, so it must not depend on the node's data (a message such as "in
+    [1, 9] (the classes present)" would tell whether an example is there, and
+    could be asked for again and again). Only two kinds of error carry text:
+    :class:`BadInstruction` and :class:`dpsign_fl.release.UnsafeRelease`, whose
+    messages are functions of what the server sent (code
+    :data:`INVALID_INSTRUCTION_CODE`). Every other exception is logged in full
+    on the node only and answered with :data:`NODE_ERROR_CODE` and the fixed
+    :data:`NODE_ERROR_REASON`. (The other codes, 4601-4603, are composed from
+    public numbers: the ledger's release parameters, model digests.)
+    """
+    try:
+        return work()
+    except (BadInstruction, UnsafeRelease) as error:
+        log(WARNING, "refusing the instruction: %s", error)
+        return Message(Error(code=INVALID_INSTRUCTION_CODE, reason=str(error)), reply_to=message)
+    except Exception:  # noqa: BLE001 - the reply must not carry the detail, whatever failed
+        log(ERROR, "node %s could not prepare a release (the server is told only that it failed):\n%s",
+            context.node_id, traceback.format_exc())
+        return Message(Error(code=NODE_ERROR_CODE, reason=NODE_ERROR_REASON), reply_to=message)
+
 
 def handle_train(message: Message, context: Context, *, simulation: bool | None = None) -> Message:
     """The shipped ClientApp's train handler: this node's DP-SIGN release, or its refusal.
@@ -80,12 +126,23 @@ def handle_train(message: Message, context: Context, *, simulation: bool | None 
         context: this node's Flower context.
         simulation: whether this node is simulated; None = detect it
             (:func:`running_in_simulation`). In-process tests pass True.
+
+    Errors become fixed replies (:func:`guarded_reply`).
     """
-    settings = from_mapping(RunSettings, context.run_config)
+    return guarded_reply(message, context, lambda: _train(message, context, simulation))
+
+
+def _train(message: Message, context: Context, simulation: bool | None) -> Message:
+    with instruction_checks():
+        settings = from_mapping(RunSettings, context.run_config)
     node = parse_node_config(context.node_config)
     simulated = running_in_simulation() if simulation is None else simulation
     if not simulated and settings.experiment_only:
         log(WARNING, "ignoring experiment-only run-config settings on a deployed node: %s", settings.experiment_only)
+    settings, overridden = node.data_settings(settings, simulated)
+    if overridden:
+        log(INFO, "this node decides which examples it trains on: run-config %s ignored, using %s",
+            overridden, {key: value for key, value in to_mapping(settings).items() if key in overridden})
     received = receive_model(message, context, node, simulated)
     if isinstance(received, Message):
         return received
@@ -96,7 +153,8 @@ def handle_train(message: Message, context: Context, *, simulation: bool | None 
         attack = settings.byzantine_attack
     return release_with_model(
         message, context, received, model, inputs, targets, settings, node, simulated,
-        gradient_noise=settings.gradient_noise if simulated else "none", attack=attack,
+        identity=data_identity(settings, node), gradient_noise=settings.gradient_noise if simulated else "none",
+        attack=attack,
     )
 
 
@@ -134,6 +192,7 @@ def release_with_model(
     node: NodeConfig,
     simulated: bool,
     *,
+    identity: Mapping[str, Any],
     loss_fn=F.cross_entropy,
     gradient_noise: str = "none",
     attack: str | None = None,
@@ -143,14 +202,18 @@ def release_with_model(
     Refuses (an error reply with :data:`BUDGET_EXHAUSTED_CODE`) when the next
     release would push this node's ledger past its budget (module docstring).
     The ledger is read at the start (a file: under a lock) and written right
-    after the release is recorded, before the reply leaves.
+    after the release is recorded, before the reply leaves. ``identity`` names
+    the data set the examples come from: a deployed node's default ledger file
+    is kept per data set (:meth:`NodeConfig.durable_ledger_path`).
     """
     server_round = int(message.content[CONFIG_KEY].get(ROUND_KEY, 0)) if CONFIG_KEY in message.content else 0
     budget = node_budget(settings, node)
     name = node.name(context.node_id)
     client = node.client_number(context.node_id)
     load_replica_into_model(model, replica)
-    with open_ledger(node.durable_ledger_path(simulated), context, accountant=settings.accountant) as (ledger, save):
+    ledger_file = node.durable_ledger_path(simulated, identity)
+    legacy = node.legacy_ledger_path() if ledger_file is not None and node.ledger_path is None else None
+    with open_ledger(ledger_file, context, accountant=settings.accountant, legacy=legacy) as (ledger, save):
         plan = run_plan(settings, budget, ledger, context)
         if isinstance(plan, str):
             log(WARNING, "%s: %s", name, plan)
@@ -177,20 +240,21 @@ def load_replica_into_model(model: torch.nn.Module, replica: ModelReplica) -> No
     """Set ``model``'s parameters and buffers from the replica.
 
     Raises:
-        ValueError: if the replica's trainable arrays are not exactly the
+        BadInstruction: if the replica's trainable arrays are not exactly the
             model's trainable parameters (names, in order), or it holds an
-            array the model does not have.
+            array the model does not have (names only: the server's model
+            against the app's model class, not the data).
     """
     names = tuple(name for name, _ in trainable_parameters(model))
     if names != replica.trainable:
-        raise ValueError(
+        raise BadInstruction(
             f"the server's trainable arrays {list(replica.trainable)[:6]} are not this model's trainable parameters "
             f"{list(names)[:6]} (names, in parameters() order): pass trainable=[...] to SignMajorityVote"
         )
     state = model.state_dict()
     unknown = [name for name in replica.arrays if name not in state]
     if unknown:
-        raise ValueError(f"the server's model holds arrays this model does not have: {unknown[:6]}")
+        raise BadInstruction(f"the server's model holds arrays this model does not have: {unknown[:6]}")
     with torch.no_grad():
         for name, array in replica.arrays.items():
             state[name].copy_(torch.from_numpy(np.ascontiguousarray(array)).view_as(state[name]))
@@ -246,13 +310,16 @@ def client_randomness(
 
 @contextmanager
 def open_ledger(
-    ledger_file: Path | None, context: Context, *, accountant: str
+    ledger_file: Path | None, context: Context, *, accountant: str, legacy: Path | None = None
 ) -> Iterator[tuple[PrivacyLedger, Callable[[PrivacyLedger], None]]]:
     """Yield (ledger, save) for this node; call ``save(ledger)`` after recording a release.
 
     With a ledger file, the file is locked for the whole block and is the
     source of truth (``context.state`` does not hold the ledger); without one
-    the ledger lives in ``context.state`` (one run).
+    the ledger lives in ``context.state`` (one run). A ledger file that does
+    not exist yet starts from ``legacy`` when that file exists (the single
+    default ledger of earlier versions: its releases may have used these
+    examples, and counting them again is safe).
 
     Raises:
         LedgerFileError: if the ledger file is unusable (see
@@ -263,8 +330,10 @@ def open_ledger(
         return
     ledger_file.parent.mkdir(parents=True, exist_ok=True)
     with lock_ledger_file(ledger_file):
-        ledger = read_ledger_file(ledger_file, accountant=accountant)
-        log(INFO, "privacy ledger %s: %d releases", ledger_file, ledger.num_releases)
+        source = legacy if legacy is not None and not ledger_file.exists() and legacy.exists() else ledger_file
+        ledger = read_ledger_file(source, accountant=accountant)
+        log(INFO, "privacy ledger %s: %d releases%s", ledger_file, ledger.num_releases,
+            f" (carried over from {source})" if source != ledger_file else "")
         yield ledger, lambda updated: write_ledger_file(ledger_file, updated)
 
 

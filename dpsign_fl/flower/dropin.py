@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.loading import check_examples
 from ..settings import ConfigError, RunSettings, specs
-from .client import receive_model, release_with_model
+from .client import guarded_reply, instruction_checks, receive_model, release_with_model
 from .node import NodeConfig, parse_node_config, running_in_simulation
 
 PRIVACY_KEYS = ("target-epsilon", "target-delta", "sample-rate", "clip-norm", "num-server-rounds")
@@ -81,13 +81,20 @@ def dp_sign_train(
     Returns:
         The reply: packed signs and ``epsilon``, an error reply (4601 budget
         exhausted, 4602 a release that failed after sampling, 4603 the server
-        must send the model), or the acknowledgement of a sync-only instruction.
-
-    Raises:
-        ConfigError: naming a missing or bad privacy setting.
-        ValueError: for data that is not finite or targets outside the model's outputs.
+        must send the model, 4604 a bad privacy setting or model from the
+        server, named in the reason; 4605 anything else, e.g. data that is not
+        finite or targets outside the model's outputs: the reason is fixed and
+        the detail is only in the node's log, since it may describe the data),
+        or the acknowledgement of a sync-only instruction.
     """
-    settings = privacy_settings(context.run_config, privacy)
+    return guarded_reply(
+        message, context, lambda: _train(message, context, model, train_data, keys, loss_fn, simulation, privacy)
+    )
+
+
+def _train(message, context, model, train_data, keys, loss_fn, simulation, privacy) -> Message:
+    with instruction_checks():
+        settings = privacy_settings(context.run_config, privacy)
     node = _node_config(context.node_config)
     simulated = running_in_simulation() if simulation is None else simulation
     received = receive_model(message, context, node, simulated, model=model)
@@ -102,8 +109,10 @@ def dp_sign_train(
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
+    # The app chooses its own examples; what the node config says about them keys the ledger.
+    identity = {"partition-id": node.partition_id, "num-partitions": node.num_partitions, "data-dir": node.data_dir}
     return release_with_model(
-        message, context, received, model, inputs, targets, settings, node, simulated, loss_fn=loss_fn
+        message, context, received, model, inputs, targets, settings, node, simulated, identity=identity, loss_fn=loss_fn
     )
 
 

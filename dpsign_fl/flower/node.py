@@ -13,13 +13,16 @@ decision the device makes on its own.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..settings import SEED_LIMIT, ConfigError, check_fields, from_mapping, setting, specs
+from ..settings import SEED_LIMIT, ConfigError, RunSettings, check_fields, from_mapping, setting, specs
 
 DEFAULT_NODE_DELTA = 1e-5
 """The node's delta when it sets ``max-epsilon`` without ``delta``."""
@@ -28,6 +31,13 @@ STATE_FOLDER = "dpsign-fl"
 """The node's own folder (ledger, model) inside Flower's home, ``$FLWR_HOME`` or ``~/.flwr``."""
 
 LEDGER_FILE = "ledger.json"
+"""The default ledger file before ledgers were kept per data set; read once into a new per-data-set ledger."""
+
+NODE_DATA_KEYS = ("dataset", "partitioner", "dirichlet-alpha", "classes-per-partition", "data-seed")
+"""Run-config keys that decide which examples a node trains on. A deployed node takes them from its
+own node config (unset: the run's ``dataset``, the defaults of :class:`dpsign_fl.settings.RunSettings`
+for the others), never from the server's run config: otherwise a server could move an example from
+one node's ledger to another's between runs (data-seed 0 puts it on node 0, data-seed 2 on node 1)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,8 @@ class NodeConfig:
     max_epsilon: float | None = setting(None, kind=float, low=0.05, high=100, help="the most epsilon this node's data may ever spend")
     delta: float | None = setting(None, kind=float, low=1e-12, high=0.5, help="the node's own delta (default 1e-5)")
     noise_seed: int | None = setting(None, kind=int, low=0, high=SEED_LIMIT, high_open=True, help="experiments only: a fixed seed for this node's randomness (NOT private)")
+    data: tuple[tuple[str, Any], ...] = ()
+    """The :data:`NODE_DATA_KEYS` this node's config sets, as (key, value) pairs (checked like the run config's)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -102,21 +114,66 @@ class NodeConfig:
         home = os.environ.get("FLWR_HOME") or str(Path.home() / ".flwr")
         return Path(home).expanduser() / STATE_FOLDER
 
-    def durable_ledger_path(self, simulated: bool) -> Path | None:
+    def durable_ledger_path(self, simulated: bool, identity: Mapping[str, Any]) -> Path | None:
         """Where this node's ledger file lives, or None when it lives in ``context.state``.
 
-        ``ledger-path`` when set; else, on a deployed node, ``<state folder>/ledger.json``
-        unless ``per-run-budget`` is set; a simulated node keeps it in the run's state.
+        ``ledger-path`` when set; else, on a deployed node, one file per data set
+        in the state folder, ``ledger-<digest of identity>.json``
+        (:func:`data_identity`), unless ``per-run-budget`` is set: nodes with
+        different data never share a ledger, and a node restarted on the same
+        data finds its own. A simulated node keeps it in the run's state.
         """
         if self.ledger_path is not None:
             return Path(self.ledger_path).expanduser()
         if simulated or self.per_run_budget:
             return None
+        digest = hashlib.sha256(json.dumps(dict(identity), sort_keys=True).encode()).hexdigest()[:16]
+        return self.folder() / f"ledger-{digest}.json"
+
+    def legacy_ledger_path(self) -> Path:
+        """The one default ledger file of earlier versions (``<state folder>/ledger.json``)."""
         return self.folder() / LEDGER_FILE
 
+    def data_settings(self, settings: RunSettings, simulated: bool) -> tuple[RunSettings, dict[str, Any]]:
+        """The run settings with this node's say over its data; and the run-config values it overrode.
 
-NODE_CONFIG_KEYS = tuple(spec.key for spec in specs(NodeConfig).values())
-"""The node-config keys this ClientApp reads."""
+        A deployed node decides every :data:`NODE_DATA_KEYS` value itself (its
+        node config, else the defaults; ``dataset``: else the run's); a
+        simulated node keeps the run config's unless its node config sets one.
+        """
+        fields = {spec.key: name for name, spec in specs(RunSettings).items()}
+        chosen = dict(self.data)
+        if not simulated:
+            defaults = RunSettings()
+            for key in NODE_DATA_KEYS:
+                if key != "dataset":
+                    chosen.setdefault(key, getattr(defaults, fields[key]))
+        overridden = {key: getattr(settings, fields[key]) for key, value in chosen.items() if getattr(settings, fields[key]) != value}
+        return dataclasses.replace(settings, **{fields[key]: value for key, value in chosen.items()}), overridden
+
+
+def data_identity(settings: RunSettings, node: NodeConfig) -> dict[str, Any]:
+    """What decides which examples this node trains on: the key of its default ledger file.
+
+    The dataset, its folder (resolved, so two spellings of one folder are one
+    data set), and when the node holds a partition: the partition, the number
+    of partitions, and the partitioner's parameters that shape it. ``settings``
+    must already hold the node's data choices (:meth:`NodeConfig.data_settings`).
+    """
+    data_dir = node.data_dir if node.data_dir is not None else settings.data_dir
+    identity: dict[str, Any] = {
+        "dataset": settings.dataset,
+        "data-dir": str(Path(data_dir).expanduser().resolve()) if data_dir else "",
+        "data-seed": settings.data_seed,  # also the train/test split of digits and mushroom
+    }
+    if node.partition_id is not None:
+        identity.update({"partition-id": node.partition_id, "num-partitions": node.num_partitions,
+                         "partitioner": settings.partitioner})
+        if settings.partitioner == "dirichlet":
+            identity["dirichlet-alpha"] = settings.dirichlet_alpha
+        if settings.partitioner == "pathological":
+            identity["classes-per-partition"] = settings.classes_per_partition
+    return identity
 
 
 def parse_node_config(node_config: Mapping[str, Any], *, require_data: bool = True) -> NodeConfig:
@@ -134,10 +191,13 @@ def parse_node_config(node_config: Mapping[str, Any], *, require_data: bool = Tr
     Raises:
         ConfigError: naming the key that is unknown, missing or out of range.
     """
+    data_specs = {spec.key: spec for spec in specs(RunSettings).values() if spec.key in NODE_DATA_KEYS}
+    data = tuple((key, data_specs[key].coerce(value, f"node config {key}")) for key, value in node_config.items() if key in data_specs)
     try:
-        node = from_mapping(NodeConfig, node_config, ignore_unknown=False)
+        node = from_mapping(NodeConfig, {k: v for k, v in node_config.items() if k not in data_specs}, ignore_unknown=False)
     except ConfigError as error:
         raise type(error)(f"node config: {error}") from None
+    node = dataclasses.replace(node, data=data)
     if require_data and node.partition_id is None and node.data_dir is None:
         raise ConfigError(
             "node config must set 'partition-id' and 'num-partitions' (e.g. --node-config "

@@ -67,6 +67,14 @@ RELEASE_FAILED_CODE = 4602
 """Error reply: a release failed after its data was sampled (counted in the ledger)."""
 OUT_OF_SYNC_CODE = 4603
 """Error reply: the client does not hold the model the votes apply to (the server resends the model)."""
+INVALID_INSTRUCTION_CODE = 4604
+"""Error reply: the run config or the model the server sent cannot be released at; the reason is
+derived from the instruction alone (a bad run-config value, a model entry out of range)."""
+NODE_ERROR_CODE = 4605
+"""Error reply: anything else failed before a release. The reason is always :data:`NODE_ERROR_REASON`;
+the detail (which may describe the node's data) goes only to the node's own log."""
+NODE_ERROR_REASON = "this node could not prepare a release; the reason is in the node's own log"
+"""The one reason a :data:`NODE_ERROR_CODE` reply carries."""
 NPY_HEADER_BYTES = 128
 """The header of an Array serialised as ``.npy`` (the model's arrays on a full sync)."""
 PACKED_STYPE = "dpsign-fl.packed-bits"

@@ -8,7 +8,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from dpsign_fl.data import load_dataset
 from dpsign_fl.flower import client as client_module
-from dpsign_fl.flower.client import BUDGET_EXHAUSTED_CODE
+from dpsign_fl.flower.client import BUDGET_EXHAUSTED_CODE, NODE_ERROR_CODE, NODE_ERROR_REASON
 from dpsign_fl.settings import ConfigError, parse_run_config
 from dpsign_fl.flower.records import LEDGER_STATE_KEY, load_ledger, model_to_arrays
 from dpsign_fl.models import build_model, default_model
@@ -93,8 +93,9 @@ def test_same_seed_same_round_gives_the_same_bits_and_other_rounds_differ():
     assert not np.array_equal(first, other)
 
 
-def test_missing_partition_in_node_config_names_the_key():
+def test_missing_partition_in_node_config_names_the_key_in_the_nodes_log_and_replies_the_fixed_node_error(caplog):
     context = make_context()
     context.node_config = {}
-    with pytest.raises(ConfigError, match="partition-id"):
-        handle_train(train_message(1)[0], context)
+    reply = handle_train(train_message(1)[0], context)
+    assert reply.has_error() and reply.error.code == NODE_ERROR_CODE and reply.error.reason == NODE_ERROR_REASON
+    assert "node config must set 'partition-id'" in caplog.text

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from dpsign_fl import SignMajorityVote
 from dpsign_fl.flower import dp_sign_train
 from dpsign_fl.flower.dropin import examples, privacy_settings
-from dpsign_fl.flower.records import LEDGER_STATE_KEY, load_ledger
+from dpsign_fl.flower.records import NODE_ERROR_CODE, NODE_ERROR_REASON, LEDGER_STATE_KEY, load_ledger
 from dpsign_fl.settings import ConfigError
 from dpsign_fl.flower.inprocess import InProcessGrid
 
@@ -137,7 +137,7 @@ def test_a_run_whose_clients_all_keep_failing_stops_with_the_reason_negative_con
         strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()), num_rounds=5)
 
 
-def test_targets_outside_the_models_outputs_are_refused_before_any_release():
+def test_targets_outside_the_models_outputs_are_refused_before_any_release_with_the_detail_only_in_the_nodes_log(caplog):
     bad = Samples()
     bad.labels[3] = 42
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1},
@@ -145,6 +145,7 @@ def test_targets_outside_the_models_outputs_are_refused_before_any_release():
     grid = InProcessGrid(RUN_CONFIG, 1, handler=None)
     strategy = SignMajorityVote(learning_rate=0.05, min_available_nodes=1, min_train_nodes=1)
     message = list(strategy.configure_train(1, ArrayRecord(Net().state_dict()), ConfigRecord(), grid))[0]
-    with pytest.raises(ValueError, match=r"train_data targets must be class indices in \[0, 10\): 1 are not"):
-        dp_sign_train(message, context, Net(), bad, keys=("img", "label"), simulation=True)
+    reply = dp_sign_train(message, context, Net(), bad, keys=("img", "label"), simulation=True)
+    assert reply.has_error() and (reply.error.code, reply.error.reason) == (NODE_ERROR_CODE, NODE_ERROR_REASON)
+    assert "train_data targets must be class indices in [0, 10): 1 are not" in caplog.text
     assert LEDGER_STATE_KEY not in context.state
