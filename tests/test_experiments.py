@@ -13,6 +13,7 @@ import csv
 import gzip
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from dpsign_fl import rounds
 from dpsign_fl.data import load_dataset, partition_indices
 from dpsign_fl.experiments import Experiment, run_experiment
+from dpsign_fl.experiments import __main__ as experiments_main
 from dpsign_fl.experiments.__main__ import main
 from dpsign_fl.experiments.recipes import RECIPES
 from dpsign_fl.models import build_model
@@ -351,6 +353,64 @@ def test_resume_runs_only_the_labels_missing_from_results(tmp_path, capsys):
     assert records[0] == first[0]  # kept as it was, not run again
     assert sorted(r["label"] for r in records) == sorted(run.name() for run in RECIPES["mushroom-logreg"].runs() if run.name().startswith("sgd-"))
     assert len(records) > 1
+
+
+def _resume_cli(data_dir: Path, out: Path, capsys, *extra: str) -> tuple[list[dict], str]:
+    argv = ["mushroom-logreg", "--out", str(out), "--data-dir", str(data_dir), "--rounds", "2", "--only", "sgd-none"]
+    assert main([*argv, "--no-progress", "--no-plots", "--resume", *extra]) == 0
+    return json.loads((out / "results.json").read_text()), capsys.readouterr().err
+
+
+def _count_runs(monkeypatch) -> list[str]:
+    ran = []
+    original = experiments_main.run_experiment
+
+    def spy(experiment, **kwargs):
+        ran.append(experiment.name())
+        return original(experiment, **kwargs)
+
+    monkeypatch.setattr(experiments_main, "run_experiment", spy)
+    return ran
+
+
+def test_resume_keeps_a_stored_run_whose_settings_are_the_same_wherever_the_data_now_lives(tmp_path, capsys, monkeypatch):
+    _write_mushroom(tmp_path / "data" / "mushroom")
+    out = tmp_path / "out"
+    first, _ = _resume_cli(tmp_path / "data", out, capsys, "--set", "learning-rate=0.01")
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")
+    ran = _count_runs(monkeypatch)
+
+    records, log = _resume_cli(tmp_path / "moved", out, capsys, "--set", "learning-rate=0.01")
+
+    assert ran == [] and records == first
+    assert "1 run(s) already in" in log and "0 to go" in log
+
+
+def test_resume_reruns_a_stored_run_made_with_other_settings_and_names_what_changed(tmp_path, capsys, monkeypatch):
+    _write_mushroom(tmp_path / "data" / "mushroom")
+    out = tmp_path / "out"
+    _resume_cli(tmp_path / "data", out, capsys, "--set", "learning-rate=0.01")
+    ran = _count_runs(monkeypatch)
+
+    records, log = _resume_cli(tmp_path / "data", out, capsys, "--set", "learning-rate=0.02", "--set", "sample-rate=0.1")
+
+    assert ran == ["sgd-none"]
+    assert [(r["label"], r["learning_rate"], r["sample_rate"]) for r in records] == [("sgd-none", 0.02, 0.1)]
+    assert "sgd-none" in log and "learning-rate 0.01 -> 0.02" in log and "sample-rate 0.05 -> 0.1" in log
+
+
+def test_resume_reruns_a_stored_run_that_carries_no_settings(tmp_path, capsys, monkeypatch):
+    # results.json written before records kept their run config: nothing shows the settings were the same.
+    _write_mushroom(tmp_path / "data" / "mushroom")
+    out = tmp_path / "out"
+    first, _ = _resume_cli(tmp_path / "data", out, capsys)
+    (out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "run_config"} for r in first]))
+    ran = _count_runs(monkeypatch)
+
+    records, log = _resume_cli(tmp_path / "data", out, capsys)
+
+    assert ran == ["sgd-none"] and [r["label"] for r in records] == ["sgd-none"]
+    assert "sgd-none" in log and "no run config" in log
 
 
 @pytest.mark.parametrize("recipe", ["mnist-scatternet", "fmnist-scatternet", "cifar10-scatternet"])

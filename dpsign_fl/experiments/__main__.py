@@ -4,7 +4,8 @@ Writes ``OUT/results.json`` (a list of run records, rewritten after each run),
 ``OUT/accuracy.png`` (test accuracy against rounds, one line per run),
 ``OUT/runs/LABEL.png`` (accuracy and epsilon of one run) and prints a table.
 Runs already in ``OUT/results.json`` under another label are kept, so a recipe
-can be run piecewise with ``--only``.
+can be run piecewise with ``--only``; ``--resume`` also keeps those of this
+invocation's labels that were run with the same settings (:func:`resume_runs`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from ..atomic_file import write_json_atomic
+from ..atomic_file import json_safe, write_json_atomic
 from ..results import plot_metrics
 from ..settings import ConfigError
 from .loop import Experiment, experiment_from_fields, run_experiment
@@ -26,6 +28,9 @@ from .recipes import RECIPES, RecipeOptions, get_recipe
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "accuracy.png"
+RESUME_IGNORED_KEYS = ("data-dir",)
+"""Run-config keys that ``--resume`` lets differ: where the data lives, not which run
+(the Flower app's resume lets ``data-dir`` change too)."""
 TABLE_COLUMNS = (
     ("label", "run", "{}"),
     ("method", "method", "{}"),
@@ -66,12 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.resume:
-        records = _load_previous(out / RESULTS_FILE, set())
-        done = {record.get("label") for record in records}
-        skipped = [run.name() for run in runs if run.name() in done]
-        runs = [run for run in runs if run.name() not in done]
-        if skipped:
-            print(f"--resume: {len(skipped)} run(s) already in {out / RESULTS_FILE}, {len(runs)} to go", file=sys.stderr)
+        stored = _load_previous(out / RESULTS_FILE, set())
+        kept, runs = resume_runs(runs, stored, log=lambda line: print(f"--resume: {line}", file=sys.stderr))
+        rerun = {run.name() for run in runs}
+        records = [record for record in stored if record.get("label") not in rerun]
+        if kept:
+            print(f"--resume: {len(kept)} run(s) already in {out / RESULTS_FILE} with the same settings, "
+                  f"{len(runs)} to go", file=sys.stderr)
     else:
         records = _load_previous(out / RESULTS_FILE, {run.name() for run in runs})
     cache: dict = {}
@@ -89,6 +95,67 @@ def main(argv: list[str] | None = None) -> int:
         plot_accuracy(records, out / PLOT_FILE, title=f"{recipe.name}: {recipe.description}")
     print(format_table(records))
     return 0
+
+
+def resume_runs(
+    runs: list[Experiment], stored: list[dict], *, log: Callable[[str], None]
+) -> tuple[list[str], list[Experiment]]:
+    """Split this invocation's runs into those already done and those still to run.
+
+    A stored record counts as done only when its ``run_config`` equals the run's
+    (:meth:`Experiment.run_config`, after ``--set``, ``--rounds``, ``--quick`` and
+    ``--seed``), keys in :data:`RESUME_IGNORED_KEYS` aside. A run stored with other
+    settings, or without a ``run_config`` (results.json written by an older
+    version: nothing shows its settings were the same), is run again, and the
+    caller drops its old record, with a log line naming the label and, when
+    known, each key that differs (``old -> new``).
+
+    Rerun rather than refuse: without ``--resume`` the same command already
+    replaces the records of the labels it runs, so a changed ``--set`` means
+    "these settings now"; ``--resume`` only spares the runs that are truly done.
+    Keeping the old record would report results under settings never asked for;
+    refusing would make the user delete results by hand for the same outcome.
+
+    Args:
+        runs: the runs this invocation would make.
+        stored: the records already in results.json.
+        log: called with one line per run that is run again.
+
+    Returns:
+        (labels of the runs already done, the runs still to run), in ``runs`` order.
+    """
+    by_label = {record.get("label"): record for record in stored}
+    done, to_run = [], []
+    for run in runs:
+        record = by_label.get(run.name())
+        if record is None:
+            to_run.append(run)
+            continue
+        if "run_config" not in record:
+            log(f"{run.name()} in {RESULTS_FILE} has no run config (written by an older version), running it again")
+            to_run.append(run)
+            continue
+        changes = _config_changes(record["run_config"], json_safe(run.run_config()))
+        if changes:
+            log(f"{run.name()} in {RESULTS_FILE} was run with other settings, running it again: {', '.join(changes)}")
+            to_run.append(run)
+        else:
+            done.append(run.name())
+    return done, to_run
+
+
+def _config_changes(old: dict, new: dict) -> list[str]:
+    """``key old -> new`` for each run-config key that differs; a key that one side lacks differs."""
+    changes = []
+    for key in {**old, **new}:
+        if key in RESUME_IGNORED_KEYS or (key in old and key in new and old[key] == new[key]):
+            continue
+        changes.append(f"{key} {_shown_setting(old, key)} -> {_shown_setting(new, key)}")
+    return changes
+
+
+def _shown_setting(config: dict, key: str) -> str:
+    return repr(config[key]) if key in config else "absent"
 
 
 def format_table(records: list[dict]) -> str:
@@ -141,7 +208,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="skip the runs whose label is already in OUT/results.json (an interrupted grid goes on where it stopped)",
+        help="skip the runs already in OUT/results.json with the same settings (an interrupted grid goes on "
+        "where it stopped); a label stored with other settings is run again",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")

@@ -56,7 +56,7 @@ from ..privacy import PrivacyLedger, jin_noise_multiplier
 from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, seeded_generator
 from ..rounds import Budget, ReleasePlan, SignedUpdate, client_round, plan_release, server_round
 from ..server_update import AUTOMATIC, VoteUpdater, learning_rate_at
-from ..settings import ConfigError, RunSettings, check_fields, from_mapping, setting, specs
+from ..settings import ConfigError, RunSettings, check_fields, from_mapping, setting, specs, to_mapping
 
 METHODS = ("dp-signsgd", "signsgd", "sgd", "jin-dp-sign", "jin-rectified", "sto-sign")
 PRIVATE_METHODS = ("dp-signsgd", "jin-dp-sign", "jin-rectified")
@@ -106,6 +106,15 @@ class Experiment:
     def private(self) -> bool:
         """True for the methods that release DP-SIGN bits with Gaussian noise."""
         return self.method in PRIVATE_METHODS
+
+    def run_config(self) -> dict[str, Any]:
+        """Return every setting of the run in run-config form (kebab-case keys), both parts.
+
+        Unlike the record's flat fields, which hold what the run used
+        (the computed sigma, learning rate and delta), these are the settings
+        as asked for: ``--resume`` compares them to tell an unchanged run.
+        """
+        return {**to_mapping(self.run), **to_mapping(self)}
 
     def name(self) -> str:
         """A short label for tables and plots."""
@@ -215,7 +224,8 @@ def run_experiment(
         on_round: called as ``on_round(round, weights)`` after each update (tests).
 
     Returns:
-        A JSON-safe dict: the settings, ``epsilon`` (largest client's ledger
+        A JSON-safe dict: the settings, ``run_config`` (the settings as
+        asked for, :meth:`Experiment.run_config`), ``epsilon`` (largest client's ledger
         epsilon; ``inf`` for non-private methods), ``noise_multiplier``,
         ``target_delta`` (the delta used), ``test_accuracy``, ``test_loss``,
         ``rounds``, ``wall_seconds``, ``history`` (one entry per evaluation).
@@ -326,6 +336,7 @@ def run_experiment(
         "excluded": excluded_total,
         "excluded_attackers": excluded_attackers,
         "history": history,
+        "run_config": experiment.run_config(),
     }
     if experiment.method in ("jin-dp-sign", "jin-rectified"):
         steps = run.num_rounds if experiment.method == "jin-rectified" else 1
