@@ -72,7 +72,7 @@ def trusted_cache_dir(name: str) -> Path | None:
         private = {Path(os.path.realpath(folder)), Path(os.path.realpath(cache_dir()))}
         reason = _chain_refusal(Path(os.path.realpath(existing)), private)
         if not reason:
-            _make_private_folders(folder)
+            _make_private_folders(folder, existing)
             resolved = Path(os.path.realpath(folder))
             reason = _chain_refusal(resolved, private | {resolved})
     except OSError as error:
@@ -112,14 +112,10 @@ def open_cached_file(path: str | Path) -> BinaryIO:
         raise
 
 
-def _make_private_folders(folder: Path) -> None:
-    """Create the missing folders of ``folder``, each with mode 0o700 (``mkdir -p`` would use the umask's)."""
-    missing = []
-    for path in (folder, *folder.parents):
-        if os.path.lexists(path):
-            break
-        missing.append(path)
-    for path in reversed(missing):
+def _make_private_folders(folder: Path, existing: Path) -> None:
+    """Create the folders from below ``existing`` down to ``folder``, each with mode 0o700 (``mkdir -p`` would use the umask's)."""
+    lineage = [folder, *folder.parents]
+    for path in reversed(lineage[: lineage.index(existing)]):
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:  # made meanwhile, by another process or user: the checks decide
@@ -153,5 +149,6 @@ def _refusal(status: os.stat_result, kind: str, *, sticky_allowed: bool = False)
 def _warn_refused(folder: str, reason: str) -> None:
     log.warning(
         "dpsign-fl does not use the cache folder %s: %s; what it would cache is computed again in every "
-        "process (set %s to a folder only this user can write)", folder, reason, CACHE_ENV,
+        "process (make it and the folders above it writable by this user alone, or set %s to another "
+        "folder)", folder, reason, CACHE_ENV,
     )
