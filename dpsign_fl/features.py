@@ -16,8 +16,11 @@ own (GroupNorm without learned scale, inside the model); nothing is fitted to
 the training set, so there is nothing to account.
 
 Features are computed once per dataset and cached (keyed by a hash of the
-inputs, J, L and kymatio's version) in :func:`cache_dir`; later processes map
-the cached file into memory (processes on one machine share its pages).
+inputs, J, L and kymatio's version) in :func:`dpsign_fl.cache.trusted_cache_dir`;
+later processes map the cached file into memory (processes on one machine
+share its pages). They are what a model trains on, so only a file this user or
+root owns and nobody else can write, in a folder nobody else can change, is
+read, never through a link; where the folder is refused, nothing is cached.
 
 kymatio is an optional dependency: ``pip install "dpsign-fl[scatternet]"``
 (kymatio 0.3 imports ``scipy.special.sph_harm``, which SciPy 1.17 removed, so
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 
 from .atomic_file import fsync_folder
-from .cache import cache_dir
+from .cache import open_cached_file, trusted_cache_dir
 from .data import Dataset, load_dataset
 
 log = logging.getLogger("dpsign_fl")
@@ -92,17 +95,23 @@ def scattering_features(dataset: Dataset) -> Dataset:
         )
     kymatio = _kymatio()
     key = _cache_key(dataset, kymatio.__version__)
-    path = cache_dir() / "features" / f"{dataset.name}-scattering-J{SCATTERING_J}-{key}.pt"
-    if path.is_file():
+    folder = trusted_cache_dir("features")  # None: refused, with a warning naming it
+    path = None if folder is None else folder / f"{dataset.name}-scattering-J{SCATTERING_J}-{key}.pt"
+    if path is not None:
         try:
-            cached = torch.load(path, mmap=True, weights_only=True)
+            # Checked on the opened file; mapped by name, which nobody else can swap in a trusted folder.
+            with open_cached_file(path):
+                cached = torch.load(path, mmap=True, weights_only=True)
             return _with_inputs(dataset, cached["train"], cached["test"])
+        except FileNotFoundError:
+            pass
         except (OSError, RuntimeError, KeyError, ValueError) as error:
             log.warning("cached features %s could not be read (%s); computing them again", path, error)
     train = _transform(dataset.train_inputs, dataset.name, "train")
     test = _transform(dataset.test_inputs, dataset.name, "test")
-    _save(path, {"train": train, "test": test})
-    log.info("ScatterNet features of %s cached in %s", dataset.name, path)
+    if path is not None:
+        _save(path, {"train": train, "test": test})
+        log.info("ScatterNet features of %s cached in %s", dataset.name, path)
     return _with_inputs(dataset, train, test)
 
 
@@ -157,7 +166,6 @@ def _cache_key(dataset: Dataset, kymatio_version: str) -> str:
 
 def _save(path: Path, tensors: dict) -> None:
     """Write atomically (temporary file, rename): a concurrent reader sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(tensors, temporary)

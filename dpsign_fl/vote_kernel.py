@@ -11,11 +11,19 @@ A second function counts, for the robust vote's filters, the bits each payload
 shares with a few bitmaps, reading each payload once for all of them.
 
 It is compiled here, with the machine's C compiler, the first time a counter
-needs it, and kept in :func:`dpsign_fl.cache.cache_dir` under a name derived
-from the source and the compiler command, so later processes load it in
-milliseconds. Compiling at run time, not at install time, keeps the source in
-a ``.py`` file: Flower's app bundle (``flwr run``) carries only Python and text
-files, and the ServerApp imports this package from the bundle. On x86-64 with
+needs it, and kept in :func:`dpsign_fl.cache.trusted_cache_dir` under a name
+derived from the source and the compiler command, so later processes load it
+in milliseconds. A library is code run by whoever counts the votes: only one
+that this user or root owns and nobody else can write, in a folder nobody
+else can change, is loaded, never through a link (:mod:`dpsign_fl.cache`),
+and the bytes checked are the bytes loaded (copied into a private temporary
+folder and loaded from there). One that does not load or lacks the kernel's
+functions is compiled again; where the cache folder is refused, every process
+compiles its own (under a second).
+
+Compiling at run time, not at install time, keeps the source in a ``.py``
+file: Flower's app bundle (``flwr run``) carries only Python and text files,
+and the ServerApp imports this package from the bundle. On x86-64 with
 GCC, AVX-512 / AVX2 / baseline versions are compiled side by side and the
 loader picks the one the CPU runs (``target_clones``), so a cache folder shared
 between machines stays valid. Where that build fails (a toolchain without
@@ -48,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic_file import write_atomic
-from .cache import cache_dir
+from .cache import cache_dir, open_cached_file, trusted_cache_dir
 
 log = logging.getLogger("dpsign_fl")
 
@@ -58,6 +66,8 @@ KERNEL_CHOICES = ("auto", "compiled", "numpy")
 
 _COMPILE_FLAGS = ("-O3", "-shared", "-fPIC")
 _COMPILE_TIMEOUT_SECONDS = 120
+_CACHE_FOLDER = "vote-kernel"
+_LIBRARY_SUFFIX = ".dll" if sys.platform == "win32" else ".so"
 
 _SOURCE = r"""
 #include <stddef.h>
@@ -256,22 +266,28 @@ void dpsign_and_counts(const uint8_t *const *rows, size_t num_rows, const uint8_
 
 
 class CompiledVoteKernel:
-    """The loaded C function; see the module docstring.
+    """The loaded C functions; see the module docstring.
 
     Attributes:
-        path: the shared library loaded.
+        path: where the library's bytes are cached, or None where this process keeps its own build.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, library: bytes, path: Path | None):
+        """Load ``library`` (the bytes of a shared library) from a private copy.
+
+        Raises:
+            OSError: if it does not load.
+            AttributeError: if it lacks the kernel's functions.
+        """
         self.path = path
-        library = ctypes.CDLL(str(path))
-        self._add = library.dpsign_vote_add
+        loaded = _load_private_copy(library)
+        self._add = loaded.dpsign_vote_add
         self._add.restype = ctypes.c_int
         self._add.argtypes = (
             ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint8,
             ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t,
         )
-        self._and_counts = library.dpsign_and_counts
+        self._and_counts = loaded.dpsign_and_counts
         self._and_counts.restype = None
         self._and_counts.argtypes = (
             ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t,
@@ -385,28 +401,39 @@ def _build() -> tuple[CompiledVoteKernel | None, str]:
     compiler = find_compiler()
     if compiler is None:
         return None, "no C compiler found ($CC if set, else cc, gcc or clang)"
-    for variant in _VARIANTS:
-        path = library_path(compiler, variant)
-        if path.is_file():
-            try:
-                return CompiledVoteKernel(path), ""
-            except OSError as error:  # truncated or foreign file: build it again
-                log.warning("could not load the cached vote kernel %s (%s); compiling it again", path, error)
+    folder = trusted_cache_dir(_CACHE_FOLDER)  # None: refused, with a warning naming it
+    if folder is not None:
+        for variant in _VARIANTS:
+            kernel = _load_cached(folder / _library_name(compiler, variant))
+            if kernel is not None:
+                return kernel, ""
     failures = []
     for variant in _VARIANTS:
-        kernel, reason = _compile(compiler, variant)
+        kernel, reason = _compile(compiler, variant, folder)
         if kernel is not None:
             return kernel, ""
         failures.append(reason)
     return None, failures[0] if len(set(failures)) == 1 else " / then ".join(failures)
 
 
-def _compile(compiler: list[str], variant: tuple[str, ...]) -> tuple[CompiledVoteKernel | None, str]:
-    """Compile into the cache and load: ``(kernel, "")`` or ``(None, why not)``."""
+def _load_cached(path: Path) -> CompiledVoteKernel | None:
+    """The kernel cached at ``path``, or None if there is none or it is not to be loaded (then it is built again)."""
+    try:
+        with open_cached_file(path) as handle:
+            library = handle.read()
+        return CompiledVoteKernel(library, path)
+    except FileNotFoundError:
+        return None
+    except (OSError, AttributeError) as error:  # another user's, a link, truncated, without the functions
+        log.warning("could not load the cached vote kernel %s (%s); compiling it again", path, error)
+        return None
+
+
+def _compile(compiler: list[str], variant: tuple[str, ...], folder: Path | None) -> tuple[CompiledVoteKernel | None, str]:
+    """Compile, load, and keep the library in ``folder`` (None: nowhere): ``(kernel, "")`` or ``(None, why not)``."""
     command = [*compiler, *_COMPILE_FLAGS, *variant]
-    path = library_path(compiler, variant)
-    with tempfile.TemporaryDirectory(prefix="dpsign-vote-", ignore_cleanup_errors=True) as folder:
-        source, built = Path(folder) / "vote.c", Path(folder) / path.name
+    with tempfile.TemporaryDirectory(prefix="dpsign-vote-", ignore_cleanup_errors=True) as private:
+        source, built = Path(private) / "vote.c", Path(private) / f"vote{_LIBRARY_SUFFIX}"
         source.write_text(_SOURCE)
         start = time.perf_counter()
         try:
@@ -420,26 +447,44 @@ def _compile(compiler: list[str], variant: tuple[str, ...]) -> tuple[CompiledVot
             tail = (result.stderr or result.stdout).strip()[-500:]
             return None, f"{shlex.join(command)} exited {result.returncode}: {tail}"
         log.info("compiled the vote kernel with %s in %.1f s", shlex.join(command), time.perf_counter() - start)
+        library = built.read_bytes()
+    path = None if folder is None else folder / _library_name(compiler, variant)
+    try:
+        kernel = CompiledVoteKernel(library, path)
+    except (OSError, AttributeError) as error:  # never cached: a later process tries again
+        return None, f"the library built by {shlex.join(command)} did not load: {error}"
+    if path is not None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, built.read_bytes())
-            return CompiledVoteKernel(path), ""
-        except OSError as error:  # a read-only cache: use this process's copy
-            log.warning("could not keep the vote kernel in %s (%s); it will be compiled again next time", path.parent, error)
-            try:
-                return CompiledVoteKernel(built), ""  # loaded before the folder goes
-            except OSError as load_error:
-                return None, f"the compiled kernel did not load: {load_error}"
+            write_atomic(path, library)
+        except OSError as error:  # e.g. a full disk or a read-only cache
+            log.warning("could not keep the vote kernel in %s (%s); it will be compiled again next time", folder, error)
+            kernel.path = None
+    return kernel, ""
+
+
+def _load_private_copy(library: bytes) -> ctypes.CDLL:
+    """dlopen exactly these bytes: from a file in a new private folder (0o700), which nobody else can swap.
+
+    The file goes with the folder; the mapping stays (and keeps the inode, so
+    a later copy never gets the same inode, which the loader would take for
+    this library).
+    """
+    with tempfile.TemporaryDirectory(prefix="dpsign-vote-", ignore_cleanup_errors=True) as private:
+        copy = Path(private) / f"vote{_LIBRARY_SUFFIX}"
+        copy.write_bytes(library)
+        return ctypes.CDLL(str(copy))
 
 
 def library_path(compiler: list[str], variant: tuple[str, ...] = ()) -> Path:
-    """Where the library built by ``compiler`` (with the ``variant`` flags) is cached.
+    """Where the library built by ``compiler`` (with the ``variant`` flags) is cached, if the cache folder is trusted."""
+    return cache_dir() / _CACHE_FOLDER / _library_name(compiler, variant)
 
-    Named after the source, the command and the platform.
-    """
+
+def _library_name(compiler: list[str], variant: tuple[str, ...]) -> str:
+    """Named after the source, the command and the platform."""
     command = [*compiler, *_COMPILE_FLAGS, *variant]
     key = hashlib.sha256("\0".join([_SOURCE, *command, sys.platform, platform.machine()]).encode()).hexdigest()
-    return cache_dir() / "vote-kernel" / f"vote-{key[:16]}{'.dll' if sys.platform == 'win32' else '.so'}"
+    return f"vote-{key[:16]}{_LIBRARY_SUFFIX}"
 
 
 def find_compiler() -> list[str] | None:

@@ -41,14 +41,14 @@ def private_feature_cache(tmp_path_factory):
 @pytest.fixture
 def fresh_vote_kernel(monkeypatch, tmp_path):
     """An empty cache folder and no vote kernel loaded yet in this process (and none left loaded after)."""
-    from dpsign_fl import vote_kernel
+    from dpsign_fl import cache, vote_kernel
 
     monkeypatch.setenv("DPSIGN_FL_CACHE", str(tmp_path / "cache"))
-    vote_kernel._build.cache_clear()
-    vote_kernel._warn_once.cache_clear()
+    for remembered in (vote_kernel._build, vote_kernel._warn_once, cache._warn_refused):
+        remembered.cache_clear()
     yield tmp_path / "cache"
-    vote_kernel._build.cache_clear()
-    vote_kernel._warn_once.cache_clear()
+    for remembered in (vote_kernel._build, vote_kernel._warn_once, cache._warn_refused):
+        remembered.cache_clear()
 
 
 @pytest.fixture(scope="module", params=["compiled", "numpy"])

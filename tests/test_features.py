@@ -1,6 +1,7 @@
 """ScatterNet features: kymatio's transform, per example, cached once, and the models that take them."""
 
 import builtins
+import os
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import torch
 from dpsign_fl import features
 from dpsign_fl.data import load_dataset
 from dpsign_fl.data.loading import Dataset
-from dpsign_fl.features import cache_dir, load_run_dataset, scattering_features
+from dpsign_fl.cache import cache_dir
+from dpsign_fl.features import load_run_dataset, scattering_features
 from dpsign_fl.mechanism import per_sample_gradients
 from dpsign_fl.models import build_model, input_features, num_parameters
 from dpsign_fl.settings import RunSettings
@@ -69,6 +71,33 @@ def test_a_damaged_cache_file_is_computed_again(caplog):
     with caplog.at_level("WARNING", logger="dpsign_fl"):
         torch.testing.assert_close(scattering_features(dataset).train_inputs, expected)
     assert "could not be read" in caplog.text
+
+
+@pytest.mark.parametrize("planted", ["file-of-another-user", "link", "in-a-folder-others-can-write"])
+def test_features_planted_in_the_cache_are_never_read(caplog, tmp_path, planted):
+    dataset = images(4, seed=6)
+    expected = scattering_features(dataset)
+    (path,) = (cache_dir() / "features").glob("synthetic-*.pt")
+    poisoned = {"train": torch.zeros_like(expected.train_inputs), "test": torch.zeros_like(expected.test_inputs)}
+    if planted == "link":
+        torch.save(poisoned, tmp_path / "poisoned.pt")
+        path.unlink()
+        path.symlink_to(tmp_path / "poisoned.pt")
+    else:
+        torch.save(poisoned, path)
+    if planted == "file-of-another-user":
+        if os.getuid() != 0:
+            pytest.skip("giving a file to another user needs root")
+        os.chown(path, 65534, 65534)
+    if planted == "in-a-folder-others-can-write":
+        path.parent.chmod(0o777)
+
+    with caplog.at_level("WARNING", logger="dpsign_fl"):
+        torch.testing.assert_close(scattering_features(dataset).train_inputs, expected.train_inputs)
+
+    reason = {"file-of-another-user": "is owned by uid 65534", "link": "is a symbolic link",
+              "in-a-folder-others-can-write": "is writable by group or others (mode 777)"}[planted]
+    assert reason in caplog.text
 
 
 def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):

@@ -4,7 +4,10 @@ tests/test_vote.py runs every counter test on both kernels; these tests cover
 how the kernel is built, found and replaced.
 """
 
+import json
 import logging
+import os
+import shutil
 import subprocess
 from unittest import mock
 
@@ -84,8 +87,156 @@ def test_an_unwritable_cache_still_gives_a_working_kernel(fresh_cache, monkeypat
         rows = awkward_rows(40, 777, seed=2)
         compiled = counts(rows, 777, "compiled")
 
-    assert "could not keep the vote kernel" in caplog.text
+    assert f"does not use the cache folder {blocker / 'vote-kernel'}: {blocker} is not a folder" in caplog.text
     np.testing.assert_array_equal(compiled, counts(rows, 777, "numpy"))
+
+
+@needs_compiler
+def test_a_cache_that_cannot_keep_the_library_still_gives_a_working_kernel(fresh_cache, monkeypatch, caplog):
+    monkeypatch.setattr(vote_kernel, "write_atomic", mock.Mock(side_effect=OSError(28, "No space left on device")))
+
+    with caplog.at_level(logging.WARNING, logger="dpsign_fl"):
+        kernel = load_kernel("compiled")
+
+    assert "could not keep the vote kernel" in caplog.text and kernel.path is None
+    assert unanimous_counts() == [1000] * 1000
+
+
+# A library another user plants where the kernel is cached: its constructor runs as whoever loads it (it
+# leaves a marker file to show that it did) and its vote counts nothing.
+PLANTED_SOURCE = r"""
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+__attribute__((constructor)) static void planted(void) {
+    FILE *marker = fopen(MARKER, "w");
+    if (marker) { fputs("the planted library ran", marker); fclose(marker); }
+}
+int dpsign_vote_add(const uint8_t *const *rows, size_t num_rows, size_t num_bytes, uint8_t tail_mask,
+                    uint64_t *const *planes, size_t num_planes) { return 0; }
+void dpsign_and_counts(const uint8_t *const *rows, size_t num_rows, const uint8_t *const *masks,
+                       size_t num_masks, size_t num_bytes, uint8_t tail_mask, uint64_t *counts) {
+    memset(counts, 0, 8 * num_rows * num_masks);
+}
+"""
+ANOTHER_USER = 65534  # nobody
+
+
+def build_library(folder, source, name):
+    """A shared library built from ``source`` with the machine's compiler (not the kernel's build)."""
+    (folder / f"{name}.c").write_text(source)
+    subprocess.run([*find_compiler(), "-shared", "-fPIC", "-o", str(folder / f"{name}.so"), str(folder / f"{name}.c")],
+                   check=True, capture_output=True)
+    return folder / f"{name}.so"
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """(a library that counts nothing and runs code when loaded, the marker file that code writes)."""
+    marker = tmp_path / "the-planted-library-ran"
+    (tmp_path / "build").mkdir()
+    return build_library(tmp_path / "build", PLANTED_SOURCE.replace("MARKER", json.dumps(str(marker))), "planted"), marker
+
+
+def unanimous_counts():
+    """The compiled kernel's +1 counts of 1000 voters who all send +1 on 1000 coordinates."""
+    return counts([np.full(125, 0xFF, dtype=np.uint8)] * 1000, 1000, "compiled").tolist()
+
+
+def chown_tree(folder, uid):
+    for path in (folder, *folder.rglob("*")):
+        os.chown(path, uid, uid, follow_symlinks=False)
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    ("mode", "owner", "reason"),
+    [
+        (0o777, None, "is writable by group or others (mode 777)"),
+        (0o770, None, "is writable by group or others (mode 770)"),
+        (0o755, ANOTHER_USER, f"is owned by uid {ANOTHER_USER}"),
+    ],
+    ids=["others-writable", "group-writable", "another-user-s"],
+)
+def test_a_cache_folder_others_can_change_is_refused_and_the_kernel_is_built_privately(fresh_cache, caplog, mode, owner, reason):
+    fresh_cache.mkdir()
+    fresh_cache.chmod(mode)
+    if owner is not None:
+        if os.getuid() != 0:
+            pytest.skip("giving a folder to another user needs root")
+        os.chown(fresh_cache, owner, owner)
+
+    with caplog.at_level(logging.WARNING, logger="dpsign_fl"):
+        assert unanimous_counts() == [1000] * 1000
+
+    assert f"does not use the cache folder {fresh_cache / 'vote-kernel'}: {fresh_cache} {reason}" in caplog.text
+    assert list(fresh_cache.iterdir()) == []  # nothing written into it, not even the subfolder
+
+
+@needs_compiler
+@pytest.mark.parametrize("who", ["folder-and-library-of-another-user", "library-of-another-user", "library-others-can-write"])
+def test_a_library_planted_at_the_cached_path_is_never_loaded(fresh_cache, planted, who):
+    library, marker = planted
+    path = library_path(find_compiler())
+    path.parent.mkdir(parents=True, mode=0o700)
+    shutil.copy(library, path)
+    if who == "library-others-can-write":
+        path.chmod(0o666)
+    elif os.getuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    else:
+        chown_tree(fresh_cache if who == "folder-and-library-of-another-user" else path, ANOTHER_USER)
+
+    assert unanimous_counts() == [1000] * 1000
+
+    assert not marker.exists(), "the planted library's constructor ran"
+    if who != "folder-and-library-of-another-user":  # in this user's folder it is replaced by a build
+        assert path.read_bytes() != library.read_bytes() and path.stat().st_uid == os.getuid()
+
+
+@needs_compiler
+def test_a_link_at_the_cached_path_is_not_followed(fresh_cache, planted, caplog):
+    library, marker = planted  # this user's own file: only the link is wrong
+    path = library_path(find_compiler())
+    path.parent.mkdir(parents=True, mode=0o700)
+    path.symlink_to(library)
+
+    with caplog.at_level(logging.WARNING, logger="dpsign_fl"):
+        assert unanimous_counts() == [1000] * 1000
+
+    assert not marker.exists(), "the library behind the link was loaded"
+    assert "is a symbolic link" in caplog.text
+    assert not path.is_symlink() and path.read_bytes() != library.read_bytes()  # replaced by a build
+
+
+@needs_compiler
+def test_a_cached_library_without_the_kernel_functions_is_compiled_again(fresh_cache, tmp_path, caplog):
+    foreign = build_library(tmp_path, "int unrelated(void) { return 1; }\n", "foreign")
+    path = library_path(find_compiler())
+    path.parent.mkdir(parents=True, mode=0o700)
+    shutil.copy(foreign, path)
+
+    with caplog.at_level(logging.WARNING, logger="dpsign_fl"):
+        assert unanimous_counts() == [1000] * 1000
+
+    assert "could not load the cached vote kernel" in caplog.text and "dpsign_vote_add" in caplog.text
+    assert path.read_bytes() != foreign.read_bytes()
+
+
+@needs_compiler
+def test_a_build_without_the_kernel_functions_is_numpy_in_auto_and_an_error_in_compiled(fresh_cache, monkeypatch, caplog):
+    # The compiler renames the function, as a broken toolchain might: the build loads but lacks it.
+    monkeypatch.setenv("CC", " ".join(find_compiler()) + " -Ddpsign_vote_add=renamed_vote_add")
+
+    with caplog.at_level(logging.WARNING, logger="dpsign_fl"):
+        assert load_kernel("auto") is None
+    with pytest.raises(RuntimeError, match=f"{KERNEL_ENV}=compiled, but .* did not load: .*dpsign_vote_add"):
+        load_kernel("compiled")
+
+    assert "the vote runs in numpy" in caplog.text
+    assert list((fresh_cache / "vote-kernel").iterdir()) == []  # a broken build is never cached
 
 
 @needs_compiler
