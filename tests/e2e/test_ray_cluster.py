@@ -13,10 +13,12 @@ at its first message. So a node whose folder holds such a line from a
 ClientApp actor's worker has run that client's code. How this can fail without
 a fault in the feature: Ray renames its worker log files or its actor marker
 line, or the ClientApp stops logging its plan; and, in principle, if one actor
-took every round-1 message while the other sat idle (each first message costs
-seconds of imports, so the second worker thread takes the next message to the
-other actor long before the first is done). Without ``RAY_ADDRESS`` Flower
-starts a Ray instance of its own, and no node's folder holds a ClientApp line.
+took every round-1 message while the other sat idle: Flower's worker threads
+(one per actor) each take a message as soon as the round's 4 are queued and
+hand it to an idle actor, so that needs one thread to stall for the seconds a
+first message costs (imports, data, model). Without ``RAY_ADDRESS`` Flower
+starts a Ray instance of its own, and no node's folder holds a ClientApp line
+(tried: ``{'head': 0, 'worker0': 0}``).
 """
 
 import json
@@ -27,6 +29,10 @@ import pytest
 
 from .harness import LocalSimulation, superlink_pids
 from .ray_cluster import RayCluster
+
+# Slow: 65-91 s for this file in three runs on 2 cores at load averages of 1.4-3.3 (two Ray
+# nodes start, then a 3-round run); the default run already takes 13-15 minutes.
+pytestmark = pytest.mark.slow
 
 SUPERNODES = 4
 ROUNDS = 3
