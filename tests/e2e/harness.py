@@ -100,12 +100,15 @@ class LocalSimulation:
     `flwr run .` starts the same SuperLink itself when none answers on its port,
     but gives it only 15 s; :class:`dpsign_fl.flower.local_superlink.LocalSuperLink`
     lets a loaded machine take up to :data:`SUPERLINK_START_SECONDS`. Use as a
-    context manager.
+    context manager. ``extra_env`` goes into the environment of the SuperLink
+    (and so of the simulation process that initialises Ray, e.g. ``RAY_ADDRESS``).
     """
 
-    def __init__(self, flwr_home: Path, *, start_timeout: float = SUPERLINK_START_SECONDS):
+    def __init__(
+        self, flwr_home: Path, *, start_timeout: float = SUPERLINK_START_SECONDS, extra_env: dict[str, str] | None = None
+    ):
         self.home = flwr_home
-        self.env = offline_env(flwr_home)
+        self.env = offline_env(flwr_home, **(extra_env or {}))
         self.superlink = LocalSuperLink(self.env, timeout=start_timeout)
         self.process = self.superlink.process
         self.start_seconds = self.superlink.start_seconds
