@@ -272,16 +272,37 @@ def _embedding_unsupported(module):
     return ""
 
 
+def embedding_form(rows: int, steps: int) -> str:
+    """How the layer pass computes an embedding's per-example norms: ``"table"`` or ``"ghost"`` (flop count)."""
+    return "table" if rows <= steps * steps else "ghost"
+
+
 def _embedding_norms(module, ids, g, chunk_size, keep_bytes):
-    """Ghost norm of an embedding: ||grad_i||^2 = sum over positions t, s with equal ids of g_t . g_s."""
+    """Per-example squared norms of an embedding's gradient, by the cheaper of two exact forms.
+
+    ``ghost``: ``||grad_i||^2`` = the sum over positions t, s with equal ids of
+    ``g_t . g_s`` (``S^2 W`` flops per example of S positions, width W).
+    ``table``: the per-example gradient itself, each ``g_t`` added into row
+    ``id_t`` of a zero ``[rows, W]`` table (``(S + rows) W``), for a chunk of
+    examples; taken when the table has no more rows than S^2 (small
+    vocabularies, positions, long sequences).
+    """
     batch = ids.shape[0]
     ids = ids.reshape(batch, -1)
     g = g.reshape(batch, ids.shape[1], -1)
     if module.padding_idx is not None:  # the padding row receives no gradient
         g = g.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
-    steps = ids.shape[1]
+    (steps, width), rows = g.shape[1:], module.num_embeddings
     if steps == 1:
         squares = squared_norms(g)
+    elif embedding_form(rows, steps) == "table":
+        squares = torch.zeros(batch, dtype=g.dtype, device=g.device)
+        for part in _chunks(batch, rows * width, chunk_size):
+            size = g[part].shape[0]
+            offsets = torch.arange(size, device=ids.device).unsqueeze(1) * rows  # example j's rows start at j * rows
+            table = g.new_zeros(size * rows, width)
+            table.index_add_(0, (ids[part] + offsets).reshape(-1), g[part].reshape(-1, width))
+            squares[part] = squared_norms(table.reshape(size, -1))
     else:
         squares = torch.zeros(batch, dtype=g.dtype, device=g.device)
         for part in _chunks(batch, 2 * steps * steps, chunk_size):
