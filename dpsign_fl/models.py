@@ -22,20 +22,65 @@ activations.
   no statistic of the training set). Linear: 39,700 parameters on MNIST.
   CNN: Conv(32, 3x3), tanh, max-pool 2, Conv(64, 3x3), tanh, Linear:
   47,626 parameters on MNIST.
+- ``char-transformer``: next-character prediction on ``[B, T]`` character ids
+  (inputs ``(T,)``; the vocabulary is ``num_classes``): a causal pre-norm
+  transformer (GPT-2's block order, Radford et al. 2019) with learned
+  positions. Each position also adds learned embeddings of the
+  ``previous_characters`` characters before it (one table per offset, plus a
+  "before the chunk" row): without them a small model trained by sign votes
+  stalled near the bigram level. Width, depth and the number of previous
+  characters are :func:`build_model` options (run-config keys
+  ``model-width``, ``model-depth``, ``model-previous-characters``), one
+  attention head per :data:`HEAD_WIDTH` channels. Returns logits
+  ``[B, num_classes, T]``: classes on dim 1, as ``F.cross_entropy`` expects
+  for a target per position, so the one loss of the project needs nothing
+  special (its mean over all B * T positions is the mean of the per-example
+  means). Defaults (width 64, depth 2, 3 previous characters): 136,545
+  parameters for 97 symbols and T = 80; see :data:`TRANSFORMER_WIDTH`.
+
+  Every layer is an Embedding, LayerNorm or Linear that sees the batch on
+  dim 0 (attention is two Linear layers around
+  ``F.scaled_dot_product_attention``), so the layer pass of
+  :mod:`dpsign_fl.clipped_sum` computes exact per-example gradients of it.
+
+No LSTM (LEAF's ``char-lstm``, Caldas et al. 2018, arXiv:1812.01097): torch.func
+runs ``nn.LSTM`` one example at a time, measured about 50x slower than a
+non-private step at batch 50 (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-MODELS = ("logreg", "mlp", "tanh-cnn", "cifar-cnn", "scatternet-linear", "scatternet-cnn")
+MODELS = ("logreg", "mlp", "tanh-cnn", "cifar-cnn", "scatternet-linear", "scatternet-cnn", "char-transformer")
 SCATTER_GROUPS = 27  # GroupNorm groups over the scattering channels (81 per input channel)
 MLP_HIDDEN_UNITS = 64
 CIFAR_CNN_GROUPS = 8  # GroupNorm groups per convolution
+HEAD_WIDTH = 16
+"""Channels per attention head of ``char-transformer``: the width must be a multiple of it."""
+TRANSFORMER_WIDTH = 64
+"""Default width of ``char-transformer``.
+
+Chosen for 2 CPU cores, not the ~1M parameters first planned: a throwaway
+spike (sign votes, 10 clients of ~52 examples a round) measured 0.75 s per DP
+round at width 64 against 2.05 s at width 128, and the smaller model reached
+the same accuracy or more under DP (each clipped coordinate carries more
+signal). A 1,000-round run at width 64 takes about 13 minutes there.
+"""
+TRANSFORMER_DEPTH = 2
+PREVIOUS_CHARACTERS = 3
+"""Default number of previous characters whose embeddings each position adds (0 = none).
+
+With 3, the spike's non-private sign-vote run reached 40 % next-character
+accuracy where the same model without them stalled at 29 %.
+"""
+TRANSFORMER_MLP_RATIO = 4
 
 _DEFAULT_MODELS = {
     "digits": "mlp",
@@ -43,24 +88,41 @@ _DEFAULT_MODELS = {
     "fashion-mnist": "tanh-cnn",
     "cifar10": "cifar-cnn",
     "mushroom": "logreg",
+    "shakespeare": "char-transformer",
 }
 
 
-def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int | None = None) -> nn.Module:
+def build_model(
+    name: str,
+    *,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    seed: int | None = None,
+    width: int = TRANSFORMER_WIDTH,
+    depth: int = TRANSFORMER_DEPTH,
+    previous_characters: int = PREVIOUS_CHARACTERS,
+) -> nn.Module:
     """Build a freshly initialised model.
 
     Initialisation is PyTorch's default for every layer (Linear and Conv2d:
     Kaiming-uniform weights with a = sqrt(5), uniform biases in +-1/sqrt(fan_in);
-    GroupNorm: ones and zeros).
+    GroupNorm and LayerNorm: ones and zeros; Embedding: standard normal).
 
     Args:
         name: one of ``MODELS``.
-        input_shape: shape of one example, e.g. ``(1, 28, 28)`` or ``(117,)``.
-        num_classes: number of outputs, >= 2.
+        input_shape: shape of one example, e.g. ``(1, 28, 28)``, ``(117,)``, or
+            ``(T,)`` character ids for ``char-transformer``.
+        num_classes: number of outputs, >= 2 (for ``char-transformer`` also
+            the input vocabulary).
         seed: with a seed, the weights are drawn from a private
             ``torch.Generator`` seeded with it, the same values
             ``torch.manual_seed(seed)`` would give, and the global random state
             is neither read nor changed. None draws from the global generator.
+        width: ``char-transformer`` only: channels, a multiple of :data:`HEAD_WIDTH`.
+        depth: ``char-transformer`` only: transformer blocks, >= 1.
+        previous_characters: ``char-transformer`` only: previous characters
+            embedded at each position, >= 0. The other models have fixed
+            sizes and ignore these three.
 
     Returns:
         The model, on the CPU, in training mode.
@@ -78,6 +140,11 @@ def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, se
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     input_shape, num_classes = tuple(int(n) for n in input_shape), int(num_classes)
     builder = _BUILDERS[name]
+    if name == "char-transformer":
+        _check_transformer_size(width, depth, previous_characters)
+        builder = functools.partial(
+            _char_transformer, width=int(width), depth=int(depth), previous_characters=int(previous_characters)
+        )
     if seed is None:
         return builder(input_shape, num_classes)
     # Built on the meta device, no random numbers are drawn; the weights are
@@ -206,13 +273,117 @@ def _scatternet_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module
     )
 
 
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``.
+
+    Attention is two ``nn.Linear`` layers (queries, keys and values in one, as
+    GPT-2's ``c_attn``; the output projection) around
+    ``F.scaled_dot_product_attention``, and the MLP is Linear, GELU, Linear:
+    every layer with parameters sees the batch on dim 0, as the layer pass of
+    :mod:`dpsign_fl.clipped_sum` requires. Inputs and outputs ``[B, T, width]``.
+
+    Args:
+        width: channels; a multiple of ``heads``.
+        heads: attention heads.
+        causal: whether position t attends to positions <= t only.
+        mlp_ratio: hidden units of the MLP per channel.
+    """
+
+    def __init__(self, width: int, heads: int, *, causal: bool = False, mlp_ratio: int = TRANSFORMER_MLP_RATIO):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width must be a multiple of heads ({heads}), got {width}")
+        self.heads, self.causal = heads, causal
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.up, self.down = nn.Linear(width, mlp_ratio * width), nn.Linear(mlp_ratio * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, steps, width = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(batch, steps, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, T, head width]
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        x = x + self.out(attended.transpose(1, 2).reshape(batch, steps, width))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class CharTransformer(nn.Module):
+    """``char-transformer``: character ids ``[B, T]`` -> next-character logits ``[B, vocab_size, T]``.
+
+    The input at position t is the sum of the embeddings of character t, of
+    position t, and of characters t-1, ..., t-``previous_characters`` (one
+    table per offset, each with an extra row for "before the chunk"); then
+    causal pre-norm blocks, a final LayerNorm and a Linear head. Every
+    Embedding sees ids ``[B, ...]``: positions are expanded over the batch.
+
+    Args:
+        vocab_size: symbols in and out.
+        seq_len: longest sequence (the learned positions).
+        width, depth, heads: channels, blocks, attention heads.
+        previous_characters: previous characters embedded at each position.
+    """
+
+    def __init__(self, vocab_size: int, seq_len: int, *, width: int, depth: int, heads: int, previous_characters: int):
+        super().__init__()
+        self.vocab_size, self.previous_characters = vocab_size, previous_characters
+        self.tokens = nn.Embedding(vocab_size, width)
+        # One Embedding for all offsets (rows k * (vocab_size + 1) + id): one layer call in the layer pass.
+        self.previous = nn.Embedding(previous_characters * (vocab_size + 1), width) if previous_characters else None
+        self.positions = nn.Embedding(seq_len, width)
+        self.blocks = nn.Sequential(*(TransformerBlock(width, heads, causal=True) for _ in range(depth)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        batch, steps = ids.shape
+        x = self.tokens(ids) + self.positions(torch.arange(steps, device=ids.device).expand(batch, -1))
+        if self.previous is not None:
+            x = x + self.previous(self.previous_ids(ids)).sum(2)
+        x = self.head(self.norm(self.blocks(x)))
+        return x.transpose(1, 2)  # classes on dim 1, as F.cross_entropy takes a target per position
+
+    def previous_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of :attr:`previous` for every position and offset, ``[B, T, previous_characters]``.
+
+        Offset k (1-based) reads character t - k, or the extra row
+        ``vocab_size`` where t - k falls before the chunk.
+        """
+        steps, rows = ids.shape[1], self.vocab_size + 1
+        shifted = [
+            F.pad(ids, (k, 0), value=self.vocab_size)[:, :steps] + (k - 1) * rows
+            for k in range(1, self.previous_characters + 1)
+        ]
+        return torch.stack(shifted, dim=2)
+
+
+def _check_transformer_size(width, depth, previous_characters) -> None:
+    if not _is_int(width) or width < HEAD_WIDTH or width % HEAD_WIDTH:
+        raise ValueError(f"width must be a positive multiple of {HEAD_WIDTH}, got {width!r}")
+    if not _is_int(depth) or depth < 1:
+        raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
+    if not _is_int(previous_characters) or previous_characters < 0:
+        raise ValueError(f"previous_characters must be an integer >= 0, got {previous_characters!r}")
+
+
+def _char_transformer(
+    input_shape: tuple[int, ...], num_classes: int, *, width: int, depth: int, previous_characters: int
+) -> nn.Module:
+    if len(input_shape) != 1:
+        raise ValueError(f"input_shape must be (sequence length,) for char-transformer, got {input_shape!r}")
+    return CharTransformer(
+        num_classes, input_shape[0], width=width, depth=depth, heads=width // HEAD_WIDTH,
+        previous_characters=previous_characters,
+    )
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 _BUILDERS = {
     "logreg": _logreg, "mlp": _mlp, "tanh-cnn": _tanh_cnn, "cifar-cnn": _cifar_cnn,
-    "scatternet-linear": _scatternet_linear, "scatternet-cnn": _scatternet_cnn,
+    "scatternet-linear": _scatternet_linear, "scatternet-cnn": _scatternet_cnn, "char-transformer": _char_transformer,
 }
 
 
@@ -225,7 +396,12 @@ def _reset_parameters(module: nn.Module, generator: torch.Generator) -> None:
             fan_in = module.weight[0].numel()
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(module.bias, -bound, bound, generator=generator)
-    elif isinstance(module, nn.GroupNorm):
+    elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
         module.reset_parameters()  # deterministic: ones and zeros
+    elif isinstance(module, nn.Embedding):
+        # As nn.Embedding.reset_parameters.
+        nn.init.normal_(module.weight, generator=generator)
+        if module.padding_idx is not None:
+            module.weight[module.padding_idx].zero_()
     elif any(True for _ in module.parameters(recurse=False)):
         raise TypeError(f"no seeded initialisation for {type(module).__name__}")

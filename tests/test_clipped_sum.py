@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from dpsign_fl import clipped_sum
 from dpsign_fl.clipped_sum import SUPPORTED_LAYERS, clipped_gradient_sum
+from dpsign_fl.layer_rules import embedding_form
 from dpsign_fl.mechanism import AUTOMATIC_CLIPPING_GAMMA, clip_factors, clip_per_sample
 from dpsign_fl.models import MODELS, build_model
 
@@ -112,17 +113,28 @@ def token_loss(outputs, targets):
 # float32): the same layers, a smaller first Linear; 32x32 is checked in float32.
 INPUT_SHAPES = {
     "logreg": (2, 5, 5), "mlp": (13,), "tanh-cnn": (1, 28, 28), "cifar-cnn": (3, 16, 16),
-    "scatternet-linear": (81, 3, 3), "scatternet-cnn": (81, 4, 4),
+    "scatternet-linear": (81, 3, 3), "scatternet-cnn": (81, 4, 4), "char-transformer": (6,),
 }
 FULL_SIZE = {"tanh-cnn": (1, 28, 28), "cifar-cnn": (3, 32, 32)}
+SEQUENCE_MODELS = ("char-transformer",)
 
 
-def project_model(name, batch_size, dtype=torch.float64, seed=0, input_shape=None):
+def project_model(name, batch_size, dtype=torch.float64, seed=0, input_shape=None, num_classes=10):
+    """A project model and a batch: images or features with a class each, or character ids with a target per position.
+
+    The loss is F.cross_entropy for every model: sequence models put the
+    classes on dim 1 (``[B, classes, T]``), so its mean over all positions is
+    the mean of the per-example means.
+    """
     input_shape = input_shape or INPUT_SHAPES[name]
-    model = build_model(name, input_shape=input_shape, num_classes=10, seed=seed).to(dtype)
+    model = build_model(name, input_shape=input_shape, num_classes=num_classes, seed=seed).to(dtype)
     generator = torch.Generator().manual_seed(seed + 1)
-    inputs = torch.randn(batch_size, *input_shape, generator=generator, dtype=dtype)
-    targets = torch.randint(0, 10, (batch_size,), generator=generator)
+    if name in SEQUENCE_MODELS:
+        inputs = torch.randint(0, num_classes, (batch_size, *input_shape), generator=generator)
+        targets = torch.randint(0, num_classes, (batch_size, *input_shape), generator=generator)
+    else:
+        inputs = torch.randn(batch_size, *input_shape, generator=generator, dtype=dtype)
+        targets = torch.randint(0, num_classes, (batch_size,), generator=generator)
     return model, F.cross_entropy, inputs, targets
 
 
@@ -207,6 +219,63 @@ def test_float32_clipped_sum_matches_reference_to_float_tolerance(name):
         actual = clipped_gradient_sum(model, loss_fn, inputs, targets, clip_norm=small, method=method)
         assert actual.dtype == torch.float32
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_char_transformer_at_full_size_matches_reference_in_float32():
+    # 80 positions, 97 symbols, the default width, depth and previous characters: the sizes at which
+    # the layer pass picks its per-layer forms (embedding tables, materialised Linear gradients).
+    model, loss_fn, inputs, targets = project_model(
+        "char-transformer", 12, dtype=torch.float32, input_shape=(80,), num_classes=97
+    )
+    rows = one_at_a_time_gradients(model, loss_fn, inputs, targets)
+    small, _ = clip_norms_for(model, loss_fn, inputs, targets, rows)
+    expected = clip_and_sum(model, rows, small)
+    for method in METHODS:
+        actual = clipped_gradient_sum(model, loss_fn, inputs, targets, clip_norm=small, method=method)
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_takes_the_layer_pass_for_char_transformer(monkeypatch):
+    model, loss_fn, inputs, targets = project_model("char-transformer", 5)
+    expected = one_at_a_time_clipped_sum(model, loss_fn, inputs, targets, clip_norm=0.1)
+
+    def no_vmap(*args):
+        raise AssertionError("auto fell back to vmap")
+
+    monkeypatch.setattr(clipped_sum, "_vmap_pass", no_vmap)
+    actual = clipped_gradient_sum(model, loss_fn, inputs, targets, clip_norm=0.1, method="auto")
+
+    torch.testing.assert_close(actual, expected, **TIGHT)
+
+
+class EmbeddingBag(nn.Module):
+    """Ids [B, S] -> Embedding (row 0: padding) -> tanh -> flatten -> Linear: one embedding on its own."""
+
+    def __init__(self, rows, steps):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(rows, 4, padding_idx=0), nn.Linear(steps * 4, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids)).flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("rows", "steps", "form"),
+    [(5, 6, "table"), (36, 6, "table"), (37, 6, "ghost"), (50, 3, "ghost")],  # table while rows <= steps^2
+)
+def test_embedding_norms_by_table_and_by_ghost_equal_one_example_at_a_time(rows, steps, form):
+    torch.manual_seed(6)
+    model = EmbeddingBag(rows, steps).double()
+    generator = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, min(rows, 4), (9, steps), generator=generator)  # few distinct ids: repeats and padding
+    targets = torch.randint(0, 3, (9,), generator=generator)
+    small, _ = clip_norms_for(model, F.cross_entropy, ids, targets)
+    expected = one_at_a_time_clipped_sum(model, F.cross_entropy, ids, targets, clip_norm=small)
+
+    actual = clipped_gradient_sum(model, F.cross_entropy, ids, targets, clip_norm=small, method="layers")
+
+    assert embedding_form(rows, steps) == form
+    torch.testing.assert_close(actual, expected, **TIGHT)
 
 
 def layer_zoo():
