@@ -50,6 +50,7 @@ class Spec:
         choices: the allowed values of a ``str`` setting.
         low, high: the allowed interval of a number (None = unbounded).
         low_open, high_open: whether an end is excluded.
+        multiple_of: an integer setting must be a multiple of it (None = any).
         optional: whether ``None`` is allowed (Python callers only: a run config
             cannot hold None).
     """
@@ -63,6 +64,7 @@ class Spec:
     low_open: bool = False
     high_open: bool = False
     optional: bool = False
+    multiple_of: int | None = None
 
     def interval(self) -> str:
         """The allowed interval, e.g. ``(0, 1]``."""
@@ -95,6 +97,8 @@ class Spec:
         below = self.high is None or (value < self.high if self.high_open else value <= self.high)
         if not (above and below):
             raise ConfigError(f"{name} must be in {self.interval()}, got {value!r}")
+        if self.multiple_of is not None and value % self.multiple_of:
+            raise ConfigError(f"{name} must be a multiple of {self.multiple_of}, got {value!r}")
 
     def coerce(self, value: Any, name: str) -> Any:
         """Convert a run-config or command-line value (numbers may come as strings) and check it."""
@@ -139,6 +143,7 @@ def setting(
     high_open: bool = False,
     kind: type | None = None,
     optional: bool = False,
+    multiple_of: int | None = None,
 ) -> Any:
     """Declare one setting of a settings dataclass (see :class:`Spec`).
 
@@ -147,7 +152,7 @@ def setting(
     """
     spec = dict(
         key=key, kind=kind or type(default), help=help, choices=choices, low=low, high=high,
-        low_open=low_open, high_open=high_open, optional=optional or default is None,
+        low_open=low_open, high_open=high_open, optional=optional or default is None, multiple_of=multiple_of,
     )
     return dataclasses.field(default=default, metadata={"spec": spec})
 
@@ -219,7 +224,7 @@ def _choices():
     from .data import DATASETS, PARTITIONERS
     from .gradient_noise import GRADIENT_NOISES
     from .mechanism import CLIPPING_MODES, MAX_CLIP_NORM, MIN_CLIP_NORM
-    from .models import MODELS
+    from .models import HEAD_WIDTH, MODELS, PREVIOUS_CHARACTERS, TRANSFORMER_DEPTH, TRANSFORMER_WIDTH
     from .privacy.accounting import ACCOUNTANTS
     from .server_update import AUTOMATIC, LR_SCHEDULES
     from .vote import DEFAULT_VOTE, VOTE_RULES
@@ -228,6 +233,8 @@ def _choices():
         votes=VOTE_RULES, default_vote=DEFAULT_VOTE, automatic_steps=AUTOMATIC,
         attacks=BYZANTINE_ATTACKS, datasets=DATASETS, partitioners=PARTITIONERS, gradient_noises=GRADIENT_NOISES,
         clipping=CLIPPING_MODES, clip_norm_range=(MIN_CLIP_NORM, MAX_CLIP_NORM), models=("",) + MODELS, accountants=ACCOUNTANTS, schedules=LR_SCHEDULES,
+        head_width=HEAD_WIDTH, transformer_width=TRANSFORMER_WIDTH, transformer_depth=TRANSFORMER_DEPTH,
+        previous_characters=PREVIOUS_CHARACTERS,
     )
 
 
@@ -246,6 +253,14 @@ class RunSettings:
     dataset: str = setting("digits", choices=_C["datasets"], help="dataset to train on")
     data_dir: str = setting("", help="absolute path of a local copy of the dataset; empty = embedded or Hugging Face hub")
     model: str = setting("", choices=_C["models"], help="model; empty = the dataset's default")
+    model_width: int = setting(
+        _C["transformer_width"], low=_C["head_width"], high=512, multiple_of=_C["head_width"],
+        help=f"char-transformer: channels, a multiple of {_C['head_width']} (one attention head per {_C['head_width']})",
+    )
+    model_depth: int = setting(_C["transformer_depth"], low=1, high=12, help="char-transformer: transformer blocks")
+    model_previous_characters: int = setting(
+        _C["previous_characters"], low=0, high=16, help="char-transformer: previous characters embedded at each position (0 = none)"
+    )
     partitioner: str = setting("iid", choices=_C["partitioners"], help="how the training set is split among clients")
     dirichlet_alpha: float = setting(0.5, low=0, high=1e6, low_open=True, help="Dirichlet concentration (partitioner dirichlet)")
     classes_per_partition: int = setting(2, low=1, high=1_000_000, help="classes per client (partitioner pathological)")
@@ -282,6 +297,11 @@ class RunSettings:
         from .models import default_model
 
         return self.model or default_model(self.dataset)
+
+    @property
+    def model_options(self) -> dict[str, int]:
+        """The size keywords of :func:`dpsign_fl.models.build_model` (read by ``char-transformer`` only)."""
+        return {"width": self.model_width, "depth": self.model_depth, "previous_characters": self.model_previous_characters}
 
     @property
     def experiment_only(self) -> dict[str, Any]:

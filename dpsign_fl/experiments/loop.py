@@ -234,7 +234,8 @@ def run_experiment(
     run = experiment.run
     dataset, clients = load_run_data(experiment, dataset=dataset)
     model = build_model(
-        run.model_name, input_shape=tuple(dataset.input_shape), num_classes=dataset.num_classes, seed=run.model_seed
+        run.model_name, input_shape=tuple(dataset.input_shape), num_classes=dataset.num_classes, seed=run.model_seed,
+        **run.model_options,
     )
     weights = model_vector(model)
     num_coordinates = weights.shape[0]

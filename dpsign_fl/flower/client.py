@@ -147,7 +147,9 @@ def _train(message: Message, context: Context, simulation: bool | None) -> Messa
     if isinstance(received, Message):
         return received
     inputs, targets, classes = client_data(settings, node)
-    model = build_model(settings.model_name, input_shape=tuple(inputs.shape[1:]), num_classes=classes)
+    model = build_model(
+        settings.model_name, input_shape=tuple(inputs.shape[1:]), num_classes=classes, **settings.model_options
+    )
     attack = None
     if simulated and node.partition_id is not None and is_byzantine(node.partition_id, node.num_partitions, settings.byzantine_fraction):
         attack = settings.byzantine_attack

@@ -188,7 +188,7 @@ def build_server_model(settings: RunSettings, dataset: Dataset) -> torch.nn.Modu
     try:
         return build_model(
             settings.model_name, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-            seed=settings.model_seed,
+            seed=settings.model_seed, **settings.model_options,
         )
     except ValueError as error:
         raise ConfigError(f"model {settings.model_name!r} does not fit dataset {settings.dataset!r}: {error}") from None
