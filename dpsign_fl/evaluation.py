@@ -18,10 +18,27 @@ def evaluate(
     batch_size: int = 2048,
     loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
 ) -> tuple[float, float]:
-    """Return (mean loss, accuracy) of ``model`` on a labelled set, in eval mode.
+    """Return (mean loss, accuracy) of ``model`` over every prediction of a labelled set, in eval mode.
+
+    A prediction is one target entry: one per example for a classifier
+    (outputs ``[B, classes]``, targets ``[B]``), one per position for a
+    sequence model (outputs ``[B, classes, T]``, targets ``[B, T]``:
+    next-character accuracy over all positions of the test chunks). Classes
+    are on dim 1 of the outputs in both cases, as ``F.cross_entropy`` takes them.
 
     Privacy: run on the server's test set only; a client's accuracy on its own
     data would be a release outside the DP guarantee.
+
+    Args:
+        model: the model; put back in its mode afterwards.
+        inputs: ``[N, ...]`` examples.
+        targets: ``[N]`` or ``[N, T]`` class ids.
+        batch_size: examples per forward pass.
+        loss_fn: ``loss_fn(outputs, targets, reduction="sum")``, summed over predictions.
+
+    Returns:
+        (loss summed over predictions / their number, the share of correct
+        argmax predictions); (0, 0) for an empty set.
     """
     was_training = model.training
     model.eval()
@@ -32,5 +49,5 @@ def evaluate(
         total_loss += float(loss_fn(outputs, batch_targets, reduction="sum"))
         correct += int((outputs.argmax(dim=1) == batch_targets).sum())
     model.train(was_training)
-    count = max(inputs.shape[0], 1)
+    count = max(targets.numel(), 1)
     return total_loss / count, correct / count
