@@ -103,10 +103,9 @@ def _linear_norms(module, a, g, chunk_size, keep_bytes):
         else:
             kept = _keep(keep_bytes, g, (batch, fan_out, fan_in))
             for part in _chunks(batch, fan_in * fan_out, chunk_size):
-                grads = g[part].mT @ a[part]
+                # Written straight into the kept tensor when there is one: no copy of the per-example gradients.
+                grads = torch.bmm(g[part].mT, a[part], out=None if kept is None else kept[part])
                 squares[part] += squared_norms(grads)
-                if kept is not None:
-                    kept[part] = grads
             if kept is not None:
                 cache["weight"] = kept
     if _wants(module, "bias"):
@@ -285,7 +284,8 @@ def _embedding_norms(module, ids, g, chunk_size, keep_bytes):
     ``table``: the per-example gradient itself, each ``g_t`` added into row
     ``id_t`` of a zero ``[rows, W]`` table (``(S + rows) W``), for a chunk of
     examples; taken when the table has no more rows than S^2 (small
-    vocabularies, positions, long sequences).
+    vocabularies, positions, long sequences). The tables are kept for the
+    total while ``keep_bytes`` allows.
     """
     batch = ids.shape[0]
     ids = ids.reshape(batch, -1)
@@ -293,25 +293,31 @@ def _embedding_norms(module, ids, g, chunk_size, keep_bytes):
     if module.padding_idx is not None:  # the padding row receives no gradient
         g = g.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
     (steps, width), rows = g.shape[1:], module.num_embeddings
+    cache = {"ids": ids, "outputs": g}
     if steps == 1:
         squares = squared_norms(g)
     elif embedding_form(rows, steps) == "table":
         squares = torch.zeros(batch, dtype=g.dtype, device=g.device)
+        kept = _keep(keep_bytes, g, (batch, rows, width))
         for part in _chunks(batch, rows * width, chunk_size):
             size = g[part].shape[0]
             offsets = torch.arange(size, device=ids.device).unsqueeze(1) * rows  # example j's rows start at j * rows
-            table = g.new_zeros(size * rows, width)
+            table = g.new_zeros(size * rows, width) if kept is None else kept[part].view(size * rows, width).zero_()
             table.index_add_(0, (ids[part] + offsets).reshape(-1), g[part].reshape(-1, width))
-            squares[part] = squared_norms(table.reshape(size, -1))
+            squares[part] = squared_norms(table.view(size, -1))
+        if kept is not None:
+            cache = {"weight": kept}
     else:
         squares = torch.zeros(batch, dtype=g.dtype, device=g.device)
         for part in _chunks(batch, 2 * steps * steps, chunk_size):
             same = ids[part].unsqueeze(2) == ids[part].unsqueeze(1)
             squares[part] = ((g[part] @ g[part].mT) * same).sum((1, 2))
-    return squares, {"ids": ids, "outputs": g}
+    return squares, cache
 
 
 def _embedding_total(module, ids, g, weights, cache):
+    if "weight" in cache:  # the per-example tables of the norms, kept
+        return {"weight": torch.tensordot(weights, cache["weight"], dims=1)}
     g = cache["outputs"]
     weight = torch.zeros_like(module.weight)
     weight.index_add_(0, cache["ids"].reshape(-1), _scaled(g, weights).reshape(-1, g.shape[-1]))

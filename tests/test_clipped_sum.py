@@ -259,11 +259,13 @@ class EmbeddingBag(nn.Module):
         return self.head(torch.tanh(self.embed(ids)).flatten(1))
 
 
+@pytest.mark.parametrize("keep_bytes", [0, 2**40])
 @pytest.mark.parametrize(
     ("rows", "steps", "form"),
     [(5, 6, "table"), (36, 6, "table"), (37, 6, "ghost"), (50, 3, "ghost")],  # table while rows <= steps^2
 )
-def test_embedding_norms_by_table_and_by_ghost_equal_one_example_at_a_time(rows, steps, form):
+def test_embedding_norms_by_table_and_by_ghost_equal_one_example_at_a_time(monkeypatch, rows, steps, form, keep_bytes):
+    monkeypatch.setattr(clipped_sum, "KEEP_BYTES", keep_bytes)  # the tables kept for the total, or not
     torch.manual_seed(6)
     model = EmbeddingBag(rows, steps).double()
     generator = torch.Generator().manual_seed(7)

@@ -105,16 +105,22 @@ def _vote(rows, *, quick: bool) -> list[dict]:
 def _client(rows, *, quick: bool, threads: int) -> list[dict]:
     from .client_step import measure_client_step
 
-    cases = [("tanh-cnn", 32, 1)] if quick else [("tanh-cnn", 256, 5), ("cifar-cnn", 256, 5), ("transformer-10m", 64, 3)]
+    if quick:
+        cases = [("tanh-cnn", 32, 1), ("char-transformer", 8, 1)]
+    else:
+        cases = [("tanh-cnn", 256, 5), ("cifar-cnn", 256, 5), ("char-transformer", 50, 10), ("transformer-10m", 64, 3)]
     results = []
     for model, batch, repeats in cases:
         r = measure_client_step(model, batch, repeats=repeats, threads=threads, memory=not quick)
         results.append(r)
         release = r["ratio"]["release"]
+        if model == "char-transformer":  # issue 20's target for the Shakespeare model
+            reference = "target >= 0.8x"
+        else:
+            reference = "target >= 0.5x" + ("; <= 2 GiB extra" if "transformer" in model else "")
         rows.append((
             "client step vs non-private step", f"{model}, batch {batch}, {threads} thread(s)",
-            f"{release[1]:.2f}x (min {release[0]:.2f}x), +{r['peak_extra_mib']['release']:.0f} MiB",
-            "target >= 0.5x" + ("; <= 2 GiB extra" if "transformer" in model else ""),
+            f"{release[1]:.2f}x (min {release[0]:.2f}x), +{r['peak_extra_mib']['release']:.0f} MiB", reference,
         ))
     return results
 
