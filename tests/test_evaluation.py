@@ -55,3 +55,25 @@ def test_model_mode_is_restored():
     evaluate(model, indices(2, 1), torch.zeros(2, dtype=torch.int64))
 
     assert model.training
+
+
+class BatchRecorder(nn.Module):
+    """Records the batch size of every call; predicts class 0 everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, inputs):
+        self.batches.append(inputs.shape[0])
+        return torch.zeros(inputs.shape[0], 3, *inputs.shape[1:])
+
+
+def test_a_forward_pass_holds_at_most_batch_size_predictions():
+    model = BatchRecorder()
+    chunks = torch.zeros(50, 8, dtype=torch.int64)
+
+    evaluate(model, chunks, torch.zeros(50, 8, dtype=torch.int64), batch_size=100)  # 12 chunks of 8 positions
+    evaluate(model, chunks, torch.zeros(50, 8, dtype=torch.int64), batch_size=3)  # fewer than one chunk: 1
+
+    assert model.batches == [12, 12, 12, 12, 2] + [1] * 50
