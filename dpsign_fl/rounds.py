@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from .packing import pack_signs
 from .privacy import PrivacyLedger, Release, calibrate_noise_multiplier
+from .privacy.ledger import exceeds_budget
 from .release import ReleaseSettings, UnsafeRelease, client_release
 from .server_update import VoteUpdater
 from .settings import RunSettings
@@ -128,11 +129,20 @@ class Refusal:
     @property
     def reason(self) -> str:
         """A message for logs and the error reply (public numbers only)."""
-        return (
-            f"privacy budget exhausted: epsilon={self.spent:.4f} spent in {self.releases} releases; one more "
-            f"would reach {self.after:.4f} > epsilon {self.budget.target_epsilon:g} "
-            f"(delta={self.budget.target_delta:g})"
-        )
+        return refusal_reason(self.spent, self.releases, self.budget, after=self.after)
+
+
+def refusal_reason(spent: float, releases: int, budget: Budget, *, after: float | None = None) -> str:
+    """The one wording of a budget refusal: public numbers only (epsilon spent, releases, the budget).
+
+    ``after`` is the epsilon one more release would reach; None when the ledger
+    has no room for a whole run's plan (:class:`dpsign_fl.privacy.BudgetExhausted`).
+    """
+    more = f"one more would reach {after:.4f}" if after is not None else "no room for this run's releases"
+    return (
+        f"privacy budget exhausted: epsilon={spent:.4f} spent in {releases} releases; {more} "
+        f"> epsilon {budget.target_epsilon:g} (delta={budget.target_delta:g})"
+    )
 
 
 @dataclass(frozen=True)
@@ -193,7 +203,7 @@ def client_round(
         after = ledger.epsilon_after(
             target_delta=budget.target_delta, sample_rate=release.sample_rate, noise_multiplier=release.noise_multiplier
         )
-        if not after <= budget.target_epsilon:
+        if exceeds_budget(after, budget.target_epsilon):
             return Refusal(ledger.epsilon(budget.target_delta), after, ledger.num_releases, budget)
     try:
         signs = client_release(

@@ -220,14 +220,15 @@ def _choices():
     from .gradient_noise import GRADIENT_NOISES
     from .mechanism import CLIPPING_MODES, MAX_CLIP_NORM, MIN_CLIP_NORM
     from .models import MODELS
-    from .privacy.accounting import ACCOUNTANTS
+    from .privacy.accounting import ACCOUNTANTS, TARGET_DELTA_RANGE, TARGET_EPSILON_RANGE
     from .server_update import AUTOMATIC, LR_SCHEDULES
     from .vote import DEFAULT_VOTE, VOTE_RULES
 
     return dict(
         votes=VOTE_RULES, default_vote=DEFAULT_VOTE, automatic_steps=AUTOMATIC,
         attacks=BYZANTINE_ATTACKS, datasets=DATASETS, partitioners=PARTITIONERS, gradient_noises=GRADIENT_NOISES,
-        clipping=CLIPPING_MODES, clip_norm_range=(MIN_CLIP_NORM, MAX_CLIP_NORM), models=("",) + MODELS, accountants=ACCOUNTANTS, schedules=LR_SCHEDULES,
+        clipping=CLIPPING_MODES, clip_norm_range=(MIN_CLIP_NORM, MAX_CLIP_NORM), models=("",) + MODELS, accountants=ACCOUNTANTS,
+        epsilon_range=TARGET_EPSILON_RANGE, delta_range=TARGET_DELTA_RANGE, schedules=LR_SCHEDULES,
     )
 
 
@@ -251,8 +252,8 @@ class RunSettings:
     classes_per_partition: int = setting(2, low=1, high=1_000_000, help="classes per client (partitioner pathological)")
     data_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of the train/test split (digits, mushroom) and of the client partitions")
     num_rounds: int = setting(60, key="num-server-rounds", low=1, high=1_000_000, help="T, the total number of rounds of the run")
-    target_epsilon: float = setting(8.0, low=0.05, high=100, help="epsilon each client may spend over the run")
-    target_delta: float = setting(1e-5, low=1e-12, high=0.5, help="delta at which epsilon is accounted")
+    target_epsilon: float = setting(8.0, low=_C["epsilon_range"][0], high=_C["epsilon_range"][1], help="epsilon each client may spend over the run")
+    target_delta: float = setting(1e-5, low=_C["delta_range"][0], high=_C["delta_range"][1], help="delta at which epsilon is accounted")
     sample_rate: float = setting(0.3, low=1e-4, high=1, help="q, the Poisson sampling rate of each client's data per round")
     clip_norm: float = setting(1.0, low=_C["clip_norm_range"][0], high=_C["clip_norm_range"][1], help="C, the L2 bound on each example's whole gradient")
     clipping: str = setting("flat", choices=_C["clipping"], help="per-example clipping: flat or automatic")

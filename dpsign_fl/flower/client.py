@@ -45,7 +45,7 @@ from ..privacy import PrivacyLedger, Release
 from ..privacy.accounting import BudgetExhausted
 from ..privacy.ledger_store import lock_ledger_file, read_ledger_file, write_ledger_file
 from ..release import ReleaseSettings, UnsafeRelease, seeded_generator
-from ..rounds import Budget, FailedRelease, ReleasePlan, Refusal, client_round, plan_release
+from ..rounds import Budget, FailedRelease, ReleasePlan, Refusal, client_round, plan_release, refusal_reason
 from ..settings import ConfigError, RunSettings, from_mapping, to_mapping
 from .node import NodeConfig, data_identity, parse_node_config, running_in_simulation
 from .records import (
@@ -362,9 +362,7 @@ def run_plan(settings: RunSettings, budget: Budget, ledger: PrivacyLedger, conte
     try:
         plan = plan_release(settings, budget, ledger.releases)
     except BudgetExhausted:
-        return (f"privacy budget exhausted: the ledger's {ledger.num_releases} releases already spend "
-                f"epsilon {ledger.epsilon(budget.target_delta):.4f} of {budget.target_epsilon:g} "
-                f"(delta={budget.target_delta:g})")
+        return refusal_reason(ledger.epsilon(budget.target_delta), ledger.num_releases, budget)
     log(INFO, "planned noise multiplier %.4f for %d releases within epsilon %g at delta %g (after %d earlier releases)",
         plan.release.noise_multiplier, settings.num_rounds, budget.target_epsilon, budget.target_delta, ledger.num_releases)
     context.state[NOISE_STATE_KEY] = ConfigRecord(

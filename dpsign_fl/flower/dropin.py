@@ -36,7 +36,7 @@ from .node import NodeConfig, parse_node_config, running_in_simulation
 PRIVACY_KEYS = ("target-epsilon", "target-delta", "sample-rate", "clip-norm", "num-server-rounds")
 """The run-config keys dp_sign_train reads when they are not given as arguments (required)."""
 
-OPTIONAL_KEYS = {"clipping": "flat", "accountant": "pld"}
+OPTIONAL_KEYS = {"clipping": RunSettings.clipping, "accountant": RunSettings.accountant}
 """Run-config keys dp_sign_train also reads, with their defaults."""
 
 

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..privacy.accounting import TARGET_DELTA_RANGE, TARGET_EPSILON_RANGE
 from ..settings import SEED_LIMIT, ConfigError, RunSettings, check_fields, from_mapping, setting, specs
 
-DEFAULT_NODE_DELTA = 1e-5
-"""The node's delta when it sets ``max-epsilon`` without ``delta``."""
+DEFAULT_NODE_DELTA = RunSettings.target_delta
+"""The node's delta when it sets ``max-epsilon`` without ``delta``: the run config's default."""
 
 STATE_FOLDER = "dpsign-fl"
 """The node's own folder (ledger, model) inside Flower's home, ``$FLWR_HOME`` or ``~/.flwr``."""
@@ -68,8 +69,8 @@ class NodeConfig:
     ledger_path: str | None = setting(None, kind=str, help="absolute path of this node's privacy ledger file")
     state_dir: str | None = setting(None, kind=str, help="absolute path of this node's folder for its ledger and model")
     per_run_budget: bool = setting(False, help="keep the ledger per run (context.state): the budget restarts every run")
-    max_epsilon: float | None = setting(None, kind=float, low=0.05, high=100, help="the most epsilon this node's data may ever spend")
-    delta: float | None = setting(None, kind=float, low=1e-12, high=0.5, help="the node's own delta (default 1e-5)")
+    max_epsilon: float | None = setting(None, kind=float, low=TARGET_EPSILON_RANGE[0], high=TARGET_EPSILON_RANGE[1], help="the most epsilon this node's data may ever spend")
+    delta: float | None = setting(None, kind=float, low=TARGET_DELTA_RANGE[0], high=TARGET_DELTA_RANGE[1], help="the node's own delta (default: the run config's default target-delta)")
     noise_seed: int | None = setting(None, kind=int, low=0, high=SEED_LIMIT, high_open=True, help="experiments only: a fixed seed for this node's randomness (NOT private)")
     data: tuple[tuple[str, Any], ...] = ()
     """The :data:`NODE_DATA_KEYS` this node's config sets, as (key, value) pairs (checked like the run config's)."""

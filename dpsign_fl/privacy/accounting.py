@@ -76,11 +76,21 @@ excess reaches 1e-3 at k ~ 2800-3400 * epsilon / sqrt(T). 1400 keeps a margin of
 4x or more in the excess; tests/test_accounting.py checks the bound.
 """
 
+TARGET_EPSILON_RANGE = (0.05, 100.0)
+"""The budgets a run or a node may ask for: epsilon in this closed interval.
+
+The one home of the bound: the run config (``target-epsilon``), the node config
+(``max-epsilon``) and the PLD grid (:data:`PLD_SMALLEST_EPSILON`) read it.
+Calibration is tested and ends in seconds over this range."""
+TARGET_DELTA_RANGE = (1e-12, 0.5)
+"""The deltas a run (``target-delta``) or a node (``delta``) may account at."""
+
 PLD_MAX_MULTIPLE = 4096
 PLD_FIRST_MULTIPLE = 1024
-PLD_SMALLEST_EPSILON = 0.05
-"""The relative bound holds from this epsilon up; below it the interval stays that of
-0.05 (finer grids only cost time: at sigma near the floor one would need gigabytes)."""
+PLD_SMALLEST_EPSILON = TARGET_EPSILON_RANGE[0]
+"""The relative bound holds from this epsilon up (the smallest budget anyone may ask
+for); below it the interval stays that of this epsilon (finer grids only cost time: at
+sigma near the floor one would need gigabytes)."""
 
 CALIBRATION_TIMEOUT_SECONDS = 300.0
 """Calibration gives up (CalibrationTimeout) rather than run longer than this."""
