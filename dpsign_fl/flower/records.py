@@ -57,7 +57,6 @@ BASE_DIGEST_KEY = "base-digest"
 VOTE_ROUNDS_KEY = "vote-rounds"
 TRAINABLE_KEY = "trainable"
 SYNC_ONLY_KEY = "sync-only"
-RULE_KEYS = ("learning-rate", "lr-schedule", "server-momentum", "num-rounds", "step-scale")
 REPLICA_ARRAYS_KEY = "dpsign-model"
 REPLICA_STATE_KEY = "dpsign-model-state"
 REPLICA_META_KEY = "dpsign-model-meta"
