@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import shlex
 import sys
 import tomllib
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from .privacy.accounting import ACCOUNTANTS
+from .privacy.limits import CLIP_NORM_RANGE, TARGET_DELTA_RANGE, TARGET_EPSILON_RANGE
+from .server_update import AUTOMATIC, LR_SCHEDULES
+from .vote import DEFAULT_VOTE, VOTE_RULES
 
 SEED_LIMIT = 2**63
 """Seeds are integers in [0, SEED_LIMIT)."""
@@ -47,7 +53,8 @@ class Spec:
         key: the run-config key (kebab-case).
         kind: ``int``, ``float``, ``str`` or ``bool``.
         help: one line for ``--help`` texts and docs.
-        choices: the allowed values of a ``str`` setting.
+        choices: the allowed values of a ``str`` setting, or a function
+            returning them (read when a value is checked: see :meth:`allowed`).
         low, high: the allowed interval of a number (None = unbounded).
         low_open, high_open: whether an end is excluded.
         optional: whether ``None`` is allowed (Python callers only: a run config
@@ -57,12 +64,16 @@ class Spec:
     key: str
     kind: type
     help: str
-    choices: tuple[str, ...] | None = None
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
     low: float | None = None
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
     optional: bool = False
+
+    def allowed(self) -> tuple[str, ...] | None:
+        """The allowed values of a ``str`` setting (None: any string)."""
+        return self.choices() if callable(self.choices) else self.choices
 
     def interval(self) -> str:
         """The allowed interval, e.g. ``(0, 1]``."""
@@ -81,9 +92,10 @@ class Spec:
         if self.kind is str:
             if not isinstance(value, str):
                 raise ConfigTypeError(f"{name} must be a string, got {value!r}")
-            if self.choices is not None and value not in self.choices:
-                shown = tuple(c for c in self.choices if c)
-                raise ConfigError(f"{name} must be one of {shown}{' or empty' if '' in self.choices else ''}, got {value!r}")
+            choices = self.allowed()
+            if choices is not None and value not in choices:
+                shown = tuple(c for c in choices if c)
+                raise ConfigError(f"{name} must be one of {shown}{' or empty' if '' in choices else ''}, got {value!r}")
             return
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigTypeError(f"{name} must be {'an integer' if self.kind is int else 'a number'}, got {value!r}")
@@ -132,7 +144,7 @@ def setting(
     *,
     help: str,
     key: str | None = None,
-    choices: tuple[str, ...] | None = None,
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
     low: float | None = None,
     high: float | None = None,
     low_open: bool = False,
@@ -213,26 +225,37 @@ def _shown(key: str, style: str) -> str:
     return f"--{key}" if style == "option" else key
 
 
-def _choices():
-    # Each list of names (and the default it implies) lives with the code that implements it.
+# Each list of names (and the default it implies) lives with the code that implements it.
+# Lists that live beside torch (datasets, partitioners, clipping modes, models) are read when
+# a value is first checked, not at import: the settings checker answers without loading torch.
+_C = dict(
+    votes=VOTE_RULES, default_vote=DEFAULT_VOTE, automatic_steps=AUTOMATIC, accountants=ACCOUNTANTS,
+    schedules=LR_SCHEDULES, clip_norm_range=CLIP_NORM_RANGE, epsilon_range=TARGET_EPSILON_RANGE,
+    delta_range=TARGET_DELTA_RANGE,
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_side_choices() -> dict[str, tuple[str, ...]]:
     from .attacks import BYZANTINE_ATTACKS
     from .data import DATASETS, PARTITIONERS
     from .gradient_noise import GRADIENT_NOISES
-    from .mechanism import CLIPPING_MODES, MAX_CLIP_NORM, MIN_CLIP_NORM
+    from .mechanism import CLIPPING_MODES
     from .models import MODELS
-    from .privacy.accounting import ACCOUNTANTS, TARGET_DELTA_RANGE, TARGET_EPSILON_RANGE
-    from .server_update import AUTOMATIC, LR_SCHEDULES
-    from .vote import DEFAULT_VOTE, VOTE_RULES
 
     return dict(
-        votes=VOTE_RULES, default_vote=DEFAULT_VOTE, automatic_steps=AUTOMATIC,
         attacks=BYZANTINE_ATTACKS, datasets=DATASETS, partitioners=PARTITIONERS, gradient_noises=GRADIENT_NOISES,
-        clipping=CLIPPING_MODES, clip_norm_range=(MIN_CLIP_NORM, MAX_CLIP_NORM), models=("",) + MODELS, accountants=ACCOUNTANTS,
-        epsilon_range=TARGET_EPSILON_RANGE, delta_range=TARGET_DELTA_RANGE, schedules=LR_SCHEDULES,
+        clipping=CLIPPING_MODES, models=("",) + MODELS,
     )
 
 
-_C = _choices()
+def _later(name: str):
+    """Choices read on first use (:func:`_torch_side_choices`)."""
+    return functools.partial(_read_choices, name)
+
+
+def _read_choices(name: str) -> tuple[str, ...]:
+    return _torch_side_choices()[name]
 
 
 @dataclass(frozen=True)
@@ -244,10 +267,10 @@ class RunSettings:
     rounds of the run (a resumed run counts from round 1 too).
     """
 
-    dataset: str = setting("digits", choices=_C["datasets"], help="dataset to train on")
+    dataset: str = setting("digits", choices=_later("datasets"), help="dataset to train on")
     data_dir: str = setting("", help="absolute path of a local copy of the dataset; empty = embedded or Hugging Face hub")
-    model: str = setting("", choices=_C["models"], help="model; empty = the dataset's default")
-    partitioner: str = setting("iid", choices=_C["partitioners"], help="how the training set is split among clients")
+    model: str = setting("", choices=_later("models"), help="model; empty = the dataset's default")
+    partitioner: str = setting("iid", choices=_later("partitioners"), help="how the training set is split among clients")
     dirichlet_alpha: float = setting(0.5, low=0, high=1e6, low_open=True, help="Dirichlet concentration (partitioner dirichlet)")
     classes_per_partition: int = setting(2, low=1, high=1_000_000, help="classes per client (partitioner pathological)")
     data_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of the train/test split (digits, mushroom) and of the client partitions")
@@ -256,7 +279,7 @@ class RunSettings:
     target_delta: float = setting(1e-5, low=_C["delta_range"][0], high=_C["delta_range"][1], help="delta at which epsilon is accounted")
     sample_rate: float = setting(0.3, low=1e-4, high=1, help="q, the Poisson sampling rate of each client's data per round")
     clip_norm: float = setting(1.0, low=_C["clip_norm_range"][0], high=_C["clip_norm_range"][1], help="C, the L2 bound on each example's whole gradient")
-    clipping: str = setting("flat", choices=_C["clipping"], help="per-example clipping: flat or automatic")
+    clipping: str = setting("flat", choices=_later("clipping"), help="per-example clipping: flat or automatic")
     accountant: str = setting("pld", choices=_C["accountants"], help="privacy accountant: pld or rdp")
     learning_rate: float | None = setting(
         _C["automatic_steps"], low=0, high=1e3, optional=True,
@@ -270,9 +293,9 @@ class RunSettings:
     reproducible_noise: bool = setting(False, help="simulation only: derive clients' sampling and noise from noise-seed (NOT private)")
     noise_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of clients' randomness when reproducible-noise is true")
     eval_every: int = setting(1, low=1, high=1_000_000, help="evaluate the global model every k rounds (and after the last)")
-    gradient_noise: str = setting("none", choices=_C["gradient_noises"], help="experiments only: synthetic heavy-tailed gradient noise")
+    gradient_noise: str = setting("none", choices=_later("gradient_noises"), help="experiments only: synthetic heavy-tailed gradient noise")
     byzantine_fraction: float = setting(0.0, low=0, high=1, high_open=True, help="experiments only: fraction of clients that attack")
-    byzantine_attack: str = setting("sign-flip", choices=_C["attacks"], help="experiments only: what attacking clients send")
+    byzantine_attack: str = setting("sign-flip", choices=_later("attacks"), help="experiments only: what attacking clients send")
 
     def __post_init__(self) -> None:
         check_fields(self)

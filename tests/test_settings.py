@@ -138,3 +138,20 @@ def test_a_dataset_run_with_the_digits_defaults_gets_a_warning_with_measured_set
     assert "warning" not in capsys.readouterr().err
     assert main([""]) == 0  # digits: the defaults are its own
     assert "warning" not in capsys.readouterr().err
+
+
+def test_importing_the_settings_loads_neither_torch_nor_the_experiment_hooks():
+    # The settings checker answers in seconds; torch takes most of them. Negative control: the
+    # release module does load torch, so the check can see an import.
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, dpsign_fl.settings; print(sorted(m for m in ('torch', 'dpsign_fl.attacks', "
+        "'dpsign_fl.gradient_noise', 'dpsign_fl.experiments') if m in sys.modules)); "
+        "import dpsign_fl.release; print('torch' in sys.modules)"
+    )
+    lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
+
+    assert lines[0] == "[]"
+    assert lines[1] == "True"

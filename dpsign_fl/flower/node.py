@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..privacy.accounting import TARGET_DELTA_RANGE, TARGET_EPSILON_RANGE
+from ..privacy.limits import TARGET_DELTA_RANGE, TARGET_EPSILON_RANGE
 from ..settings import SEED_LIMIT, ConfigError, RunSettings, check_fields, from_mapping, setting, specs
 
 DEFAULT_NODE_DELTA = RunSettings.target_delta

@@ -37,6 +37,8 @@ import dp_accounting
 from dp_accounting import pld, rdp
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from .limits import TARGET_EPSILON_RANGE
+
 
 class _QuietAbslLogging:
     """Stands in for ``absl.logging`` inside dp-accounting's RDP module.
@@ -75,15 +77,6 @@ a relative amount close to quadratic in the multiple k; measured over q in
 excess reaches 1e-3 at k ~ 2800-3400 * epsilon / sqrt(T). 1400 keeps a margin of
 4x or more in the excess; tests/test_accounting.py checks the bound.
 """
-
-TARGET_EPSILON_RANGE = (0.05, 100.0)
-"""The budgets a run or a node may ask for: epsilon in this closed interval.
-
-The one home of the bound: the run config (``target-epsilon``), the node config
-(``max-epsilon``) and the PLD grid (:data:`PLD_SMALLEST_EPSILON`) read it.
-Calibration is tested and ends in seconds over this range."""
-TARGET_DELTA_RANGE = (1e-12, 0.5)
-"""The deltas a run (``target-delta``) or a node (``delta``) may account at."""
 
 PLD_MAX_MULTIPLE = 4096
 PLD_FIRST_MULTIPLE = 1024
