@@ -18,7 +18,10 @@ Faults: a reply with an error (the client raised or refused), one that breaks
 the wire format, a second reply of one node, or a reply from a node that was
 not sampled this round is dropped with a logged reason; the round still steps
 while at least ``min_train_nodes`` valid replies arrived, and leaves the model
-unchanged otherwise. Client-side evaluation is not offered: a client's
+unchanged otherwise. A round stops waiting once every sampled node answered,
+or ``grace`` seconds after ``min_train_nodes`` replies without error came, or
+after ``timeout`` (:func:`dpsign_fl.flower.exchange.collect_replies`): a node
+that went silent costs the grace, not the timeout. Client-side evaluation is not offered: a client's
 accuracy on its own data is not covered by the DP guarantee (evaluate on the
 server with ``evaluate_fn``).
 """
@@ -40,8 +43,10 @@ from ..model_sync import UpdateRule, check_trainable, default_trainable
 from ..parameters import flatten, unflatten
 from ..rounds import server_round as run_server_round
 from ..server_update import AUTOMATIC, VoteUpdater
+from ..settings import FlowerOptions
 from ..vote import DEFAULT_VOTE, VOTE_RULES
 from .downlink import Downlink
+from .exchange import collect_replies
 from .records import (
     BUDGET_EXHAUSTED_CODE,
     DIGEST_KEY,
@@ -91,7 +96,7 @@ class SignMajorityVote(Strategy):
     Each round's :class:`MetricRecord` (returned by :meth:`aggregate_train`, kept
     in ``Result.train_metrics_clientapp``) holds ``voters`` (valid replies),
     ``dropped`` (error and invalid replies), ``missing`` (sampled nodes that did
-    not reply before the timeout), ``epsilon`` (largest epsilon spent among the
+    not reply before the wait ended), ``missing-nodes`` (their node ids, sorted), ``epsilon`` (largest epsilon spent among the
     clients that replied), ``uplink-bytes`` (serialised sign payloads received),
     ``payload-bytes`` (ceil(d/8)), ``downlink-bytes`` (array bytes sent that
     round, resends included), ``full-syncs`` (nodes sent the whole model) and
@@ -160,6 +165,7 @@ class SignMajorityVote(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
         *,
+        grace: float = FlowerOptions.round_grace,
         first_round: int = 1,
         round_end_fn: RoundEndFn | None = None,
     ) -> Result:
@@ -173,11 +179,22 @@ class SignMajorityVote(Strategy):
         evaluate_metrics)`` after that, with the round's train metrics.
         ``evaluate_config`` is accepted for compatibility and unused.
 
+        A round (and the final sync) waits for the replies until every node
+        answered (an error counts), or until ``min_train_nodes`` replies without
+        error are in and ``grace`` more seconds have passed, or ``timeout``
+        seconds after sending, whichever comes first.
+
         Raises:
-            ValueError: if ``first_round`` is not in [1, num_rounds + 1].
+            ValueError: if ``first_round`` is not in [1, num_rounds + 1], ``timeout``
+                is not > 0 or ``grace`` is negative.
         """
         if not 1 <= first_round <= num_rounds + 1:
             raise ValueError(f"first_round must be in [1, {num_rounds + 1}], got {first_round}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0, got {timeout!r}")
+        if not grace >= 0:
+            raise ValueError(f"grace must be >= 0, got {grace!r}")
+        wait = {"timeout": timeout, "grace": grace}
         self.num_rounds = num_rounds
         self._prepare_downlink(initial_arrays)
         log(INFO, "Starting %s, rounds %d to %d:", type(self).__name__, first_round, num_rounds)
@@ -192,8 +209,9 @@ class SignMajorityVote(Strategy):
         arrays = initial_arrays
         for current in range(first_round, num_rounds + 1):
             log(INFO, "[ROUND %d/%d]", current, num_rounds)
-            replies = list(grid.send_and_receive(self.configure_train(current, arrays, train_config, grid), timeout=timeout))
-            replies = self._resend_to_stale(grid, replies, current, arrays, train_config, timeout)
+            messages = self.configure_train(current, arrays, train_config, grid)
+            replies = collect_replies(grid, messages, quorum=self.min_train_nodes, **wait)
+            replies = self._resend_to_stale(grid, replies, current, arrays, train_config, wait)
             updated, train_metrics = self.aggregate_train(current, replies)
             self._stop_if_clients_keep_failing(current)
             if updated is not None:
@@ -208,7 +226,7 @@ class SignMajorityVote(Strategy):
         log(INFO, "%s finished rounds %d to %d in %.1f s", type(self).__name__, first_round, num_rounds,
             time.monotonic() - started)
         if self.final_sync and self.downlink_mode == "votes" and first_round <= num_rounds:
-            self._sync_every_node(grid, arrays, timeout)
+            self._sync_every_node(grid, arrays, wait)
         return result
 
     def configure_train(
@@ -251,9 +269,10 @@ class SignMajorityVote(Strategy):
         )
         for position, why in sorted(outcome.excluded.items()):
             log(WARNING, "round %d: the robust vote left out node %s (%s)", server_round, tally.in_order[position], why)
-        missing = len(self._sampled - tally.replied)
+        missing = sorted(self._sampled - tally.replied)
         if missing:
-            log(WARNING, "round %d: %d of %d sampled nodes did not reply in time", server_round, missing, len(self._sampled))
+            log(WARNING, "round %d: %d of %d sampled nodes did not reply in time: %s", server_round, len(missing),
+                len(self._sampled), _node_list(missing))
         for node in self._sampled:
             if node in tally.holds_model:
                 self._downlink.node_holds(node, server_round)
@@ -263,7 +282,8 @@ class SignMajorityVote(Strategy):
             {
                 "voters": outcome.voters,
                 "dropped": tally.received - outcome.voters,
-                "missing": missing,
+                "missing": len(missing),
+                "missing-nodes": missing,
                 "epsilon": max(tally.epsilons) if tally.epsilons else 0.0,
                 "uplink-bytes": tally.uplink_bytes,
                 "payload-bytes": (d + 7) // 8,
@@ -342,32 +362,42 @@ class SignMajorityVote(Strategy):
 
     def _resend_to_stale(
         self, grid: Grid, replies: list[Message], server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-        timeout: float, **kwargs,
+        wait: dict, **kwargs,
     ) -> list[Message]:
-        """Send the full model, in the same round, to the nodes that answered "out of sync"."""
+        """Send the full model, in the same round, to the nodes that answered "out of sync".
+
+        The quorum counts the replies without error already in: once it is met,
+        the resent nodes get ``grace`` seconds.
+        """
         stale = [r.metadata.src_node_id for r in replies if r.has_error() and r.error.code == OUT_OF_SYNC_CODE]
         if not stale:
             return replies
         log(INFO, "round %d: %d nodes did not hold the model the votes apply to: sending them the model", server_round, len(stale))
         resend = [self._instruction(node, server_round, arrays, config, full=True, **kwargs) for node in stale]
         kept = [r for r in replies if not (r.has_error() and r.error.code == OUT_OF_SYNC_CODE)]
-        return kept + list(grid.send_and_receive(resend, timeout=timeout))
+        quorum = max(0, self.min_train_nodes - sum(1 for r in kept if not r.has_error()))
+        return kept + collect_replies(grid, resend, quorum=quorum, **wait)
 
-    def _sync_every_node(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
-        """Bring every connected node to the final model (no release: a sync-only instruction)."""
+    def _sync_every_node(self, grid: Grid, arrays: ArrayRecord, wait: dict) -> None:
+        """Bring every connected node to the final model (no release: a sync-only instruction).
+
+        The wait ends as a round's does, with ``min_train_nodes`` acknowledgements as the quorum.
+        """
         nodes = list(grid.get_node_ids())
         final_round = self.num_rounds + 1
         digest = self._downlink.begin_round(final_round, self._weights(arrays), self._velocity())
         self._sent = _Traffic()
         messages = [self._instruction(node, final_round, arrays, ConfigRecord(), sync_only=True) for node in nodes]
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
-        replies = self._resend_to_stale(grid, replies, final_round, arrays, ConfigRecord(), timeout, sync_only=True)
+        replies = collect_replies(grid, messages, quorum=self.min_train_nodes, **wait)
+        replies = self._resend_to_stale(grid, replies, final_round, arrays, ConfigRecord(), wait, sync_only=True)
         synced = sum(
             1 for r in replies
             if not r.has_error() and SYNC_KEY in r.content and r.content[SYNC_KEY].get(DIGEST_KEY) == digest
         )
-        log(INFO, "final sync: %d of %d nodes hold the final model (%d array bytes sent, %d full models)",
-            synced, len(nodes), self._sent.bytes, self._sent.full)
+        silent = sorted(set(nodes) - {r.metadata.src_node_id for r in replies})
+        log(INFO, "final sync: %d of %d nodes hold the final model (%d array bytes sent, %d full models)%s",
+            synced, len(nodes), self._sent.bytes, self._sent.full,
+            f"; no reply from nodes {_node_list(silent)}" if silent else "")
 
     def _valid_payloads(self, server_round: int, replies: Iterable[Message], d: int, tally: "_Tally") -> Iterator[np.ndarray]:
         """Yield the packed signs of each valid reply, logging why any other is dropped."""
@@ -450,6 +480,12 @@ class _Traffic:
     def add(self, size: int, full: bool) -> None:
         self.bytes += size
         self.full += int(full)
+
+
+def _node_list(nodes: list[int], shown: int = 20) -> str:
+    """Node ids for a log line: the first ``shown`` of them, and how many more."""
+    more = f" and {len(nodes) - shown} more" if len(nodes) > shown else ""
+    return f"{nodes[:shown]}{more}"
 
 
 def _last_line(reason: str, limit: int = 300) -> str:

@@ -3,6 +3,7 @@ run configs, checkpoints and resume (run_server on an in-process Grid, no Ray)."
 
 import json
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -173,6 +174,9 @@ class UntouchableGrid(FakeGrid):
     def get_node_ids(self):
         raise AssertionError("the run reached the Grid")
 
+    def push_messages(self, messages):
+        raise AssertionError("the run reached the Grid")
+
     def send_and_receive(self, messages, *, timeout=None):
         raise AssertionError("the run reached the Grid")
 
@@ -234,6 +238,32 @@ def test_a_run_with_one_failing_client_completes_every_round_with_the_others(tmp
     assert [r["round"] for r in rows] == [1, 2]
     assert all((r["voters"], r["dropped"], r["missing"]) == (2, 1, 0) for r in rows)
     assert json.loads((tmp_path / "results" / METRICS_FILE).read_text()) == rows
+
+
+def raising_once_then_silent_on_partition(partition_id):
+    """Partition ``partition_id`` raises in round 1, then never replies again (final sync included)."""
+    def handler(message, context):
+        if int(context.node_config["partition-id"]) != partition_id:
+            return handle_train(message, context, simulation=True)
+        if int(message.content["config"]["server-round"]) == 1:
+            raise RuntimeError("deliberate failure, then silence")
+        return None
+
+    return handler
+
+
+def test_a_node_that_fails_then_goes_silent_costs_the_grace_not_the_round_timeout(tmp_path, caplog):
+    config = run_config(tmp_path, **{"num-server-rounds": 3, "round-timeout": 600.0, "round-grace": 1.0})
+    grid = InProcessGrid(config, num_nodes=3, handler=raising_once_then_silent_on_partition(1))
+    started = time.monotonic()
+
+    rows = run_server(grid, server_context(config))
+
+    assert time.monotonic() - started < 60  # three rounds and the final sync, not 3 x 600 s
+    assert [(r["voters"], r["dropped"], r["missing"]) for r in rows] == [(2, 1, 0), (2, 0, 1), (2, 0, 1)]
+    assert [r["missing-nodes"] for r in rows] == [[], [101], [101]]
+    assert json.loads((tmp_path / "results" / METRICS_FILE).read_text()) == rows
+    assert "final sync: 2 of 3 nodes hold the final model" in caplog.text and "no reply from nodes [101]" in caplog.text
 
 
 RESUME_SETTINGS = {
