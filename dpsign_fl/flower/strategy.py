@@ -47,6 +47,7 @@ from ..settings import FlowerOptions
 from ..vote import DEFAULT_VOTE, VOTE_RULES
 from .downlink import Downlink
 from .exchange import collect_replies
+from .logs import printable
 from .records import (
     BUDGET_EXHAUSTED_CODE,
     DIGEST_KEY,
@@ -414,6 +415,7 @@ class SignMajorityVote(Strategy):
                 except InvalidReply as error:
                     reason = str(error)
             if reason is not None:
+                reason = printable(reason)  # client text: one bounded line, nothing a terminal acts on
                 log(WARNING, "round %d: dropped reply of node %s: %s", server_round, node, reason)
                 tally.reasons.append(f"node {node}: {reason}")
                 if message.has_error() and message.error.code == BUDGET_EXHAUSTED_CODE:
@@ -432,7 +434,7 @@ class SignMajorityVote(Strategy):
         if node not in self._sampled:
             return "the node was not sampled this round"
         if message.has_error():
-            return f"error {message.error.code}: {_last_line(message.error.reason)}"
+            return f"error {message.error.code}: {_last_line(message.error.reason or '')}"
         if node in tally.voted:  # one node, one vote: a repeated reply could outvote honest nodes
             return "a second reply in the same round"
         return None
@@ -488,8 +490,7 @@ def _node_list(nodes: list[int], shown: int = 20) -> str:
     return f"{nodes[:shown]}{more}"
 
 
-def _last_line(reason: str, limit: int = 300) -> str:
-    """The last non-empty line of an error reason (in simulation a whole Ray traceback), shortened."""
+def _last_line(reason: str) -> str:
+    """The last non-empty line of an error reason (in simulation a whole Ray traceback)."""
     lines = [line.strip() for line in reason.splitlines() if line.strip()]
-    text = lines[-1] if lines else ""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return lines[-1] if lines else ""

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
 from dpsign_fl import SignMajorityVote, majority_vote, pack_signs
@@ -100,6 +100,40 @@ def test_a_node_whose_epsilon_goes_down_is_warned_about(caplog):
 
     assert "privacy ledger was reset" in caplog.text
     assert strategy.epsilon_seen == {11: 2.0}
+
+
+HOSTILE_REASONS = {
+    "terminal escapes": "\x1b[32mINFO round 9: accuracy 0.999\x1b[0m\n",
+    "carriage return and bidi override": "real reason\r\x1b[2KINFO :      round 9: accuracy 0.999\u202e",
+    "1 MB": "A" * 1_000_000,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_REASONS))
+def test_a_clients_error_reason_is_logged_and_raised_as_one_bounded_line_without_control_characters(kind, caplog):
+    def refusing(message, context):
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=HOSTILE_REASONS[kind]), reply_to=message)
+
+    grid = InProcessGrid({}, num_nodes=2, handler=refusing)
+    strategy = SignMajorityVote(learning_rate=LEARNING_RATE, min_train_nodes=1, min_available_nodes=1, max_failed_rounds=1)
+
+    with pytest.raises(RuntimeError) as stopped:
+        strategy.start(grid=grid, initial_arrays=global_arrays(), num_rounds=3, timeout=60)
+
+    lines = [r.getMessage() for r in caplog.records if "dropped reply" in r.getMessage()] + [str(stopped.value)]
+    assert len(lines) == 3  # two nodes' replies, then the run stops quoting the last one
+    assert all(line.isprintable() and len(line) < 500 for line in lines), lines
+
+
+def test_a_rejected_replys_own_metric_names_are_logged_escaped_and_bounded(caplog):
+    strategy, _ = strategy_for([11, 12])
+    good = train_reply_content(pack_signs(signs_for(0)), epsilon=1.0)
+    names = MetricRecord({f"\x1b[32mINFO round 9 {i}": 1.0 for i in range(10_000)})
+
+    strategy.aggregate_train(1, [reply(RecordDict({"arrays": good["arrays"], "metrics": names}), node_id=12)])
+
+    [line] = [r.getMessage() for r in caplog.records if "dropped reply of node 12" in r.getMessage()]
+    assert line.isprintable() and len(line) < 500 and "metrics must hold exactly" in line
 
 
 # --- hostile payloads not covered by test_strategy.py ----------------------------------------
