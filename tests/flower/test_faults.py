@@ -125,6 +125,15 @@ def test_a_clients_error_reason_is_logged_and_raised_as_one_bounded_line_without
     assert all(line.isprintable() and len(line) < 500 for line in lines), lines
 
 
+def test_an_error_reply_without_a_reason_is_dropped_and_the_others_still_vote(caplog):
+    strategy, _ = strategy_for([11, 12])
+
+    new_arrays, metrics = strategy.aggregate_train(1, [valid_reply(11, signs_for(0)), reply(node_id=12, error=Error(code=2))])
+
+    assert new_arrays is not None and (metrics["voters"], metrics["dropped"]) == (1, 1)
+    assert "dropped reply of node 12: error 2: " in caplog.text
+
+
 def test_a_rejected_replys_own_metric_names_are_logged_escaped_and_bounded(caplog):
     strategy, _ = strategy_for([11, 12])
     good = train_reply_content(pack_signs(signs_for(0)), epsilon=1.0)
