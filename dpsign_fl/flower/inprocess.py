@@ -5,9 +5,10 @@ ClientApp's train handler directly for each node: no SuperLink, no Ray, no
 serialisation. Each node keeps its own ``Context`` (with ``context.state``)
 across rounds, as a simulated SuperNode does within one run, and the handler
 is told it runs in a simulation (as Flower's simulation engine would show it).
-A handler that raises becomes an error reply with code 2, as Flower reports a
-ClientApp that raised; one that returns None sends no reply (a node gone
-silent). :func:`run_in_process` runs a whole app run this way.
+Evaluate messages go to an optional evaluate handler (the app's
+``@app.evaluate()``). A handler that raises becomes an error reply with code
+2, as Flower reports a ClientApp that raised; one that returns None sends no
+reply (a node gone silent). :func:`run_in_process` runs a whole app run this way.
 
 For tests, debugging (a breakpoint in the ClientApp works) and the benchmark
 that separates the app's own per-round cost from the simulation engine's
@@ -21,7 +22,7 @@ import time
 from contextlib import contextmanager
 from functools import partial
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -46,6 +47,8 @@ class InProcessGrid:
         num_nodes: simulated SuperNodes, with partition-id 0..num_nodes-1.
         handler: the train handler; ``handle_train`` in simulation mode by
             default. A handler that returns None sends no reply.
+        evaluate_handler: the handler of evaluate messages; None answers them
+            with an error, as a ClientApp without ``@app.evaluate()``.
         interrupt_at_round: raise :class:`Interrupted` when this round's train
             messages are sent (None = never).
         first_node_id: node ids are first_node_id, first_node_id + 1, ...
@@ -55,8 +58,11 @@ class InProcessGrid:
     pull_interval = 0.01
     """Seconds between two pulls of a waiting strategy (as Flower's InMemoryGrid)."""
 
-    def __init__(self, run_config, num_nodes, *, handler=None, interrupt_at_round=None, first_node_id=100):
+    def __init__(
+        self, run_config, num_nodes, *, handler=None, evaluate_handler=None, interrupt_at_round=None, first_node_id=100
+    ):
         self.handler = handler or partial(handle_train, simulation=True)
+        self.evaluate_handler = evaluate_handler
         self.interrupt_at_round = interrupt_at_round
         self.contexts = {
             first_node_id + i: Context(
@@ -69,6 +75,7 @@ class InProcessGrid:
             for i in range(num_nodes)
         }
         self.rounds_sent: list[int] = []
+        self.evaluate_rounds_sent: list[int] = []
         self._replies: dict[str, Message] = {}
         self._pushed = 0
 
@@ -82,9 +89,11 @@ class InProcessGrid:
             return []
         config = messages[0].content["config"]
         server_round = int(config["server-round"])
-        if server_round == self.interrupt_at_round:
+        if messages[0].metadata.message_type == MessageType.EVALUATE:
+            self.evaluate_rounds_sent.append(server_round)
+        elif server_round == self.interrupt_at_round:
             raise Interrupted(f"interrupted at round {server_round}")
-        if not config.get("sync-only", False):
+        elif not config.get("sync-only", False):
             self.rounds_sent.append(server_round)
         message_ids = []
         for message in messages:
@@ -113,8 +122,11 @@ class InProcessGrid:
 
     def _reply(self, message: Message) -> Message | None:
         context = self.contexts[message.metadata.dst_node_id]
+        handler = self.evaluate_handler if message.metadata.message_type == MessageType.EVALUATE else self.handler
         try:
-            return self.handler(message, context)
+            if handler is None:
+                raise ValueError("no evaluate handler registered")
+            return handler(message, context)
         except Exception as error:  # as Flower reports a ClientApp that raised
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(error)}:<'{error}'>"), reply_to=message)
 
