@@ -325,6 +325,10 @@ class FlowerOptions:
     min_train_nodes: int = setting(2, low=1, high=1_000_000, help="fewest valid replies that move the model")
     min_available_nodes: int = setting(2, low=1, high=1_000_000, help="nodes to wait for before round 1")
     round_timeout: float = setting(3600.0, low=0, high=1e7, low_open=True, help="seconds to wait for a round's replies")
+    round_grace: float = setting(
+        30.0, low=0, high=1e7,
+        help="seconds to wait for the other sampled nodes once min-train-nodes replies without error are in",
+    )
     results_dir: str = setting("results", help="folder for metrics.json, the model and the plot")
     checkpoint_every: int = setting(0, low=0, high=1_000_000, help="write a checkpoint every k rounds (0 = never)")
     resume: bool = setting(False, help="continue from the checkpoint in results-dir")

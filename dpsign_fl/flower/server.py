@@ -7,7 +7,9 @@ ServerApp runs in; pass an absolute path to be sure where files go):
   ``loss`` (null on rounds that were not evaluated), ``epsilon`` (largest
   epsilon spent among the clients that replied), ``voters``, ``dropped``
   (error and invalid replies), ``missing`` (sampled nodes that did not reply
-  within ``round-timeout``), ``uplink-bytes`` (serialised sign payloads
+  before the wait ended: ``round-grace`` seconds after ``min-train-nodes``
+  replies without error, at most ``round-timeout``), ``missing-nodes`` (their
+  node ids, sorted), ``uplink-bytes`` (serialised sign payloads
   received that round), ``payload-bytes`` (ceil(d/8) per client),
   ``downlink-bytes`` (array bytes sent that round: votes, or models),
   ``full-syncs`` (nodes sent the whole model), ``excluded`` (valid replies
@@ -65,6 +67,7 @@ RESUMABLE_CHANGES = (
     "resume",
     "checkpoint-every",
     "round-timeout",
+    "round-grace",
     "results-dir",
     "data-dir",
     "eval-every",
@@ -110,6 +113,7 @@ def run_server(grid: Grid, context: Context) -> list[dict]:
             initial_arrays=arrays,
             num_rounds=settings.num_rounds,
             timeout=options.round_timeout,
+            grace=options.round_grace,
             evaluate_fn=recorder.evaluate,
             first_round=recorder.first_round,
             round_end_fn=lambda *args: recorder.record(strategy, *args),
@@ -325,6 +329,7 @@ class RoundRecorder:
             "voters": train["voters"],
             "dropped": train["dropped"],
             "missing": train["missing"],
+            "missing-nodes": list(train["missing-nodes"]),
             "uplink-bytes": train["uplink-bytes"],
             "payload-bytes": train["payload-bytes"],
             "downlink-bytes": train["downlink-bytes"],

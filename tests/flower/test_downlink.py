@@ -30,13 +30,13 @@ class RestartingGrid(InProcessGrid):
         super().__init__(*args, **kwargs)
         self.restart = (restart_node, restart_before_round)
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
         node, before = self.restart
         if messages and int(messages[0].content["config"]["server-round"]) == before:
             self.contexts[node].state = RecordDict()
             self.restart = (node, None)
-        return super().send_and_receive(messages, timeout=timeout)
+        return super().push_messages(messages)
 
 
 def run(tmp_path, grid_type=InProcessGrid, nodes=6, **overrides):
