@@ -318,7 +318,7 @@ class SignMajorityVote(Strategy):
         self._sent = _Traffic()
         if not self._downlink.trainable:
             self._prepare_downlink(arrays)
-        self._downlink.begin_round(server_round, self._weights(arrays), self._velocity())
+        self._downlink.begin_round(server_round, self._weights(arrays), self._update_state())
         return [self._instruction(node, server_round, arrays, config) for node in node_ids]
 
     def aggregate_train(
@@ -445,8 +445,8 @@ class SignMajorityVote(Strategy):
         trainable = self._downlink.trainable or tuple(arrays.keys())
         return flatten(arrays[name].numpy() for name in trainable)
 
-    def _velocity(self) -> np.ndarray | None:
-        return self.updater.state_dict()["velocity"]
+    def _update_state(self) -> np.ndarray | None:
+        return self.updater.state_dict()["update-state"]
 
     def _with_weights(self, arrays: ArrayRecord, weights: np.ndarray) -> ArrayRecord:
         """``arrays`` with the trainable ones replaced by ``weights`` (others, and the order, kept)."""
@@ -456,7 +456,7 @@ class SignMajorityVote(Strategy):
         return ArrayRecord(array_dict={name: Array(new[name]) if name in new else array for name, array in arrays.items()})
 
     def _instruction(self, node: int, server_round: int, arrays: ArrayRecord, config: ConfigRecord, **kwargs) -> Message:
-        content, full = self._downlink.instruction(node, server_round, arrays, self._velocity(), config, **kwargs)
+        content, full = self._downlink.instruction(node, server_round, arrays, self._update_state(), config, **kwargs)
         self._sent.add(content_bytes(content), full)
         return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
 
@@ -485,7 +485,7 @@ class SignMajorityVote(Strategy):
         """
         nodes = list(grid.get_node_ids())
         final_round = self.num_rounds + 1
-        digest = self._downlink.begin_round(final_round, self._weights(arrays), self._velocity())
+        digest = self._downlink.begin_round(final_round, self._weights(arrays), self._update_state())
         self._sent = _Traffic()
         messages = [self._instruction(node, final_round, arrays, ConfigRecord(), sync_only=True) for node in nodes]
         replies = collect_replies(grid, messages, quorum=self.min_train_nodes, **wait)

@@ -116,7 +116,7 @@ def test_with_automatic_steps_every_node_ends_with_the_servers_model_and_state(t
     for node, context in grid.contexts.items():
         replica = load_replica(context.state)
         assert all(replica.arrays[name].tobytes() == value.tobytes() for name, value in final.items()), node
-        assert replica.velocity is not None and replica.velocity.shape == (2 * replica.weights.shape[0],)
+        assert replica.update_state is not None and replica.update_state.shape == (2 * replica.weights.shape[0],)
         digests.add(replica.digest)
     assert len(digests) == 1
     assert sum(row["full-syncs"] for row in rows[1:]) <= 1 + sum(1 for row in rows)  # votes, not models, after round 1
