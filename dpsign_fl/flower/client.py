@@ -11,7 +11,8 @@ Who decides what (docs/privacy.md has the threat model):
   asks for more than the node's cap is not refused: the node plans its noise
   for its own cap and logs that it did.
 - The ledger of a deployed node is a file (node-config ``ledger-path``, else
-  ``ledger.json`` in the node's own folder) unless the node opts into
+  one ``ledger-<digest>.json`` per data set in the node's own folder:
+  :meth:`NodeConfig.durable_ledger_path`) unless the node opts into
   ``per-run-budget``; a simulated node keeps it in ``context.state``.
 - Sampling and noise come from the OS's secure source, except in simulation
   with run-config ``reproducible-noise`` and on a node that sets its own
