@@ -275,6 +275,11 @@ class RunSettings:
     classes_per_partition: int = setting(2, low=1, high=1_000_000, help="classes per client (partitioner pathological)")
     data_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of the train/test split (digits, mushroom) and of the client partitions")
     num_rounds: int = setting(60, key="num-server-rounds", low=1, high=1_000_000, help="T, the total number of rounds of the run")
+    participation: float = setting(
+        1.0, low=0, high=1, low_open=True,
+        help="p, the expected fraction of the rounds a client takes part in (K/N when each round samples K of N "
+        "clients); noise is planned for about T*p releases plus a margin; 1 = every round, the safe default",
+    )
     target_epsilon: float = setting(8.0, low=_C["epsilon_range"][0], high=_C["epsilon_range"][1], help="epsilon each client may spend over the run")
     target_delta: float = setting(1e-5, low=_C["delta_range"][0], high=_C["delta_range"][1], help="delta at which epsilon is accounted")
     sample_rate: float = setting(0.3, low=1e-4, high=1, help="q, the Poisson sampling rate of each client's data per round")
@@ -378,17 +383,29 @@ MEASURED_SETTINGS = {
 """Per dataset, settings docs/results.md measured, for the warning of :func:`tuning_warnings`."""
 
 
-def tuning_warnings(settings: RunSettings) -> list[str]:
-    """Warnings for a run that trains a dataset with the defaults chosen for the embedded digits.
+def tuning_warnings(settings: RunSettings, options: FlowerOptions | None = None) -> list[str]:
+    """Warnings for settings that are valid but probably not what the user meant.
 
-    The run-config defaults (``sample-rate``, ``num-server-rounds``) were chosen
-    for the small digits demo; on a larger dataset they waste the budget (a
-    round per 60 is far too few) or run slowly. Not an error: the user may mean it.
+    - A dataset trained with the defaults chosen for the small digits demo
+      (``sample-rate``, ``num-server-rounds``): on a larger dataset they waste
+      the budget (a round per 60 is far too few) or run slowly.
+    - ``participation`` below ``fraction-train`` (given ``options``): clients
+      plan their noise for fewer releases than the rounds they will be asked
+      in, and refuse once their budget is spent.
+
+    Not errors: the user may mean it.
     """
+    warnings = []
+    if options is not None and settings.participation < options.fraction_train:
+        warnings.append(
+            f"participation={settings.participation:g} is below fraction-train={options.fraction_train:g}: each client "
+            f"plans its noise for about {settings.participation:g} of the rounds but is asked in about "
+            f"{options.fraction_train:g} of them, and refuses once its budget is spent"
+        )
     defaults = RunSettings()
     if settings.dataset == "digits" or (settings.sample_rate, settings.num_rounds) != (defaults.sample_rate, defaults.num_rounds):
-        return []
-    return [
+        return warnings
+    return warnings + [
         f"dataset {settings.dataset!r} runs with sample-rate={defaults.sample_rate:g} and num-server-rounds="
         f"{defaults.num_rounds}, the defaults chosen for the embedded digits; docs/results.md measured "
         f"{MEASURED_SETTINGS[settings.dataset]}"
@@ -428,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for key, value in run_config_of(settings, options).items():
         print(f"{key} = {value!r}")
-    for warning in tuning_warnings(settings):
+    for warning in tuning_warnings(settings, options):
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 

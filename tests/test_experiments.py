@@ -32,6 +32,7 @@ from dpsign_fl.parameters import model_vector
 from dpsign_fl.privacy import compute_epsilon
 from dpsign_fl.release import ReleaseSettings, client_release, seeded_generator
 from dpsign_fl.server_update import VoteUpdater
+from dpsign_fl.settings import ConfigError
 from dpsign_fl.vote import majority_vote
 
 REQUIRED_FIELDS = ("method", "noise", "dataset", "target_epsilon", "epsilon", "test_accuracy", "rounds", "wall_seconds")
@@ -168,6 +169,8 @@ def test_bad_settings_are_rejected_with_the_parameter_named():
         Experiment.create(method="sgd", learning_rate=0.01, byzantine_fraction=0.2)
     with pytest.raises(ValueError, match="sample_rate"):
         Experiment.create(sample_rate=2.0)
+    with pytest.raises(ConfigError, match=r"participation must be 1 in the in-process loop .*got 0.25"):
+        Experiment.create(participation=0.25)  # every client takes part in every round
 
 
 # --- recipes on tiny generated data, through the command line ------------------------------

@@ -89,6 +89,9 @@ def test_python_construction_is_validated_and_names_the_python_field():
         ("reproducible-noise", 1, "reproducible-noise must be true or false"),
         ("byzantine-fraction", 1.0, "byzantine-fraction"),
         ("fraction-train", 0.0, "fraction-train must be in (0, 1]"),
+        ("participation", 0.0, "participation must be in (0, 1], got 0.0"),
+        ("participation", 1.5, "participation must be in (0, 1], got 1.5"),
+        ("participation", "half", "participation must be a number, got 'half'"),
     ],
 )
 def test_a_bad_value_fails_with_a_message_naming_the_key(key, value, expected):
@@ -155,3 +158,12 @@ def test_importing_the_settings_loads_neither_torch_nor_the_experiment_hooks():
 
     assert lines[0] == "[]"
     assert lines[1] == "True"
+
+
+def test_participation_below_fraction_train_gets_a_warning_and_an_equal_one_none(capsys):
+    from dpsign_fl.settings import main
+
+    assert main(["participation=0.1"]) == 0  # fraction-train 1.0: every client asked every round
+    assert "warning: participation=0.1 is below fraction-train=1" in capsys.readouterr().err
+    assert main(["participation=0.25 fraction-train=0.25"]) == 0
+    assert "warning" not in capsys.readouterr().err

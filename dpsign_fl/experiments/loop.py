@@ -7,7 +7,8 @@ round runs the SAME client and server rounds as the Flower app
 (:func:`dpsign_fl.rounds.client_round`, :func:`dpsign_fl.rounds.server_round`):
 
 - ``"dp-signsgd"`` (ours): sigma from :func:`dpsign_fl.rounds.plan_release`
-  for the TOTAL (epsilon, delta) over ``num_rounds`` releases.
+  for the TOTAL (epsilon, delta) over ``num_rounds`` releases (every client
+  takes part in every round, so ``participation`` must be 1).
 - ``"jin-dp-sign"``: the same release with Jin et al.'s per-step sigma for
   per-step (epsilon, delta) (:func:`dpsign_fl.privacy.jin_noise_multiplier`).
   Not private over training: the reported epsilon is the composed one.
@@ -54,7 +55,7 @@ from ..packing import pack_signs
 from ..parameters import load_model_vector, model_vector
 from ..privacy import PrivacyLedger, jin_noise_multiplier
 from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, seeded_generator
-from ..rounds import Budget, ReleasePlan, SignedUpdate, client_round, plan_release, server_round
+from ..rounds import Budget, ReleasePlan, SignedUpdate, client_round, plan_release, planned_releases, server_round
 from ..server_update import AUTOMATIC, VoteUpdater, learning_rate_at
 from ..settings import ConfigError, RunSettings, check_fields, from_mapping, setting, specs, to_mapping
 
@@ -88,6 +89,11 @@ class Experiment:
             raise ConfigError("learning_rate 0 (automatic steps) needs a sign method, got method 'sgd': give a learning rate")
         if self.method == "sgd" and self.run.byzantine_fraction > 0:
             raise ConfigError("byzantine_fraction > 0 needs a sign method (the attacks replace signs), got method 'sgd'")
+        if self.run.participation != 1:
+            raise ConfigError(
+                f"participation must be 1 in the in-process loop (every client takes part in every round), "
+                f"got {self.run.participation!r}"
+            )
 
     @classmethod
     def create(cls, **fields: Any) -> "Experiment":
@@ -247,7 +253,7 @@ def run_experiment(
     release = ReleaseSettings(
         sample_rate=run.sample_rate, clip_norm=run.clip_norm, noise_multiplier=noise_multiplier, clipping=run.clipping
     )
-    plan = ReleasePlan(release, run.num_rounds, Budget(run.target_epsilon if planned else math.inf, target_delta))
+    plan = ReleasePlan(release, planned_releases(run), Budget(run.target_epsilon if planned else math.inf, target_delta))
     updater = VoteUpdater(learning_rate=learning_rate, schedule=run.lr_schedule, momentum=run.server_momentum)
     updater.start(weights)
     test_inputs, test_targets = torch.as_tensor(dataset.test_inputs), torch.as_tensor(dataset.test_targets)

@@ -46,7 +46,7 @@ from ..privacy import PrivacyLedger, Release
 from ..privacy.accounting import BudgetExhausted
 from ..privacy.ledger_store import lock_ledger_file, read_ledger_file, write_ledger_file
 from ..release import ReleaseSettings, UnsafeRelease, seeded_generator
-from ..rounds import Budget, FailedRelease, ReleasePlan, Refusal, client_round, plan_release, refusal_reason
+from ..rounds import Budget, FailedRelease, ReleasePlan, Refusal, client_round, plan_release, planned_releases, refusal_reason
 from ..settings import ConfigError, RunSettings, from_mapping, to_mapping
 from .node import NodeConfig, data_identity, parse_node_config, running_in_simulation
 from .records import (
@@ -342,20 +342,22 @@ def run_plan(settings: RunSettings, budget: Budget, ledger: PrivacyLedger, conte
     """This run's release plan, made at the node's first message of the run and kept in ``context.state``.
 
     The plan fixes sigma for the whole run (the budget holds because every
-    release of the run uses it), planned after the releases the ledger already
-    holds. It is kept in the state because a deployed ClientApp runs in a fresh
-    process for every message. Returns the reason instead when the ledger has
-    already spent the budget.
+    release of the run uses it), planned for :func:`planned_releases` releases
+    (run-config ``participation``) after the releases the ledger already
+    holds; a server that samples this node more often is refused once the
+    budget is spent. It is kept in the state because a deployed ClientApp runs
+    in a fresh process for every message. Returns the reason instead when the
+    ledger has already spent the budget.
     """
     key = json.dumps(
         [budget.target_epsilon, budget.target_delta, settings.sample_rate, settings.num_rounds,
-         settings.accountant, settings.clip_norm, settings.clipping]
+         settings.participation, settings.accountant, settings.clip_norm, settings.clipping]
     )
     stored = context.state[NOISE_STATE_KEY] if NOISE_STATE_KEY in context.state else None
     if stored is not None and stored.get("key") == key:
         prior = tuple(Release(*entry) for entry in json.loads(stored["prior"]))
         release = ReleaseSettings(settings.sample_rate, settings.clip_norm, float(stored["noise-multiplier"]), settings.clipping)
-        return ReleasePlan(release, settings.num_rounds, budget, prior)
+        return ReleasePlan(release, planned_releases(settings), budget, prior)
     if (budget.target_epsilon, budget.target_delta) != (settings.target_epsilon, settings.target_delta):
         log(WARNING, "the run asks for epsilon %g at delta %g; this node's cap is epsilon %g at delta %g: "
             "planning for the cap", settings.target_epsilon, settings.target_delta, budget.target_epsilon,
@@ -364,8 +366,9 @@ def run_plan(settings: RunSettings, budget: Budget, ledger: PrivacyLedger, conte
         plan = plan_release(settings, budget, ledger.releases)
     except BudgetExhausted:
         return refusal_reason(ledger.epsilon(budget.target_delta), ledger.num_releases, budget)
-    log(INFO, "planned noise multiplier %.4f for %d releases within epsilon %g at delta %g (after %d earlier releases)",
-        plan.release.noise_multiplier, settings.num_rounds, budget.target_epsilon, budget.target_delta, ledger.num_releases)
+    log(INFO, "planned noise multiplier %.4f for %d releases in %d rounds (participation %g) within epsilon %g at "
+        "delta %g (after %d earlier releases)", plan.release.noise_multiplier, plan.num_releases, settings.num_rounds,
+        settings.participation, budget.target_epsilon, budget.target_delta, ledger.num_releases)
     context.state[NOISE_STATE_KEY] = ConfigRecord(
         {"key": key, "noise-multiplier": plan.release.noise_multiplier,
          "prior": json.dumps([[r.sample_rate, r.noise_multiplier, r.count] for r in plan.prior])}

@@ -139,8 +139,11 @@ class NodeConfig:
         """The run settings with this node's say over its data; and the run-config values it overrode.
 
         A deployed node decides every :data:`NODE_DATA_KEYS` value itself (its
-        node config, else the defaults; ``dataset``: else the run's); a
-        simulated node keeps the run config's unless its node config sets one.
+        node config, else the defaults; ``dataset``: else the run's) and its
+        data folder (node-config ``data-dir``, else none: the embedded data or
+        the hub; a run-config ``data-dir`` could point it at a second copy of
+        its data, under a second ledger); a simulated node keeps the run
+        config's unless its node config sets one.
         """
         fields = {spec.key: name for name, spec in specs(RunSettings).items()}
         chosen = dict(self.data)
@@ -149,6 +152,7 @@ class NodeConfig:
             for key in NODE_DATA_KEYS:
                 if key != "dataset":
                     chosen.setdefault(key, getattr(defaults, fields[key]))
+            chosen["data-dir"] = self.data_dir if self.data_dir is not None else defaults.data_dir
         overridden = {key: getattr(settings, fields[key]) for key, value in chosen.items() if getattr(settings, fields[key]) != value}
         return dataclasses.replace(settings, **{fields[key]: value for key, value in chosen.items()}), overridden
 

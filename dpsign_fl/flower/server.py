@@ -142,7 +142,7 @@ def prepare_run(run_config) -> tuple[RunSettings, FlowerOptions, Dataset, Path]:
         ConfigError: naming the key (``data-dir`` for data that cannot be read).
     """
     settings, options = parse_run_config(run_config)
-    for warning in tuning_warnings(settings):
+    for warning in tuning_warnings(settings, options):
         log(WARNING, "%s", warning)
     if settings.byzantine_fraction > 0 and settings.byzantine_attack not in BLIND_ATTACKS:
         raise ConfigError(
