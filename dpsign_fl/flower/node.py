@@ -153,7 +153,10 @@ class NodeConfig:
                 if key != "dataset":
                     chosen.setdefault(key, getattr(defaults, fields[key]))
             chosen["data-dir"] = self.data_dir if self.data_dir is not None else defaults.data_dir
-        overridden = {key: getattr(settings, fields[key]) for key, value in chosen.items() if getattr(settings, fields[key]) != value}
+        asked = {key: getattr(settings, fields[key]) for key in chosen}
+        if asked.get("data-dir") == "":
+            del asked["data-dir"]  # the run config named no folder: nothing to ignore
+        overridden = {key: value for key, value in asked.items() if value != chosen[key]}
         return dataclasses.replace(settings, **{fields[key]: value for key, value in chosen.items()}), overridden
 
 
