@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from .packing import pack_signs
 from .privacy import PrivacyLedger, Release, calibrate_noise_multiplier
 from .privacy.ledger import exceeds_budget
-from .release import ReleaseSettings, UnsafeRelease, client_release
+from .release import PerExampleTransform, ReleaseSettings, UnsafeRelease, client_release
 from .server_update import VoteUpdater
 from .settings import RunSettings
 from .vote import DEFAULT_VOTE, VOTE_RULES, VoteCounter, robust_vote
@@ -211,7 +211,7 @@ def client_round(
     *,
     generator: torch.Generator,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-    gradient_noise: str = "none",
+    per_example_transform: PerExampleTransform | None = None,
 ) -> SignedUpdate | Refusal | FailedRelease:
     """Make this client's release for the current model, or refuse; record it in ``ledger``.
 
@@ -231,7 +231,7 @@ def client_round(
         ledger: the client's ledger (updated in place).
         generator: the randomness of sampling and noise.
         loss_fn: per-batch loss.
-        gradient_noise: experiments only (:mod:`dpsign_fl.gradient_noise`).
+        per_example_transform: experiments only (:func:`dpsign_fl.release.client_release`).
 
     Returns:
         :class:`SignedUpdate`, :class:`Refusal` or :class:`FailedRelease`.
@@ -249,7 +249,8 @@ def client_round(
             return Refusal(ledger.epsilon(budget.target_delta), after, ledger.num_releases, budget)
     try:
         signs = client_release(
-            model, inputs, targets, release, generator=generator, loss_fn=loss_fn, gradient_noise=gradient_noise
+            model, inputs, targets, release, generator=generator, loss_fn=loss_fn,
+            per_example_transform=per_example_transform,
         )
     except UnsafeRelease:
         raise  # refused before sampling, from the server's model alone: nothing released, nothing recorded

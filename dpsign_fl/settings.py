@@ -237,16 +237,11 @@ _C = dict(
 
 @functools.lru_cache(maxsize=None)
 def _torch_side_choices() -> dict[str, tuple[str, ...]]:
-    from .attacks import BYZANTINE_ATTACKS
     from .data import DATASETS, PARTITIONERS
-    from .gradient_noise import GRADIENT_NOISES
     from .mechanism import CLIPPING_MODES
     from .models import MODELS
 
-    return dict(
-        attacks=BYZANTINE_ATTACKS, datasets=DATASETS, partitioners=PARTITIONERS, gradient_noises=GRADIENT_NOISES,
-        clipping=CLIPPING_MODES, models=("",) + MODELS,
-    )
+    return dict(datasets=DATASETS, partitioners=PARTITIONERS, clipping=CLIPPING_MODES, models=("",) + MODELS)
 
 
 def _later(name: str):
@@ -298,9 +293,6 @@ class RunSettings:
     reproducible_noise: bool = setting(False, help="simulation only: derive clients' sampling and noise from noise-seed (NOT private)")
     noise_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of clients' randomness when reproducible-noise is true")
     eval_every: int = setting(1, low=1, high=1_000_000, help="evaluate the global model every k rounds (and after the last)")
-    gradient_noise: str = setting("none", choices=_later("gradient_noises"), help="experiments only: synthetic heavy-tailed gradient noise")
-    byzantine_fraction: float = setting(0.0, low=0, high=1, high_open=True, help="experiments only: fraction of clients that attack")
-    byzantine_attack: str = setting("sign-flip", choices=_later("attacks"), help="experiments only: what attacking clients send")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -312,14 +304,6 @@ class RunSettings:
 
         return self.model or default_model(self.dataset)
 
-    @property
-    def experiment_only(self) -> dict[str, Any]:
-        """The experiment-only settings that differ from their defaults (refused on a deployed node)."""
-        defaults = RunSettings.__dataclass_fields__
-        names = ("gradient_noise", "byzantine_fraction", "byzantine_attack", "reproducible_noise")
-        return {
-            specs(RunSettings)[n].key: getattr(self, n) for n in names if getattr(self, n) != defaults[n].default
-        }
 
 
 @dataclass(frozen=True)
@@ -351,9 +335,9 @@ def parse_run_config(run_config: Mapping[str, Any]) -> tuple[RunSettings, Flower
     return from_mapping(RunSettings, run_config), from_mapping(FlowerOptions, run_config)
 
 
-def run_config_of(settings: RunSettings, options: FlowerOptions) -> dict[str, Any]:
-    """Return the kebab-case run config of both groups (for logs, results and checkpoints)."""
-    return {**to_mapping(settings), **to_mapping(options)}
+def run_config_of(*groups) -> dict[str, Any]:
+    """Return the kebab-case run config of settings groups (for logs, results and checkpoints)."""
+    return {key: value for group in groups for key, value in to_mapping(group).items()}
 
 
 def parse_override_string(text: str) -> dict[str, Any]:
@@ -412,18 +396,25 @@ def tuning_warnings(settings: RunSettings, options: FlowerOptions | None = None)
     ]
 
 
-def check_run_config(overrides: Mapping[str, Any]) -> tuple[RunSettings, FlowerOptions]:
+def check_run_config(overrides: Mapping[str, Any], *, other_groups: tuple = ()) -> tuple[RunSettings, FlowerOptions]:
     """Validate run-config overrides as the app would, and name misspelt keys with the closest known ones.
+
+    Args:
+        overrides: run-config key -> value.
+        other_groups: further settings groups the run config holds (the app's
+            experiment hooks), checked too.
 
     Raises:
         ConfigError: naming the first unknown or bad key.
     """
-    known = keys(RunSettings, FlowerOptions)
+    known = keys(RunSettings, FlowerOptions, *other_groups)
     for key in overrides:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=2)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise ConfigError(f"unknown run-config key {key!r}{hint}")
+    for group in other_groups:
+        from_mapping(group, overrides)
     return parse_run_config(overrides)
 
 
@@ -438,12 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_config", nargs="?", default="", help="the text you pass to flwr run --run-config")
     args = parser.parse_args(argv)
+    from .experiments.hooks import ExperimentOptions  # the app's run config also holds the experiment keys
+
     try:
-        settings, options = check_run_config(parse_override_string(args.run_config))
+        overrides = parse_override_string(args.run_config)
+        settings, options = check_run_config(overrides, other_groups=(ExperimentOptions,))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for key, value in run_config_of(settings, options).items():
+    for key, value in run_config_of(settings, options, from_mapping(ExperimentOptions, overrides)).items():
         print(f"{key} = {value!r}")
     for warning in tuning_warnings(settings, options):
         print(f"warning: {warning}", file=sys.stderr)

@@ -459,13 +459,13 @@ def test_cifar10_scatternet_recipe_runs_on_a_generated_batches_folder(tmp_path, 
 
 
 def test_robustness_recipe_lists_every_attack_fraction_clients_and_rule():
-    from dpsign_fl.attacks import BYZANTINE_ATTACKS
+    from dpsign_fl.experiments.attacks import BYZANTINE_ATTACKS
 
     runs = RECIPES["mnist-robustness"].runs()
     assert len(runs) == 2 * 2 * (1 + 4 * len(BYZANTINE_ATTACKS))
     assert {(r.run.vote, r.num_clients) for r in runs} == {(v, c) for v in ("majority", "robust") for c in (10, 20)}
-    assert {r.run.byzantine_fraction for r in runs} == {0.0, 0.1, 0.2, 0.3, 0.4}
-    assert {r.run.byzantine_attack for r in runs if r.run.byzantine_fraction} == set(BYZANTINE_ATTACKS)
+    assert {r.hooks.byzantine_fraction for r in runs} == {0.0, 0.1, 0.2, 0.3, 0.4}
+    assert {r.hooks.byzantine_attack for r in runs if r.hooks.byzantine_fraction} == set(BYZANTINE_ATTACKS)
 
 
 def test_every_recipe_is_exercised_here():

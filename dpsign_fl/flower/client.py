@@ -35,7 +35,6 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.common import log
 from torch.nn import functional as F
 
-from ..attacks import byzantine_payload, is_byzantine
 from ..data import partition_indices
 from ..features import load_run_dataset
 from ..mechanism import secure_generator
@@ -45,7 +44,7 @@ from ..parameters import trainable_parameters
 from ..privacy import PrivacyLedger, Release
 from ..privacy.accounting import BudgetExhausted
 from ..privacy.ledger_store import lock_ledger_file, read_ledger_file, write_ledger_file
-from ..release import ReleaseSettings, UnsafeRelease, seeded_generator
+from ..release import PerExampleTransform, ReleaseSettings, UnsafeRelease, seeded_generator
 from ..rounds import Budget, FailedRelease, ReleasePlan, Refusal, client_round, plan_release, planned_releases, refusal_reason
 from ..settings import ConfigError, RunSettings, from_mapping, to_mapping
 from .node import NodeConfig, data_identity, parse_node_config, running_in_simulation
@@ -112,7 +111,9 @@ def guarded_reply(message: Message, context: Context, work: Callable[[], Message
         return Message(Error(code=NODE_ERROR_CODE, reason=NODE_ERROR_REASON), reply_to=message)
 
 
-def handle_train(message: Message, context: Context, *, simulation: bool | None = None) -> Message:
+def handle_train(
+    message: Message, context: Context, *, simulation: bool | None = None, experiments: Any | None = None
+) -> Message:
     """The shipped ClientApp's train handler: this node's DP-SIGN release, or its refusal.
 
     The model is run-config ``model`` (or the dataset's default) and the data
@@ -127,19 +128,28 @@ def handle_train(message: Message, context: Context, *, simulation: bool | None 
         context: this node's Flower context.
         simulation: whether this node is simulated; None = detect it
             (:func:`running_in_simulation`). In-process tests pass True.
+        experiments: the experiments' seam, installed by the app
+            (``client_app.py`` passes :data:`dpsign_fl.experiments.hooks.FLOWER_EXPERIMENTS`):
+            ``asked(run_config)`` names the experiment-only settings a run
+            config changes, ``client_hooks(run_config, client=, num_clients=)``
+            gives a simulated client's per-example transform and reply
+            transform. Used only in simulation; None = no experiments.
 
     Errors become fixed replies (:func:`guarded_reply`).
     """
-    return guarded_reply(message, context, lambda: _train(message, context, simulation))
+    return guarded_reply(message, context, lambda: _train(message, context, simulation, experiments))
 
 
-def _train(message: Message, context: Context, simulation: bool | None) -> Message:
+def _train(message: Message, context: Context, simulation: bool | None, experiments: Any | None) -> Message:
     with instruction_checks():
         settings = from_mapping(RunSettings, context.run_config)
+        asked = {} if experiments is None else experiments.asked(context.run_config)
     node = parse_node_config(context.node_config)
     simulated = running_in_simulation() if simulation is None else simulation
-    if not simulated and settings.experiment_only:
-        log(WARNING, "ignoring experiment-only run-config settings on a deployed node: %s", settings.experiment_only)
+    if not simulated:
+        ignored = {**asked, **({"reproducible-noise": True} if settings.reproducible_noise else {})}
+        if ignored:
+            log(WARNING, "ignoring experiment-only run-config settings on a deployed node: %s", ignored)
     settings, overridden = node.data_settings(settings, simulated)
     if overridden:
         log(INFO, "this node decides which examples it trains on: run-config %s ignored, using %s",
@@ -149,13 +159,17 @@ def _train(message: Message, context: Context, simulation: bool | None) -> Messa
         return received
     inputs, targets, classes = client_data(settings, node)
     model = build_model(settings.model_name, input_shape=tuple(inputs.shape[1:]), num_classes=classes)
-    attack = None
-    if simulated and node.partition_id is not None and is_byzantine(node.partition_id, node.num_partitions, settings.byzantine_fraction):
-        attack = settings.byzantine_attack
+    hooks = None
+    if simulated and experiments is not None:
+        with instruction_checks():
+            hooks = experiments.client_hooks(
+                context.run_config, client=node.client_number(context.node_id), num_clients=node.num_partitions
+            )
     return release_with_model(
         message, context, received, model, inputs, targets, settings, node, simulated,
-        identity=data_identity(settings, node), gradient_noise=settings.gradient_noise if simulated else "none",
-        attack=attack,
+        identity=data_identity(settings, node),
+        per_example_transform=None if hooks is None else hooks.per_example_transform,
+        reply_transform=None if hooks is None else hooks.reply_transform,
     )
 
 
@@ -195,8 +209,8 @@ def release_with_model(
     *,
     identity: Mapping[str, Any],
     loss_fn=F.cross_entropy,
-    gradient_noise: str = "none",
-    attack: str | None = None,
+    per_example_transform: PerExampleTransform | None = None,
+    reply_transform: Callable[[np.ndarray, int, torch.Generator], np.ndarray] | None = None,
 ) -> Message:
     """One client round at the replica's model, with the node's ledger; the reply Message.
 
@@ -205,7 +219,10 @@ def release_with_model(
     The ledger is read at the start (a file: under a lock) and written right
     after the release is recorded, before the reply leaves. ``identity`` names
     the data set the examples come from: a deployed node's default ledger file
-    is kept per data set (:meth:`NodeConfig.durable_ledger_path`).
+    is kept per data set (:meth:`NodeConfig.durable_ledger_path`). The two
+    transforms are the experiments' seam (simulation only, :func:`handle_train`):
+    the reply transform replaces the packed signs after the honest release was
+    recorded.
     """
     server_round = int(message.content[CONFIG_KEY].get(ROUND_KEY, 0)) if CONFIG_KEY in message.content else 0
     budget = node_budget(settings, node)
@@ -221,7 +238,8 @@ def release_with_model(
             return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=f"{name}: {plan}"), reply_to=message)
         generator = client_randomness(settings, node, simulated, client=client, server_round=server_round)
         outcome = client_round(
-            model, inputs, targets, plan, ledger, generator=generator, loss_fn=loss_fn, gradient_noise=gradient_noise
+            model, inputs, targets, plan, ledger, generator=generator, loss_fn=loss_fn,
+            per_example_transform=per_example_transform,
         )
         if isinstance(outcome, Refusal):
             log(WARNING, "%s: %s", name, outcome.reason)
@@ -232,8 +250,8 @@ def release_with_model(
             return Message(Error(code=RELEASE_FAILED_CODE, reason=outcome.reason), reply_to=message)
         epsilon = ledger.epsilon(budget.target_delta)
     packed = outcome.packed
-    if attack is not None:
-        packed = byzantine_payload(packed, replica.weights.shape[0], attack=attack, generator=generator)
+    if reply_transform is not None:
+        packed = reply_transform(packed, replica.weights.shape[0], generator)
     return Message(train_reply_content(packed, epsilon=epsilon), reply_to=message)
 
 

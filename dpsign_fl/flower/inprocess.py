@@ -26,6 +26,7 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
+from ..experiments.hooks import FLOWER_EXPERIMENTS
 from .client import handle_train
 from .server import run_server
 
@@ -61,7 +62,7 @@ class InProcessGrid:
     def __init__(
         self, run_config, num_nodes, *, handler=None, evaluate_handler=None, interrupt_at_round=None, first_node_id=100
     ):
-        self.handler = handler or partial(handle_train, simulation=True)
+        self.handler = handler or partial(handle_train, simulation=True, experiments=FLOWER_EXPERIMENTS)
         self.evaluate_handler = evaluate_handler
         self.interrupt_at_round = interrupt_at_round
         self.contexts = {
@@ -149,7 +150,7 @@ def run_in_process(run_config: dict, num_nodes: int) -> list[dict]:
     grid = InProcessGrid(run_config, num_nodes)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     with server_task_identity():
-        return run_server(grid, context)
+        return run_server(grid, context, experiments=FLOWER_EXPERIMENTS)
 
 
 @contextmanager
