@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from ..attacks import attack_round, is_byzantine
 from ..compressors import sign as sign_of, sto_sign
-from ..data import partition_indices
+from ..data import partition_dataset
 from ..features import load_run_dataset
 from ..evaluation import evaluate
 from ..gradient_noise import add_gradient_noise
@@ -172,8 +172,8 @@ def load_run_data(experiment: Experiment, *, dataset=None):
     if experiment.max_examples > 0:
         dataset = _truncated(dataset, experiment.max_examples)
     # One partitioning for all clients (dpsign_fl.data.partition would redo it per client).
-    shares = partition_indices(
-        dataset.train_targets,
+    shares = partition_dataset(
+        dataset,
         num_partitions=experiment.num_clients,
         partitioner=run.partitioner,
         alpha=run.dirichlet_alpha,
@@ -394,4 +394,8 @@ def _largest_epsilon(ledgers: list[PrivacyLedger], target_delta: float) -> float
 
 def _truncated(dataset, max_examples: int):
     inputs, targets = dataset.train_inputs[:max_examples], dataset.train_targets[:max_examples]
-    return dataclasses.replace(dataset, train_inputs=inputs, train_targets=targets)
+    natural = {
+        name: dataclasses.replace(partition, train_clients=partition.train_clients[:max_examples])
+        for name, partition in dataset.natural_partitions.items()
+    }
+    return dataclasses.replace(dataset, train_inputs=inputs, train_targets=targets, natural_partitions=natural)
