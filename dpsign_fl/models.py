@@ -43,6 +43,7 @@ _DEFAULT_MODELS = {
     "fashion-mnist": "tanh-cnn",
     "cifar10": "cifar-cnn",
     "mushroom": "logreg",
+    "shakespeare": "char-transformer",
 }
 
 

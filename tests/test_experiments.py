@@ -473,3 +473,20 @@ def test_every_recipe_is_exercised_here():
         "mushroom-logreg", "dp-sign-variants", "mnist-cnn", "fmnist-cnn", "cifar10-cnn",
         "mnist-scatternet", "fmnist-scatternet", "cifar10-scatternet", "mnist-robustness",
     }
+
+
+def test_the_loop_gives_each_client_one_speaking_role_and_truncation_keeps_roles_aligned(tmp_path):
+    from dpsign_fl.experiments.loop import load_run_data
+
+    from .test_shakespeare import write_tiny_plays
+
+    dataset = load_dataset("shakespeare", data_dir=str(write_tiny_plays(tmp_path)))
+    role = dataset.natural_partitions["role"]
+    experiment = Experiment.create(dataset="shakespeare", partitioner="role", num_clients=3)
+
+    _, clients = load_run_data(experiment, dataset=dataset)
+    _, first_five = load_run_data(experiment.with_changes(max_examples=5), dataset=dataset)
+
+    assert [torch.equal(c.inputs, dataset.train_inputs[role.train_clients == i]) for i, c in enumerate(clients)] == [True] * 3
+    # The first 5 training examples: ORLANDO's 1 and GLOSTER's 4; CLARENCE keeps none.
+    assert [c.size for c in first_five] == [1, 4, 0]

@@ -157,6 +157,7 @@ def test_default_models_follow_the_dataset():
         "fashion-mnist": "tanh-cnn",
         "cifar10": "cifar-cnn",
         "mushroom": "logreg",
+        "shakespeare": "char-transformer",
     }
 
 

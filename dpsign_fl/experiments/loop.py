@@ -43,7 +43,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from ..data import partition_indices
+from ..data import partition_dataset
 from ..evaluation import evaluate
 from ..features import load_run_dataset
 from ..mechanism import per_sample_gradients, poisson_sample, secure_generator
@@ -184,8 +184,8 @@ def load_run_data(experiment: Experiment, *, dataset=None):
     if experiment.max_examples > 0:
         dataset = _truncated(dataset, experiment.max_examples)
     # One partitioning for all clients (dpsign_fl.data.partition would redo it per client).
-    shares = partition_indices(
-        dataset.train_targets,
+    shares = partition_dataset(
+        dataset,
         num_partitions=experiment.num_clients,
         partitioner=run.partitioner,
         alpha=run.dirichlet_alpha,
@@ -410,4 +410,8 @@ def _largest_epsilon(ledgers: list[PrivacyLedger], target_delta: float) -> float
 
 def _truncated(dataset, max_examples: int):
     inputs, targets = dataset.train_inputs[:max_examples], dataset.train_targets[:max_examples]
-    return dataclasses.replace(dataset, train_inputs=inputs, train_targets=targets)
+    natural = {
+        name: dataclasses.replace(partition, train_clients=partition.train_clients[:max_examples])
+        for name, partition in dataset.natural_partitions.items()
+    }
+    return dataclasses.replace(dataset, train_inputs=inputs, train_targets=targets, natural_partitions=natural)

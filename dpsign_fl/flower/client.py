@@ -35,7 +35,7 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.common import log
 from torch.nn import functional as F
 
-from ..data import partition_indices
+from ..data import partition_dataset
 from ..features import load_run_dataset
 from ..mechanism import secure_generator
 from ..model_sync import ModelReplica, read_replica_file, write_replica_file
@@ -405,8 +405,8 @@ def _partitions(data_settings: tuple, num_partitions: int) -> tuple[torch.Tensor
     # Every partition at once, so that the nodes a process serves (a Ray actor
     # serves many simulated nodes) share one partitioning.
     settings = from_mapping(RunSettings, dict(data_settings))
-    shares = partition_indices(
-        _dataset(data_settings).train_targets,
+    shares = partition_dataset(
+        _dataset(data_settings),
         num_partitions=num_partitions,
         partitioner=settings.partitioner,
         alpha=settings.dirichlet_alpha,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..data import NATURAL_PARTITIONERS
 from ..privacy.limits import TARGET_DELTA_RANGE, TARGET_EPSILON_RANGE
 from ..settings import SEED_LIMIT, ConfigError, RunSettings, check_fields, from_mapping, setting, specs
 
@@ -165,7 +166,9 @@ def data_identity(settings: RunSettings, node: NodeConfig) -> dict[str, Any]:
 
     The dataset, its folder (resolved, so two spellings of one folder are one
     data set), and when the node holds a partition: the partition, the number
-    of partitions, and the partitioner's parameters that shape it. ``settings``
+    of partitions (not for a natural partitioner such as ``role``: partition i
+    is the same role whatever the number), and the partitioner's parameters
+    that shape it. ``settings``
     must already hold the node's data choices (:meth:`NodeConfig.data_settings`).
     """
     data_dir = node.data_dir if node.data_dir is not None else settings.data_dir
@@ -175,8 +178,9 @@ def data_identity(settings: RunSettings, node: NodeConfig) -> dict[str, Any]:
         "data-seed": settings.data_seed,  # also the train/test split of digits and mushroom
     }
     if node.partition_id is not None:
-        identity.update({"partition-id": node.partition_id, "num-partitions": node.num_partitions,
-                         "partitioner": settings.partitioner})
+        identity.update({"partition-id": node.partition_id, "partitioner": settings.partitioner})
+        if settings.partitioner not in NATURAL_PARTITIONERS:  # a role's examples do not depend on it
+            identity["num-partitions"] = node.num_partitions
         if settings.partitioner == "dirichlet":
             identity["dirichlet-alpha"] = settings.dirichlet_alpha
         if settings.partitioner == "pathological":

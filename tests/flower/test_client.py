@@ -4,6 +4,7 @@ from functools import partial
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from dpsign_fl.data import load_dataset
@@ -16,6 +17,7 @@ from dpsign_fl.packing import payload_bytes
 
 from .messages import instruction, reply_signs
 from ..test_settings import pyproject_defaults
+from ..test_shakespeare import write_tiny_plays
 
 ROUNDS = 2
 handle_train = partial(client_module.handle_train, simulation=True)  # as in Flower's simulation engine
@@ -130,3 +132,43 @@ def test_a_bad_participation_is_refused_with_the_key_named():
     reply = handle_train(train_message(1)[0], make_context(participation=1.5))
     assert reply.has_error() and reply.error.code == INVALID_INSTRUCTION_CODE
     assert reply.error.reason == "participation must be in (0, 1], got 1.5"
+
+
+@pytest.fixture
+def role_settings(tmp_path):
+    from dpsign_fl.settings import RunSettings
+
+    client_module.clear_data_cache()
+    yield RunSettings(dataset="shakespeare", data_dir=str(write_tiny_plays(tmp_path)), partitioner="role")
+    client_module.clear_data_cache()
+
+
+def test_a_supernodes_partition_id_names_one_speaking_role_whatever_num_partitions_is(role_settings):
+    from dpsign_fl.flower.node import parse_node_config
+
+    dataset = load_dataset("shakespeare", data_dir=role_settings.data_dir)
+    role = dataset.natural_partitions["role"]
+    gloster = role.clients.index("richard_iii/GLOSTER")
+
+    inputs, targets, classes = client_module.client_data(
+        role_settings, parse_node_config({"partition-id": gloster, "num-partitions": 3})
+    )
+    fewer, _, _ = client_module.client_data(role_settings, parse_node_config({"partition-id": gloster, "num-partitions": 2}))
+
+    assert torch.equal(inputs, dataset.train_inputs[role.train_clients == gloster]) and classes == 97
+    assert torch.equal(targets, dataset.train_targets[role.train_clients == gloster])
+    assert torch.equal(fewer, inputs)
+
+
+def test_a_role_nodes_default_ledger_does_not_depend_on_num_partitions(role_settings):
+    import dataclasses
+
+    from dpsign_fl.flower.node import data_identity, parse_node_config
+
+    def identity(settings, num_partitions):
+        return data_identity(settings, parse_node_config({"partition-id": 1, "num-partitions": num_partitions}))
+
+    # One role, one ledger: partition 1 is the same role for 2 or 3 partitions.
+    assert identity(role_settings, 2) == identity(role_settings, 3)
+    iid = dataclasses.replace(role_settings, partitioner="iid")
+    assert identity(iid, 2) != identity(iid, 3)  # control: iid shares change with the number
