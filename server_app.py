@@ -3,6 +3,7 @@
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from dpsign_fl.experiments.hooks import FLOWER_EXPERIMENTS
 from dpsign_fl.flower.logs import plain_logs
 from dpsign_fl.flower.server import run_server
 
@@ -13,4 +14,4 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Train with SignMajorityVote and write results to ``results-dir``."""
-    run_server(grid, context)
+    run_server(grid, context, experiments=FLOWER_EXPERIMENTS)

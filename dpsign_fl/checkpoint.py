@@ -13,8 +13,10 @@ epsilons are the public numbers clients reported. Clients' ledgers are NOT in
 the checkpoint: they live where the clients run (docs/robustness.md).
 
 File format: one ``.npz`` (numpy, ``allow_pickle=False``) with the arrays
-``weights`` and, with momentum, ``velocity``, plus ``meta``: a JSON string with
-the rest. Written atomically: a temporary file in the same folder, fsync, then
+``weights`` and, with momentum or automatic steps, ``update-state`` (the update
+rule's state: the momentum, or the automatic steps' vote agreement and last vote),
+plus ``meta``: a JSON string with the rest. Format 1 named that array
+``velocity``; such checkpoints are still read. Written atomically: a temporary file in the same folder, fsync, then
 rename over the old checkpoint, so a crash leaves either the old or the new
 checkpoint, never half of one.
 """
@@ -33,7 +35,10 @@ import numpy as np
 from .atomic_file import json_safe, write_atomic
 
 CHECKPOINT_FILE = "checkpoint.npz"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the update rule's state is the array ``update-state``."""
+READABLE_FORMATS = {1: "velocity", 2: "update-state"}
+"""Format version -> the name of the update rule's state array in it."""
 
 
 class CheckpointError(ValueError):
@@ -47,7 +52,7 @@ class Checkpoint:
     Attributes:
         server_round: k >= 1, the last round whose update is in ``weights``.
         weights: the global model after round k, a 1-D float32 vector.
-        updater_state: :meth:`VoteUpdater.state_dict` (``{"velocity": array or None, "step-scale": float or None}``).
+        updater_state: :meth:`VoteUpdater.state_dict` (``{"update-state": array or None, "step-scale": float or None}``).
         epsilon_seen: node id (as a string) -> largest epsilon that node reported.
         rng_state: ``random.getstate()`` at the end of round k.
         metrics: the metrics rows of rounds 1..k (JSON-safe dicts).
@@ -56,7 +61,7 @@ class Checkpoint:
 
     server_round: int
     weights: np.ndarray
-    updater_state: dict = field(default_factory=lambda: {"velocity": None})
+    updater_state: dict = field(default_factory=lambda: {"update-state": None})
     epsilon_seen: dict[str, float] = field(default_factory=dict)
     rng_state: Any = None
     metrics: list[dict] = field(default_factory=list)
@@ -75,9 +80,9 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     if checkpoint.server_round < 1:
         raise ValueError(f"server_round must be >= 1, got {checkpoint.server_round}")
     arrays = {"weights": weights, "meta": np.array(json.dumps(_meta(checkpoint)))}
-    velocity = checkpoint.updater_state.get("velocity")
-    if velocity is not None:
-        arrays["velocity"] = np.asarray(velocity, dtype=np.float32)
+    update_state = checkpoint.updater_state.get("update-state")
+    if update_state is not None:
+        arrays["update-state"] = np.asarray(update_state, dtype=np.float32)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +94,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        CheckpointError: if the file is corrupt or from another format version.
+        CheckpointError: if the file is corrupt or of a format this version cannot read.
     """
     path = Path(path)
     if not path.is_file():
@@ -98,24 +103,27 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         with np.load(path, allow_pickle=False) as stored:
             meta = json.loads(str(stored["meta"]))
             weights = np.asarray(stored["weights"], dtype=np.float32)
-            velocity = np.asarray(stored["velocity"], dtype=np.float32) if "velocity" in stored else None
+            found = meta.get("format") if isinstance(meta, dict) else meta
+            if type(found) is not int or found not in READABLE_FORMATS:
+                raise CheckpointError(f"checkpoint {path} has format {found!r}, expected one of {sorted(READABLE_FORMATS)}")
+            state_name = READABLE_FORMATS[found]
+            update_state = np.asarray(stored[state_name], dtype=np.float32) if state_name in stored else None
+    except CheckpointError:
+        raise
     except Exception as error:  # zip, npy and JSON errors all mean "corrupt"
         raise CheckpointError(f"checkpoint {path} could not be read: {error}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-        found = meta.get("format") if isinstance(meta, dict) else meta
-        raise CheckpointError(f"checkpoint {path} has format {found!r}, expected {FORMAT_VERSION}")
     if weights.ndim != 1:
         raise CheckpointError(f"checkpoint {path}: weights must be 1-D, got shape {weights.shape}")
-    if velocity is not None and (velocity.ndim != 1 or velocity.shape[0] not in (weights.shape[0], 2 * weights.shape[0])):
+    if update_state is not None and (update_state.ndim != 1 or update_state.shape[0] not in (weights.shape[0], 2 * weights.shape[0])):
         raise CheckpointError(
-            f"checkpoint {path}: velocity shape {velocity.shape} fits neither momentum nor automatic steps "
+            f"checkpoint {path}: update_state shape {update_state.shape} fits neither momentum nor automatic steps "
             f"for weights {weights.shape}"
         )
     try:
         return Checkpoint(
             server_round=int(meta["server-round"]),
             weights=weights,
-            updater_state={"velocity": velocity, "step-scale": meta.get("step-scale")},
+            updater_state={"update-state": update_state, "step-scale": meta.get("step-scale")},
             epsilon_seen={str(node): float(eps) for node, eps in meta["epsilon-seen"].items()},
             rng_state=_rng_state_from_json(meta["rng-state"]),
             metrics=list(meta["metrics"]),

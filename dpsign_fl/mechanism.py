@@ -37,11 +37,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .privacy.limits import CLIP_NORM_RANGE
+
 CLIPPING_MODES = ("flat", "automatic")
-MIN_CLIP_NORM = 1e-5
-"""The smallest clipping bound C a release accepts (module docstring: float precision)."""
-MAX_CLIP_NORM = 1e6
-"""The largest clipping bound C a release accepts."""
+MIN_CLIP_NORM, MAX_CLIP_NORM = CLIP_NORM_RANGE
+"""The clipping bounds C a release accepts (:data:`dpsign_fl.privacy.limits.CLIP_NORM_RANGE`; module docstring: float precision)."""
 AUTOMATIC_CLIPPING_GAMMA = 0.01
 """Stability constant gamma of automatic clipping, C * g / (||g|| + gamma).
 

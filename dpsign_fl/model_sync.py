@@ -41,12 +41,12 @@ def default_trainable(arrays: dict[str, np.ndarray]) -> tuple[str, ...]:
     )
 
 
-def state_digest(weights: np.ndarray, velocity: np.ndarray | None) -> str:
+def state_digest(weights: np.ndarray, update_state: np.ndarray | None) -> str:
     """SHA-256 (hex) of the trainable weights (float32 bytes) and the momentum, if any."""
     digest = hashlib.sha256(np.ascontiguousarray(weights, dtype=np.float32).tobytes())
-    if velocity is not None:
-        digest.update(b"velocity")
-        digest.update(np.ascontiguousarray(velocity, dtype=np.float32).tobytes())
+    if update_state is not None:
+        digest.update(b"update-state")
+        digest.update(np.ascontiguousarray(update_state, dtype=np.float32).tobytes())
     return digest.hexdigest()
 
 
@@ -60,12 +60,12 @@ class UpdateRule:
     num_rounds: int
     step_scale: float | None = None
 
-    def updater(self, velocity: np.ndarray | None) -> VoteUpdater:
+    def updater(self, update_state: np.ndarray | None) -> VoteUpdater:
         """A :class:`VoteUpdater` in the given state (momentum, or the automatic steps' agreement)."""
         updater = VoteUpdater(
             learning_rate=self.learning_rate, schedule=self.schedule, momentum=self.momentum, step_scale=self.step_scale
         )
-        updater.load_state_dict({"velocity": velocity})
+        updater.load_state_dict({"update-state": update_state})
         return updater
 
 
@@ -76,13 +76,13 @@ class ModelReplica:
     Attributes:
         arrays: name -> array, the whole model as the server sent it (buffers too).
         trainable: the names whose flattened concatenation the signs and votes cover.
-        velocity: the server update's state: momentum, or the automatic steps' agreement and last
+        update_state: the server update's state: momentum, or the automatic steps' agreement and last
             vote (None when the rule keeps none, or before its first step).
     """
 
     arrays: dict[str, np.ndarray]
     trainable: tuple[str, ...]
-    velocity: np.ndarray | None = field(default=None)
+    update_state: np.ndarray | None = field(default=None)
 
     @property
     def weights(self) -> np.ndarray:
@@ -92,20 +92,20 @@ class ModelReplica:
     @property
     def digest(self) -> str:
         """:func:`state_digest` of this replica."""
-        return state_digest(self.weights, self.velocity)
+        return state_digest(self.weights, self.update_state)
 
-    def with_weights(self, weights: np.ndarray, velocity: np.ndarray | None) -> "ModelReplica":
+    def with_weights(self, weights: np.ndarray, update_state: np.ndarray | None) -> "ModelReplica":
         """This replica with new trainable weights and momentum (other arrays unchanged)."""
         shapes = {name: (self.arrays[name].shape, self.arrays[name].dtype) for name in self.trainable}
-        return ModelReplica({**self.arrays, **unflatten(weights, shapes)}, self.trainable, velocity)
+        return ModelReplica({**self.arrays, **unflatten(weights, shapes)}, self.trainable, update_state)
 
     def replay(self, votes: Iterable[tuple[int, np.ndarray]], rule: UpdateRule) -> "ModelReplica":
         """Apply the votes ``(round, int8 vote)`` in order, with the server's update rule."""
-        updater = rule.updater(self.velocity)
+        updater = rule.updater(self.update_state)
         weights = self.weights
         for server_round, vote in votes:
             weights = updater.step(weights, vote, server_round, rule.num_rounds)
-        return self.with_weights(weights, updater.state_dict()["velocity"])
+        return self.with_weights(weights, updater.state_dict()["update-state"])
 
 
 def check_trainable(arrays: dict[str, np.ndarray], trainable: Sequence[str]) -> tuple[str, ...]:
@@ -134,8 +134,8 @@ def write_replica_file(path, replica: ModelReplica) -> None:
 
     buffer = io.BytesIO()
     arrays = {f"array/{name}": np.asarray(value) for name, value in replica.arrays.items()}
-    if replica.velocity is not None:
-        arrays["velocity"] = replica.velocity
+    if replica.update_state is not None:
+        arrays["update-state"] = replica.update_state
     meta = json.dumps({"names": list(replica.arrays), "trainable": list(replica.trainable)})
     np.savez(buffer, meta=np.frombuffer(meta.encode("utf-8"), dtype=np.uint8), **arrays)
     write_atomic(path, buffer.getvalue())
@@ -153,7 +153,7 @@ def read_replica_file(path) -> ModelReplica | None:
         with np.load(path, allow_pickle=False) as stored:
             meta = json.loads(stored["meta"].tobytes().decode("utf-8"))
             arrays = {name: stored[f"array/{name}"] for name in meta["names"]}
-            velocity = stored["velocity"] if "velocity" in stored.files else None
-        return ModelReplica(arrays, tuple(meta["trainable"]), velocity)
+            update_state = stored["update-state"] if "update-state" in stored.files else None
+        return ModelReplica(arrays, tuple(meta["trainable"]), update_state)
     except (OSError, ValueError, KeyError):
         return None

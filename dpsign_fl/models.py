@@ -36,7 +36,7 @@ activations.
   for a target per position, so the one loss of the project needs nothing
   special (its mean over all B * T positions is the mean of the per-example
   means). Defaults (width 64, depth 2, 3 previous characters): 136,545
-  parameters for 97 symbols and T = 80; see :data:`TRANSFORMER_WIDTH`.
+  parameters for 97 symbols and T = 80; why: :mod:`dpsign_fl.model_sizes`.
 
   Every layer is an Embedding, LayerNorm or Linear that sees the batch on
   dim 0 (attention is two Linear layers around
@@ -58,28 +58,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .model_sizes import HEAD_WIDTH, PREVIOUS_CHARACTERS, TRANSFORMER_DEPTH, TRANSFORMER_WIDTH
+
 MODELS = ("logreg", "mlp", "tanh-cnn", "cifar-cnn", "scatternet-linear", "scatternet-cnn", "char-transformer")
 SCATTER_GROUPS = 27  # GroupNorm groups over the scattering channels (81 per input channel)
 MLP_HIDDEN_UNITS = 64
 CIFAR_CNN_GROUPS = 8  # GroupNorm groups per convolution
-HEAD_WIDTH = 16
-"""Channels per attention head of ``char-transformer``: the width must be a multiple of it."""
-TRANSFORMER_WIDTH = 64
-"""Default width of ``char-transformer``.
-
-Chosen for 2 CPU cores, not the ~1M parameters first planned: a throwaway
-spike (sign votes, 10 clients of ~52 examples a round) measured 0.75 s per DP
-round at width 64 against 2.05 s at width 128, and the smaller model reached
-the same accuracy or more under DP (each clipped coordinate carries more
-signal). A 1,000-round run at width 64 takes about 13 minutes there.
-"""
-TRANSFORMER_DEPTH = 2
-PREVIOUS_CHARACTERS = 3
-"""Default number of previous characters whose embeddings each position adds (0 = none).
-
-With 3, the spike's non-private sign-vote run reached 40 % next-character
-accuracy where the same model without them stalled at 29 %.
-"""
 TRANSFORMER_MLP_RATIO = 4
 
 _DEFAULT_MODELS = {

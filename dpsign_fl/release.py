@@ -17,7 +17,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from .clipped_sum import clipped_gradient_sum
-from .gradient_noise import add_gradient_noise
 from .mechanism import (
     CLIPPING_MODES,
     _check_noise_multiplier,
@@ -41,7 +40,10 @@ serve to push the per-example gradients out of float32's range).
 """
 
 DEFAULT_CHUNK_SIZE = 256
-"""Examples per vmap chunk where per-example gradients are materialised (experiment-only gradient noise)."""
+"""Examples per vmap chunk where per-example gradients are materialised (a per-example transform)."""
+
+PerExampleTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+"""``transform(grads [B, d], generator) -> grads [B, d]``, applied before clipping (the experiments' seam)."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ def client_release(
     *,
     generator: torch.Generator | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-    gradient_noise: str = "none",
+    per_example_transform: PerExampleTransform | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
     """Make one DP-SIGN release from a client's local data at the current model.
@@ -125,9 +127,11 @@ def client_release(
         generator: randomness for sampling and noise; None = OS secure source.
         loss_fn: ``loss_fn(outputs, targets)`` on a batch: the MEAN of the
             per-example losses (as ``F.cross_entropy``).
-        gradient_noise: experiment-only noise added to each per-example gradient
-            before clipping (``dpsign_fl.gradient_noise``); not privacy noise.
-            This path materialises the per-example gradients.
+        per_example_transform: None, or a function applied to the ``[B, d]``
+            per-example gradients before clipping: the one seam experiments
+            use (synthetic gradient noise, :mod:`dpsign_fl.experiments.hooks`).
+            Clipping follows it, so the sensitivity stays ``clip_norm``
+            whatever it returns. This path materialises the per-example gradients.
         chunk_size: examples per vmap chunk of that path.
 
     Returns:
@@ -140,9 +144,9 @@ def client_release(
     generator = generator if generator is not None else secure_generator()
     indices = poisson_sample(inputs.shape[0], settings.sample_rate, generator=generator)
     batch_inputs, batch_targets = inputs[indices], targets[indices]
-    if gradient_noise != "none":
+    if per_example_transform is not None:
         grads = per_sample_gradients(model, loss_fn, batch_inputs, batch_targets, chunk_size=chunk_size)
-        grads = add_gradient_noise(grads, kind=gradient_noise, generator=generator)
+        grads = per_example_transform(grads, generator)
         return dp_sign(
             grads, clip_norm=settings.clip_norm, noise_multiplier=settings.noise_multiplier,
             clipping=settings.clipping, generator=generator,

@@ -1,8 +1,9 @@
 """One round of DP-SignSGD, the same for every driver (Flower app, drop-in helper, research loop).
 
 - :func:`plan_release`: the one sigma planner: the noise multiplier that lets a
-  client make ``num_rounds`` releases within its budget (after the releases
-  its ledger already holds).
+  client make :func:`planned_releases` releases (``num_rounds``, or fewer when
+  it takes part in only some rounds) within its budget (after the releases its
+  ledger already holds).
 - :func:`client_round`: one client's round: check the budget, release
   (:func:`dpsign_fl.release.client_release`), record the release in the
   client's ledger, pack the signs.
@@ -15,6 +16,7 @@ results into messages; the loop calls them for every simulated client.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -25,7 +27,8 @@ from torch.nn import functional as F
 
 from .packing import pack_signs
 from .privacy import PrivacyLedger, Release, calibrate_noise_multiplier
-from .release import ReleaseSettings, UnsafeRelease, client_release
+from .privacy.ledger import exceeds_budget
+from .release import PerExampleTransform, ReleaseSettings, UnsafeRelease, client_release
 from .server_update import VoteUpdater
 from .settings import RunSettings
 from .vote import DEFAULT_VOTE, VOTE_RULES, VoteCounter, robust_vote
@@ -45,7 +48,7 @@ class ReleasePlan:
 
     Attributes:
         release: sample rate, clip norm, the planned noise multiplier, clipping.
-        num_releases: T, the releases the plan allows in this run.
+        num_releases: the releases the plan allows in this run (:func:`planned_releases`).
         budget: the (epsilon, delta) the ledger must stay within.
         prior: the ledger's history when the plan was made.
     """
@@ -74,32 +77,72 @@ class ReleasePlan:
         return len(rest) == 1 and (rest[0].sample_rate, rest[0].noise_multiplier) == (q, sigma) and rest[0].count < self.num_releases
 
 
-def plan_release(settings: RunSettings, budget: Budget | None = None, prior: tuple[Release, ...] = ()) -> ReleasePlan:
-    """Plan a run's releases: sigma calibrated so that ``prior`` and ``num_rounds`` releases meet the budget.
+PARTICIPATION_MARGIN = 3.0
+"""z, the standard deviations of Binomial(T, p) the plan adds to the expected T * p releases.
 
-    A client releases at most once per round, so ``num_rounds`` releases of
-    SGM(``sample_rate``, sigma) follow ``prior`` (a durable ledger's history)
-    within ``budget`` (default: the run's ``target_epsilon`` and
-    ``target_delta``), under the run's accountant. No amplification from the
-    server's choice of clients is assumed: a client cannot verify it.
+A client sampled independently with probability p in each of T rounds (K of N
+clients at random: p = K/N) takes part Binomial(T, p) times. At z = 3 one client
+in 800 is sampled more often than planned (T = 1000, p = 10/42: 1.25e-3, exact),
+and refused for its last few samplings, for 3-10% more noise than planning for
+the mean alone; z = 4 would cost another 1-3%. docs/privacy.md has the tables
+(``scripts/participation_plan.py``).
+"""
+
+
+def planned_releases(settings: RunSettings) -> int:
+    """The releases a client plans for: T, or ceil(T p + z sqrt(T p (1 - p))) when it takes part in a fraction p of the rounds.
+
+    Privacy: the count only spreads the budget; it never raises it. It is a
+    plan, not a promise of the server: a client sampled more often is refused
+    by its ledger once the budget is spent (:func:`client_round`).
+
+    Args:
+        settings: the run; ``num_rounds`` (T) and ``participation`` (p, in
+            (0, 1], validated by :class:`RunSettings`). z is
+            :data:`PARTICIPATION_MARGIN`.
+
+    Returns:
+        The count, in [1, T] (a client releases at most once per round).
+    """
+    num_rounds, participation = settings.num_rounds, settings.participation
+    if participation >= 1:
+        return num_rounds
+    mean = num_rounds * participation
+    margin = PARTICIPATION_MARGIN * math.sqrt(mean * (1.0 - participation))
+    return min(num_rounds, max(1, math.ceil(mean + margin)))
+
+
+def plan_release(settings: RunSettings, budget: Budget | None = None, prior: tuple[Release, ...] = ()) -> ReleasePlan:
+    """Plan a run's releases: sigma calibrated so that ``prior`` and :func:`planned_releases` releases meet the budget.
+
+    A client releases at most once per round, so it makes at most
+    ``num_rounds`` releases, and about ``num_rounds * participation`` when it
+    takes part in a fraction of the rounds; the plan covers
+    :func:`planned_releases` releases of SGM(``sample_rate``, sigma) after
+    ``prior`` (a durable ledger's history) within ``budget`` (default: the
+    run's ``target_epsilon`` and ``target_delta``), under the run's
+    accountant. No amplification from the server's choice of clients is
+    assumed: a client cannot verify it, nor how often the server samples it
+    (its ledger refuses any release past the budget).
 
     Raises:
-        BudgetExhausted: if ``prior`` leaves no room for ``num_rounds`` releases.
+        BudgetExhausted: if ``prior`` leaves no room for the planned releases.
         CalibrationTimeout: if calibration runs past its time bound.
     """
     budget = budget or Budget(settings.target_epsilon, settings.target_delta)
+    num_releases = planned_releases(settings)
     sigma = calibrate_noise_multiplier(
         target_epsilon=budget.target_epsilon,
         target_delta=budget.target_delta,
         sample_rate=settings.sample_rate,
-        num_steps=settings.num_rounds,
+        num_steps=num_releases,
         accountant=settings.accountant,
         prior=[(r.sample_rate, r.noise_multiplier, r.count) for r in prior],
     )
     release = ReleaseSettings(
         sample_rate=settings.sample_rate, clip_norm=settings.clip_norm, noise_multiplier=sigma, clipping=settings.clipping
     )
-    return ReleasePlan(release, settings.num_rounds, budget, tuple(prior))
+    return ReleasePlan(release, num_releases, budget, tuple(prior))
 
 
 @dataclass(frozen=True)
@@ -128,11 +171,20 @@ class Refusal:
     @property
     def reason(self) -> str:
         """A message for logs and the error reply (public numbers only)."""
-        return (
-            f"privacy budget exhausted: epsilon={self.spent:.4f} spent in {self.releases} releases; one more "
-            f"would reach {self.after:.4f} > epsilon {self.budget.target_epsilon:g} "
-            f"(delta={self.budget.target_delta:g})"
-        )
+        return refusal_reason(self.spent, self.releases, self.budget, after=self.after)
+
+
+def refusal_reason(spent: float, releases: int, budget: Budget, *, after: float | None = None) -> str:
+    """The one wording of a budget refusal: public numbers only (epsilon spent, releases, the budget).
+
+    ``after`` is the epsilon one more release would reach; None when the ledger
+    has no room for a whole run's plan (:class:`dpsign_fl.privacy.BudgetExhausted`).
+    """
+    more = f"one more would reach {after:.4f}" if after is not None else "no room for this run's releases"
+    return (
+        f"privacy budget exhausted: epsilon={spent:.4f} spent in {releases} releases; {more} "
+        f"> epsilon {budget.target_epsilon:g} (delta={budget.target_delta:g})"
+    )
 
 
 @dataclass(frozen=True)
@@ -159,7 +211,7 @@ def client_round(
     *,
     generator: torch.Generator,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-    gradient_noise: str = "none",
+    per_example_transform: PerExampleTransform | None = None,
 ) -> SignedUpdate | Refusal | FailedRelease:
     """Make this client's release for the current model, or refuse; record it in ``ledger``.
 
@@ -179,7 +231,7 @@ def client_round(
         ledger: the client's ledger (updated in place).
         generator: the randomness of sampling and noise.
         loss_fn: per-batch loss.
-        gradient_noise: experiments only (:mod:`dpsign_fl.gradient_noise`).
+        per_example_transform: experiments only (:func:`dpsign_fl.release.client_release`).
 
     Returns:
         :class:`SignedUpdate`, :class:`Refusal` or :class:`FailedRelease`.
@@ -193,11 +245,12 @@ def client_round(
         after = ledger.epsilon_after(
             target_delta=budget.target_delta, sample_rate=release.sample_rate, noise_multiplier=release.noise_multiplier
         )
-        if not after <= budget.target_epsilon:
+        if exceeds_budget(after, budget.target_epsilon):
             return Refusal(ledger.epsilon(budget.target_delta), after, ledger.num_releases, budget)
     try:
         signs = client_release(
-            model, inputs, targets, release, generator=generator, loss_fn=loss_fn, gradient_noise=gradient_noise
+            model, inputs, targets, release, generator=generator, loss_fn=loss_fn,
+            per_example_transform=per_example_transform,
         )
     except UnsafeRelease:
         raise  # refused before sampling, from the server's model alone: nothing released, nothing recorded

@@ -99,7 +99,7 @@ class VoteUpdater:
         self.schedule = schedule
         self.momentum = momentum
         self.step_scale = step_scale
-        self._velocity: np.ndarray | None = None
+        self._update_state: np.ndarray | None = None
 
     @property
     def automatic(self) -> bool:
@@ -119,10 +119,10 @@ class VoteUpdater:
         if self.automatic:
             return self._automatic_step(weights, direction, server_round, num_rounds)
         if self.momentum > 0:
-            if self._velocity is None:
-                self._velocity = np.zeros_like(weights)
-            self._velocity = self.momentum * self._velocity + direction
-            direction = self._velocity
+            if self._update_state is None:
+                self._update_state = np.zeros_like(weights)
+            self._update_state = self.momentum * self._update_state + direction
+            direction = self._update_state
         eta = learning_rate_at(
             server_round, learning_rate=self.learning_rate, num_rounds=num_rounds, schedule=self.schedule
         )
@@ -132,9 +132,9 @@ class VoteUpdater:
         if self.step_scale is None:
             raise RuntimeError("automatic steps need a step scale: call start(initial weights) first")
         d = weights.shape[0]
-        if self._velocity is None:
-            self._velocity = np.zeros(2 * d, dtype=weights.dtype)
-        agreement, previous = self._velocity[:d], self._velocity[d:]
+        if self._update_state is None:
+            self._update_state = np.zeros(2 * d, dtype=weights.dtype)
+        agreement, previous = self._update_state[:d], self._update_state[d:]
         dtype = weights.dtype.type
         agreement *= dtype(AGREEMENT_DECAY)
         agreement += dtype(1 - AGREEMENT_DECAY) * (direction * previous)
@@ -147,14 +147,14 @@ class VoteUpdater:
     def state_dict(self) -> dict:
         """Return the state (for checkpoints and replicas).
 
-        ``velocity``: the momentum ``[d]``, or with automatic steps the running
+        ``update-state``: the momentum ``[d]``, or with automatic steps the running
         agreement and the last vote ``[2 d]``; ``step-scale``: s (None unless automatic).
         """
-        return {"velocity": None if self._velocity is None else self._velocity.copy(), "step-scale": self.step_scale}
+        return {"update-state": None if self._update_state is None else self._update_state.copy(), "step-scale": self.step_scale}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the state saved by :meth:`state_dict`."""
-        velocity = state.get("velocity")
-        self._velocity = None if velocity is None else np.asarray(velocity).copy()
+        update_state = state.get("update-state")
+        self._update_state = None if update_state is None else np.asarray(update_state).copy()
         if state.get("step-scale") is not None:
             self.step_scale = float(state["step-scale"])

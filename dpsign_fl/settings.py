@@ -20,12 +20,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import shlex
 import sys
 import tomllib
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from .privacy.accounting import ACCOUNTANTS
+from .model_sizes import HEAD_WIDTH, PREVIOUS_CHARACTERS, TRANSFORMER_DEPTH, TRANSFORMER_WIDTH
+from .privacy.limits import CLIP_NORM_RANGE, TARGET_DELTA_RANGE, TARGET_EPSILON_RANGE
+from .server_update import AUTOMATIC, LR_SCHEDULES
+from .vote import DEFAULT_VOTE, VOTE_RULES
 
 SEED_LIMIT = 2**63
 """Seeds are integers in [0, SEED_LIMIT)."""
@@ -47,7 +54,8 @@ class Spec:
         key: the run-config key (kebab-case).
         kind: ``int``, ``float``, ``str`` or ``bool``.
         help: one line for ``--help`` texts and docs.
-        choices: the allowed values of a ``str`` setting.
+        choices: the allowed values of a ``str`` setting, or a function
+            returning them (read when a value is checked: see :meth:`allowed`).
         low, high: the allowed interval of a number (None = unbounded).
         low_open, high_open: whether an end is excluded.
         multiple_of: an integer setting must be a multiple of it (None = any).
@@ -58,13 +66,17 @@ class Spec:
     key: str
     kind: type
     help: str
-    choices: tuple[str, ...] | None = None
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
     low: float | None = None
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
     optional: bool = False
     multiple_of: int | None = None
+
+    def allowed(self) -> tuple[str, ...] | None:
+        """The allowed values of a ``str`` setting (None: any string)."""
+        return self.choices() if callable(self.choices) else self.choices
 
     def interval(self) -> str:
         """The allowed interval, e.g. ``(0, 1]``."""
@@ -83,9 +95,10 @@ class Spec:
         if self.kind is str:
             if not isinstance(value, str):
                 raise ConfigTypeError(f"{name} must be a string, got {value!r}")
-            if self.choices is not None and value not in self.choices:
-                shown = tuple(c for c in self.choices if c)
-                raise ConfigError(f"{name} must be one of {shown}{' or empty' if '' in self.choices else ''}, got {value!r}")
+            choices = self.allowed()
+            if choices is not None and value not in choices:
+                shown = tuple(c for c in choices if c)
+                raise ConfigError(f"{name} must be one of {shown}{' or empty' if '' in choices else ''}, got {value!r}")
             return
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigTypeError(f"{name} must be {'an integer' if self.kind is int else 'a number'}, got {value!r}")
@@ -136,7 +149,7 @@ def setting(
     *,
     help: str,
     key: str | None = None,
-    choices: tuple[str, ...] | None = None,
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
     low: float | None = None,
     high: float | None = None,
     low_open: bool = False,
@@ -218,27 +231,32 @@ def _shown(key: str, style: str) -> str:
     return f"--{key}" if style == "option" else key
 
 
-def _choices():
-    # Each list of names (and the default it implies) lives with the code that implements it.
-    from .attacks import BYZANTINE_ATTACKS
+# Each list of names (and the default it implies) lives with the code that implements it.
+# Lists that live beside torch (datasets, partitioners, clipping modes, models) are read when
+# a value is first checked, not at import: the settings checker answers without loading torch.
+_C = dict(
+    votes=VOTE_RULES, default_vote=DEFAULT_VOTE, automatic_steps=AUTOMATIC, accountants=ACCOUNTANTS,
+    schedules=LR_SCHEDULES, clip_norm_range=CLIP_NORM_RANGE, epsilon_range=TARGET_EPSILON_RANGE,
+    delta_range=TARGET_DELTA_RANGE,
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_side_choices() -> dict[str, tuple[str, ...]]:
     from .data import DATASETS, PARTITIONERS
-    from .gradient_noise import GRADIENT_NOISES
-    from .mechanism import CLIPPING_MODES, MAX_CLIP_NORM, MIN_CLIP_NORM
-    from .models import HEAD_WIDTH, MODELS, PREVIOUS_CHARACTERS, TRANSFORMER_DEPTH, TRANSFORMER_WIDTH
-    from .privacy.accounting import ACCOUNTANTS
-    from .server_update import AUTOMATIC, LR_SCHEDULES
-    from .vote import DEFAULT_VOTE, VOTE_RULES
+    from .mechanism import CLIPPING_MODES
+    from .models import MODELS
 
-    return dict(
-        votes=VOTE_RULES, default_vote=DEFAULT_VOTE, automatic_steps=AUTOMATIC,
-        attacks=BYZANTINE_ATTACKS, datasets=DATASETS, partitioners=PARTITIONERS, gradient_noises=GRADIENT_NOISES,
-        clipping=CLIPPING_MODES, clip_norm_range=(MIN_CLIP_NORM, MAX_CLIP_NORM), models=("",) + MODELS, accountants=ACCOUNTANTS, schedules=LR_SCHEDULES,
-        head_width=HEAD_WIDTH, transformer_width=TRANSFORMER_WIDTH, transformer_depth=TRANSFORMER_DEPTH,
-        previous_characters=PREVIOUS_CHARACTERS,
-    )
+    return dict(datasets=DATASETS, partitioners=PARTITIONERS, clipping=CLIPPING_MODES, models=("",) + MODELS)
 
 
-_C = _choices()
+def _later(name: str):
+    """Choices read on first use (:func:`_torch_side_choices`)."""
+    return functools.partial(_read_choices, name)
+
+
+def _read_choices(name: str) -> tuple[str, ...]:
+    return _torch_side_choices()[name]
 
 
 @dataclass(frozen=True)
@@ -250,27 +268,32 @@ class RunSettings:
     rounds of the run (a resumed run counts from round 1 too).
     """
 
-    dataset: str = setting("digits", choices=_C["datasets"], help="dataset to train on")
+    dataset: str = setting("digits", choices=_later("datasets"), help="dataset to train on")
     data_dir: str = setting("", help="absolute path of a local copy of the dataset; empty = embedded or Hugging Face hub")
-    model: str = setting("", choices=_C["models"], help="model; empty = the dataset's default")
+    model: str = setting("", choices=_later("models"), help="model; empty = the dataset's default")
     model_width: int = setting(
-        _C["transformer_width"], low=_C["head_width"], high=512, multiple_of=_C["head_width"],
-        help=f"char-transformer: channels, a multiple of {_C['head_width']} (one attention head per {_C['head_width']})",
+        TRANSFORMER_WIDTH, low=HEAD_WIDTH, high=512, multiple_of=HEAD_WIDTH,
+        help=f"char-transformer: channels, a multiple of {HEAD_WIDTH} (one attention head per {HEAD_WIDTH})",
     )
-    model_depth: int = setting(_C["transformer_depth"], low=1, high=12, help="char-transformer: transformer blocks")
+    model_depth: int = setting(TRANSFORMER_DEPTH, low=1, high=12, help="char-transformer: transformer blocks")
     model_previous_characters: int = setting(
-        _C["previous_characters"], low=0, high=16, help="char-transformer: previous characters embedded at each position (0 = none)"
+        PREVIOUS_CHARACTERS, low=0, high=16, help="char-transformer: previous characters embedded at each position (0 = none)"
     )
-    partitioner: str = setting("iid", choices=_C["partitioners"], help="how the training set is split among clients")
+    partitioner: str = setting("iid", choices=_later("partitioners"), help="how the training set is split among clients")
     dirichlet_alpha: float = setting(0.5, low=0, high=1e6, low_open=True, help="Dirichlet concentration (partitioner dirichlet)")
     classes_per_partition: int = setting(2, low=1, high=1_000_000, help="classes per client (partitioner pathological)")
     data_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of the train/test split (digits, mushroom) and of the client partitions")
     num_rounds: int = setting(60, key="num-server-rounds", low=1, high=1_000_000, help="T, the total number of rounds of the run")
-    target_epsilon: float = setting(8.0, low=0.05, high=100, help="epsilon each client may spend over the run")
-    target_delta: float = setting(1e-5, low=1e-12, high=0.5, help="delta at which epsilon is accounted")
+    participation: float = setting(
+        1.0, low=0, high=1, low_open=True,
+        help="p, the expected fraction of the rounds a client takes part in (K/N when each round samples K of N "
+        "clients); noise is planned for about T*p releases plus a margin; 1 = every round, the safe default",
+    )
+    target_epsilon: float = setting(8.0, low=_C["epsilon_range"][0], high=_C["epsilon_range"][1], help="epsilon each client may spend over the run")
+    target_delta: float = setting(1e-5, low=_C["delta_range"][0], high=_C["delta_range"][1], help="delta at which epsilon is accounted")
     sample_rate: float = setting(0.3, low=1e-4, high=1, help="q, the Poisson sampling rate of each client's data per round")
     clip_norm: float = setting(1.0, low=_C["clip_norm_range"][0], high=_C["clip_norm_range"][1], help="C, the L2 bound on each example's whole gradient")
-    clipping: str = setting("flat", choices=_C["clipping"], help="per-example clipping: flat or automatic")
+    clipping: str = setting("flat", choices=_later("clipping"), help="per-example clipping: flat or automatic")
     accountant: str = setting("pld", choices=_C["accountants"], help="privacy accountant: pld or rdp")
     learning_rate: float | None = setting(
         _C["automatic_steps"], low=0, high=1e3, optional=True,
@@ -284,12 +307,15 @@ class RunSettings:
     reproducible_noise: bool = setting(False, help="simulation only: derive clients' sampling and noise from noise-seed (NOT private)")
     noise_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of clients' randomness when reproducible-noise is true")
     eval_every: int = setting(1, low=1, high=1_000_000, help="evaluate the global model every k rounds (and after the last)")
-    gradient_noise: str = setting("none", choices=_C["gradient_noises"], help="experiments only: synthetic heavy-tailed gradient noise")
-    byzantine_fraction: float = setting(0.0, low=0, high=1, high_open=True, help="experiments only: fraction of clients that attack")
-    byzantine_attack: str = setting("sign-flip", choices=_C["attacks"], help="experiments only: what attacking clients send")
 
     def __post_init__(self) -> None:
         check_fields(self)
+        from .data import check_partitioner
+
+        try:
+            check_partitioner(self.dataset, self.partitioner)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     @property
     def model_name(self) -> str:
@@ -303,15 +329,6 @@ class RunSettings:
         """The size keywords of :func:`dpsign_fl.models.build_model` (read by ``char-transformer`` only)."""
         return {"width": self.model_width, "depth": self.model_depth, "previous_characters": self.model_previous_characters}
 
-    @property
-    def experiment_only(self) -> dict[str, Any]:
-        """The experiment-only settings that differ from their defaults (refused on a deployed node)."""
-        defaults = RunSettings.__dataclass_fields__
-        names = ("gradient_noise", "byzantine_fraction", "byzantine_attack", "reproducible_noise")
-        return {
-            specs(RunSettings)[n].key: getattr(self, n) for n in names if getattr(self, n) != defaults[n].default
-        }
-
 
 @dataclass(frozen=True)
 class FlowerOptions:
@@ -321,6 +338,10 @@ class FlowerOptions:
     min_train_nodes: int = setting(2, low=1, high=1_000_000, help="fewest valid replies that move the model")
     min_available_nodes: int = setting(2, low=1, high=1_000_000, help="nodes to wait for before round 1")
     round_timeout: float = setting(3600.0, low=0, high=1e7, low_open=True, help="seconds to wait for a round's replies")
+    round_grace: float = setting(
+        30.0, low=0, high=1e7,
+        help="seconds to wait for the other sampled nodes once min-train-nodes replies without error are in",
+    )
     results_dir: str = setting("results", help="folder for metrics.json, the model and the plot")
     checkpoint_every: int = setting(0, low=0, high=1_000_000, help="write a checkpoint every k rounds (0 = never)")
     resume: bool = setting(False, help="continue from the checkpoint in results-dir")
@@ -338,9 +359,9 @@ def parse_run_config(run_config: Mapping[str, Any]) -> tuple[RunSettings, Flower
     return from_mapping(RunSettings, run_config), from_mapping(FlowerOptions, run_config)
 
 
-def run_config_of(settings: RunSettings, options: FlowerOptions) -> dict[str, Any]:
-    """Return the kebab-case run config of both groups (for logs, results and checkpoints)."""
-    return {**to_mapping(settings), **to_mapping(options)}
+def run_config_of(*groups) -> dict[str, Any]:
+    """Return the kebab-case run config of settings groups (for logs, results and checkpoints)."""
+    return {key: value for group in groups for key, value in to_mapping(group).items()}
 
 
 def parse_override_string(text: str) -> dict[str, Any]:
@@ -366,39 +387,62 @@ MEASURED_SETTINGS = {
     "fashion-mnist": "model='scatternet-linear' sample-rate=0.05 num-server-rounds=1000 (about 87% at epsilon 3)",
     "cifar10": "model='scatternet-cnn' sample-rate=0.05 num-server-rounds=1000 (not measured here: no offline copy)",
     "mushroom": "model='logreg' sample-rate=0.05 num-server-rounds=1000 (about 99% at epsilon 3)",
+    "shakespeare": (
+        "partitioner='play' sample-rate=0.05 num-server-rounds=1000 (what a feasibility spike used; "
+        "no Shakespeare recipe there yet)"
+    ),
 }
 """Per dataset, settings docs/results.md measured, for the warning of :func:`tuning_warnings`."""
 
 
-def tuning_warnings(settings: RunSettings) -> list[str]:
-    """Warnings for a run that trains a dataset with the defaults chosen for the embedded digits.
+def tuning_warnings(settings: RunSettings, options: FlowerOptions | None = None) -> list[str]:
+    """Warnings for settings that are valid but probably not what the user meant.
 
-    The run-config defaults (``sample-rate``, ``num-server-rounds``) were chosen
-    for the small digits demo; on a larger dataset they waste the budget (a
-    round per 60 is far too few) or run slowly. Not an error: the user may mean it.
+    - A dataset trained with the defaults chosen for the small digits demo
+      (``sample-rate``, ``num-server-rounds``): on a larger dataset they waste
+      the budget (a round per 60 is far too few) or run slowly.
+    - ``participation`` below ``fraction-train`` (given ``options``): clients
+      plan their noise for fewer releases than the rounds they will be asked
+      in, and refuse once their budget is spent.
+
+    Not errors: the user may mean it.
     """
+    warnings = []
+    if options is not None and settings.participation < options.fraction_train:
+        warnings.append(
+            f"participation={settings.participation:g} is below fraction-train={options.fraction_train:g}: each client "
+            f"plans its noise for about {settings.participation:g} of the rounds but is asked in about "
+            f"{options.fraction_train:g} of them, and refuses once its budget is spent"
+        )
     defaults = RunSettings()
     if settings.dataset == "digits" or (settings.sample_rate, settings.num_rounds) != (defaults.sample_rate, defaults.num_rounds):
-        return []
-    return [
+        return warnings
+    return warnings + [
         f"dataset {settings.dataset!r} runs with sample-rate={defaults.sample_rate:g} and num-server-rounds="
         f"{defaults.num_rounds}, the defaults chosen for the embedded digits; docs/results.md measured "
         f"{MEASURED_SETTINGS[settings.dataset]}"
     ]
 
 
-def check_run_config(overrides: Mapping[str, Any]) -> tuple[RunSettings, FlowerOptions]:
+def check_run_config(overrides: Mapping[str, Any], *, other_groups: tuple = ()) -> tuple[RunSettings, FlowerOptions]:
     """Validate run-config overrides as the app would, and name misspelt keys with the closest known ones.
+
+    Args:
+        overrides: run-config key -> value.
+        other_groups: further settings groups the run config holds (the app's
+            experiment hooks), checked too.
 
     Raises:
         ConfigError: naming the first unknown or bad key.
     """
-    known = keys(RunSettings, FlowerOptions)
+    known = keys(RunSettings, FlowerOptions, *other_groups)
     for key in overrides:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=2)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise ConfigError(f"unknown run-config key {key!r}{hint}")
+    for group in other_groups:
+        from_mapping(group, overrides)
     return parse_run_config(overrides)
 
 
@@ -413,16 +457,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_config", nargs="?", default="", help="the text you pass to flwr run --run-config")
     args = parser.parse_args(argv)
+    from .experiments.hooks import ExperimentOptions  # the app's run config also holds the experiment keys
+
     try:
-        settings, options = check_run_config(parse_override_string(args.run_config))
+        overrides = parse_override_string(args.run_config)
+        settings, options = check_run_config(overrides, other_groups=(ExperimentOptions,))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for key, value in run_config_of(settings, options).items():
+    for key, value in run_config_of(settings, options, from_mapping(ExperimentOptions, overrides)).items():
         print(f"{key} = {value!r}")
-    for warning in tuning_warnings(settings):
+    for warning in tuning_warnings(settings, options):
         print(f"warning: {warning}", file=sys.stderr)
+    for line in _natural_partition_lines(settings):
+        print(line)
     return 0
+
+
+def _natural_partition_lines(settings: RunSettings) -> list[str]:
+    """How many clients a natural partitioner makes, read from ``data-dir`` (nothing without one: stays fast)."""
+    from .data import NATURAL_PARTITIONERS, describe_natural_partition, load_dataset
+
+    if settings.partitioner not in NATURAL_PARTITIONERS or not settings.data_dir:
+        return []
+    try:
+        dataset = load_dataset(settings.dataset, data_dir=settings.data_dir, source="local")
+    except (OSError, ValueError) as error:
+        print(f"warning: data-dir could not be read here, so the clients are not counted: {error}", file=sys.stderr)
+        return []
+    return [describe_natural_partition(dataset, settings.partitioner)]
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ from dpsign_fl.checkpoint import (
 from dpsign_fl.server_update import VoteUpdater
 
 
-def example(velocity=True, server_round=3):
+def example(update_state=True, server_round=3):
     rng = np.random.default_rng(0)
     weights = rng.normal(size=50).astype(np.float32)
     return Checkpoint(
         server_round=server_round,
         weights=weights,
-        updater_state={"velocity": rng.normal(size=50).astype(np.float32) if velocity else None},
+        updater_state={"update-state": rng.normal(size=50).astype(np.float32) if update_state else None},
         epsilon_seen={"123456789012345": 1.25, "7": 0.5},
         rng_state=random.Random(4).getstate(),
         metrics=[{"round": r, "accuracy": None if r == 2 else 0.5, "epsilon": 0.1 * r} for r in range(1, server_round + 1)],
@@ -33,19 +33,19 @@ def example(velocity=True, server_round=3):
     )
 
 
-@pytest.mark.parametrize("velocity", [True, False])
-def test_a_saved_checkpoint_loads_back_equal(tmp_path, velocity):
-    saved = example(velocity=velocity)
+@pytest.mark.parametrize("update_state", [True, False])
+def test_a_saved_checkpoint_loads_back_equal(tmp_path, update_state):
+    saved = example(update_state=update_state)
     save_checkpoint(tmp_path / "c.npz", saved)
 
     loaded = load_checkpoint(tmp_path / "c.npz")
 
     assert loaded.server_round == saved.server_round
     np.testing.assert_array_equal(loaded.weights, saved.weights)
-    if velocity:
-        np.testing.assert_array_equal(loaded.updater_state["velocity"], saved.updater_state["velocity"])
+    if update_state:
+        np.testing.assert_array_equal(loaded.updater_state["update-state"], saved.updater_state["update-state"])
     else:
-        assert loaded.updater_state["velocity"] is None
+        assert loaded.updater_state["update-state"] is None
     assert loaded.epsilon_seen == saved.epsilon_seen
     assert loaded.rng_state == saved.rng_state
     assert loaded.metrics == saved.metrics
@@ -138,3 +138,23 @@ def test_a_file_of_another_format_version_is_refused(tmp_path, monkeypatch):
 
     with pytest.raises(CheckpointError, match="format 99"):
         load_checkpoint(tmp_path / "c.npz")
+
+
+def test_a_checkpoint_of_format_1_with_its_velocity_array_still_loads(tmp_path):
+    # Format 1 named the update rule's state "velocity"; a run checkpointed before the rename resumes.
+    import io
+    import json
+
+    saved = example()
+    save_checkpoint(tmp_path / "new.npz", saved)
+    with np.load(tmp_path / "new.npz", allow_pickle=False) as stored:
+        meta = json.loads(str(stored["meta"]))
+        meta["format"] = 1
+        buffer = io.BytesIO()
+        np.savez(buffer, weights=stored["weights"], velocity=stored["update-state"], meta=np.array(json.dumps(meta)))
+    (tmp_path / "old.npz").write_bytes(buffer.getvalue())
+
+    loaded = load_checkpoint(tmp_path / "old.npz")
+
+    np.testing.assert_array_equal(loaded.updater_state["update-state"], saved.updater_state["update-state"])
+    np.testing.assert_array_equal(loaded.weights, saved.weights)

@@ -1,13 +1,14 @@
-"""Tests of dpsign_fl.compressors and dpsign_fl.privacy.jin: the baselines DP-SIGN is compared with."""
+"""Tests of dpsign_fl.experiments.compressors and dpsign_fl.experiments.jin: the baselines DP-SIGN is compared with."""
 
 import math
 
 import pytest
 import torch
 
-from dpsign_fl.compressors import jin_dp_sign, sign, sto_sign
+from dpsign_fl.experiments.compressors import jin_dp_sign, sign, sto_sign
+from dpsign_fl.experiments.jin import jin_noise_multiplier, jin_true_epsilon
 from dpsign_fl.mechanism import dp_sign, secure_generator
-from dpsign_fl.privacy import calibrate_noise_multiplier, compute_epsilon, jin_noise_multiplier, jin_true_epsilon
+from dpsign_fl.privacy import calibrate_noise_multiplier, compute_epsilon
 
 BOUND = 2.0
 # Gradient values in [-b, b], each repeated 4000 times: one call draws 4000 independent sto-signs per value.

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpsign_fl.data import PARTITIONERS, Dataset, load_dataset, partition, partition_indices, read_idx
+from dpsign_fl.data import LABEL_PARTITIONERS, Dataset, load_dataset, partition, partition_indices, read_idx
 from dpsign_fl.data import partitioning
 from dpsign_fl.data.files import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC
 
@@ -435,7 +435,7 @@ def test_pathological_partitions_hold_at_most_k_classes_each_and_are_disjoint():
 
 
 @pytest.mark.filterwarnings("ignore:Classes.*will NOT be used")  # pathological: 5 partitions x 2 < 10 classes
-@pytest.mark.parametrize("partitioner", PARTITIONERS)
+@pytest.mark.parametrize("partitioner", LABEL_PARTITIONERS)
 def test_partitions_are_deterministic_for_a_seed_and_change_with_it(partitioner):
     labels = _skewed_labels()
 

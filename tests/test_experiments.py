@@ -32,6 +32,7 @@ from dpsign_fl.parameters import model_vector
 from dpsign_fl.privacy import compute_epsilon
 from dpsign_fl.release import ReleaseSettings, client_release, seeded_generator
 from dpsign_fl.server_update import VoteUpdater
+from dpsign_fl.settings import ConfigError
 from dpsign_fl.vote import majority_vote
 
 REQUIRED_FIELDS = ("method", "noise", "dataset", "target_epsilon", "epsilon", "test_accuracy", "rounds", "wall_seconds")
@@ -168,6 +169,8 @@ def test_bad_settings_are_rejected_with_the_parameter_named():
         Experiment.create(method="sgd", learning_rate=0.01, byzantine_fraction=0.2)
     with pytest.raises(ValueError, match="sample_rate"):
         Experiment.create(sample_rate=2.0)
+    with pytest.raises(ConfigError, match=r"participation must be 1 in the in-process loop .*got 0.25"):
+        Experiment.create(participation=0.25)  # every client takes part in every round
 
 
 # --- recipes on tiny generated data, through the command line ------------------------------
@@ -456,13 +459,13 @@ def test_cifar10_scatternet_recipe_runs_on_a_generated_batches_folder(tmp_path, 
 
 
 def test_robustness_recipe_lists_every_attack_fraction_clients_and_rule():
-    from dpsign_fl.attacks import BYZANTINE_ATTACKS
+    from dpsign_fl.experiments.attacks import BYZANTINE_ATTACKS
 
     runs = RECIPES["mnist-robustness"].runs()
     assert len(runs) == 2 * 2 * (1 + 4 * len(BYZANTINE_ATTACKS))
     assert {(r.run.vote, r.num_clients) for r in runs} == {(v, c) for v in ("majority", "robust") for c in (10, 20)}
-    assert {r.run.byzantine_fraction for r in runs} == {0.0, 0.1, 0.2, 0.3, 0.4}
-    assert {r.run.byzantine_attack for r in runs if r.run.byzantine_fraction} == set(BYZANTINE_ATTACKS)
+    assert {r.hooks.byzantine_fraction for r in runs} == {0.0, 0.1, 0.2, 0.3, 0.4}
+    assert {r.hooks.byzantine_attack for r in runs if r.hooks.byzantine_fraction} == set(BYZANTINE_ATTACKS)
 
 
 def test_every_recipe_is_exercised_here():
@@ -470,3 +473,20 @@ def test_every_recipe_is_exercised_here():
         "mushroom-logreg", "dp-sign-variants", "mnist-cnn", "fmnist-cnn", "cifar10-cnn",
         "mnist-scatternet", "fmnist-scatternet", "cifar10-scatternet", "mnist-robustness",
     }
+
+
+def test_the_loop_gives_each_client_one_speaking_role_and_truncation_keeps_roles_aligned(tmp_path):
+    from dpsign_fl.experiments.loop import load_run_data
+
+    from .test_shakespeare import write_tiny_plays
+
+    dataset = load_dataset("shakespeare", data_dir=str(write_tiny_plays(tmp_path)))
+    role = dataset.natural_partitions["role"]
+    experiment = Experiment.create(dataset="shakespeare", partitioner="role", num_clients=3)
+
+    _, clients = load_run_data(experiment, dataset=dataset)
+    _, first_five = load_run_data(experiment.with_changes(max_examples=5), dataset=dataset)
+
+    assert [torch.equal(c.inputs, dataset.train_inputs[role.train_clients == i]) for i, c in enumerate(clients)] == [True] * 3
+    # The first 5 training examples: ORLANDO's 1 and GLOSTER's 4; CLARENCE keeps none.
+    assert [c.size for c in first_five] == [1, 4, 0]

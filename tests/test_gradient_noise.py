@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from dpsign_fl.gradient_noise import GRADIENT_NOISES, add_gradient_noise
+from dpsign_fl.experiments.gradient_noise import GRADIENT_NOISES, add_gradient_noise
 
 SCALE = 0.25
 ALPHA = 1.6

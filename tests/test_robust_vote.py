@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpsign_fl.attacks import attack_round
+from dpsign_fl.experiments.attacks import attack_round
 from dpsign_fl.packing import pack_signs
 from dpsign_fl.vote import majority_vote, robust_vote
 
@@ -94,7 +94,7 @@ def test_the_mimic_attack_adapted_to_the_filters_is_not_caught_stated_limit():
 
 
 def test_the_attacks_send_what_they_say():
-    from dpsign_fl.attacks import STEALTH_FRACTION
+    from dpsign_fl.experiments.attacks import STEALTH_FRACTION
     from dpsign_fl.packing import unpack_signs
 
     payloads, direction = honest_payloads(10, seed=5)

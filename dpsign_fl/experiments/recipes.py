@@ -263,7 +263,7 @@ def robustness_runs(dataset: str) -> list[Experiment]:
     recipe: the grid has 100 runs. Labels: ``<vote>-c<clients>-<attack>-f<fraction>``
     (``-clean`` without attackers).
     """
-    from ..attacks import BYZANTINE_ATTACKS
+    from .attacks import BYZANTINE_ATTACKS
     from ..vote import VOTE_RULES
 
     base = Experiment.create(

@@ -11,7 +11,8 @@ Who decides what (docs/privacy.md has the threat model):
   asks for more than the node's cap is not refused: the node plans its noise
   for its own cap and logs that it did.
 - The ledger of a deployed node is a file (node-config ``ledger-path``, else
-  ``ledger.json`` in the node's own folder) unless the node opts into
+  one ``ledger-<digest>.json`` per data set in the node's own folder:
+  :meth:`NodeConfig.durable_ledger_path`) unless the node opts into
   ``per-run-budget``; a simulated node keeps it in ``context.state``.
 - Sampling and noise come from the OS's secure source, except in simulation
   with run-config ``reproducible-noise`` and on a node that sets its own
@@ -34,8 +35,7 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.common import log
 from torch.nn import functional as F
 
-from ..attacks import byzantine_payload, is_byzantine
-from ..data import partition_indices
+from ..data import partition_dataset
 from ..features import load_run_dataset
 from ..mechanism import secure_generator
 from ..model_sync import ModelReplica, read_replica_file, write_replica_file
@@ -44,8 +44,8 @@ from ..parameters import trainable_parameters
 from ..privacy import PrivacyLedger, Release
 from ..privacy.accounting import BudgetExhausted
 from ..privacy.ledger_store import lock_ledger_file, read_ledger_file, write_ledger_file
-from ..release import ReleaseSettings, UnsafeRelease, seeded_generator
-from ..rounds import Budget, FailedRelease, ReleasePlan, Refusal, client_round, plan_release
+from ..release import PerExampleTransform, ReleaseSettings, UnsafeRelease, seeded_generator
+from ..rounds import Budget, FailedRelease, ReleasePlan, Refusal, client_round, plan_release, planned_releases, refusal_reason
 from ..settings import ConfigError, RunSettings, from_mapping, to_mapping
 from .node import NodeConfig, data_identity, parse_node_config, running_in_simulation
 from .records import (
@@ -111,7 +111,9 @@ def guarded_reply(message: Message, context: Context, work: Callable[[], Message
         return Message(Error(code=NODE_ERROR_CODE, reason=NODE_ERROR_REASON), reply_to=message)
 
 
-def handle_train(message: Message, context: Context, *, simulation: bool | None = None) -> Message:
+def handle_train(
+    message: Message, context: Context, *, simulation: bool | None = None, experiments: Any | None = None
+) -> Message:
     """The shipped ClientApp's train handler: this node's DP-SIGN release, or its refusal.
 
     The model is run-config ``model`` (or the dataset's default) and the data
@@ -126,19 +128,28 @@ def handle_train(message: Message, context: Context, *, simulation: bool | None 
         context: this node's Flower context.
         simulation: whether this node is simulated; None = detect it
             (:func:`running_in_simulation`). In-process tests pass True.
+        experiments: the experiments' seam, installed by the app
+            (``client_app.py`` passes :data:`dpsign_fl.experiments.hooks.FLOWER_EXPERIMENTS`):
+            ``asked(run_config)`` names the experiment-only settings a run
+            config changes, ``client_hooks(run_config, client=, num_clients=)``
+            gives a simulated client's per-example transform and reply
+            transform. Used only in simulation; None = no experiments.
 
     Errors become fixed replies (:func:`guarded_reply`).
     """
-    return guarded_reply(message, context, lambda: _train(message, context, simulation))
+    return guarded_reply(message, context, lambda: _train(message, context, simulation, experiments))
 
 
-def _train(message: Message, context: Context, simulation: bool | None) -> Message:
+def _train(message: Message, context: Context, simulation: bool | None, experiments: Any | None) -> Message:
     with instruction_checks():
         settings = from_mapping(RunSettings, context.run_config)
+        asked = {} if experiments is None else experiments.asked(context.run_config)
     node = parse_node_config(context.node_config)
     simulated = running_in_simulation() if simulation is None else simulation
-    if not simulated and settings.experiment_only:
-        log(WARNING, "ignoring experiment-only run-config settings on a deployed node: %s", settings.experiment_only)
+    if not simulated:
+        ignored = {**asked, **({"reproducible-noise": True} if settings.reproducible_noise else {})}
+        if ignored:
+            log(WARNING, "ignoring experiment-only run-config settings on a deployed node: %s", ignored)
     settings, overridden = node.data_settings(settings, simulated)
     if overridden:
         log(INFO, "this node decides which examples it trains on: run-config %s ignored, using %s",
@@ -150,13 +161,17 @@ def _train(message: Message, context: Context, simulation: bool | None) -> Messa
     model = build_model(
         settings.model_name, input_shape=tuple(inputs.shape[1:]), num_classes=classes, **settings.model_options
     )
-    attack = None
-    if simulated and node.partition_id is not None and is_byzantine(node.partition_id, node.num_partitions, settings.byzantine_fraction):
-        attack = settings.byzantine_attack
+    hooks = None
+    if simulated and experiments is not None:
+        with instruction_checks():
+            hooks = experiments.client_hooks(
+                context.run_config, client=node.client_number(context.node_id), num_clients=node.num_partitions
+            )
     return release_with_model(
         message, context, received, model, inputs, targets, settings, node, simulated,
-        identity=data_identity(settings, node), gradient_noise=settings.gradient_noise if simulated else "none",
-        attack=attack,
+        identity=data_identity(settings, node),
+        per_example_transform=None if hooks is None else hooks.per_example_transform,
+        reply_transform=None if hooks is None else hooks.reply_transform,
     )
 
 
@@ -196,8 +211,8 @@ def release_with_model(
     *,
     identity: Mapping[str, Any],
     loss_fn=F.cross_entropy,
-    gradient_noise: str = "none",
-    attack: str | None = None,
+    per_example_transform: PerExampleTransform | None = None,
+    reply_transform: Callable[[np.ndarray, int, torch.Generator], np.ndarray] | None = None,
 ) -> Message:
     """One client round at the replica's model, with the node's ledger; the reply Message.
 
@@ -206,7 +221,10 @@ def release_with_model(
     The ledger is read at the start (a file: under a lock) and written right
     after the release is recorded, before the reply leaves. ``identity`` names
     the data set the examples come from: a deployed node's default ledger file
-    is kept per data set (:meth:`NodeConfig.durable_ledger_path`).
+    is kept per data set (:meth:`NodeConfig.durable_ledger_path`). The two
+    transforms are the experiments' seam (simulation only, :func:`handle_train`):
+    the reply transform replaces the packed signs after the honest release was
+    recorded.
     """
     server_round = int(message.content[CONFIG_KEY].get(ROUND_KEY, 0)) if CONFIG_KEY in message.content else 0
     budget = node_budget(settings, node)
@@ -222,7 +240,8 @@ def release_with_model(
             return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=f"{name}: {plan}"), reply_to=message)
         generator = client_randomness(settings, node, simulated, client=client, server_round=server_round)
         outcome = client_round(
-            model, inputs, targets, plan, ledger, generator=generator, loss_fn=loss_fn, gradient_noise=gradient_noise
+            model, inputs, targets, plan, ledger, generator=generator, loss_fn=loss_fn,
+            per_example_transform=per_example_transform,
         )
         if isinstance(outcome, Refusal):
             log(WARNING, "%s: %s", name, outcome.reason)
@@ -233,8 +252,8 @@ def release_with_model(
             return Message(Error(code=RELEASE_FAILED_CODE, reason=outcome.reason), reply_to=message)
         epsilon = ledger.epsilon(budget.target_delta)
     packed = outcome.packed
-    if attack is not None:
-        packed = byzantine_payload(packed, replica.weights.shape[0], attack=attack, generator=generator)
+    if reply_transform is not None:
+        packed = reply_transform(packed, replica.weights.shape[0], generator)
     return Message(train_reply_content(packed, epsilon=epsilon), reply_to=message)
 
 
@@ -343,20 +362,22 @@ def run_plan(settings: RunSettings, budget: Budget, ledger: PrivacyLedger, conte
     """This run's release plan, made at the node's first message of the run and kept in ``context.state``.
 
     The plan fixes sigma for the whole run (the budget holds because every
-    release of the run uses it), planned after the releases the ledger already
-    holds. It is kept in the state because a deployed ClientApp runs in a fresh
-    process for every message. Returns the reason instead when the ledger has
-    already spent the budget.
+    release of the run uses it), planned for :func:`planned_releases` releases
+    (run-config ``participation``) after the releases the ledger already
+    holds; a server that samples this node more often is refused once the
+    budget is spent. It is kept in the state because a deployed ClientApp runs
+    in a fresh process for every message. Returns the reason instead when the
+    ledger has already spent the budget.
     """
     key = json.dumps(
         [budget.target_epsilon, budget.target_delta, settings.sample_rate, settings.num_rounds,
-         settings.accountant, settings.clip_norm, settings.clipping]
+         settings.participation, settings.accountant, settings.clip_norm, settings.clipping]
     )
     stored = context.state[NOISE_STATE_KEY] if NOISE_STATE_KEY in context.state else None
     if stored is not None and stored.get("key") == key:
         prior = tuple(Release(*entry) for entry in json.loads(stored["prior"]))
         release = ReleaseSettings(settings.sample_rate, settings.clip_norm, float(stored["noise-multiplier"]), settings.clipping)
-        return ReleasePlan(release, settings.num_rounds, budget, prior)
+        return ReleasePlan(release, planned_releases(settings), budget, prior)
     if (budget.target_epsilon, budget.target_delta) != (settings.target_epsilon, settings.target_delta):
         log(WARNING, "the run asks for epsilon %g at delta %g; this node's cap is epsilon %g at delta %g: "
             "planning for the cap", settings.target_epsilon, settings.target_delta, budget.target_epsilon,
@@ -364,11 +385,10 @@ def run_plan(settings: RunSettings, budget: Budget, ledger: PrivacyLedger, conte
     try:
         plan = plan_release(settings, budget, ledger.releases)
     except BudgetExhausted:
-        return (f"privacy budget exhausted: the ledger's {ledger.num_releases} releases already spend "
-                f"epsilon {ledger.epsilon(budget.target_delta):.4f} of {budget.target_epsilon:g} "
-                f"(delta={budget.target_delta:g})")
-    log(INFO, "planned noise multiplier %.4f for %d releases within epsilon %g at delta %g (after %d earlier releases)",
-        plan.release.noise_multiplier, settings.num_rounds, budget.target_epsilon, budget.target_delta, ledger.num_releases)
+        return refusal_reason(ledger.epsilon(budget.target_delta), ledger.num_releases, budget)
+    log(INFO, "planned noise multiplier %.4f for %d releases in %d rounds (participation %g) within epsilon %g at "
+        "delta %g (after %d earlier releases)", plan.release.noise_multiplier, plan.num_releases, settings.num_rounds,
+        settings.participation, budget.target_epsilon, budget.target_delta, ledger.num_releases)
     context.state[NOISE_STATE_KEY] = ConfigRecord(
         {"key": key, "noise-multiplier": plan.release.noise_multiplier,
          "prior": json.dumps([[r.sample_rate, r.noise_multiplier, r.count] for r in plan.prior])}
@@ -387,8 +407,8 @@ def _partitions(data_settings: tuple, num_partitions: int) -> tuple[torch.Tensor
     # Every partition at once, so that the nodes a process serves (a Ray actor
     # serves many simulated nodes) share one partitioning.
     settings = from_mapping(RunSettings, dict(data_settings))
-    shares = partition_indices(
-        _dataset(data_settings).train_targets,
+    shares = partition_dataset(
+        _dataset(data_settings),
         num_partitions=num_partitions,
         partitioner=settings.partitioner,
         alpha=settings.dirichlet_alpha,

@@ -53,9 +53,9 @@ class Downlink:
         self._votes: dict[int, np.ndarray] = {}  # round -> packed vote (rounds that stepped)
         self._holds: dict[int, int] = {}  # node -> round whose starting model it holds
 
-    def begin_round(self, server_round: int, weights: np.ndarray, velocity: np.ndarray | None) -> str:
+    def begin_round(self, server_round: int, weights: np.ndarray, update_state: np.ndarray | None) -> str:
         """Note the model at the start of ``server_round``; return its digest."""
-        digest = state_digest(weights, velocity)
+        digest = state_digest(weights, update_state)
         self._digests[server_round] = digest
         return digest
 
@@ -78,7 +78,7 @@ class Downlink:
         node: int,
         server_round: int,
         arrays: ArrayRecord,
-        velocity: np.ndarray | None,
+        update_state: np.ndarray | None,
         config: ConfigRecord,
         *,
         full: bool = False,
@@ -91,9 +91,9 @@ class Downlink:
             server_round, digest=self._digests[server_round], rule=self.rule, sync_only=sync_only
         )}
         votes = None if full else self._missed_votes(node, server_round)
-        full_bytes = sum(len(a.data) for a in arrays.values()) + (0 if velocity is None else velocity.nbytes)
+        full_bytes = sum(len(a.data) for a in arrays.values()) + (0 if update_state is None else update_state.nbytes)
         if votes is None or sum(v.nbytes for _, v in votes) >= full_bytes:
-            return full_model_content(arrays, self.trainable, velocity, entries), True
+            return full_model_content(arrays, self.trainable, update_state, entries), True
         return votes_content(votes, self._digests[self._holds[node]], entries), False
 
     def _missed_votes(self, node: int, server_round: int) -> list[tuple[int, np.ndarray]] | None:

@@ -36,7 +36,7 @@ from .node import NodeConfig, parse_node_config, running_in_simulation
 PRIVACY_KEYS = ("target-epsilon", "target-delta", "sample-rate", "clip-norm", "num-server-rounds")
 """The run-config keys dp_sign_train reads when they are not given as arguments (required)."""
 
-OPTIONAL_KEYS = {"clipping": "flat", "accountant": "pld"}
+OPTIONAL_KEYS = {"clipping": RunSettings.clipping, "accountant": RunSettings.accountant, "participation": RunSettings.participation}
 """Run-config keys dp_sign_train also reads, with their defaults."""
 
 
@@ -74,7 +74,8 @@ def dp_sign_train(
         loss_fn: ``loss_fn(outputs, targets)``, the MEAN of per-example losses.
         simulation: whether the node is simulated; None = detect it.
         **privacy: ``target_epsilon``, ``target_delta``, ``sample_rate``,
-            ``clip_norm``, ``num_rounds``, ``clipping``, ``accountant``; each
+            ``clip_norm``, ``num_rounds``, ``clipping``, ``accountant``,
+            ``participation``; each
             one not given is read from the run config (:data:`PRIVACY_KEYS`,
             :data:`OPTIONAL_KEYS`). Other run-config keys are left alone.
 

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..data import NATURAL_PARTITIONERS
+from ..privacy.limits import TARGET_DELTA_RANGE, TARGET_EPSILON_RANGE
 from ..settings import SEED_LIMIT, ConfigError, RunSettings, check_fields, from_mapping, setting, specs
 
-DEFAULT_NODE_DELTA = 1e-5
-"""The node's delta when it sets ``max-epsilon`` without ``delta``."""
+DEFAULT_NODE_DELTA = RunSettings.target_delta
+"""The node's delta when it sets ``max-epsilon`` without ``delta``: the run config's default."""
 
 STATE_FOLDER = "dpsign-fl"
 """The node's own folder (ledger, model) inside Flower's home, ``$FLWR_HOME`` or ``~/.flwr``."""
@@ -68,8 +70,8 @@ class NodeConfig:
     ledger_path: str | None = setting(None, kind=str, help="absolute path of this node's privacy ledger file")
     state_dir: str | None = setting(None, kind=str, help="absolute path of this node's folder for its ledger and model")
     per_run_budget: bool = setting(False, help="keep the ledger per run (context.state): the budget restarts every run")
-    max_epsilon: float | None = setting(None, kind=float, low=0.05, high=100, help="the most epsilon this node's data may ever spend")
-    delta: float | None = setting(None, kind=float, low=1e-12, high=0.5, help="the node's own delta (default 1e-5)")
+    max_epsilon: float | None = setting(None, kind=float, low=TARGET_EPSILON_RANGE[0], high=TARGET_EPSILON_RANGE[1], help="the most epsilon this node's data may ever spend")
+    delta: float | None = setting(None, kind=float, low=TARGET_DELTA_RANGE[0], high=TARGET_DELTA_RANGE[1], help="the node's own delta (default: the run config's default target-delta)")
     noise_seed: int | None = setting(None, kind=int, low=0, high=SEED_LIMIT, high_open=True, help="experiments only: a fixed seed for this node's randomness (NOT private)")
     data: tuple[tuple[str, Any], ...] = ()
     """The :data:`NODE_DATA_KEYS` this node's config sets, as (key, value) pairs (checked like the run config's)."""
@@ -138,8 +140,11 @@ class NodeConfig:
         """The run settings with this node's say over its data; and the run-config values it overrode.
 
         A deployed node decides every :data:`NODE_DATA_KEYS` value itself (its
-        node config, else the defaults; ``dataset``: else the run's); a
-        simulated node keeps the run config's unless its node config sets one.
+        node config, else the defaults; ``dataset``: else the run's) and its
+        data folder (node-config ``data-dir``, else none: the embedded data or
+        the hub; a run-config ``data-dir`` could point it at a second copy of
+        its data, under a second ledger); a simulated node keeps the run
+        config's unless its node config sets one.
         """
         fields = {spec.key: name for name, spec in specs(RunSettings).items()}
         chosen = dict(self.data)
@@ -148,7 +153,11 @@ class NodeConfig:
             for key in NODE_DATA_KEYS:
                 if key != "dataset":
                     chosen.setdefault(key, getattr(defaults, fields[key]))
-        overridden = {key: getattr(settings, fields[key]) for key, value in chosen.items() if getattr(settings, fields[key]) != value}
+            chosen["data-dir"] = self.data_dir if self.data_dir is not None else defaults.data_dir
+        asked = {key: getattr(settings, fields[key]) for key in chosen}
+        if asked.get("data-dir") == "":
+            del asked["data-dir"]  # the run config named no folder: nothing to ignore
+        overridden = {key: value for key, value in asked.items() if value != chosen[key]}
         return dataclasses.replace(settings, **{fields[key]: value for key, value in chosen.items()}), overridden
 
 
@@ -157,7 +166,9 @@ def data_identity(settings: RunSettings, node: NodeConfig) -> dict[str, Any]:
 
     The dataset, its folder (resolved, so two spellings of one folder are one
     data set), and when the node holds a partition: the partition, the number
-    of partitions, and the partitioner's parameters that shape it. ``settings``
+    of partitions (not for a natural partitioner such as ``role``: partition i
+    is the same role whatever the number), and the partitioner's parameters
+    that shape it. ``settings``
     must already hold the node's data choices (:meth:`NodeConfig.data_settings`).
     """
     data_dir = node.data_dir if node.data_dir is not None else settings.data_dir
@@ -167,8 +178,9 @@ def data_identity(settings: RunSettings, node: NodeConfig) -> dict[str, Any]:
         "data-seed": settings.data_seed,  # also the train/test split of digits and mushroom
     }
     if node.partition_id is not None:
-        identity.update({"partition-id": node.partition_id, "num-partitions": node.num_partitions,
-                         "partitioner": settings.partitioner})
+        identity.update({"partition-id": node.partition_id, "partitioner": settings.partitioner})
+        if settings.partitioner not in NATURAL_PARTITIONERS:  # a role's examples do not depend on it
+            identity["num-partitions"] = node.num_partitions
         if settings.partitioner == "dirichlet":
             identity["dirichlet-alpha"] = settings.dirichlet_alpha
         if settings.partitioner == "pathological":

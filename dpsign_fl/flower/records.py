@@ -6,7 +6,7 @@ the update rule ``learning-rate``, ``lr-schedule``, ``server-momentum``,
 ``step-scale`` (0 unless automatic steps), ``num-rounds``, and ``sync-only``) and either
 
 - the full model: ``"arrays"`` (every array of the model, buffers too),
-  ``"server-state"`` (``velocity``, the update rule's state: momentum or vote agreement, when there is one) and
+  ``"server-state"`` (``update-state``, the update rule's state: momentum or vote agreement, when there is one) and
   config ``trainable`` (the names the signs and votes cover); or
 - the votes the client missed: ``"votes"``, one uint8 Array per round named by
   the round number (:func:`dpsign_fl.packing.pack_vote`: 1 bit per coordinate
@@ -57,7 +57,6 @@ BASE_DIGEST_KEY = "base-digest"
 VOTE_ROUNDS_KEY = "vote-rounds"
 TRAINABLE_KEY = "trainable"
 SYNC_ONLY_KEY = "sync-only"
-RULE_KEYS = ("learning-rate", "lr-schedule", "server-momentum", "num-rounds", "step-scale")
 REPLICA_ARRAYS_KEY = "dpsign-model"
 REPLICA_STATE_KEY = "dpsign-model-state"
 REPLICA_META_KEY = "dpsign-model-meta"
@@ -216,11 +215,11 @@ def instruction_config(server_round: int, *, digest: str, rule: UpdateRule, sync
     }
 
 
-def full_model_content(arrays: ArrayRecord, trainable, velocity: np.ndarray | None, config: dict) -> RecordDict:
+def full_model_content(arrays: ArrayRecord, trainable, update_state: np.ndarray | None, config: dict) -> RecordDict:
     """An instruction carrying the whole model (and the server momentum)."""
     content = {ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({**config, TRAINABLE_KEY: list(trainable)})}
-    if velocity is not None:
-        content[SERVER_STATE_KEY] = ArrayRecord(array_dict={"velocity": Array(np.asarray(velocity, dtype=np.float32))})
+    if update_state is not None:
+        content[SERVER_STATE_KEY] = ArrayRecord(array_dict={"update-state": Array(np.asarray(update_state, dtype=np.float32))})
     return RecordDict(content)
 
 
@@ -251,8 +250,8 @@ def received_model(content: RecordDict, stored: ModelReplica | None) -> ModelRep
     if ARRAYS_KEY in content:
         arrays = {name: array.numpy() for name, array in content[ARRAYS_KEY].items()}
         trainable = check_trainable(arrays, config[TRAINABLE_KEY]) if TRAINABLE_KEY in config else tuple(arrays)
-        velocity = content[SERVER_STATE_KEY]["velocity"].numpy() if SERVER_STATE_KEY in content else None
-        replica = ModelReplica(arrays, trainable, velocity)
+        update_state = content[SERVER_STATE_KEY]["update-state"].numpy() if SERVER_STATE_KEY in content else None
+        replica = ModelReplica(arrays, trainable, update_state)
     elif VOTES_KEY in content:
         if stored is None or stored.digest != config[BASE_DIGEST_KEY]:
             raise OutOfSync("this client does not hold the model the votes apply to")
@@ -289,15 +288,15 @@ def load_replica(state: RecordDict) -> ModelReplica | None:
     if REPLICA_ARRAYS_KEY not in state:
         return None
     arrays = {name: array.numpy() for name, array in state[REPLICA_ARRAYS_KEY].items()}
-    velocity = state[REPLICA_STATE_KEY]["velocity"].numpy() if REPLICA_STATE_KEY in state else None
-    return ModelReplica(arrays, tuple(state[REPLICA_META_KEY][TRAINABLE_KEY]), velocity)
+    update_state = state[REPLICA_STATE_KEY]["update-state"].numpy() if REPLICA_STATE_KEY in state else None
+    return ModelReplica(arrays, tuple(state[REPLICA_META_KEY][TRAINABLE_KEY]), update_state)
 
 
 def save_replica(state: RecordDict, replica: ModelReplica) -> None:
     """Keep a model replica in a Flower ``context.state``."""
     state[REPLICA_ARRAYS_KEY] = ArrayRecord(array_dict={n: Array(np.asarray(a)) for n, a in replica.arrays.items()})
     state[REPLICA_META_KEY] = ConfigRecord({TRAINABLE_KEY: list(replica.trainable)})
-    if replica.velocity is not None:
-        state[REPLICA_STATE_KEY] = ArrayRecord(array_dict={"velocity": Array(np.asarray(replica.velocity))})
+    if replica.update_state is not None:
+        state[REPLICA_STATE_KEY] = ArrayRecord(array_dict={"update-state": Array(np.asarray(replica.update_state))})
     elif REPLICA_STATE_KEY in state:
         del state[REPLICA_STATE_KEY]

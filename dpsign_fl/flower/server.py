@@ -7,7 +7,9 @@ ServerApp runs in; pass an absolute path to be sure where files go):
   ``loss`` (null on rounds that were not evaluated), ``epsilon`` (largest
   epsilon spent among the clients that replied), ``voters``, ``dropped``
   (error and invalid replies), ``missing`` (sampled nodes that did not reply
-  within ``round-timeout``), ``uplink-bytes`` (serialised sign payloads
+  before the wait ended: ``round-grace`` seconds after ``min-train-nodes``
+  replies without error, at most ``round-timeout``), ``missing-nodes`` (their
+  node ids, sorted), ``uplink-bytes`` (serialised sign payloads
   received that round), ``payload-bytes`` (ceil(d/8) per client),
   ``downlink-bytes`` (array bytes sent that round: votes, or models),
   ``full-syncs`` (nodes sent the whole model), ``excluded`` (valid replies
@@ -30,6 +32,7 @@ from __future__ import annotations
 import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
@@ -46,7 +49,6 @@ from ..checkpoint import (
     save_checkpoint,
 )
 from ..atomic_file import write_json_atomic
-from ..attacks import BLIND_ATTACKS
 from ..data import Dataset
 from ..features import load_run_dataset
 from ..evaluation import evaluate
@@ -65,6 +67,7 @@ RESUMABLE_CHANGES = (
     "resume",
     "checkpoint-every",
     "round-timeout",
+    "round-grace",
     "results-dir",
     "data-dir",
     "eval-every",
@@ -87,18 +90,24 @@ def build_strategy(settings: RunSettings, options: FlowerOptions) -> SignMajorit
     )
 
 
-def run_server(grid: Grid, context: Context) -> list[dict]:
+def run_server(grid: Grid, context: Context, *, experiments: Any | None = None) -> list[dict]:
     """Train with DP-SignSGD until round ``num-server-rounds``; return the per-round records.
+
+    ``experiments``: the experiments' seam the app installs
+    (:data:`dpsign_fl.experiments.hooks.FLOWER_EXPERIMENTS`): its
+    ``options(run_config)`` checks the experiment-only keys before round 1
+    and they are recorded with the run config. None: no experiment keys.
 
     Raises:
         ConfigError: before round 1, for a bad run-config value, a missing
             ``data-dir``, or a checkpoint that does not fit (``resume=true``).
     """
     try:
-        settings, options, dataset, results_dir = prepare_run(context.run_config)
+        groups = () if experiments is None else (experiments.options(context.run_config),)
+        settings, options, dataset, results_dir = prepare_run(context.run_config, recorded_groups=groups)
         model = build_server_model(settings, dataset)
         strategy = build_strategy(settings, options)
-        recorder = RoundRecorder(settings, options, results_dir, model, dataset)
+        recorder = RoundRecorder(settings, options, results_dir, model, dataset, run_config=run_config_of(settings, options, *groups))
         arrays = recorder.resume_or_start(strategy)
     except ConfigError as error:
         log(ERROR, "run config rejected before round 1: %s", error)
@@ -110,6 +119,7 @@ def run_server(grid: Grid, context: Context) -> list[dict]:
             initial_arrays=arrays,
             num_rounds=settings.num_rounds,
             timeout=options.round_timeout,
+            grace=options.round_grace,
             evaluate_fn=recorder.evaluate,
             first_round=recorder.first_round,
             round_end_fn=lambda *args: recorder.record(strategy, *args),
@@ -131,20 +141,17 @@ def _poll_simulation_often(grid: Grid) -> None:
         grid.pull_interval = 0.01
 
 
-def prepare_run(run_config) -> tuple[RunSettings, FlowerOptions, Dataset, Path]:
+def prepare_run(run_config, *, recorded_groups: tuple = ()) -> tuple[RunSettings, FlowerOptions, Dataset, Path]:
     """Validate the run config, load the test data and create ``results-dir``.
+
+    ``recorded_groups``: further settings groups written to run_config.json.
 
     Raises:
         ConfigError: naming the key (``data-dir`` for data that cannot be read).
     """
     settings, options = parse_run_config(run_config)
-    for warning in tuning_warnings(settings):
+    for warning in tuning_warnings(settings, options):
         log(WARNING, "%s", warning)
-    if settings.byzantine_fraction > 0 and settings.byzantine_attack not in BLIND_ATTACKS:
-        raise ConfigError(
-            f"byzantine-attack {settings.byzantine_attack!r} needs every honest client's bits of the round: the "
-            f"research loop runs it (python -m dpsign_fl.experiments); a simulation runs {BLIND_ATTACKS}"
-        )
     if settings.data_dir and not Path(settings.data_dir).expanduser().is_absolute():
         raise ConfigError(
             f"data-dir must be an absolute path, got {settings.data_dir!r}: the ServerApp and the ClientApps run "
@@ -169,7 +176,7 @@ def prepare_run(run_config) -> tuple[RunSettings, FlowerOptions, Dataset, Path]:
         results_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(f"results-dir {str(results_dir)!r} could not be created: {error}") from None
-    write_json_atomic(results_dir / RUN_CONFIG_FILE, run_config_of(settings, options))
+    write_json_atomic(results_dir / RUN_CONFIG_FILE, run_config_of(settings, options, *recorded_groups))
     log(INFO, "results go to %s", results_dir)
     try:
         kernel, fallback = describe_kernel()  # compiles the vote kernel now (once per machine), not in round 1
@@ -241,7 +248,10 @@ class RoundRecorder:
         results_dir: Path,
         model: torch.nn.Module,
         dataset: Dataset,
+        *,
+        run_config: dict[str, Any],
     ):
+        self.run_config = run_config  # what checkpoints record and a resumed run must match
         self.settings = settings
         self.options = options
         self.results_dir = results_dir
@@ -273,7 +283,7 @@ class RoundRecorder:
             return initial
         try:
             checkpoint = load_checkpoint(self.checkpoint_path)
-            check_resumable(checkpoint.run_config, run_config_of(self.settings, self.options))
+            check_resumable(checkpoint.run_config, self.run_config)
             arrays = flat_to_arrays(checkpoint.weights, initial)
         except (CheckpointError, ValueError) as error:
             raise ConfigError(f"resume=true: {error}") from None
@@ -325,6 +335,7 @@ class RoundRecorder:
             "voters": train["voters"],
             "dropped": train["dropped"],
             "missing": train["missing"],
+            "missing-nodes": list(train["missing-nodes"]),
             "uplink-bytes": train["uplink-bytes"],
             "payload-bytes": train["payload-bytes"],
             "downlink-bytes": train["downlink-bytes"],
@@ -353,7 +364,7 @@ class RoundRecorder:
             epsilon_seen=state["epsilon-seen"],
             rng_state=python_rng_state(),
             metrics=self.records,
-            run_config=run_config_of(self.settings, self.options),
+            run_config=self.run_config,
         )
         save_checkpoint(self.checkpoint_path, checkpoint)
         log(INFO, "round %d: checkpoint written to %s", server_round, self.checkpoint_path)

@@ -1,4 +1,4 @@
-"""Privacy accounting: SGM events, calibration, a client's ledger, Jin et al.'s baseline."""
+"""Privacy accounting: SGM events, calibration, a client's ledger."""
 
 from .accounting import (
     ACCOUNTANTS,
@@ -8,7 +8,6 @@ from .accounting import (
     epsilon_of_events,
     sgm_event,
 )
-from .jin import jin_noise_multiplier, jin_true_epsilon
 from .ledger import PrivacyLedger, Release
 
 __all__ = [
@@ -19,7 +18,5 @@ __all__ = [
     "calibrate_noise_multiplier",
     "compute_epsilon",
     "epsilon_of_events",
-    "jin_noise_multiplier",
-    "jin_true_epsilon",
     "sgm_event",
 ]

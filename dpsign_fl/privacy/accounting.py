@@ -37,6 +37,8 @@ import dp_accounting
 from dp_accounting import pld, rdp
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from .limits import TARGET_EPSILON_RANGE
+
 
 class _QuietAbslLogging:
     """Stands in for ``absl.logging`` inside dp-accounting's RDP module.
@@ -78,9 +80,10 @@ excess reaches 1e-3 at k ~ 2800-3400 * epsilon / sqrt(T). 1400 keeps a margin of
 
 PLD_MAX_MULTIPLE = 4096
 PLD_FIRST_MULTIPLE = 1024
-PLD_SMALLEST_EPSILON = 0.05
-"""The relative bound holds from this epsilon up; below it the interval stays that of
-0.05 (finer grids only cost time: at sigma near the floor one would need gigabytes)."""
+PLD_SMALLEST_EPSILON = TARGET_EPSILON_RANGE[0]
+"""The relative bound holds from this epsilon up (the smallest budget anyone may ask
+for); below it the interval stays that of this epsilon (finer grids only cost time: at
+sigma near the floor one would need gigabytes)."""
 
 CALIBRATION_TIMEOUT_SECONDS = 300.0
 """Calibration gives up (CalibrationTimeout) rather than run longer than this."""

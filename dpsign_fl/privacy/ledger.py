@@ -8,7 +8,6 @@ It serialises to a JSON-safe dict for Flower's ``context.state`` or a file.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,6 +21,11 @@ from .accounting import (
 )
 
 LEDGER_FORMAT_VERSION = 1
+
+
+def exceeds_budget(epsilon_after: float, target_epsilon: float) -> bool:
+    """The one budget rule: a release is refused when the epsilon after it is above the target (or NaN)."""
+    return not epsilon_after <= target_epsilon
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ class PrivacyLedger:
         after = self.epsilon_after(
             target_delta=target_delta, sample_rate=sample_rate, noise_multiplier=noise_multiplier
         )
-        return not after <= target_epsilon or math.isnan(after)
+        return exceeds_budget(after, target_epsilon)
 
     def to_dict(self) -> dict:
         """Return a JSON-safe representation (see :meth:`from_dict`)."""

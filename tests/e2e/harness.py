@@ -7,8 +7,9 @@ by PID.
 
 Deployment (:class:`Deployment`): a `flower-superlink` and `flower-supernode`
 processes on 127.0.0.1, each with its own FLWR_HOME and port, optionally with
-TLS (:func:`make_tls_files`) and SuperNode authentication
-(:func:`make_supernode_key`); every process is stopped by PID on exit.
+TLS (:func:`make_tls_files`), SuperNode authentication
+(:func:`make_supernode_key`) and a SuperNode's trusted app signers
+(:func:`make_trusted_entities`); every process is stopped by PID on exit.
 """
 
 from __future__ import annotations
@@ -326,6 +327,24 @@ def make_supernode_key(folder: Path, name: str) -> tuple[Path, Path]:
     return private, public
 
 
+def make_trusted_entities(folder: Path, key_id: str) -> Path:
+    """Write a ``--trusted-entities`` YAML file naming one fresh Ed25519 public key.
+
+    The file maps a public key ID to an OpenSSH public key, as
+    ``flower-supernode --help`` describes (``{fpk_UUID1: 'ssh-ed25519 <key>'}``).
+    The private key is thrown away: nothing the test runs is signed with it.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    folder.mkdir(parents=True, exist_ok=True)
+    public = ed25519.Ed25519PrivateKey.generate().public_key()
+    line = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    path = folder / "trusted-entities.yaml"
+    path.write_text(f"{key_id}: '{line} dpsign-fl-test'\n")
+    return path
+
+
 def node_config_argument(node_config: dict) -> str:
     """Render ``{"partition-id": 0, "data-dir": "/d"}`` as ``partition-id=0 data-dir="/d"``."""
     return " ".join(f"{key}={json.dumps(value)}" for key, value in node_config.items())
@@ -361,6 +380,7 @@ class Deployment:
     superlink: subprocess.Popen | None = None
     supernodes: dict[str, subprocess.Popen] = field(default_factory=dict)
     exited: dict[str, subprocess.Popen] = field(default_factory=dict)
+    homes: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.supernode_auth and self.tls is None:
@@ -381,13 +401,17 @@ class Deployment:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
-        home = self.root / f"{name}-home"
+    def home(self, name: str) -> Path:
+        """The FLWR_HOME of process ``name``: its own ``<name>-home``, unless it was started with another."""
+        return self.homes.get(name, self.root / f"{name}-home")
+
+    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        home = self.home(name)
         home.mkdir(exist_ok=True)
         log_file = open(self.logs / f"{name}.log", "ab")
         try:
             return subprocess.Popen(
-                command, cwd=self.root, env=offline_env(home), stdout=log_file, stderr=subprocess.STDOUT,
+                command, cwd=self.root, env=offline_env(home, **(env or {})), stdout=log_file, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
         finally:
@@ -427,8 +451,20 @@ class Deployment:
         except OSError:
             return False
 
-    def start_supernode(self, name: str, node_config: dict, *, auth_key: Path | None = None) -> subprocess.Popen:
-        """Start flower-supernode ``name`` with ``--node-config`` and its own Runtime API port."""
+    def start_supernode(
+        self, name: str, node_config: dict, *, auth_key: Path | None = None, home: Path | None = None,
+        trusted_entities: Path | None = None, env: dict[str, str] | None = None,
+    ) -> subprocess.Popen:
+        """Start flower-supernode ``name`` with ``--node-config`` and its own Runtime API port.
+
+        Args:
+            name: the SuperNode's name in this deployment (its log: ``logs/<name>.log``).
+            node_config: its ``--node-config``.
+            auth_key: ``--auth-supernode-private-key``.
+            home: its FLWR_HOME; None = its own ``<name>-home`` (SuperNodes may share one).
+            trusted_entities: ``--trusted-entities`` (:func:`make_trusted_entities`).
+            env: further environment variables (e.g. ``FLWR_LOG_LEVEL``).
+        """
         command = [str(BIN / "flower-supernode"), "--superlink", self.address, "--port", str(free_port()),
                    "--node-config", node_config_argument(node_config)]
         if self.tls is None:
@@ -437,11 +473,15 @@ class Deployment:
             command += ["--root-certificates", str(self.tls.ca_certificate)]
         if auth_key is not None:
             command += ["--auth-supernode-private-key", str(auth_key)]
+        if trusted_entities is not None:
+            command += ["--trusted-entities", str(trusted_entities)]
         if name in self.supernodes:
             raise ValueError(f"SuperNode {name!r} is already running")
+        if home is not None:
+            self.homes[name] = home
         with open(self.logs / f"{name}.log", "ab") as log_file:  # mark restarts in the log
             log_file.write(f"---- start {name}: {' '.join(command)}\n".encode())
-        process = self._spawn(name, command)
+        process = self._spawn(name, command, env)
         self.supernodes[name] = process
         return process
 

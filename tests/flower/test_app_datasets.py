@@ -12,6 +12,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from dpsign_fl.flower.client import clear_data_cache
+from dpsign_fl.experiments.hooks import FLOWER_EXPERIMENTS
 from dpsign_fl.flower.server import run_server
 from dpsign_fl.flower.inprocess import InProcessGrid
 
@@ -32,7 +33,8 @@ def run_app(tmp_path, *, num_nodes=3, **overrides):
     run_config.update({"num-server-rounds": 2, "model-seed": 1, "reproducible-noise": True, "noise-seed": 1, "results-dir": str(tmp_path / "results")})
     run_config.update(overrides)
     grid = InProcessGrid(run_config, num_nodes)
-    run_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    run_server(grid, context, experiments=FLOWER_EXPERIMENTS)  # as server_app.py does
     return json.loads((tmp_path / "results" / "metrics.json").read_text())
 
 

@@ -4,11 +4,12 @@ from functools import partial
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from dpsign_fl.data import load_dataset
 from dpsign_fl.flower import client as client_module
-from dpsign_fl.flower.client import BUDGET_EXHAUSTED_CODE, NODE_ERROR_CODE, NODE_ERROR_REASON
+from dpsign_fl.flower.client import BUDGET_EXHAUSTED_CODE, INVALID_INSTRUCTION_CODE, NODE_ERROR_CODE, NODE_ERROR_REASON
 from dpsign_fl.settings import ConfigError, parse_run_config
 from dpsign_fl.flower.records import LEDGER_STATE_KEY, load_ledger, model_to_arrays
 from dpsign_fl.models import build_model, default_model
@@ -16,6 +17,7 @@ from dpsign_fl.packing import payload_bytes
 
 from .messages import instruction, reply_signs
 from ..test_settings import pyproject_defaults
+from ..test_shakespeare import write_tiny_plays
 
 ROUNDS = 2
 handle_train = partial(client_module.handle_train, simulation=True)  # as in Flower's simulation engine
@@ -99,3 +101,74 @@ def test_missing_partition_in_node_config_names_the_key_in_the_nodes_log_and_rep
     reply = handle_train(train_message(1)[0], context)
     assert reply.has_error() and reply.error.code == NODE_ERROR_CODE and reply.error.reason == NODE_ERROR_REASON
     assert "node config must set 'partition-id'" in caplog.text
+
+
+def test_a_client_sampled_in_more_rounds_than_it_planned_for_is_refused_and_never_exceeds_its_budget():
+    # participation 0.1 of 12 rounds plans ceil(1.2 + 3 * 1.04) = 5 releases; a server that asks every round
+    # (it may: the client cannot check its sampling) gets those, then refusals, never a release past the budget.
+    context = make_context(**{"num-server-rounds": 12, "participation": 0.1})
+    replies = [handle_train(train_message(server_round)[0], context) for server_round in range(1, 13)]
+
+    released = [not reply.has_error() for reply in replies]
+    ledger = load_ledger(context.state, accountant="pld")
+    assert ledger.epsilon(1e-5) <= 2.0 and ledger.num_releases == sum(released)
+    assert released[:5] == [True] * 5  # the plan is honoured
+    assert released[-1] is False and released == sorted(released, reverse=True)  # refused from then on
+    assert all(reply.error.code == BUDGET_EXHAUSTED_CODE for reply in replies if reply.has_error())
+
+
+def test_a_changed_participation_is_planned_again_and_never_reuses_the_smaller_noise():
+    context = make_context(**{"num-server-rounds": 12, "participation": 0.1})
+    handle_train(train_message(1)[0], context)
+    context.run_config = {**context.run_config, "participation": 1.0}
+
+    for server_round in range(2, 13):
+        handle_train(train_message(server_round)[0], context)
+
+    assert load_ledger(context.state, accountant="pld").epsilon(1e-5) <= 2.0
+
+
+def test_a_bad_participation_is_refused_with_the_key_named():
+    reply = handle_train(train_message(1)[0], make_context(participation=1.5))
+    assert reply.has_error() and reply.error.code == INVALID_INSTRUCTION_CODE
+    assert reply.error.reason == "participation must be in (0, 1], got 1.5"
+
+
+@pytest.fixture
+def role_settings(tmp_path):
+    from dpsign_fl.settings import RunSettings
+
+    client_module.clear_data_cache()
+    yield RunSettings(dataset="shakespeare", data_dir=str(write_tiny_plays(tmp_path)), partitioner="role")
+    client_module.clear_data_cache()
+
+
+def test_a_supernodes_partition_id_names_one_speaking_role_whatever_num_partitions_is(role_settings):
+    from dpsign_fl.flower.node import parse_node_config
+
+    dataset = load_dataset("shakespeare", data_dir=role_settings.data_dir)
+    role = dataset.natural_partitions["role"]
+    gloster = role.clients.index("richard_iii/GLOSTER")
+
+    inputs, targets, classes = client_module.client_data(
+        role_settings, parse_node_config({"partition-id": gloster, "num-partitions": 3})
+    )
+    fewer, _, _ = client_module.client_data(role_settings, parse_node_config({"partition-id": gloster, "num-partitions": 2}))
+
+    assert torch.equal(inputs, dataset.train_inputs[role.train_clients == gloster]) and classes == 97
+    assert torch.equal(targets, dataset.train_targets[role.train_clients == gloster])
+    assert torch.equal(fewer, inputs)
+
+
+def test_a_role_nodes_default_ledger_does_not_depend_on_num_partitions(role_settings):
+    import dataclasses
+
+    from dpsign_fl.flower.node import data_identity, parse_node_config
+
+    def identity(settings, num_partitions):
+        return data_identity(settings, parse_node_config({"partition-id": 1, "num-partitions": num_partitions}))
+
+    # One role, one ledger: partition 1 is the same role for 2 or 3 partitions.
+    assert identity(role_settings, 2) == identity(role_settings, 3)
+    iid = dataclasses.replace(role_settings, partitioner="iid")
+    assert identity(iid, 2) != identity(iid, 3)  # control: iid shares change with the number

@@ -30,13 +30,13 @@ class RestartingGrid(InProcessGrid):
         super().__init__(*args, **kwargs)
         self.restart = (restart_node, restart_before_round)
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
         node, before = self.restart
         if messages and int(messages[0].content["config"]["server-round"]) == before:
             self.contexts[node].state = RecordDict()
             self.restart = (node, None)
-        return super().send_and_receive(messages, timeout=timeout)
+        return super().push_messages(messages)
 
 
 def run(tmp_path, grid_type=InProcessGrid, nodes=6, **overrides):
@@ -116,7 +116,7 @@ def test_with_automatic_steps_every_node_ends_with_the_servers_model_and_state(t
     for node, context in grid.contexts.items():
         replica = load_replica(context.state)
         assert all(replica.arrays[name].tobytes() == value.tobytes() for name, value in final.items()), node
-        assert replica.velocity is not None and replica.velocity.shape == (2 * replica.weights.shape[0],)
+        assert replica.update_state is not None and replica.update_state.shape == (2 * replica.weights.shape[0],)
         digests.add(replica.digest)
     assert len(digests) == 1
     assert sum(row["full-syncs"] for row in rows[1:]) <= 1 + sum(1 for row in rows)  # votes, not models, after round 1

@@ -117,6 +117,7 @@ def test_a_missing_privacy_key_is_an_error_naming_it_and_how_to_give_it():
 def test_privacy_arguments_are_the_documented_keys_python_names_and_nothing_else():
     settings = privacy_settings(RUN_CONFIG, {"sample_rate": 0.25, "clipping": "automatic"})
     assert (settings.sample_rate, settings.clipping) == (0.25, "automatic")
+    assert privacy_settings({**RUN_CONFIG, "participation": 0.25}, {}).participation == 0.25
     with pytest.raises(ConfigError, match=r"unknown privacy settings \['epsilon'\]"):
         privacy_settings(RUN_CONFIG, {"epsilon": 3.0})
 

@@ -3,10 +3,11 @@ run configs, checkpoints and resume (run_server on an in-process Grid, no Ray)."
 
 import json
 import logging
+import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
 from dpsign_fl import SignMajorityVote, majority_vote, pack_signs
@@ -101,6 +102,49 @@ def test_a_node_whose_epsilon_goes_down_is_warned_about(caplog):
     assert strategy.epsilon_seen == {11: 2.0}
 
 
+HOSTILE_REASONS = {
+    "terminal escapes": "\x1b[32mINFO round 9: accuracy 0.999\x1b[0m\n",
+    "carriage return and bidi override": "real reason\r\x1b[2KINFO :      round 9: accuracy 0.999\u202e",
+    "1 MB": "A" * 1_000_000,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_REASONS))
+def test_a_clients_error_reason_is_logged_and_raised_as_one_bounded_line_without_control_characters(kind, caplog):
+    def refusing(message, context):
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=HOSTILE_REASONS[kind]), reply_to=message)
+
+    grid = InProcessGrid({}, num_nodes=2, handler=refusing)
+    strategy = SignMajorityVote(learning_rate=LEARNING_RATE, min_train_nodes=1, min_available_nodes=1, max_failed_rounds=1)
+
+    with pytest.raises(RuntimeError) as stopped:
+        strategy.start(grid=grid, initial_arrays=global_arrays(), num_rounds=3, timeout=60)
+
+    lines = [r.getMessage() for r in caplog.records if "dropped reply" in r.getMessage()] + [str(stopped.value)]
+    assert len(lines) == 3  # two nodes' replies, then the run stops quoting the last one
+    assert all(line.isprintable() and len(line) < 500 for line in lines), lines
+
+
+def test_an_error_reply_without_a_reason_is_dropped_and_the_others_still_vote(caplog):
+    strategy, _ = strategy_for([11, 12])
+
+    new_arrays, metrics = strategy.aggregate_train(1, [valid_reply(11, signs_for(0)), reply(node_id=12, error=Error(code=2))])
+
+    assert new_arrays is not None and (metrics["voters"], metrics["dropped"]) == (1, 1)
+    assert "dropped reply of node 12: error 2: " in caplog.text
+
+
+def test_a_rejected_replys_own_metric_names_are_logged_escaped_and_bounded(caplog):
+    strategy, _ = strategy_for([11, 12])
+    good = train_reply_content(pack_signs(signs_for(0)), epsilon=1.0)
+    names = MetricRecord({f"\x1b[32mINFO round 9 {i}": 1.0 for i in range(10_000)})
+
+    strategy.aggregate_train(1, [reply(RecordDict({"arrays": good["arrays"], "metrics": names}), node_id=12)])
+
+    [line] = [r.getMessage() for r in caplog.records if "dropped reply of node 12" in r.getMessage()]
+    assert line.isprintable() and len(line) < 500 and "metrics must hold exactly" in line
+
+
 # --- hostile payloads not covered by test_strategy.py ----------------------------------------
 
 
@@ -173,6 +217,9 @@ class UntouchableGrid(FakeGrid):
     def get_node_ids(self):
         raise AssertionError("the run reached the Grid")
 
+    def push_messages(self, messages):
+        raise AssertionError("the run reached the Grid")
+
     def send_and_receive(self, messages, *, timeout=None):
         raise AssertionError("the run reached the Grid")
 
@@ -234,6 +281,32 @@ def test_a_run_with_one_failing_client_completes_every_round_with_the_others(tmp
     assert [r["round"] for r in rows] == [1, 2]
     assert all((r["voters"], r["dropped"], r["missing"]) == (2, 1, 0) for r in rows)
     assert json.loads((tmp_path / "results" / METRICS_FILE).read_text()) == rows
+
+
+def raising_once_then_silent_on_partition(partition_id):
+    """Partition ``partition_id`` raises in round 1, then never replies again (final sync included)."""
+    def handler(message, context):
+        if int(context.node_config["partition-id"]) != partition_id:
+            return handle_train(message, context, simulation=True)
+        if int(message.content["config"]["server-round"]) == 1:
+            raise RuntimeError("deliberate failure, then silence")
+        return None
+
+    return handler
+
+
+def test_a_node_that_fails_then_goes_silent_costs_the_grace_not_the_round_timeout(tmp_path, caplog):
+    config = run_config(tmp_path, **{"num-server-rounds": 3, "round-timeout": 600.0, "round-grace": 1.0})
+    grid = InProcessGrid(config, num_nodes=3, handler=raising_once_then_silent_on_partition(1))
+    started = time.monotonic()
+
+    rows = run_server(grid, server_context(config))
+
+    assert time.monotonic() - started < 60  # three rounds and the final sync, not 3 x 600 s
+    assert [(r["voters"], r["dropped"], r["missing"]) for r in rows] == [(2, 1, 0), (2, 0, 1), (2, 0, 1)]
+    assert [r["missing-nodes"] for r in rows] == [[], [101], [101]]
+    assert json.loads((tmp_path / "results" / METRICS_FILE).read_text()) == rows
+    assert "final sync: 2 of 3 nodes hold the final model" in caplog.text and "no reply from nodes [101]" in caplog.text
 
 
 RESUME_SETTINGS = {

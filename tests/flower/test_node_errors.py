@@ -172,3 +172,14 @@ def test_a_node_config_may_choose_its_partitioning_and_a_simulated_node_keeps_th
     assert (deployed.data_seed, deployed.partitioner) == (5, "dirichlet")
     assert overridden == {"data-seed": 1, "partitioner": "iid"}
     assert (simulated.data_seed, simulated.partitioner) == (1, "iid")
+
+
+def test_a_deployed_node_reads_only_its_own_data_folder_never_the_run_configs():
+    # A run-config data-dir could point a node at a second copy of its data, under a second ledger.
+    node = parse_node_config({"partition-id": 0, "num-partitions": 2})
+    settings, overridden = node.data_settings(RunSettings(dataset="mnist", data_dir="/elsewhere/copy"), simulated=False)
+    simulated, _ = node.data_settings(RunSettings(dataset="mnist", data_dir="/elsewhere/copy"), simulated=True)
+
+    assert settings.data_dir == "" and overridden == {"data-dir": "/elsewhere/copy"}
+    assert data_identity(settings, node)["data-dir"] == ""
+    assert simulated.data_dir == "/elsewhere/copy"

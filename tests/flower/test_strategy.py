@@ -144,7 +144,7 @@ def test_server_momentum_accumulates_votes():
     first, _ = strategy.aggregate_train(1, [valid_reply(11, signs)])
     strategy.configure_train(2, first, ConfigRecord(), FakeGrid([11]))
     second, _ = strategy.aggregate_train(2, [valid_reply(11, signs)])
-    # velocity: v1 = s, v2 = 0.5 s + s = 1.5 s; total step 2.5 * lr * s
+    # update_state: v1 = s, v2 = 0.5 s + s = 1.5 s; total step 2.5 * lr * s
     expected = arrays_to_flat(arrays) - 2.5 * LEARNING_RATE * signs
     np.testing.assert_allclose(arrays_to_flat(second), expected, rtol=1e-5)
 

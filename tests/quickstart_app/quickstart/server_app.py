@@ -1,35 +1,41 @@
 """quickstart: a Flower / PyTorch app (ServerApp)."""
 
-import json
-from pathlib import Path
-
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from dpsign_fl import SignMajorityVote
 
-from quickstart.task import Net, load_data
-from quickstart.task import test as test_fn
+from quickstart.task import Net, load_centralized_dataset, test
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the strategy, evaluating the global model on the server's test set."""
-    lr = context.run_config["lr"]
-    model = Net()
-    _, testloader = load_data(0, 1)
+    """Train with the strategy for num-server-rounds; clients also evaluate (fraction-evaluate)."""
+    fraction_evaluate: float = context.run_config["fraction-evaluate"]
+    num_rounds: int = context.run_config["num-server-rounds"]
+    lr: float = context.run_config["learning-rate"]
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = test_fn(model, testloader)
-        return MetricRecord({"loss": loss, "accuracy": accuracy})
+    global_model = Net()
+    arrays = ArrayRecord(global_model.state_dict())
 
-    strategy = SignMajorityVote(fraction_train=context.run_config["fraction-train"], learning_rate=lr)
+    strategy = SignMajorityVote(fraction_evaluate=fraction_evaluate)
+
     result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(model.state_dict()), train_config=ConfigRecord({"lr": lr}),
-        num_rounds=context.run_config["num-server-rounds"], evaluate_fn=evaluate,
+        grid=grid,
+        initial_arrays=arrays,
+        train_config=ConfigRecord({"lr": lr}),
+        num_rounds=num_rounds,
+        evaluate_fn=global_evaluate,
     )
-    if context.run_config["results-dir"]:
-        rounds = {r: dict(metrics) for r, metrics in result.train_metrics_clientapp.items()}
-        (Path(context.run_config["results-dir"]) / "train_metrics.json").write_text(json.dumps(rounds))
+
+
+def global_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    """The global model's accuracy and loss on the server's test set."""
+    model = Net()
+    model.load_state_dict(arrays.to_torch_state_dict())
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    test_loss, test_acc = test(model, load_centralized_dataset(), device)
+    return MetricRecord({"accuracy": test_acc, "loss": test_loss})

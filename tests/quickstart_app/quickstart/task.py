@@ -1,7 +1,11 @@
-"""The app's model and data, as a Flower quickstart has them: a small CNN (with BatchNorm) and DataLoaders.
+"""The app's model and data, with the functions Flower's quickstart-pytorch task module has.
 
-The data is scikit-learn's digits (offline), served like a Hugging Face dataset
-with a transform: every sample is a dict ``{"img": tensor, "label": int}``.
+A small CNN (with BatchNorm, so its state_dict holds buffers) and scikit-learn's
+digits (offline) served like a Hugging Face dataset with a transform: every
+sample is a dict ``{"img": tensor, "label": int}``. ``load_data`` gives a node
+its partition split 80/20 into train and validation loaders;
+``load_centralized_dataset`` the server's test loader; ``train`` and ``test``
+take a ``device`` as the quickstart's do.
 """
 
 import torch
@@ -9,6 +13,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
+
+TRAIN_EXAMPLES = 1400
+"""Digits 0..1399 are split among the nodes; the rest is the server's test set."""
 
 
 class Net(nn.Module):
@@ -37,40 +44,52 @@ class Digits(Dataset):
         return {"img": self.images[index], "label": int(self.labels[index])}
 
 
-def load_data(partition_id: int, num_partitions: int, batch_size: int = 32):
-    """This client's train DataLoader and the shared test DataLoader."""
+def _digits():
     digits = load_digits()
-    images = torch.tensor(digits.images / 16.0, dtype=torch.float32)[:, None]
-    labels = torch.tensor(digits.target)
-    train, test = slice(0, 1400), slice(1400, None)
-    mine = torch.arange(train.stop)[partition_id::num_partitions]
-    trainloader = DataLoader(Digits(images[mine], labels[mine]), batch_size=batch_size, shuffle=True)
-    testloader = DataLoader(Digits(images[test], labels[test]), batch_size=256)
-    return trainloader, testloader
+    return torch.tensor(digits.images / 16.0, dtype=torch.float32)[:, None], torch.tensor(digits.target)
 
 
-def train(model, trainloader, epochs, lr):
+def load_data(partition_id: int, num_partitions: int, batch_size: int):
+    """This node's partition: a train DataLoader (80%) and a validation DataLoader (20%)."""
+    images, labels = _digits()
+    mine = torch.arange(TRAIN_EXAMPLES)[partition_id::num_partitions]
+    cut = int(0.8 * len(mine))
+    trainloader = DataLoader(Digits(images[mine[:cut]], labels[mine[:cut]]), batch_size=batch_size, shuffle=True)
+    valloader = DataLoader(Digits(images[mine[cut:]], labels[mine[cut:]]), batch_size=batch_size)
+    return trainloader, valloader
+
+
+def load_centralized_dataset():
+    """The server's test set."""
+    images, labels = _digits()
+    return DataLoader(Digits(images[TRAIN_EXAMPLES:], labels[TRAIN_EXAMPLES:]), batch_size=128)
+
+
+def train(net, trainloader, epochs, lr, device):
     """Plain (non-private) SGD: what the quickstart does before the conversion."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    model.train()
+    net.to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    net.train()
     total = 0.0
     for _ in range(epochs):
         for batch in trainloader:
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(batch["img"]), batch["label"])
+            loss = F.cross_entropy(net(batch["img"].to(device)), batch["label"].to(device))
             loss.backward()
             optimizer.step()
             total += float(loss)
-    return total / max(len(trainloader), 1)
+    return total / max(epochs * len(trainloader), 1)
 
 
-def test(model, testloader):
-    """Loss and accuracy on the test set."""
-    model.eval()
-    correct, total_loss = 0, 0.0
+def test(net, testloader, device):
+    """Mean loss per batch and accuracy."""
+    net.to(device)
+    net.eval()
+    correct, loss = 0, 0.0
     with torch.no_grad():
         for batch in testloader:
-            outputs = model(batch["img"])
-            total_loss += float(F.cross_entropy(outputs, batch["label"], reduction="sum"))
-            correct += int((outputs.argmax(1) == batch["label"]).sum())
-    return total_loss / len(testloader.dataset), correct / len(testloader.dataset)
+            outputs = net(batch["img"].to(device))
+            labels = batch["label"].to(device)
+            loss += float(F.cross_entropy(outputs, labels))
+            correct += int((outputs.argmax(1) == labels).sum())
+    return loss / len(testloader), correct / len(testloader.dataset)

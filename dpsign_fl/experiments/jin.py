@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from .accounting import check_delta, check_epsilon, compute_epsilon
+from ..privacy.accounting import check_delta, check_epsilon, compute_epsilon
 
 
 def jin_noise_multiplier(*, epsilon_per_step: float, delta_per_step: float) -> float:

@@ -2,15 +2,15 @@
 
 None of these is differentially private on its own except :func:`jin_dp_sign`,
 whose per-step calibration is NOT private over training (see
-:mod:`dpsign_fl.privacy.jin`).
+:mod:`dpsign_fl.experiments.jin`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .mechanism import dp_sign, secure_generator, to_signs
-from .privacy.jin import jin_noise_multiplier
+from ..mechanism import dp_sign, secure_generator, to_signs
+from .jin import jin_noise_multiplier
 
 
 def sign(gradient: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ def jin_dp_sign(
 
     The noise multiplier is sqrt(2 ln(1.25/delta)) / epsilon for the PER-STEP
     (epsilon, delta); its true guarantee over T steps is
-    :func:`dpsign_fl.privacy.jin_true_epsilon`.
+    :func:`dpsign_fl.experiments.jin.jin_true_epsilon`.
     """
     sigma = jin_noise_multiplier(epsilon_per_step=epsilon_per_step, delta_per_step=delta_per_step)
     return dp_sign(per_sample_grads, clip_norm=clip_norm, noise_multiplier=sigma, generator=generator)

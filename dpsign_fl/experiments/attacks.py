@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .packing import BIT_ORDER, check_packed, last_byte_mask, pack_signs
+from ..packing import BIT_ORDER, check_packed, last_byte_mask, pack_signs
 
 BLIND_ATTACKS = ("sign-flip", "random", "all-ones")
 COORDINATED_ATTACKS = ("inverse-majority", "stealthy", "mimic")

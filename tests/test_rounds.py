@@ -1,0 +1,52 @@
+"""The release planner: how many releases a client plans for, and the sigma it plans them with."""
+
+import math
+
+import pytest
+
+from dpsign_fl.privacy import calibrate_noise_multiplier
+from dpsign_fl.rounds import plan_release, planned_releases
+from dpsign_fl.settings import RunSettings
+
+
+def expected_count(num_rounds, participation):
+    # Written out here from docs/privacy.md, not imported: T p plus 3 standard deviations of
+    # Binomial(T, p), rounded up, within [1, T].
+    mean = num_rounds * participation
+    return min(num_rounds, max(1, math.ceil(mean + 3 * math.sqrt(mean * (1 - participation)))))
+
+
+@pytest.mark.parametrize(
+    "num_rounds, participation, count",
+    [
+        (1000, 10 / 42, 279),  # 238.1 + 3 * 13.47 = 278.5: 10 of 42 clients a round
+        (200, 10 / 42, 66),  # 47.6 + 3 * 6.02 = 65.7
+        (60, 0.25, 26),  # 15 + 3 * 3.35 = 25.06
+        (60, 0.99, 60),  # 59.4 + 2.3 would pass T: a client releases at most once a round
+        (60, 1e-6, 1),  # at least one release
+        (60, 1.0, 60),  # every round: T, as before
+    ],
+)
+def test_planned_count_is_the_mean_plus_three_standard_deviations_within_one_and_t(num_rounds, participation, count):
+    settings = RunSettings(num_rounds=num_rounds, participation=participation)
+    assert expected_count(num_rounds, participation) == count
+    assert planned_releases(settings) == count
+
+
+@pytest.mark.parametrize("participation", [0.25, 1.0])
+def test_planned_sigma_is_the_calibrated_sigma_for_the_planned_count(participation):
+    settings = RunSettings(num_rounds=60, sample_rate=0.3, target_epsilon=2.0, participation=participation)
+    count = expected_count(60, participation)
+
+    plan = plan_release(settings)
+
+    assert plan.num_releases == count
+    assert plan.release.noise_multiplier == calibrate_noise_multiplier(
+        target_epsilon=2.0, target_delta=settings.target_delta, sample_rate=0.3, num_steps=count
+    )
+
+
+def test_planning_for_partial_participation_needs_less_noise_than_for_every_round():
+    every_round = plan_release(RunSettings(num_rounds=60, sample_rate=0.3, target_epsilon=2.0))
+    quarter = plan_release(RunSettings(num_rounds=60, sample_rate=0.3, target_epsilon=2.0, participation=0.25))
+    assert quarter.release.noise_multiplier < 0.9 * every_round.release.noise_multiplier
