@@ -490,3 +490,21 @@ def test_the_loop_gives_each_client_one_speaking_role_and_truncation_keeps_roles
     assert [torch.equal(c.inputs, dataset.train_inputs[role.train_clients == i]) for i, c in enumerate(clients)] == [True] * 3
     # The first 5 training examples: ORLANDO's 1 and GLOSTER's 4; CLARENCE keeps none.
     assert [c.size for c in first_five] == [1, 4, 0]
+
+
+@pytest.mark.parametrize("method", ["dp-signsgd", "signsgd"])
+def test_the_loop_trains_a_sized_char_transformer_on_speaking_roles(tmp_path, method):
+    from .test_shakespeare import write_tiny_plays
+
+    dataset = load_dataset("shakespeare", data_dir=str(write_tiny_plays(tmp_path)))
+    experiment = Experiment.create(
+        dataset="shakespeare", partitioner="role", num_clients=3, num_rounds=2, sample_rate=0.5, method=method,
+        model_width=16, model_depth=1, model_previous_characters=1, reproducible_noise=True,
+    )
+
+    record = run_experiment(experiment, dataset=dataset, progress=False)
+
+    expected = build_model("char-transformer", input_shape=(80,), num_classes=97, width=16, depth=1, previous_characters=1)
+    assert record["num_parameters"] == sum(p.numel() for p in expected.parameters())
+    assert [row["round"] for row in record["history"]] == [0, 1, 2]
+    assert all(0 <= row["accuracy"] <= 1 for row in record["history"])

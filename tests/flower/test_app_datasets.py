@@ -109,3 +109,19 @@ def test_the_app_counts_in_numpy_without_a_c_compiler_and_refuses_an_unknown_ker
     monkeypatch.setenv("DPSIGN_FL_VOTE_KERNEL", "fast")
     with pytest.raises(ConfigError, match="DPSIGN_FL_VOTE_KERNEL must be one of"):
         run_app(tmp_path)
+
+
+def test_shakespeare_roles_with_a_sized_char_transformer_vote_every_round(tmp_path):
+    # Server and ClientApp build the model from the same size keys: any disagreement would
+    # make the replies the wrong length (dropped), or the replicas' digests differ.
+    from ..test_shakespeare import write_tiny_plays
+
+    (tmp_path / "data").mkdir()
+    folder = write_tiny_plays(tmp_path / "data")
+    sizes = {"model-width": 32, "model-depth": 1, "model-previous-characters": 2}
+    rows = run_app(tmp_path, dataset="shakespeare", partitioner="role", **{"data-dir": str(folder), "sample-rate": 0.5}, **sizes)
+
+    d = 97 * 32 + 2 * 98 * 32 + 80 * 32 + (2 * 2 * 32 + 32 * 96 + 96 + 32 * 32 + 32 + 32 * 128 + 128 + 128 * 32 + 32) + 2 * 32 + 32 * 97 + 97
+    assert all(r["voters"] == 3 and r["dropped"] == 0 for r in rows)
+    assert rows[-1]["payload-bytes"] == (d + 7) // 8
+    assert rows[-1]["accuracy"] is not None
