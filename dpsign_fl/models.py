@@ -1,7 +1,7 @@
 """Models for the experiments, all fit for per-example gradients.
 
 Every model works with ``torch.func.functional_call`` + ``vmap(grad)``
-(:func:`dpsign_fl.mechanism.per_sample_gradients`): no BatchNorm (it mixes the
+(:func:`dpsign_fl.release.mechanism.per_sample_gradients`): no BatchNorm (it mixes the
 examples of a batch; GroupNorm normalises within one example) and no in-place
 activations.
 
@@ -41,7 +41,7 @@ activations.
   Every layer is an Embedding, LayerNorm or Linear that sees the batch on
   dim 0 (attention is two Linear layers around
   ``F.scaled_dot_product_attention``), so the layer pass of
-  :mod:`dpsign_fl.clipped_sum` computes exact per-example gradients of it.
+  :mod:`dpsign_fl.release.clipped_sum` computes exact per-example gradients of it.
 
 No LSTM (LEAF's ``char-lstm``, Caldas et al. 2018, arXiv:1812.01097): torch.func
 runs ``nn.LSTM`` one example at a time, measured about 50x slower than a
@@ -264,7 +264,7 @@ class TransformerBlock(nn.Module):
     GPT-2's ``c_attn``; the output projection) around
     ``F.scaled_dot_product_attention``, and the MLP is Linear, GELU, Linear:
     every layer with parameters sees the batch on dim 0, as the layer pass of
-    :mod:`dpsign_fl.clipped_sum` requires. Inputs and outputs ``[B, T, width]``.
+    :mod:`dpsign_fl.release.clipped_sum` requires. Inputs and outputs ``[B, T, width]``.
 
     Args:
         width: channels; a multiple of ``heads``.

@@ -244,7 +244,7 @@ _C = dict(
 @functools.lru_cache(maxsize=None)
 def _torch_side_choices() -> dict[str, tuple[str, ...]]:
     from .data import DATASETS, PARTITIONERS
-    from .mechanism import CLIPPING_MODES
+    from .release.mechanism import CLIPPING_MODES
     from .models import MODELS
 
     return dict(datasets=DATASETS, partitioners=PARTITIONERS, clipping=CLIPPING_MODES, models=("",) + MODELS)

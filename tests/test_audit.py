@@ -25,7 +25,7 @@ below it by the confidence margins). Clip-the-mean: FPR = FNR = Phi(-1), so mu =
 import torch
 from scipy import stats
 
-from dpsign_fl.mechanism import clip_per_sample, dp_sign, secure_generator
+from dpsign_fl.release.mechanism import clip_per_sample, dp_sign, secure_generator
 
 CLIP_NORM = 1.0
 NOISE_MULTIPLIER = 1.0

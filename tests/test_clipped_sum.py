@@ -1,8 +1,8 @@
-"""Tests of dpsign_fl.clipped_sum: the sum of per-example clipped gradients.
+"""Tests of dpsign_fl.release.clipped_sum: the sum of per-example clipped gradients.
 
 Golden values come from a one-example-at-a-time loop (one forward and one
 ``torch.autograd.grad`` per example, clip, sum), written here independently of
-dpsign_fl.mechanism. Models run in float64 so that agreement is checked far
+dpsign_fl.release.mechanism. Models run in float64 so that agreement is checked far
 below float32 rounding (rtol 1e-9); one test repeats it in float32. Negative
 controls (clip each tensor separately, clip the batch mean, a pass that misses
 a parameter use) must be told apart by the same comparisons.
@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dpsign_fl import clipped_sum
-from dpsign_fl.clipped_sum import SUPPORTED_LAYERS, clipped_gradient_sum
-from dpsign_fl.layer_rules import embedding_form
-from dpsign_fl.mechanism import AUTOMATIC_CLIPPING_GAMMA, clip_factors, clip_per_sample
+from dpsign_fl.release import clipped_sum
+from dpsign_fl.release.clipped_sum import SUPPORTED_LAYERS, clipped_gradient_sum
+from dpsign_fl.release.layer_rules import embedding_form
+from dpsign_fl.release.mechanism import AUTOMATIC_CLIPPING_GAMMA, clip_factors, clip_per_sample
 from dpsign_fl.models import MODELS, build_model
 
 METHODS = ("vmap", "layers")
@@ -611,7 +611,7 @@ def test_mismatched_batch_sizes_are_rejected():
 def test_client_release_equals_the_materialised_path_with_the_same_randomness():
     # The shipped release (clipped_gradient_sum) against the earlier one (every per-example
     # gradient materialised, clip_per_sample, sum, noise, sign), drawing the same sample and noise.
-    from dpsign_fl.mechanism import dp_sign, noisy_sum, per_sample_gradients, poisson_sample
+    from dpsign_fl.release.mechanism import dp_sign, noisy_sum, per_sample_gradients, poisson_sample
     from dpsign_fl.models import build_model
     from dpsign_fl.release import ReleaseSettings, client_release
 

@@ -7,7 +7,7 @@ import torch
 
 from dpsign_fl.experiments.compressors import jin_dp_sign, sign, sto_sign
 from dpsign_fl.experiments.jin import jin_noise_multiplier, jin_true_epsilon
-from dpsign_fl.mechanism import dp_sign, secure_generator
+from dpsign_fl.release.mechanism import dp_sign, secure_generator
 from dpsign_fl.privacy import calibrate_noise_multiplier, compute_epsilon
 
 BOUND = 2.0

@@ -58,7 +58,7 @@ def test_importing_every_core_module_does_not_load_flwr(import_report):
     # The walk really covered the core ...
     core = {
         "dpsign_fl",
-        "dpsign_fl.mechanism",
+        "dpsign_fl.release.mechanism",
         "dpsign_fl.settings",
         "dpsign_fl.release",
         "dpsign_fl.rounds",

@@ -12,7 +12,7 @@ from dpsign_fl.data import load_dataset
 from dpsign_fl.data.loading import Dataset
 from dpsign_fl.cache import cache_dir
 from dpsign_fl.features import load_run_dataset, scattering_features
-from dpsign_fl.mechanism import per_sample_gradients
+from dpsign_fl.release.mechanism import per_sample_gradients
 from dpsign_fl.models import build_model, input_features, num_parameters
 from dpsign_fl.settings import RunSettings
 

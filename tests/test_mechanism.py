@@ -1,4 +1,4 @@
-"""Tests of dpsign_fl.mechanism: sampling, per-sample gradients, clipping, noise, sign.
+"""Tests of dpsign_fl.release.mechanism: sampling, per-sample gradients, clipping, noise, sign.
 
 Statistical tests use fixed seeds and each comes with a negative control that
 must fail (a wrong noise scale, a clip-the-mean or clip-per-tensor mechanism),
@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 from scipy import stats
 from torch import nn
 
-from dpsign_fl.mechanism import (
+from dpsign_fl.release.mechanism import (
     AUTOMATIC_CLIPPING_GAMMA,
     clip_per_sample,
     dp_sign,

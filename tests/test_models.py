@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpsign_fl.data import DATASETS
-from dpsign_fl.mechanism import per_sample_gradients
+from dpsign_fl.release.mechanism import per_sample_gradients
 from dpsign_fl.models import MODELS, CharTransformer, build_model, default_model, num_parameters
 
 SEQUENCE_MODELS = ("char-transformer",)

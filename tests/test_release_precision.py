@@ -28,8 +28,8 @@ from scipy import stats
 from torch import nn
 from torch.nn import functional as F
 
-from dpsign_fl.clipped_sum import clipped_gradient_sum
-from dpsign_fl.mechanism import MAX_CLIP_NORM, MIN_CLIP_NORM, secure_generator, to_signs
+from dpsign_fl.release.clipped_sum import clipped_gradient_sum
+from dpsign_fl.release.mechanism import MAX_CLIP_NORM, MIN_CLIP_NORM, secure_generator, to_signs
 from dpsign_fl.release import MAX_MODEL_MAGNITUDE, ReleaseSettings, UnsafeRelease, client_release
 from dpsign_fl.settings import ConfigError, RunSettings
 
@@ -123,7 +123,7 @@ def test_a_model_with_a_non_finite_or_huge_entry_is_refused_before_any_example_i
 
 def test_the_noise_is_added_in_float64_so_its_scale_never_rounds_away():
     # sigma * C = 1e-5 * 1e-5 = 1e-10 on a float32 sum of 1.0: in float32 the noise would vanish (eps 1.2e-7).
-    from dpsign_fl.mechanism import noisy_sum
+    from dpsign_fl.release.mechanism import noisy_sum
 
     noisy = noisy_sum(torch.ones(10_000), clip_norm=1e-5, noise_multiplier=1e-5, generator=secure_generator(4))
 

@@ -6,7 +6,7 @@ model and batch, in one process, interleaved (each repeat runs every step once):
 - ``non_private``: ``loss_fn(model(x), y).backward()``, the cost to beat;
 - ``materialised``: ``clip_per_sample(per_sample_gradients(...)).sum(0)``, the
   earlier path of ``client_release`` (vmap chunks of 256, a ``[B, d]`` matrix);
-- ``vmap`` and ``layers``: :func:`dpsign_fl.clipped_sum.clipped_gradient_sum`;
+- ``vmap`` and ``layers``: :func:`dpsign_fl.release.clipped_sum.clipped_gradient_sum`;
 - ``release``: the whole :func:`dpsign_fl.release.client_release` at sample
   rate 1 (sampling, the clipped sum by ``method="auto"``, noise, sign): what a
   client pays per round on this batch.
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..clipped_sum import clipped_gradient_sum
-from ..mechanism import clip_per_sample, per_sample_gradients
+from ..release.clipped_sum import clipped_gradient_sum
+from ..release.mechanism import clip_per_sample, per_sample_gradients
 from ..models import MODELS, TransformerBlock, build_model
 from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, client_release
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..mechanism import dp_sign, secure_generator, to_signs
+from ..release.mechanism import dp_sign, secure_generator, to_signs
 from .jin import jin_noise_multiplier
 
 

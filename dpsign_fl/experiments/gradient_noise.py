@@ -8,7 +8,7 @@ light-tailed control.
 
 This noise is NOT privacy noise: it is not calibrated to any sensitivity and
 gives no differential-privacy guarantee. The privacy noise is added in
-:mod:`dpsign_fl.mechanism`.
+:mod:`dpsign_fl.release.mechanism`.
 """
 
 from __future__ import annotations

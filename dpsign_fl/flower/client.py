@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from ..data import partition_dataset
 from ..features import load_run_dataset
-from ..mechanism import secure_generator
+from ..release.mechanism import secure_generator
 from ..model_sync import ModelReplica, read_replica_file, write_replica_file
 from ..models import build_model
 from ..parameters import trainable_parameters

@@ -1,7 +1,7 @@
 """The one home of the privacy ranges every boundary checks: budgets and the clipping bound.
 
 Read by the run config (:mod:`dpsign_fl.settings`), the node config
-(:mod:`dpsign_fl.flower.node`), a release (:mod:`dpsign_fl.mechanism`,
+(:mod:`dpsign_fl.flower.node`), a release (:mod:`dpsign_fl.release.mechanism`,
 :class:`dpsign_fl.release.ReleaseSettings`) and the PLD accountant's grid. No
 heavy imports: the settings checker reads it without torch.
 """
@@ -22,4 +22,4 @@ CLIP_NORM_RANGE = (1e-5, 1e6)
 The floor keeps a clipped example's coordinates in float32's normal range,
 where rounding changes a value by a relative 2^-24 at most and never lifts a
 zero to the smallest subnormal: at C = 8e-46 an earlier version released
-without effective noise (:mod:`dpsign_fl.mechanism`, "Float precision")."""
+without effective noise (:mod:`dpsign_fl.release.mechanism`, "Float precision")."""

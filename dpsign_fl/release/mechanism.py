@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .privacy.limits import CLIP_NORM_RANGE
+from ..privacy.limits import CLIP_NORM_RANGE
 
 CLIPPING_MODES = ("flat", "automatic")
 MIN_CLIP_NORM, MAX_CLIP_NORM = CLIP_NORM_RANGE
