@@ -16,7 +16,7 @@ activations.
   Linear(128, classes)), tanh; we add GroupNorm after every convolution
   (stable training without BatchNorm): 551,466 parameters for 10 classes.
 - ``scatternet-linear`` and ``scatternet-cnn``: heads on wavelet-scattering
-  features (:mod:`dpsign_fl.features`; inputs ``[81 k, h, w]``), as in
+  features (:mod:`dpsign_fl.data.features`; inputs ``[81 k, h, w]``), as in
   Tramer & Boneh 2021. Both first normalise each example on its own
   (GroupNorm, :data:`SCATTER_GROUPS` groups, no learned scale: no parameter,
   no statistic of the training set). Linear: 39,700 parameters on MNIST.

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from dpsign_fl import features
+from dpsign_fl.data import features
 from dpsign_fl.data import load_dataset
 from dpsign_fl.data.loading import Dataset
 from dpsign_fl.cache import cache_dir
-from dpsign_fl.features import load_run_dataset, scattering_features
+from dpsign_fl.data.features import load_run_dataset, scattering_features
 from dpsign_fl.release.mechanism import per_sample_gradients
 from dpsign_fl.models import build_model, input_features, num_parameters
 from dpsign_fl.settings import RunSettings

@@ -229,7 +229,7 @@ def _overrides(items: list[str]) -> dict[str, str]:
 
 def _cached_dataset(cache: dict, experiment: Experiment):
     """Load each dataset once per invocation, not once per run."""
-    from ..features import load_run_dataset
+    from ..data.features import load_run_dataset
 
     run = experiment.run
     key = (run.dataset, run.data_dir, run.data_seed, run.model_name)

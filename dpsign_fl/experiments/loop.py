@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from ..data import partition_dataset
 from ..evaluation import evaluate
-from ..features import load_run_dataset
+from ..data.features import load_run_dataset
 from ..release.mechanism import per_sample_gradients, poisson_sample, secure_generator
 from ..models import build_model
 from ..packing import pack_signs

@@ -36,7 +36,7 @@ from flwr.common import log
 from torch.nn import functional as F
 
 from ..data import partition_dataset
-from ..features import load_run_dataset
+from ..data.features import load_run_dataset
 from ..release.mechanism import secure_generator
 from ..model_sync import ModelReplica, read_replica_file, write_replica_file
 from ..models import build_model

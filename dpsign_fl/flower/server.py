@@ -50,7 +50,7 @@ from ..checkpoint import (
 )
 from ..atomic_file import write_json_atomic
 from ..data import Dataset
-from ..features import load_run_dataset
+from ..data.features import load_run_dataset
 from ..evaluation import evaluate
 from ..models import build_model
 from ..results import plot_metrics

@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic_file import fsync_folder
-from .cache import open_cached_file, trusted_cache_dir
-from .data import Dataset, load_dataset
+from ..atomic_file import fsync_folder
+from ..cache import open_cached_file, trusted_cache_dir
+from .loading import Dataset, load_dataset
 
 log = logging.getLogger("dpsign_fl")
 
@@ -66,7 +66,7 @@ def load_run_dataset(settings) -> Dataset:
         ValueError, OSError: from :func:`dpsign_fl.data.load_dataset`.
         ImportError: a ScatterNet model without kymatio installed.
     """
-    from .models import input_features
+    from ..models import input_features
 
     dataset = load_dataset(settings.dataset, data_dir=settings.data_dir or None, seed=settings.data_seed)
     if input_features(settings.model_name) == "scattering":
