@@ -162,23 +162,48 @@ class VoteCounter:
         Raises:
             TypeError: if ``shift`` is not an int.
         """
-        if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)):
-            raise TypeError(f"shift must be an int, got {type(shift).__name__}")
-        self._flush()
-        threshold = self._summed_voters + int(shift)
-        # 2c > T  <=>  c >= floor(T/2) + 1;   2c < T  <=>  not c >= ceil(T/2).
-        positive_bound, negative_bound = threshold // 2 + 1, -(-threshold // 2)
-        positive = np.empty(self._num_bytes, dtype=np.uint8)
-        negative = np.empty(self._num_bytes, dtype=np.uint8)
-        for start in range(0, self._num_bytes, self._block_bytes):
-            stop = min(start + self._block_bytes, self._num_bytes)
-            planes = [plane[start:stop] for plane in self._planes]
-            _write_at_least(planes, positive_bound, positive[start:stop])
-            _write_at_least(planes, negative_bound, negative[start:stop])
-        np.invert(negative, out=negative)
+        positive, negative = self._threshold_bitmaps(shift, self._flushed_planes(), self._num_bytes)
         if self._tail_mask is not None:
             positive[-1] &= self._tail_mask
             negative[-1] &= self._tail_mask
+        return positive, negative
+
+    def sampled_vote_bitmaps(self, shift: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`vote_bitmaps` on the bytes of some blocks of :data:`INSPECTED_BLOCK_BYTES` only, one after the other.
+
+        Args:
+            shift: as for :meth:`vote_bitmaps`.
+            blocks: sorted indices of whole blocks (none past ``d // 8`` bytes).
+
+        Raises:
+            TypeError: if ``shift`` is not an int.
+        """
+        planes = [_gather(plane, blocks) for plane in self._flushed_planes()]
+        return self._threshold_bitmaps(shift, planes, INSPECTED_BLOCK_BYTES * len(blocks))
+
+    def _flushed_planes(self) -> list[np.ndarray]:
+        self._flush()
+        return self._planes
+
+    def _bounds(self, shift) -> tuple[int, int]:
+        """``(b+, b-)``: the vote is +1 where the +1 count c >= b+ and -1 where c < b- (either may be <= 0); after a flush."""
+        if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)):
+            raise TypeError(f"shift must be an int, got {type(shift).__name__}")
+        threshold = self._summed_voters + int(shift)
+        # 2c > T  <=>  c >= floor(T/2) + 1;   2c < T  <=>  not c >= ceil(T/2).
+        return threshold // 2 + 1, -(-threshold // 2)
+
+    def _threshold_bitmaps(self, shift, planes: list[np.ndarray], num_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+        """The packed ``2c > n + shift`` and ``2c < n + shift`` bitmaps of the first ``num_bytes`` of ``planes`` (flushed)."""
+        positive_bound, negative_bound = self._bounds(shift)
+        positive = np.empty(num_bytes, dtype=np.uint8)
+        negative = np.empty(num_bytes, dtype=np.uint8)
+        for start in range(0, num_bytes, self._block_bytes):
+            stop = min(start + self._block_bytes, num_bytes)
+            block = [plane[start:stop] for plane in planes]
+            _write_at_least(block, positive_bound, positive[start:stop])
+            _write_at_least(block, negative_bound, negative[start:stop])
+        np.invert(negative, out=negative)
         return positive, negative
 
     def vote(self, shift: int = 0) -> np.ndarray:
@@ -187,6 +212,10 @@ class VoteCounter:
         Raises:
             TypeError: if ``shift`` is not an int.
         """
+        if self._kernel is not None:  # one C pass from the planes to the int8 vote, no bitmaps
+            planes = self._flushed_planes()
+            positive_bound, negative_bound = self._bounds(shift)
+            return self._kernel.vote_from_planes(planes, max(positive_bound, 0), max(negative_bound, 0), self._num_coordinates)
         positive, negative = self.vote_bitmaps(shift)
         count = self._num_coordinates
         vote = np.unpackbits(positive, count=count, bitorder=BIT_ORDER).view(np.int8)
@@ -408,6 +437,18 @@ measured at the accuracy of plain majority without attackers (docs/robustness.md
 ROBUST_SKETCH_BYTES = 512
 """Bytes (8 coordinates each) of every payload compared pairwise to find colluders: 4096 coordinates."""
 
+COLLUSION_PARTNERS = 32
+"""Each payload's sketch is compared with the sketches of the payloads up to this many places before and after
+it on a cycle of the payloads in random order: with at most ``2 * 32 + 1 = 65`` payloads, with every other one."""
+
+INSPECTED_BYTES = 32 * 1024
+"""The +1 rate and the agreement with the others' vote are measured on at most this many bytes of each payload
+(262,144 coordinates): the whole payload when it is no longer, else blocks of :data:`INSPECTED_BLOCK_BYTES` drawn
+afresh every call."""
+
+INSPECTED_BLOCK_BYTES = 512
+"""Bytes (4,096 coordinates) of each block of a payload the filters read when they read only part of it."""
+
 RATE_THRESHOLD = 8.0
 """A payload is dropped when its +1 rate is more than this many robust standard deviations from the median."""
 
@@ -416,7 +457,6 @@ COLLUSION_MARGIN = 8.0
 
 AGREEMENT_THRESHOLD = 4.0
 """... when its agreement with the tentative vote is this many robust standard deviations below the median."""
-
 
 @dataclass(frozen=True)
 class RobustVote:
@@ -443,71 +483,138 @@ def robust_vote(payloads: Sequence[np.ndarray], num_coordinates: int, *, generat
     1. **+1 rate.** Under DP noise every honest payload's share of +1 bits sits
        close to the others' (measured 0.515-0.52 on MNIST); a payload whose
        rate is far from the median (robust z-score over the median absolute
-       deviation, floored at the binomial standard deviation 0.5/sqrt(d)) pushes
-       a constant direction (all-ones) and is dropped.
+       deviation, floored at the binomial standard deviation 0.5/sqrt(n) of
+       the n coordinates inspected) pushes a constant direction (all-ones) and
+       is dropped.
     2. **Collusion.** Honest noisy payloads agree with each other on about half
        of the coordinates; identical or correlated attackers agree on many more.
        On a random sketch of coordinates (:data:`ROBUST_SKETCH_BYTES`, drawn
        afresh every call) each payload's agreement with the payload most like it
-       is compared with the other payloads' (robust z-score, floored at the
-       sketch's standard error 0.5/sqrt(K)); a payload far above is dropped.
+       (among all the others, or with more than 65 payloads among
+       ``2 * COLLUSION_PARTNERS`` drawn at random) is compared with the other
+       payloads' (robust z-score, floored at the sketch's standard error
+       0.5/sqrt(K)); a payload far above is dropped.
     3. **Disagreement.** Against the majority of the OTHER payloads left (its
        own vote would inflate its agreement: a tenth of the vote with 10
        voters), a payload that agrees far less than the rest is dropped
        (sign-flippers push against the others' direction).
 
-    Memory: O(d) for the counters plus O(M K) for the sketches; the payloads
-    themselves are read, never copied (the caller holds them: Flower's replies).
+    Filters 1 and 3 read at most :data:`INSPECTED_BYTES` of each payload:
+    all of it up to 262,144 coordinates, else random blocks drawn afresh every
+    call, so that an attacker cannot know which of its coordinates are looked at.
+
+    Cost: the payloads are counted once (:class:`VoteCounter`), and read once
+    more on the inspected bytes (with the compiled kernel, one pass for both
+    filters); they are counted again only when a payload is left out. Memory:
+    O(d) for the counters, O(M K) for the sketches, O(M) for the statistics;
+    time linear in M. The payloads themselves are read, never copied (the
+    caller holds them: Flower's replies).
 
     Args:
         payloads: validated packed payloads.
         num_coordinates: d.
-        generator: randomness of the sketch; None = fresh OS entropy.
+        generator: randomness of the sketch, of the partners and of the inspected
+            blocks; None = fresh OS entropy.
 
     Returns:
         :class:`RobustVote`. With fewer than 3 payloads, no filter runs.
     """
     rows = [check_packed(p, num_coordinates) for p in payloads]
-    count = len(rows)
+    everyone = list(range(len(rows)))
+    counter = _counter(rows, everyone, num_coordinates)
+    if len(rows) < 3:
+        return RobustVote(counter.vote(), tuple(everyone), {})
+    generator = generator if generator is not None else np.random.default_rng()
+    blocks = _inspected_blocks(num_coordinates, generator)
+    inspected = num_coordinates if blocks is None else 8 * INSPECTED_BLOCK_BYTES * len(blocks)
+    positives, agreement, decided = _inspect(rows, everyone, counter, blocks, rates=True)
     dropped: dict[int, str] = {}
-    if count >= 3:
-        rates = _and_counts(rows, [None], num_coordinates)[:, 0] / num_coordinates
-        for index in _far_from_median(rates, floor=0.5 / np.sqrt(num_coordinates), threshold=RATE_THRESHOLD, side="both"):
-            dropped[index] = "+1 rate"
-        for index in _colluders(rows, [i for i in range(count) if i not in dropped], generator):
-            dropped[index] = "collusion"
-        kept = [i for i in range(count) if i not in dropped]
+    for index in _far_from_median(positives / inspected, floor=0.5 / np.sqrt(inspected), threshold=RATE_THRESHOLD, side="both"):
+        dropped[index] = "+1 rate"
+    for index in _colluders(rows, [i for i in everyone if i not in dropped], generator):
+        dropped[index] = "collusion"
+    kept = [i for i in everyone if i not in dropped]
+    if dropped:  # the count, and each payload's agreement with it, without the payloads left out
+        counter = _counter(rows, kept, num_coordinates)
         if len(kept) >= 3:
+            _, agreement, decided = _inspect(rows, kept, counter, blocks, rates=False)
+    if len(kept) >= 3:
+        floor = 0.5 / np.sqrt(max(decided.min(), 1))
+        disagreeing = [kept[p] for p in _far_from_median(agreement, floor=floor, threshold=AGREEMENT_THRESHOLD, side="low")]
+        if disagreeing:
+            dropped.update((index, "disagreement") for index in disagreeing)
+            kept = [i for i in kept if i not in dropped]
             counter = _counter(rows, kept, num_coordinates)
-            agreement, decided = _agreement_with_the_others(rows, kept, counter)
-            floor = 0.5 / np.sqrt(max(decided.min(), 1))
-            for position in _far_from_median(agreement, floor=floor, threshold=AGREEMENT_THRESHOLD, side="low"):
-                dropped[kept[position]] = "disagreement"
-            if len(dropped) == count - len(kept):  # nobody left out for disagreement: the count stands
-                return RobustVote(counter.vote(), tuple(kept), dropped)
-    kept = tuple(i for i in range(count) if i not in dropped)
-    return RobustVote(_counter(rows, kept, num_coordinates).vote(), kept, dropped)
+    return RobustVote(counter.vote(), tuple(kept), dropped)
 
 
-def _agreement_with_the_others(rows, kept: list[int], counter: VoteCounter) -> tuple[np.ndarray, np.ndarray]:
-    """Each kept payload's agreement with the majority of the OTHER kept payloads, and the coordinates it counts.
+def _inspected_blocks(num_coordinates: int, generator: np.random.Generator) -> np.ndarray | None:
+    """The sorted indices of the blocks of :data:`INSPECTED_BLOCK_BYTES` the filters read, or None for all the bytes."""
+    wanted = INSPECTED_BYTES // INSPECTED_BLOCK_BYTES
+    whole_blocks = num_coordinates // (8 * INSPECTED_BLOCK_BYTES)  # never the last, partial byte
+    if whole_blocks <= wanted:
+        return None
+    return np.sort(generator.choice(whole_blocks, size=wanted, replace=False))
 
-    With c the +1 count and n the voters, the vote without a payload whose bit
-    is +1 is sign(2c - n - 1) (threshold shift +1), and without one whose bit is
-    -1 it is sign(2c - n + 1) (shift -1): two pairs of bitmaps serve every
-    payload, so a payload's own vote does not inflate its agreement.
-    ``counter`` holds the kept payloads.
+
+def _gather(array: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """The bytes of ``array`` in these blocks (sorted indices), one after the other."""
+    return array[: (int(blocks[-1]) + 1) * INSPECTED_BLOCK_BYTES].reshape(-1, INSPECTED_BLOCK_BYTES)[blocks].reshape(-1)
+
+
+def _inspect(rows, indices: list[int], counter: VoteCounter, blocks: np.ndarray | None, *, rates: bool):
+    """The +1 bits of each payload ``rows[i]`` (``i`` in ``indices``) and its agreement with the majority of the OTHER payloads.
+
+    ``counter`` holds exactly the payloads of ``indices``. With the vote's +1
+    count c and n voters, the vote without a payload whose bit is +1 is
+    sign(2c - n - 1) (threshold shift +1), and without one whose bit is -1 it
+    is sign(2c - n + 1) (shift -1): two pairs of bitmaps serve every payload,
+    so a payload's own vote does not inflate its agreement. Everything is
+    counted on the inspected bytes (``blocks``; None: all), with the compiled
+    kernel in one pass per payload.
+
+    Returns:
+        ``(positives, agreement, decided)``: the +1 bits inspected (None unless
+        ``rates``), the share of the coordinates decided without the payload
+        that it agrees with, and how many were decided.
     """
-    plus_positive, plus_negative = counter.vote_bitmaps(shift=1)
-    minus_positive, minus_negative = counter.vote_bitmaps(shift=-1)
-    masks = [plus_positive, plus_negative, minus_positive, minus_negative]
-    counts = _and_counts([rows[i] for i in kept], masks, counter.num_coordinates)
+    if blocks is None:
+        bitmaps = [*counter.vote_bitmaps(shift=1), *counter.vote_bitmaps(shift=-1)]
+    else:
+        bitmaps = [*counter.sampled_vote_bitmaps(1, blocks), *counter.sampled_vote_bitmaps(-1, blocks)]
+    masks = ([None] if rates else []) + bitmaps
+    if blocks is None:
+        counts = _and_counts([rows[i] for i in indices], masks, counter.num_coordinates)
+    else:
+        counts = _block_and_counts([rows[i] for i in indices], masks, blocks).sum(axis=2)
+    counts, positives = (counts[:, 1:], counts[:, 0]) if rates else (counts, None)
     # The bitmaps' tail bits are zero, so a payload's -1 coordinates among a
     # bitmap's are the bitmap's bits minus the payload's +1 ones.
-    minus_positive_bits, minus_negative_bits = _count_bits(minus_positive), _count_bits(minus_negative)
+    minus_positive_bits, minus_negative_bits = _count_bits(bitmaps[2]), _count_bits(bitmaps[3])
     agree = counts[:, 0] + (minus_negative_bits - counts[:, 3])
     decided = agree + counts[:, 1] + (minus_positive_bits - counts[:, 2])
-    return agree / np.maximum(decided, 1), decided
+    return positives, agree / np.maximum(decided, 1), decided
+
+
+def _block_and_counts(rows, masks: list[np.ndarray | None], blocks: np.ndarray) -> np.ndarray:
+    """``counts[r, j, b]``: the +1 coordinates of block ``blocks[b]`` of ``rows[r]`` set in block ``b`` of ``masks[j]``.
+
+    Blocks of :data:`INSPECTED_BLOCK_BYTES`; the masks hold theirs one after
+    the other (None: all ones). The compiled kernel reads the rows where they
+    are; numpy gathers a bounded number of rows' blocks at a time.
+    """
+    kernel = load_kernel()
+    if kernel is not None:
+        rows = [np.ascontiguousarray(row) for row in rows]
+        return kernel.block_and_counts(rows, masks, blocks * INSPECTED_BLOCK_BYTES, INSPECTED_BLOCK_BYTES)
+    counts = np.empty((len(rows), len(masks), len(blocks)), dtype=np.int64)
+    shape = (len(blocks), INSPECTED_BLOCK_BYTES)
+    for r, row in enumerate(rows):
+        gathered = _gather(row, blocks).reshape(shape)
+        for j, mask in enumerate(masks):
+            bits = gathered if mask is None else gathered & mask.reshape(shape)
+            counts[r, j] = np.bitwise_count(bits).sum(axis=1, dtype=np.int64)
+    return counts
 
 
 def _and_counts(rows, masks: list[np.ndarray | None], num_coordinates: int) -> np.ndarray:
@@ -562,14 +669,42 @@ def _colluders(rows, candidates: list[int], generator) -> set[int]:
     full_bytes -= 1  # the last byte may hold unused tail bits
     if len(candidates) < 3 or full_bytes < 1:
         return set()
-    generator = generator if generator is not None else np.random.default_rng()
     positions = generator.choice(full_bytes, size=min(ROBUST_SKETCH_BYTES, full_bytes), replace=False)
     sketch = np.stack([rows[i][positions] for i in candidates])
     bits = 8 * sketch.shape[1]
-    agreement = np.empty((len(candidates), len(candidates)))
-    for a in range(len(candidates)):
-        agreement[a] = 1.0 - np.bitwise_count(sketch[a] ^ sketch).sum(axis=1, dtype=np.int64) / bits
-    np.fill_diagonal(agreement, -np.inf)
-    closest = agreement.max(axis=1)  # each payload's agreement with the one most like it
+    closest = 1.0 - _fewest_differences(sketch, generator) / bits  # each payload's agreement with the one most like it
     far = _far_from_median(closest, floor=0.5 / np.sqrt(bits), threshold=COLLUSION_MARGIN, side="high")
     return {candidates[i] for i in far}
+
+
+def _fewest_differences(sketch: np.ndarray, generator) -> np.ndarray:
+    """For each row of ``sketch`` ``[n, K]``, the fewest bits in which it differs from another row it is compared with.
+
+    The rows sit on a cycle, in random order when there are more than
+    ``2 * COLLUSION_PARTNERS + 1`` (else in their own order, and every pair is
+    compared); each is compared with the rows up to :data:`COLLUSION_PARTNERS`
+    places ahead and behind. Time O(n K COLLUSION_PARTNERS), memory O(n K): no
+    n x n matrix.
+    """
+    count = sketch.shape[0]
+    order = np.arange(count) if count <= 2 * COLLUSION_PARTNERS + 1 else generator.permutation(count)
+    reach = min(COLLUSION_PARTNERS, count // 2)
+    words = _as_words(sketch[order])
+    cycle = np.concatenate([words, words[:reach]])  # row p + offset of the cycle is row p + offset of this
+    fewest = np.full(count, np.iinfo(np.int64).max)
+    for offset in range(1, reach + 1):
+        # differences[p]: between the rows at places p and p + offset (mod count); each pair counts for both rows.
+        differences = np.bitwise_count(words ^ cycle[offset : offset + count]).sum(axis=1, dtype=np.int64)
+        np.minimum(fewest, differences, out=fewest)
+        np.minimum(fewest[offset:], differences[: count - offset], out=fewest[offset:])
+        np.minimum(fewest[:offset], differences[count - offset :], out=fewest[:offset])
+    result = np.empty(count, dtype=np.int64)
+    result[order] = fewest
+    return result
+
+
+def _as_words(rows: np.ndarray) -> np.ndarray:
+    """uint8 ``[n, K]`` as uint64 ``[n, ceil(K/8)]``, zero-padded: 8x fewer elements for numpy to XOR and count."""
+    padded = np.zeros((rows.shape[0], -(-rows.shape[1] // 8) * 8), dtype=np.uint8)
+    padded[:, : rows.shape[1]] = rows
+    return padded.view(np.uint64)

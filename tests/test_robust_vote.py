@@ -117,3 +117,73 @@ def test_the_attacks_send_what_they_say():
     expected = (1 - STEALTH_FRACTION) * (original[0] == original[1]).mean() + STEALTH_FRACTION
     assert abs(together - expected) < 0.01
     assert abs((signs["mimic"][0] != original[0]).mean() - STEALTH_FRACTION / 4) < 0.01
+
+
+def brute_force_fewest_differences(sketch):
+    """Each row's fewest differing bits with any other row: the n x n comparison the filter avoids."""
+    differences = np.array([[int(np.bitwise_count(a ^ b).sum()) for b in sketch] for a in sketch])
+    np.fill_diagonal(differences, np.iinfo(np.int64).max)
+    return differences.min(axis=1)
+
+
+@pytest.mark.parametrize("count", [3, 4, 5, 20, 64, 65])
+def test_the_collusion_filter_compares_every_pair_of_up_to_65_payloads(count):
+    from dpsign_fl.vote import _fewest_differences
+
+    sketch = np.random.default_rng(count).integers(0, 256, (count, 37), dtype=np.uint8)
+    found = _fewest_differences(sketch, np.random.default_rng(0))
+    np.testing.assert_array_equal(found, brute_force_fewest_differences(sketch))
+
+
+def test_beyond_65_payloads_each_is_compared_with_64_others_and_never_finds_a_closer_one_than_exists():
+    from dpsign_fl.vote import COLLUSION_PARTNERS, _fewest_differences
+
+    count = 300
+    sketch = np.random.default_rng(0).integers(0, 256, (count, 64), dtype=np.uint8)
+    sketch[17] = sketch[203]  # one identical pair
+    found = _fewest_differences(sketch, np.random.default_rng(1))
+    assert (found >= brute_force_fewest_differences(sketch)).all()
+    # With 2 * 32 partners out of 299, an identical pair meets with probability 64/299 per draw: it must meet
+    # in some of 40 fresh draws (and miss in others: each payload is compared with a sample, not all).
+    met = [_fewest_differences(sketch, np.random.default_rng(seed))[17] == 0 for seed in range(40)]
+    assert 0 < sum(met) < 40 and 2 * COLLUSION_PARTNERS == 64
+
+
+def test_the_robust_vote_never_holds_an_m_by_m_matrix():
+    # 2,000 payloads of 32,768 coordinates: an M x M float64 agreement matrix alone would be 32 MB.
+    import tracemalloc
+
+    count, d = 2_000, 32_768
+    rng = np.random.default_rng(0)
+    payloads = [rng.integers(0, 256, d // 8, dtype=np.uint8) for _ in range(count)]
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        robust = robust_vote(payloads, d, generator=np.random.default_rng(1))
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert robust.dropped == {}
+    assert peak < 8 * 2**20, peak  # measured 4.4 MiB: sketches (1 MiB), counters, the vote
+
+
+BIG_D = 2_000_003  # beyond INSPECTED_BYTES: the +1 rate and disagreement filters read random blocks
+
+
+@pytest.mark.parametrize("attack", ["all-ones", "inverse-majority", "stealthy", "sign-flip"])
+def test_on_a_large_model_the_filters_read_a_sample_and_still_drop_exactly_the_attackers(attack):
+    from dpsign_fl.vote import INSPECTED_BYTES
+
+    assert BIG_D // 8 > 4 * INSPECTED_BYTES  # the filters read under a quarter of each payload
+    rng = np.random.default_rng(7)
+    direction = rng.choice(np.array([-1, 1], dtype=np.int8), size=BIG_D)
+    agreement = rng.choice([0.5, 0.6, 0.9], p=[0.6, 0.3, 0.1], size=BIG_D)
+    payloads = [pack_signs(np.where(rng.random(BIG_D) < agreement, direction, -direction).astype(np.int8)) for _ in range(10)]
+    attackers = [0, 1, 2]
+    attacked = attack_round(payloads, attackers, BIG_D, attack=attack, generator=torch.Generator().manual_seed(0))
+
+    robust = robust_vote(attacked, BIG_D, generator=np.random.default_rng(1))
+
+    assert set(robust.dropped) == set(attackers), robust.dropped
+    np.testing.assert_array_equal(robust.vote, majority_vote(payloads[3:], BIG_D))
