@@ -434,12 +434,14 @@ DEFAULT_VOTE = "robust"
 """The default rule of the app, the loop and :class:`~dpsign_fl.flower.strategy.SignMajorityVote`:
 measured at the accuracy of plain majority without attackers (docs/robustness.md)."""
 
-ROBUST_SKETCH_BYTES = 512
-"""Bytes (8 coordinates each) of every payload compared pairwise to find colluders: 4096 coordinates."""
+COLLUSION_BLOCKS = 16
+"""The collusion filter compares the payloads pairwise on up to this many blocks of :data:`INSPECTED_BLOCK_BYTES`
+(65,536 coordinates), block by block and over all of them: every whole block of a smaller payload, else blocks
+drawn afresh every call."""
 
 COLLUSION_PARTNERS = 32
-"""Each payload's sketch is compared with the sketches of the payloads up to this many places before and after
-it on a cycle of the payloads in random order: with at most ``2 * 32 + 1 = 65`` payloads, with every other one."""
+"""Each payload is compared with the payloads up to this many places before and after it on a cycle of the
+payloads in random order: with at most ``2 * 32 + 1 = 65`` payloads, with every other one."""
 
 INSPECTED_BYTES = 32 * 1024
 """The +1 rate and the agreement with the others' vote are measured on at most this many bytes of each payload
@@ -526,21 +528,27 @@ def robust_vote(payloads: Sequence[np.ndarray], num_coordinates: int, *, generat
         return RobustVote(counter.vote(), tuple(everyone), {})
     generator = generator if generator is not None else np.random.default_rng()
     blocks = _inspected_blocks(num_coordinates, generator)
-    inspected = num_coordinates if blocks is None else 8 * INSPECTED_BLOCK_BYTES * len(blocks)
-    positives, agreement, decided = _inspect(rows, everyone, counter, blocks, rates=True)
+    seen = _inspect(rows, everyone, counter, blocks)
     dropped: dict[int, str] = {}
-    for index in _far_from_median(positives / inspected, floor=0.5 / np.sqrt(inspected), threshold=RATE_THRESHOLD, side="both"):
+    for index in _far_from_median(seen.positives / seen.coordinates, floor=0.5 / np.sqrt(seen.coordinates), threshold=RATE_THRESHOLD, side="both"):
         dropped[index] = "+1 rate"
-    for index in _colluders(rows, [i for i in everyone if i not in dropped], generator):
+    kept = [i for i in everyone if i not in dropped]
+    if dropped and len(kept) >= 3:  # the statistics below compare the payloads left with each other
+        counter = _counter(rows, kept, num_coordinates)
+        seen = _inspect(rows, kept, counter, blocks)
+    colluders = _colluders(rows, kept, generator)
+    if len(kept) >= 3:
+        colluders |= {kept[p] for p in _too_alike(seen)}
+    for index in sorted(colluders):
         dropped[index] = "collusion"
     kept = [i for i in everyone if i not in dropped]
-    if dropped:  # the count, and each payload's agreement with it, without the payloads left out
+    if colluders or len(kept) < 3:  # the count, and each payload's agreement with it, without the payloads left out
         counter = _counter(rows, kept, num_coordinates)
         if len(kept) >= 3:
-            _, agreement, decided = _inspect(rows, kept, counter, blocks, rates=False)
+            seen = _inspect(rows, kept, counter, blocks)
     if len(kept) >= 3:
-        floor = 0.5 / np.sqrt(max(decided.min(), 1))
-        disagreeing = [kept[p] for p in _far_from_median(agreement, floor=floor, threshold=AGREEMENT_THRESHOLD, side="low")]
+        floor = 0.5 / np.sqrt(max(seen.decided.min(), 1))
+        disagreeing = [kept[p] for p in _far_from_median(seen.agreement, floor=floor, threshold=AGREEMENT_THRESHOLD, side="low")]
         if disagreeing:
             dropped.update((index, "disagreement") for index in disagreeing)
             kept = [i for i in kept if i not in dropped]
@@ -562,38 +570,89 @@ def _gather(array: np.ndarray, blocks: np.ndarray) -> np.ndarray:
     return array[: (int(blocks[-1]) + 1) * INSPECTED_BLOCK_BYTES].reshape(-1, INSPECTED_BLOCK_BYTES)[blocks].reshape(-1)
 
 
-def _inspect(rows, indices: list[int], counter: VoteCounter, blocks: np.ndarray | None, *, rates: bool):
-    """The +1 bits of each payload ``rows[i]`` (``i`` in ``indices``) and its agreement with the majority of the OTHER payloads.
+@dataclass(frozen=True)
+class _Inspection:
+    """Statistics of the payloads a counter holds, on the inspected bytes (:func:`_inspect`).
 
-    ``counter`` holds exactly the payloads of ``indices``. With the vote's +1
-    count c and n voters, the vote without a payload whose bit is +1 is
-    sign(2c - n - 1) (threshold shift +1), and without one whose bit is -1 it
-    is sign(2c - n + 1) (shift -1): two pairs of bitmaps serve every payload,
-    so a payload's own vote does not inflate its agreement. Everything is
-    counted on the inspected bytes (``blocks``; None: all), with the compiled
-    kernel in one pass per payload.
-
-    Returns:
-        ``(positives, agreement, decided)``: the +1 bits inspected (None unless
-        ``rates``), the share of the coordinates decided without the payload
-        that it agrees with, and how many were decided.
+    Attributes:
+        coordinates: how many coordinates were inspected.
+        positives: each payload's +1 bits among them.
+        agreement: the share of the coordinates decided without the payload on which it agrees with that vote.
+        decided: how many coordinates were decided without the payload.
+        likeness: ``[payloads, blocks + 1]``, each payload's mean agreement with every other payload on each
+            whole inspected block of :data:`INSPECTED_BLOCK_BYTES`, and (last column) on all of them.
+        likeness_floor: ``[blocks + 1]``, the standard error of ``likeness`` were the bits coin flips.
     """
+
+    coordinates: int
+    positives: np.ndarray
+    agreement: np.ndarray
+    decided: np.ndarray
+    likeness: np.ndarray
+    likeness_floor: np.ndarray
+
+
+def _inspect(rows, indices: list[int], counter: VoteCounter, blocks: np.ndarray | None) -> _Inspection:
+    """Statistics of the payloads ``rows[i]`` (``i`` in ``indices``; ``counter`` holds exactly these).
+
+    Agreement with the OTHERS' vote: with the +1 count c and n voters, the
+    vote without a payload whose bit is +1 is sign(2c - n - 1) (threshold
+    shift +1), and without one whose bit is -1 it is sign(2c - n + 1) (shift
+    -1): two pairs of bitmaps serve every payload, so a payload's own vote does
+    not inflate its agreement. Likeness: with x = +-1 a payload's signs and
+    S = 2c - n their sum over the payloads, its summed agreement with each
+    other payload on a block is (x . S - K) / 2 + K (n - 1) / 2 over the
+    block's K coordinates, and x . S comes from the popcounts of the payload
+    ANDed with each bit-plane of c (c = sum_w 2^w plane_w), so no pair is ever
+    compared. Counted on the inspected bytes (``blocks``; None: all), with
+    the compiled kernel in one pass per payload (two for a whole payload: the
+    totals include the partial block at its end).
+    """
+    selected = [rows[i] for i in indices]
+    planes = counter._flushed_planes()
     if blocks is None:
         bitmaps = [*counter.vote_bitmaps(shift=1), *counter.vote_bitmaps(shift=-1)]
+        totals = _and_counts(selected, [None] + bitmaps, counter.num_coordinates)
+        coordinates = counter.num_coordinates
+        blocks = np.arange(coordinates // (8 * INSPECTED_BLOCK_BYTES))
+        plane_blocks = [plane[: len(blocks) * INSPECTED_BLOCK_BYTES] for plane in planes]
+        block_counts = _block_and_counts(selected, [None] + plane_blocks, blocks) if len(blocks) else None
     else:
         bitmaps = [*counter.sampled_vote_bitmaps(1, blocks), *counter.sampled_vote_bitmaps(-1, blocks)]
-    masks = ([None] if rates else []) + bitmaps
-    if blocks is None:
-        counts = _and_counts([rows[i] for i in indices], masks, counter.num_coordinates)
-    else:
-        counts = _block_and_counts([rows[i] for i in indices], masks, blocks).sum(axis=2)
-    counts, positives = (counts[:, 1:], counts[:, 0]) if rates else (counts, None)
+        plane_blocks = [_gather(plane, blocks) for plane in planes]
+        counts = _block_and_counts(selected, [None] + bitmaps + plane_blocks, blocks)
+        totals = counts[:, :5].sum(axis=2)
+        block_counts = counts[:, [0, *range(5, counts.shape[1])]]
+        coordinates = 8 * INSPECTED_BLOCK_BYTES * len(blocks)
     # The bitmaps' tail bits are zero, so a payload's -1 coordinates among a
     # bitmap's are the bitmap's bits minus the payload's +1 ones.
     minus_positive_bits, minus_negative_bits = _count_bits(bitmaps[2]), _count_bits(bitmaps[3])
-    agree = counts[:, 0] + (minus_negative_bits - counts[:, 3])
-    decided = agree + counts[:, 1] + (minus_positive_bits - counts[:, 2])
-    return positives, agree / np.maximum(decided, 1), decided
+    agree = totals[:, 1] + (minus_negative_bits - totals[:, 4])
+    decided = agree + totals[:, 2] + (minus_positive_bits - totals[:, 3])
+    likeness, floor = _likeness(block_counts, plane_blocks, counter.num_voters)
+    return _Inspection(coordinates, totals[:, 0], agree / np.maximum(decided, 1), decided, likeness, floor)
+
+
+def _likeness(block_counts: np.ndarray | None, plane_blocks: list[np.ndarray], voters: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(likeness, floor)`` of :class:`_Inspection` from ``block_counts[r, 0 | 1 + w, b]`` (+1 bits, bits in plane w)."""
+    if block_counts is None or voters < 2:
+        return np.zeros((0 if block_counts is None else block_counts.shape[0], 0)), np.zeros(0)
+    size = 8 * INSPECTED_BLOCK_BYTES
+    weights = np.array([1 << w for w in range(len(plane_blocks))], dtype=np.int64)
+    with_counts = np.einsum("w,rwb->rb", weights, block_counts[:, 1:, :])  # sum over the block of bit * c
+    count_sums = weights @ np.stack([np.bitwise_count(p.reshape(-1, INSPECTED_BLOCK_BYTES)).sum(axis=1, dtype=np.int64) for p in plane_blocks])
+    products = 4 * with_counts - 2 * voters * block_counts[:, 0, :] - 2 * count_sums + voters * size - size  # x . (S - x)
+    products = np.concatenate([products, products.sum(axis=1, keepdims=True)], axis=1)
+    sizes = np.append(np.full(products.shape[1] - 1, size), size * (products.shape[1] - 1))
+    pairs = sizes * (voters - 1)
+    return 0.5 + products / (2 * pairs), 0.5 / np.sqrt(pairs)
+
+
+def _too_alike(seen: _Inspection) -> set[int]:
+    """Positions of the payloads whose likeness on some block (or on all) is far above the others' there."""
+    if seen.likeness.shape[1] == 0:
+        return set()
+    return set(_far_from_median(seen.likeness, floor=seen.likeness_floor, threshold=COLLUSION_MARGIN, side="high"))
 
 
 def _block_and_counts(rows, masks: list[np.ndarray | None], blocks: np.ndarray) -> np.ndarray:
@@ -654,32 +713,53 @@ def _positives(row: np.ndarray, num_coordinates: int) -> int:
     return count
 
 
-def _far_from_median(values: np.ndarray, *, floor: float, threshold: float, side: str) -> list[int]:
-    """Indices whose value is more than ``threshold`` robust standard deviations from the median."""
-    median = float(np.median(values))
-    spread = max(1.4826 * float(np.median(np.abs(values - median))), floor)
+def _far_from_median(values: np.ndarray, *, floor, threshold: float, side: str) -> list[int]:
+    """Indices whose value is more than ``threshold`` robust standard deviations from the median.
+
+    ``values`` ``[n]``, or ``[n, columns]`` with a ``floor`` per column: then
+    each column is scored apart, and an index far in any column is returned.
+    """
+    median = np.median(values, axis=0)
+    spread = np.maximum(1.4826 * np.median(np.abs(values - median), axis=0), floor)
     score = (values - median) / spread
     far = {"low": score < -threshold, "high": score > threshold, "both": np.abs(score) > threshold}[side]
+    if far.ndim == 2:
+        far = far.any(axis=1)
     return [int(i) for i in np.nonzero(far)[0]]
 
 
 def _colluders(rows, candidates: list[int], generator) -> set[int]:
-    """Payloads that agree with another far more than the pairs of payloads usually do, on a random sketch."""
+    """Payloads that agree with another far more than the pairs of payloads usually do, on some block or on all of them.
+
+    The payloads are compared on :data:`COLLUSION_BLOCKS` blocks of
+    :data:`INSPECTED_BLOCK_BYTES` (all the whole blocks of a smaller payload;
+    one block of all but the last byte of a payload under 513 bytes), each
+    with its partners on a cycle (:func:`_fewest_differences`).
+    """
     full_bytes = min(row.shape[0] for row in rows)
     full_bytes -= 1  # the last byte may hold unused tail bits
     if len(candidates) < 3 or full_bytes < 1:
         return set()
-    positions = generator.choice(full_bytes, size=min(ROBUST_SKETCH_BYTES, full_bytes), replace=False)
-    sketch = np.stack([rows[i][positions] for i in candidates])
-    bits = 8 * sketch.shape[1]
-    closest = 1.0 - _fewest_differences(sketch, generator) / bits  # each payload's agreement with the one most like it
+    block_bytes = min(INSPECTED_BLOCK_BYTES, full_bytes)
+    available = full_bytes // block_bytes
+    chosen = np.arange(available)
+    if available > COLLUSION_BLOCKS:
+        chosen = np.sort(generator.choice(available, size=COLLUSION_BLOCKS, replace=False))
+    padded = np.zeros((len(candidates), len(chosen), -(-block_bytes // 8) * 8), dtype=np.uint8)  # whole words per block
+    for sketch, i in zip(padded, candidates):
+        sketch[:, :block_bytes] = rows[i][: available * block_bytes].reshape(available, block_bytes)[chosen]
+    fewest = _fewest_differences(padded.view(np.uint64), generator)
+    del padded
+    bits = np.append(np.full(len(chosen), 8 * block_bytes), 8 * block_bytes * len(chosen))
+    closest = 1.0 - fewest / bits  # each payload's agreement with the one most like it, per block and over all
     far = _far_from_median(closest, floor=0.5 / np.sqrt(bits), threshold=COLLUSION_MARGIN, side="high")
     return {candidates[i] for i in far}
 
 
 def _fewest_differences(sketch: np.ndarray, generator) -> np.ndarray:
-    """For each row of ``sketch`` ``[n, K]``, the fewest bits in which it differs from another row it is compared with.
+    """For each row of ``sketch`` (uint64 ``[n, blocks, words]``), the fewest bits in which it differs from a row it is compared with.
 
+    Per block, and over the whole row (the last column): int64 ``[n, blocks + 1]``.
     The rows sit on a cycle, in random order when there are more than
     ``2 * COLLUSION_PARTNERS + 1`` (else in their own order, and every pair is
     compared); each is compared with the rows up to :data:`COLLUSION_PARTNERS`
@@ -689,22 +769,23 @@ def _fewest_differences(sketch: np.ndarray, generator) -> np.ndarray:
     count = sketch.shape[0]
     order = np.arange(count) if count <= 2 * COLLUSION_PARTNERS + 1 else generator.permutation(count)
     reach = min(COLLUSION_PARTNERS, count // 2)
-    words = _as_words(sketch[order])
-    cycle = np.concatenate([words, words[:reach]])  # row p + offset of the cycle is row p + offset of this
-    fewest = np.full(count, np.iinfo(np.int64).max)
-    for offset in range(1, reach + 1):
-        # differences[p]: between the rows at places p and p + offset (mod count); each pair counts for both rows.
-        differences = np.bitwise_count(words ^ cycle[offset : offset + count]).sum(axis=1, dtype=np.int64)
-        np.minimum(fewest, differences, out=fewest)
-        np.minimum(fewest[offset:], differences[: count - offset], out=fewest[offset:])
-        np.minimum(fewest[:offset], differences[count - offset :], out=fewest[:offset])
-    result = np.empty(count, dtype=np.int64)
+    cycle = sketch if count <= 2 * COLLUSION_PARTNERS + 1 else sketch[order]
+    kernel = load_kernel()
+    if kernel is not None:
+        fewest = kernel.cycle_fewest_differences(cycle, reach)
+    else:
+        fewest = np.full((count, sketch.shape[1] + 1), np.iinfo(np.int64).max)
+        for offset in range(1, reach + 1):
+            # differences[p]: between the rows at places p and p + offset (mod count); each pair counts for both rows.
+            per_block = np.empty((count, sketch.shape[1]), dtype=np.int64)
+            for start in range(0, count, 256):  # bounded scratch whatever the count
+                stop = min(start + 256, count)
+                partners = np.take(cycle, np.arange(start + offset, stop + offset) % count, axis=0)
+                per_block[start:stop] = np.bitwise_count(cycle[start:stop] ^ partners).sum(axis=2, dtype=np.int64)
+            differences = np.concatenate([per_block, per_block.sum(axis=1, keepdims=True)], axis=1)
+            np.minimum(fewest, differences, out=fewest)
+            np.minimum(fewest[offset:], differences[: count - offset], out=fewest[offset:])
+            np.minimum(fewest[:offset], differences[count - offset :], out=fewest[:offset])
+    result = np.empty_like(fewest)
     result[order] = fewest
     return result
-
-
-def _as_words(rows: np.ndarray) -> np.ndarray:
-    """uint8 ``[n, K]`` as uint64 ``[n, ceil(K/8)]``, zero-padded: 8x fewer elements for numpy to XOR and count."""
-    padded = np.zeros((rows.shape[0], -(-rows.shape[1] // 8) * 8), dtype=np.uint8)
-    padded[:, : rows.shape[1]] = rows
-    return padded.view(np.uint64)

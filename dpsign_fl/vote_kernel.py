@@ -295,6 +295,44 @@ void dpsign_block_and_counts(const uint8_t *const *rows, size_t num_rows, const 
     }
 }
 
+/* fewest[p * (num_blocks + 1) + k]: the fewest bits in which block k of sketch row p differs from block k of
+   the rows up to reach places ahead of it or behind it on the cycle of the rows (mod num_rows); column
+   num_blocks: the same over the whole rows. Rows: num_blocks blocks of block_words words each, one row after
+   the other. Each pair is compared once and counts for both rows. */
+MULTIVERSION
+static uint64_t differences(const uint64_t *a, const uint64_t *b, size_t words) {
+    uint64_t t0 = 0, t1 = 0;
+    size_t i = 0;
+    for (; i + 2 <= words; i += 2) {
+        t0 += (uint64_t)__builtin_popcountll(a[i] ^ b[i]);
+        t1 += (uint64_t)__builtin_popcountll(a[i + 1] ^ b[i + 1]);
+    }
+    if (i < words) t0 += (uint64_t)__builtin_popcountll(a[i] ^ b[i]);
+    return t0 + t1;
+}
+
+void dpsign_cycle_fewest_differences(const uint64_t *sketch, size_t num_rows, size_t num_blocks, size_t block_words,
+                                     size_t reach, uint64_t *fewest) {
+    size_t columns = num_blocks + 1, row_words = num_blocks * block_words;
+    for (size_t i = 0; i < num_rows * columns; i++) fewest[i] = UINT64_MAX;
+    for (size_t offset = 1; offset <= reach; offset++) {
+        for (size_t p = 0; p < num_rows; p++) {
+            size_t q = (p + offset) % num_rows;
+            const uint64_t *a = sketch + p * row_words, *b = sketch + q * row_words;
+            uint64_t *fp = fewest + p * columns, *fq = fewest + q * columns;
+            uint64_t whole = 0;
+            for (size_t k = 0; k < num_blocks; k++) {
+                uint64_t d = differences(a + k * block_words, b + k * block_words, block_words);
+                whole += d;
+                if (d < fp[k]) fp[k] = d;
+                if (d < fq[k]) fq[k] = d;
+            }
+            if (whole < fp[num_blocks]) fp[num_blocks] = whole;
+            if (whole < fq[num_blocks]) fq[num_blocks] = whole;
+        }
+    }
+}
+
 /* The int8 vote sign(2c - T) of counts c held in bit-planes, for coordinates [0, num_coordinates): +1
    where c >= positive_bound, -1 where c < negative_bound, else 0 (the bounds come from T, see
    dpsign_fl.vote). Per word, c >= bound is compared bit-sliced from the lowest plane up, as
@@ -379,6 +417,11 @@ class CompiledVoteKernel:
             ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t,
             ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p,
         )
+        self._cycle_fewest_differences = loaded.dpsign_cycle_fewest_differences
+        self._cycle_fewest_differences.restype = None
+        self._cycle_fewest_differences.argtypes = (
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p,
+        )
         self._vote_from_planes = loaded.dpsign_vote_from_planes
         self._vote_from_planes.restype = None
         self._vote_from_planes.argtypes = (
@@ -411,6 +454,17 @@ class CompiledVoteKernel:
             row_pointers, len(rows), mask_pointers, len(masks), offsets.ctypes.data, len(offsets), block_bytes, counts.ctypes.data
         )
         return counts
+
+    def cycle_fewest_differences(self, sketch: np.ndarray, reach: int) -> np.ndarray:
+        """``fewest[p, k]``: fewest differing bits of block ``k`` of row ``p`` with the rows up to ``reach`` places away on the cycle.
+
+        ``sketch``: uint64 ``[rows, blocks, words]``, C-contiguous. Column ``blocks``: the whole rows. int64 ``[rows, blocks + 1]``.
+        """
+        sketch = np.ascontiguousarray(sketch, dtype=np.uint64)
+        rows, blocks, words = sketch.shape
+        fewest = np.empty((rows, blocks + 1), dtype=np.uint64)
+        self._cycle_fewest_differences(sketch.ctypes.data, rows, blocks, words, reach, fewest.ctypes.data)
+        return fewest.astype(np.int64)
 
     def vote_from_planes(self, planes: list[np.ndarray], positive_bound: int, negative_bound: int, num_coordinates: int) -> np.ndarray:
         """The int8 vote ``[d]``: +1 where the count held in ``planes`` is >= ``positive_bound``, -1 where < ``negative_bound``, else 0.
