@@ -436,8 +436,7 @@ measured at the accuracy of plain majority without attackers (docs/robustness.md
 
 COLLUSION_BLOCKS = 16
 """The collusion filter compares the payloads pairwise on up to this many blocks of :data:`INSPECTED_BLOCK_BYTES`
-(65,536 coordinates), block by block and over all of them: every whole block of a smaller payload, else blocks
-drawn afresh every call."""
+(65,536 coordinates): every whole block of a smaller payload, else blocks drawn afresh every call."""
 
 COLLUSION_PARTNERS = 32
 """Each payload is compared with the payloads up to this many places before and after it on a cycle of the
@@ -729,7 +728,7 @@ def _far_from_median(values: np.ndarray, *, floor, threshold: float, side: str) 
 
 
 def _colluders(rows, candidates: list[int], generator) -> set[int]:
-    """Payloads that agree with another far more than the pairs of payloads usually do, on some block or on all of them.
+    """Payloads that agree with another far more than the pairs of payloads usually do.
 
     The payloads are compared on :data:`COLLUSION_BLOCKS` blocks of
     :data:`INSPECTED_BLOCK_BYTES` (all the whole blocks of a smaller payload;
@@ -748,10 +747,12 @@ def _colluders(rows, candidates: list[int], generator) -> set[int]:
     padded = np.zeros((len(candidates), len(chosen), -(-block_bytes // 8) * 8), dtype=np.uint8)  # whole words per block
     for sketch, i in zip(padded, candidates):
         sketch[:, :block_bytes] = rows[i][: available * block_bytes].reshape(available, block_bytes)[chosen]
-    fewest = _fewest_differences(padded.view(np.uint64), generator)
+    # Compared over all the blocks at once: block by block, honest clients that hold the same classes agree
+    # on those classes' rows as much as attackers who push half of a row (docs/robustness.md).
+    fewest = _fewest_differences(padded.view(np.uint64).reshape(len(candidates), 1, -1), generator)[:, 0]
     del padded
-    bits = np.append(np.full(len(chosen), 8 * block_bytes), 8 * block_bytes * len(chosen))
-    closest = 1.0 - fewest / bits  # each payload's agreement with the one most like it, per block and over all
+    bits = 8 * block_bytes * len(chosen)
+    closest = 1.0 - fewest / bits  # each payload's agreement with the one most like it
     far = _far_from_median(closest, floor=0.5 / np.sqrt(bits), threshold=COLLUSION_MARGIN, side="high")
     return {candidates[i] for i in far}
 
