@@ -434,18 +434,17 @@ DEFAULT_VOTE = "robust"
 """The default rule of the app, the loop and :class:`~dpsign_fl.flower.strategy.SignMajorityVote`:
 measured at the accuracy of plain majority without attackers (docs/robustness.md)."""
 
-COLLUSION_BLOCKS = 16
-"""The collusion filter compares the payloads pairwise on up to this many blocks of :data:`INSPECTED_BLOCK_BYTES`
-(65,536 coordinates): every whole block of a smaller payload, else blocks drawn afresh every call."""
+ROBUST_SKETCH_BYTES = 512
+"""Bytes (8 coordinates each) of every payload compared pairwise to find colluders: 4096 coordinates."""
 
 COLLUSION_PARTNERS = 32
 """Each payload is compared with the payloads up to this many places before and after it on a cycle of the
 payloads in random order: with at most ``2 * 32 + 1 = 65`` payloads, with every other one."""
 
-INSPECTED_BYTES = 32 * 1024
-"""The +1 rate and the agreement with the others' vote are measured on at most this many bytes of each payload
-(262,144 coordinates): the whole payload when it is no longer, else blocks of :data:`INSPECTED_BLOCK_BYTES` drawn
-afresh every call."""
+INSPECTED_BYTES = 16 * 1024
+"""The +1 rate, the agreement with the others' vote and the likeness are measured on at most this many bytes of
+each payload (131,072 coordinates): the whole payload when it is no longer, else blocks of
+:data:`INSPECTED_BLOCK_BYTES` drawn afresh every call."""
 
 INSPECTED_BLOCK_BYTES = 512
 """Bytes (4,096 coordinates) of each block of a payload the filters read when they read only part of it."""
@@ -489,27 +488,38 @@ def robust_vote(payloads: Sequence[np.ndarray], num_coordinates: int, *, generat
        is dropped.
     2. **Collusion.** Honest noisy payloads agree with each other on about half
        of the coordinates; identical or correlated attackers agree on many more.
-       On a random sketch of coordinates (:data:`ROBUST_SKETCH_BYTES`, drawn
-       afresh every call) each payload's agreement with the payload most like it
-       (among all the others, or with more than 65 payloads among
-       ``2 * COLLUSION_PARTNERS`` drawn at random) is compared with the other
-       payloads' (robust z-score, floored at the sketch's standard error
-       0.5/sqrt(K)); a payload far above is dropped.
+       Two statistics, each compared with the other payloads' (robust z-score,
+       floored at its standard error were the bits coin flips), a payload far
+       above (:data:`COLLUSION_MARGIN`) on either is dropped:
+
+       - its agreement with the payload most like it, on a random sketch of
+         coordinates (:data:`ROBUST_SKETCH_BYTES`, drawn afresh every call),
+         among all the others, or with more than 65 payloads among
+         ``2 * COLLUSION_PARTNERS`` drawn at random;
+       - its likeness: its mean agreement with all the other payloads, on each
+         block of :data:`INSPECTED_BLOCK_BYTES` inspected and on all of them,
+         from popcounts against the count's bit-planes (no pair compared).
+         Attackers who push one block (a class's row: ``targeted-push``) the
+         same way are far more alike there than honest clients under DP noise.
+         Pairs compared block by block would not tell them from honest clients
+         that hold the same classes (non-IID), which the mean over all the
+         others dilutes.
     3. **Disagreement.** Against the majority of the OTHER payloads left (its
        own vote would inflate its agreement: a tenth of the vote with 10
        voters), a payload that agrees far less than the rest is dropped
        (sign-flippers push against the others' direction).
 
-    Filters 1 and 3 read at most :data:`INSPECTED_BYTES` of each payload:
-    all of it up to 262,144 coordinates, else random blocks drawn afresh every
-    call, so that an attacker cannot know which of its coordinates are looked at.
+    Filters 1 and 3 and the likeness read at most :data:`INSPECTED_BYTES` of
+    each payload: all of it up to 131,072 coordinates, else random blocks drawn
+    afresh every call, so that an attacker cannot know which of its coordinates
+    are looked at.
 
     Cost: the payloads are counted once (:class:`VoteCounter`), and read once
-    more on the inspected bytes (with the compiled kernel, one pass for both
-    filters); they are counted again only when a payload is left out. Memory:
-    O(d) for the counters, O(M K) for the sketches, O(M) for the statistics;
-    time linear in M. The payloads themselves are read, never copied (the
-    caller holds them: Flower's replies).
+    more on the inspected bytes (with the compiled kernel, one pass for all
+    the statistics); they are counted and inspected again only when a payload
+    is left out. Memory: O(d) for the counters, O(M K) for the sketches, O(M)
+    per block for the statistics; time linear in M. The payloads themselves
+    are read, never copied (the caller holds them: Flower's replies).
 
     Args:
         payloads: validated packed payloads.
@@ -728,31 +738,21 @@ def _far_from_median(values: np.ndarray, *, floor, threshold: float, side: str) 
 
 
 def _colluders(rows, candidates: list[int], generator) -> set[int]:
-    """Payloads that agree with another far more than the pairs of payloads usually do.
+    """Payloads that agree with another far more than the pairs of payloads usually do, on a random sketch.
 
-    The payloads are compared on :data:`COLLUSION_BLOCKS` blocks of
-    :data:`INSPECTED_BLOCK_BYTES` (all the whole blocks of a smaller payload;
-    one block of all but the last byte of a payload under 513 bytes), each
-    with its partners on a cycle (:func:`_fewest_differences`).
+    Each payload is compared with its partners on a cycle (:func:`_fewest_differences`).
     """
     full_bytes = min(row.shape[0] for row in rows)
     full_bytes -= 1  # the last byte may hold unused tail bits
     if len(candidates) < 3 or full_bytes < 1:
         return set()
-    block_bytes = min(INSPECTED_BLOCK_BYTES, full_bytes)
-    available = full_bytes // block_bytes
-    chosen = np.arange(available)
-    if available > COLLUSION_BLOCKS:
-        chosen = np.sort(generator.choice(available, size=COLLUSION_BLOCKS, replace=False))
-    padded = np.zeros((len(candidates), len(chosen), -(-block_bytes // 8) * 8), dtype=np.uint8)  # whole words per block
-    for sketch, i in zip(padded, candidates):
-        sketch[:, :block_bytes] = rows[i][: available * block_bytes].reshape(available, block_bytes)[chosen]
-    # Compared over all the blocks at once: block by block, honest clients that hold the same classes agree
-    # on those classes' rows as much as attackers who push half of a row (docs/robustness.md).
-    fewest = _fewest_differences(padded.view(np.uint64).reshape(len(candidates), 1, -1), generator)[:, 0]
-    del padded
-    bits = 8 * block_bytes * len(chosen)
-    closest = 1.0 - fewest / bits  # each payload's agreement with the one most like it
+    positions = generator.choice(full_bytes, size=min(ROBUST_SKETCH_BYTES, full_bytes), replace=False)
+    sketch = np.zeros((len(candidates), 1, -(-positions.shape[0] // 8) * 8), dtype=np.uint8)  # whole words
+    for row, i in zip(sketch, candidates):
+        row[0, : positions.shape[0]] = rows[i][positions]
+    bits = 8 * positions.shape[0]
+    # each payload's agreement with the one most like it
+    closest = 1.0 - _fewest_differences(sketch.view(np.uint64), generator)[:, -1] / bits
     far = _far_from_median(closest, floor=0.5 / np.sqrt(bits), threshold=COLLUSION_MARGIN, side="high")
     return {candidates[i] for i in far}
 

@@ -298,9 +298,10 @@ def test_honest_clients_that_share_their_classes_are_not_dropped():
     assert robust.dropped == {}
 
 
-def test_the_whole_block_comparison_is_what_catches_the_targeted_push_negative_control():
-    # The same 4 attackers against the collusion filter of before (512 random bytes compared as one sketch):
-    # their extra agreement over the whole sketch (a tenth of it pushed) stays within the honest spread.
+def test_the_sketch_comparison_alone_misses_the_targeted_push_negative_control():
+    # The same 4 attackers against the pairwise comparison alone (512 random bytes compared as one sketch):
+    # their extra agreement over the sketch (a tenth of it pushed) stays within the honest spread; the
+    # likeness on the pushed block is what catches them.
     from dpsign_fl.attacks import TargetedPush
     from dpsign_fl.vote import COLLUSION_MARGIN, _far_from_median
 
