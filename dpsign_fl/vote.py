@@ -447,7 +447,11 @@ each payload (131,072 coordinates): the whole payload when it is no longer, else
 :data:`INSPECTED_BLOCK_BYTES` drawn afresh every call."""
 
 INSPECTED_BLOCK_BYTES = 512
-"""Bytes (4,096 coordinates) of each block of a payload the filters read when they read only part of it."""
+"""Bytes (4,096 coordinates) of each block of a payload the filters read when they read only part of it, and
+on which the likeness is measured."""
+
+# Payloads inspected at once: their per-block counts (up to ~20 masks x 32 blocks x 8 bytes each) stay ~5 MiB.
+_INSPECTION_CHUNK_ROWS = 1024
 
 RATE_THRESHOLD = 8.0
 """A payload is dropped when its +1 rate is more than this many robust standard deviations from the median."""
@@ -617,40 +621,51 @@ def _inspect(rows, indices: list[int], counter: VoteCounter, blocks: np.ndarray 
     the compiled kernel in one pass per payload (two for a whole payload: the
     totals include the partial block at its end).
     """
-    selected = [rows[i] for i in indices]
     planes = counter._flushed_planes()
+    voters = counter.num_voters
     if blocks is None:
         bitmaps = [*counter.vote_bitmaps(shift=1), *counter.vote_bitmaps(shift=-1)]
-        totals = _and_counts(selected, [None] + bitmaps, counter.num_coordinates)
         coordinates = counter.num_coordinates
         blocks = np.arange(coordinates // (8 * INSPECTED_BLOCK_BYTES))
         plane_blocks = [plane[: len(blocks) * INSPECTED_BLOCK_BYTES] for plane in planes]
-        block_counts = _block_and_counts(selected, [None] + plane_blocks, blocks) if len(blocks) else None
+        whole = True
     else:
         bitmaps = [*counter.sampled_vote_bitmaps(1, blocks), *counter.sampled_vote_bitmaps(-1, blocks)]
         plane_blocks = [_gather(plane, blocks) for plane in planes]
-        counts = _block_and_counts(selected, [None] + bitmaps + plane_blocks, blocks)
-        totals = counts[:, :5].sum(axis=2)
-        block_counts = counts[:, [0, *range(5, counts.shape[1])]]
         coordinates = 8 * INSPECTED_BLOCK_BYTES * len(blocks)
+        whole = False
+    weights = np.array([1 << w for w in range(len(planes))], dtype=np.int64)
+    # Sum over each block of c; then, chunk by chunk of payloads (bounded scratch whatever M), the totals and x . (S - x).
+    count_sums = weights @ np.stack([np.bitwise_count(p.reshape(-1, INSPECTED_BLOCK_BYTES)).sum(axis=1, dtype=np.int64) for p in plane_blocks]) if len(blocks) else 0
+    totals, products = [], []
+    for start in range(0, len(indices), _INSPECTION_CHUNK_ROWS):
+        selected = [rows[i] for i in indices[start : start + _INSPECTION_CHUNK_ROWS]]
+        if whole:
+            totals.append(_and_counts(selected, [None] + bitmaps, coordinates))
+            counts = _block_and_counts(selected, [None] + plane_blocks, blocks) if len(blocks) else None
+        else:
+            counts = _block_and_counts(selected, [None] + bitmaps + plane_blocks, blocks)
+            totals.append(counts[:, :5].sum(axis=2))
+            counts = counts[:, [0, *range(5, counts.shape[1])]]
+        if counts is not None:
+            with_counts = np.einsum("w,rwb->rb", weights, counts[:, 1:, :])  # over each block: bit * c
+            size = 8 * INSPECTED_BLOCK_BYTES
+            products.append(4 * with_counts - 2 * voters * counts[:, 0, :] - 2 * count_sums + voters * size - size)
+    totals = np.concatenate(totals)
     # The bitmaps' tail bits are zero, so a payload's -1 coordinates among a
     # bitmap's are the bitmap's bits minus the payload's +1 ones.
     minus_positive_bits, minus_negative_bits = _count_bits(bitmaps[2]), _count_bits(bitmaps[3])
     agree = totals[:, 1] + (minus_negative_bits - totals[:, 4])
     decided = agree + totals[:, 2] + (minus_positive_bits - totals[:, 3])
-    likeness, floor = _likeness(block_counts, plane_blocks, counter.num_voters)
+    likeness, floor = _likeness(np.concatenate(products) if products else None, len(indices), voters)
     return _Inspection(coordinates, totals[:, 0], agree / np.maximum(decided, 1), decided, likeness, floor)
 
 
-def _likeness(block_counts: np.ndarray | None, plane_blocks: list[np.ndarray], voters: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(likeness, floor)`` of :class:`_Inspection` from ``block_counts[r, 0 | 1 + w, b]`` (+1 bits, bits in plane w)."""
-    if block_counts is None or voters < 2:
-        return np.zeros((0 if block_counts is None else block_counts.shape[0], 0)), np.zeros(0)
+def _likeness(products: np.ndarray | None, count: int, voters: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(likeness, floor)`` of :class:`_Inspection` from ``products[r, b]``, payload r's x . (S - x) on block b."""
+    if products is None or voters < 2:
+        return np.zeros((count, 0)), np.zeros(0)
     size = 8 * INSPECTED_BLOCK_BYTES
-    weights = np.array([1 << w for w in range(len(plane_blocks))], dtype=np.int64)
-    with_counts = np.einsum("w,rwb->rb", weights, block_counts[:, 1:, :])  # sum over the block of bit * c
-    count_sums = weights @ np.stack([np.bitwise_count(p.reshape(-1, INSPECTED_BLOCK_BYTES)).sum(axis=1, dtype=np.int64) for p in plane_blocks])
-    products = 4 * with_counts - 2 * voters * block_counts[:, 0, :] - 2 * count_sums + voters * size - size  # x . (S - x)
     products = np.concatenate([products, products.sum(axis=1, keepdims=True)], axis=1)
     sizes = np.append(np.full(products.shape[1] - 1, size), size * (products.shape[1] - 1))
     pairs = sizes * (voters - 1)

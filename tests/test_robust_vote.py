@@ -314,3 +314,18 @@ def test_the_sketch_comparison_alone_misses_the_targeted_push_negative_control()
     differences = np.array([[int(np.bitwise_count(a ^ b).sum()) if i != j else 4096 for j, b in enumerate(sketch)] for i, a in enumerate(sketch)])
     closest = 1.0 - differences.min(axis=1) / 4096
     assert _far_from_median(closest, floor=0.5 / 64, threshold=COLLUSION_MARGIN, side="high") == []
+
+
+@pytest.mark.parametrize("d", [D, BIG_D])
+def test_inspecting_the_payloads_a_few_at_a_time_gives_the_same_statistics(d, monkeypatch):
+    from dpsign_fl import vote
+
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(0, 256, -(-d // 8), dtype=np.uint8) for _ in range(11)]
+    counter = vote._counter(rows, range(11), d)
+    blocks = vote._inspected_blocks(d, np.random.default_rng(0))
+    together = vote._inspect(rows, list(range(11)), counter, blocks)
+    monkeypatch.setattr(vote, "_INSPECTION_CHUNK_ROWS", 3)
+    apart = vote._inspect(rows, list(range(11)), counter, blocks)
+    for name in ("positives", "agreement", "decided", "likeness", "likeness_floor"):
+        np.testing.assert_array_equal(getattr(together, name), getattr(apart, name))
