@@ -462,6 +462,7 @@ COLLUSION_MARGIN = 8.0
 AGREEMENT_THRESHOLD = 4.0
 """... when its agreement with the tentative vote is this many robust standard deviations below the median."""
 
+
 @dataclass(frozen=True)
 class RobustVote:
     """The outcome of :func:`robust_vote`.
