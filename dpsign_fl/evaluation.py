@@ -56,3 +56,21 @@ def evaluate(
     model.train(was_training)
     count = max(targets.numel(), 1)
     return total_loss / count, correct / count
+
+
+@torch.no_grad()
+def class_accuracies(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 2048) -> dict[int, float]:
+    """Return the accuracy of ``model`` on the examples of each class present in ``targets``, in eval mode.
+
+    A targeted attack can ruin one class and barely move the overall
+    accuracy; the smallest of these values shows it. Privacy: as
+    :func:`evaluate`, the server's test set only.
+    """
+    was_training = model.training
+    model.eval()
+    predictions = torch.cat([model(inputs[start : start + batch_size]).argmax(dim=1) for start in range(0, inputs.shape[0], batch_size)])
+    model.train(was_training)
+    return {
+        int(label): float((predictions[targets == label] == label).float().mean())
+        for label in torch.unique(targets).tolist()
+    }

@@ -294,8 +294,10 @@ def server_round(
     majority rule the payloads are counted as they come
     (:class:`dpsign_fl.vote.VoteCounter`): extra memory is O(d) whatever their
     number, and none is unpacked. The robust rule
-    (:func:`dpsign_fl.vote.robust_vote`) reads them two more times to leave out
-    the ones that look like a coordinated attack; still O(d) beyond the payloads.
+    (:func:`dpsign_fl.vote.robust_vote`) also reads a bounded sample of each to
+    leave out the ones that look like a coordinated attack (and counts again
+    only when it leaves one out); O(d) beyond the payloads, plus a 512-byte
+    sketch per payload.
 
     Args:
         weights: the flat model the payloads were computed at.

@@ -162,23 +162,48 @@ class VoteCounter:
         Raises:
             TypeError: if ``shift`` is not an int.
         """
-        if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)):
-            raise TypeError(f"shift must be an int, got {type(shift).__name__}")
-        self._flush()
-        threshold = self._summed_voters + int(shift)
-        # 2c > T  <=>  c >= floor(T/2) + 1;   2c < T  <=>  not c >= ceil(T/2).
-        positive_bound, negative_bound = threshold // 2 + 1, -(-threshold // 2)
-        positive = np.empty(self._num_bytes, dtype=np.uint8)
-        negative = np.empty(self._num_bytes, dtype=np.uint8)
-        for start in range(0, self._num_bytes, self._block_bytes):
-            stop = min(start + self._block_bytes, self._num_bytes)
-            planes = [plane[start:stop] for plane in self._planes]
-            _write_at_least(planes, positive_bound, positive[start:stop])
-            _write_at_least(planes, negative_bound, negative[start:stop])
-        np.invert(negative, out=negative)
+        positive, negative = self._threshold_bitmaps(shift, self._flushed_planes(), self._num_bytes)
         if self._tail_mask is not None:
             positive[-1] &= self._tail_mask
             negative[-1] &= self._tail_mask
+        return positive, negative
+
+    def sampled_vote_bitmaps(self, shift: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`vote_bitmaps` on the bytes of some blocks of :data:`INSPECTED_BLOCK_BYTES` only, one after the other.
+
+        Args:
+            shift: as for :meth:`vote_bitmaps`.
+            blocks: sorted indices of whole blocks (none past ``d // 8`` bytes).
+
+        Raises:
+            TypeError: if ``shift`` is not an int.
+        """
+        planes = [_gather(plane, blocks) for plane in self._flushed_planes()]
+        return self._threshold_bitmaps(shift, planes, INSPECTED_BLOCK_BYTES * len(blocks))
+
+    def _flushed_planes(self) -> list[np.ndarray]:
+        self._flush()
+        return self._planes
+
+    def _bounds(self, shift) -> tuple[int, int]:
+        """``(b+, b-)``: the vote is +1 where the +1 count c >= b+ and -1 where c < b- (either may be <= 0); after a flush."""
+        if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)):
+            raise TypeError(f"shift must be an int, got {type(shift).__name__}")
+        threshold = self._summed_voters + int(shift)
+        # 2c > T  <=>  c >= floor(T/2) + 1;   2c < T  <=>  not c >= ceil(T/2).
+        return threshold // 2 + 1, -(-threshold // 2)
+
+    def _threshold_bitmaps(self, shift, planes: list[np.ndarray], num_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+        """The packed ``2c > n + shift`` and ``2c < n + shift`` bitmaps of the first ``num_bytes`` of ``planes`` (flushed)."""
+        positive_bound, negative_bound = self._bounds(shift)
+        positive = np.empty(num_bytes, dtype=np.uint8)
+        negative = np.empty(num_bytes, dtype=np.uint8)
+        for start in range(0, num_bytes, self._block_bytes):
+            stop = min(start + self._block_bytes, num_bytes)
+            block = [plane[start:stop] for plane in planes]
+            _write_at_least(block, positive_bound, positive[start:stop])
+            _write_at_least(block, negative_bound, negative[start:stop])
+        np.invert(negative, out=negative)
         return positive, negative
 
     def vote(self, shift: int = 0) -> np.ndarray:
@@ -187,6 +212,10 @@ class VoteCounter:
         Raises:
             TypeError: if ``shift`` is not an int.
         """
+        if self._kernel is not None:  # one C pass from the planes to the int8 vote, no bitmaps
+            planes = self._flushed_planes()
+            positive_bound, negative_bound = self._bounds(shift)
+            return self._kernel.vote_from_planes(planes, max(positive_bound, 0), max(negative_bound, 0), self._num_coordinates)
         positive, negative = self.vote_bitmaps(shift)
         count = self._num_coordinates
         vote = np.unpackbits(positive, count=count, bitorder=BIT_ORDER).view(np.int8)
@@ -408,6 +437,22 @@ measured at the accuracy of plain majority without attackers (docs/robustness.md
 ROBUST_SKETCH_BYTES = 512
 """Bytes (8 coordinates each) of every payload compared pairwise to find colluders: 4096 coordinates."""
 
+COLLUSION_PARTNERS = 32
+"""Each payload is compared with the payloads up to this many places before and after it on a cycle of the
+payloads in random order: with at most ``2 * 32 + 1 = 65`` payloads, with every other one."""
+
+INSPECTED_BYTES = 16 * 1024
+"""The +1 rate, the agreement with the others' vote and the likeness are measured on at most this many bytes of
+each payload (131,072 coordinates): the whole payload when it is no longer, else blocks of
+:data:`INSPECTED_BLOCK_BYTES` drawn afresh every call."""
+
+INSPECTED_BLOCK_BYTES = 512
+"""Bytes (4,096 coordinates) of each block of a payload the filters read when they read only part of it, and
+on which the likeness is measured."""
+
+# Payloads inspected at once: their per-block counts (up to ~20 masks x 32 blocks x 8 bytes each) stay ~5 MiB.
+_INSPECTION_CHUNK_ROWS = 1024
+
 RATE_THRESHOLD = 8.0
 """A payload is dropped when its +1 rate is more than this many robust standard deviations from the median."""
 
@@ -443,71 +488,217 @@ def robust_vote(payloads: Sequence[np.ndarray], num_coordinates: int, *, generat
     1. **+1 rate.** Under DP noise every honest payload's share of +1 bits sits
        close to the others' (measured 0.515-0.52 on MNIST); a payload whose
        rate is far from the median (robust z-score over the median absolute
-       deviation, floored at the binomial standard deviation 0.5/sqrt(d)) pushes
-       a constant direction (all-ones) and is dropped.
+       deviation, floored at the binomial standard deviation 0.5/sqrt(n) of
+       the n coordinates inspected) pushes a constant direction (all-ones) and
+       is dropped.
     2. **Collusion.** Honest noisy payloads agree with each other on about half
        of the coordinates; identical or correlated attackers agree on many more.
-       On a random sketch of coordinates (:data:`ROBUST_SKETCH_BYTES`, drawn
-       afresh every call) each payload's agreement with the payload most like it
-       is compared with the other payloads' (robust z-score, floored at the
-       sketch's standard error 0.5/sqrt(K)); a payload far above is dropped.
+       Two statistics, each compared with the other payloads' (robust z-score,
+       floored at its standard error were the bits coin flips), a payload far
+       above (:data:`COLLUSION_MARGIN`) on either is dropped:
+
+       - its agreement with the payload most like it, on a random sketch of
+         coordinates (:data:`ROBUST_SKETCH_BYTES`, drawn afresh every call),
+         among all the others, or with more than 65 payloads among
+         ``2 * COLLUSION_PARTNERS`` drawn at random;
+       - its likeness: its mean agreement with all the other payloads, on each
+         block of :data:`INSPECTED_BLOCK_BYTES` inspected and on all of them,
+         from popcounts against the count's bit-planes (no pair compared).
+         Attackers who push one block (a class's row: ``targeted-push``) the
+         same way are far more alike there than honest clients under DP noise.
+         Pairs compared block by block would not tell them from honest clients
+         that hold the same classes (non-IID), which the mean over all the
+         others dilutes.
     3. **Disagreement.** Against the majority of the OTHER payloads left (its
        own vote would inflate its agreement: a tenth of the vote with 10
        voters), a payload that agrees far less than the rest is dropped
        (sign-flippers push against the others' direction).
 
-    Memory: O(d) for the counters plus O(M K) for the sketches; the payloads
-    themselves are read, never copied (the caller holds them: Flower's replies).
+    Filters 1 and 3 and the likeness read at most :data:`INSPECTED_BYTES` of
+    each payload: all of it up to 131,072 coordinates, else random blocks drawn
+    afresh every call, so that an attacker cannot know which of its coordinates
+    are looked at.
+
+    Cost: the payloads are counted once (:class:`VoteCounter`), and read once
+    more on the inspected bytes (with the compiled kernel, one pass for all
+    the statistics); they are counted and inspected again only when a payload
+    is left out. Memory: O(d) for the counters, O(M K) for the sketches, O(M)
+    per block for the statistics; time linear in M. The payloads themselves
+    are read, never copied (the caller holds them: Flower's replies).
 
     Args:
         payloads: validated packed payloads.
         num_coordinates: d.
-        generator: randomness of the sketch; None = fresh OS entropy.
+        generator: randomness of the sketch, of the partners and of the inspected
+            blocks; None = fresh OS entropy.
 
     Returns:
         :class:`RobustVote`. With fewer than 3 payloads, no filter runs.
     """
     rows = [check_packed(p, num_coordinates) for p in payloads]
-    count = len(rows)
+    everyone = list(range(len(rows)))
+    counter = _counter(rows, everyone, num_coordinates)
+    if len(rows) < 3:
+        return RobustVote(counter.vote(), tuple(everyone), {})
+    generator = generator if generator is not None else np.random.default_rng()
+    blocks = _inspected_blocks(num_coordinates, generator)
+    seen = _inspect(rows, everyone, counter, blocks)
     dropped: dict[int, str] = {}
-    if count >= 3:
-        rates = _and_counts(rows, [None], num_coordinates)[:, 0] / num_coordinates
-        for index in _far_from_median(rates, floor=0.5 / np.sqrt(num_coordinates), threshold=RATE_THRESHOLD, side="both"):
-            dropped[index] = "+1 rate"
-        for index in _colluders(rows, [i for i in range(count) if i not in dropped], generator):
-            dropped[index] = "collusion"
-        kept = [i for i in range(count) if i not in dropped]
+    for index in _far_from_median(seen.positives / seen.coordinates, floor=0.5 / np.sqrt(seen.coordinates), threshold=RATE_THRESHOLD, side="both"):
+        dropped[index] = "+1 rate"
+    kept = [i for i in everyone if i not in dropped]
+    if dropped and len(kept) >= 3:  # the statistics below compare the payloads left with each other
+        counter = _counter(rows, kept, num_coordinates)
+        seen = _inspect(rows, kept, counter, blocks)
+    colluders = _colluders(rows, kept, generator)
+    if len(kept) >= 3:
+        colluders |= {kept[p] for p in _too_alike(seen)}
+    for index in sorted(colluders):
+        dropped[index] = "collusion"
+    kept = [i for i in everyone if i not in dropped]
+    if colluders or len(kept) < 3:  # the count, and each payload's agreement with it, without the payloads left out
+        counter = _counter(rows, kept, num_coordinates)
         if len(kept) >= 3:
+            seen = _inspect(rows, kept, counter, blocks)
+    if len(kept) >= 3:
+        floor = 0.5 / np.sqrt(max(seen.decided.min(), 1))
+        disagreeing = [kept[p] for p in _far_from_median(seen.agreement, floor=floor, threshold=AGREEMENT_THRESHOLD, side="low")]
+        if disagreeing:
+            dropped.update((index, "disagreement") for index in disagreeing)
+            kept = [i for i in kept if i not in dropped]
             counter = _counter(rows, kept, num_coordinates)
-            agreement, decided = _agreement_with_the_others(rows, kept, counter)
-            floor = 0.5 / np.sqrt(max(decided.min(), 1))
-            for position in _far_from_median(agreement, floor=floor, threshold=AGREEMENT_THRESHOLD, side="low"):
-                dropped[kept[position]] = "disagreement"
-            if len(dropped) == count - len(kept):  # nobody left out for disagreement: the count stands
-                return RobustVote(counter.vote(), tuple(kept), dropped)
-    kept = tuple(i for i in range(count) if i not in dropped)
-    return RobustVote(_counter(rows, kept, num_coordinates).vote(), kept, dropped)
+    return RobustVote(counter.vote(), tuple(kept), dropped)
 
 
-def _agreement_with_the_others(rows, kept: list[int], counter: VoteCounter) -> tuple[np.ndarray, np.ndarray]:
-    """Each kept payload's agreement with the majority of the OTHER kept payloads, and the coordinates it counts.
+def _inspected_blocks(num_coordinates: int, generator: np.random.Generator) -> np.ndarray | None:
+    """The sorted indices of the blocks of :data:`INSPECTED_BLOCK_BYTES` the filters read, or None for all the bytes."""
+    wanted = INSPECTED_BYTES // INSPECTED_BLOCK_BYTES
+    whole_blocks = num_coordinates // (8 * INSPECTED_BLOCK_BYTES)  # never the last, partial byte
+    if whole_blocks <= wanted:
+        return None
+    return np.sort(generator.choice(whole_blocks, size=wanted, replace=False))
 
-    With c the +1 count and n the voters, the vote without a payload whose bit
-    is +1 is sign(2c - n - 1) (threshold shift +1), and without one whose bit is
-    -1 it is sign(2c - n + 1) (shift -1): two pairs of bitmaps serve every
-    payload, so a payload's own vote does not inflate its agreement.
-    ``counter`` holds the kept payloads.
+
+def _gather(array: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """The bytes of ``array`` in these blocks (sorted indices), one after the other."""
+    return array[: (int(blocks[-1]) + 1) * INSPECTED_BLOCK_BYTES].reshape(-1, INSPECTED_BLOCK_BYTES)[blocks].reshape(-1)
+
+
+@dataclass(frozen=True)
+class _Inspection:
+    """Statistics of the payloads a counter holds, on the inspected bytes (:func:`_inspect`).
+
+    Attributes:
+        coordinates: how many coordinates were inspected.
+        positives: each payload's +1 bits among them.
+        agreement: the share of the coordinates decided without the payload on which it agrees with that vote.
+        decided: how many coordinates were decided without the payload.
+        likeness: ``[payloads, blocks + 1]``, each payload's mean agreement with every other payload on each
+            whole inspected block of :data:`INSPECTED_BLOCK_BYTES`, and (last column) on all of them.
+        likeness_floor: ``[blocks + 1]``, the standard error of ``likeness`` were the bits coin flips.
     """
-    plus_positive, plus_negative = counter.vote_bitmaps(shift=1)
-    minus_positive, minus_negative = counter.vote_bitmaps(shift=-1)
-    masks = [plus_positive, plus_negative, minus_positive, minus_negative]
-    counts = _and_counts([rows[i] for i in kept], masks, counter.num_coordinates)
+
+    coordinates: int
+    positives: np.ndarray
+    agreement: np.ndarray
+    decided: np.ndarray
+    likeness: np.ndarray
+    likeness_floor: np.ndarray
+
+
+def _inspect(rows, indices: list[int], counter: VoteCounter, blocks: np.ndarray | None) -> _Inspection:
+    """Statistics of the payloads ``rows[i]`` (``i`` in ``indices``; ``counter`` holds exactly these).
+
+    Agreement with the OTHERS' vote: with the +1 count c and n voters, the
+    vote without a payload whose bit is +1 is sign(2c - n - 1) (threshold
+    shift +1), and without one whose bit is -1 it is sign(2c - n + 1) (shift
+    -1): two pairs of bitmaps serve every payload, so a payload's own vote does
+    not inflate its agreement. Likeness: with x = +-1 a payload's signs and
+    S = 2c - n their sum over the payloads, its summed agreement with each
+    other payload on a block is (x . S - K) / 2 + K (n - 1) / 2 over the
+    block's K coordinates, and x . S comes from the popcounts of the payload
+    ANDed with each bit-plane of c (c = sum_w 2^w plane_w), so no pair is ever
+    compared. Counted on the inspected bytes (``blocks``; None: all), with
+    the compiled kernel in one pass per payload (two for a whole payload: the
+    totals include the partial block at its end).
+    """
+    planes = counter._flushed_planes()
+    voters = counter.num_voters
+    if blocks is None:
+        bitmaps = [*counter.vote_bitmaps(shift=1), *counter.vote_bitmaps(shift=-1)]
+        coordinates = counter.num_coordinates
+        blocks = np.arange(coordinates // (8 * INSPECTED_BLOCK_BYTES))
+        plane_blocks = [plane[: len(blocks) * INSPECTED_BLOCK_BYTES] for plane in planes]
+        whole = True
+    else:
+        bitmaps = [*counter.sampled_vote_bitmaps(1, blocks), *counter.sampled_vote_bitmaps(-1, blocks)]
+        plane_blocks = [_gather(plane, blocks) for plane in planes]
+        coordinates = 8 * INSPECTED_BLOCK_BYTES * len(blocks)
+        whole = False
+    weights = np.array([1 << w for w in range(len(planes))], dtype=np.int64)
+    # Sum over each block of c; then, chunk by chunk of payloads (bounded scratch whatever M), the totals and x . (S - x).
+    count_sums = weights @ np.stack([np.bitwise_count(p.reshape(-1, INSPECTED_BLOCK_BYTES)).sum(axis=1, dtype=np.int64) for p in plane_blocks]) if len(blocks) else 0
+    totals, products = [], []
+    for start in range(0, len(indices), _INSPECTION_CHUNK_ROWS):
+        selected = [rows[i] for i in indices[start : start + _INSPECTION_CHUNK_ROWS]]
+        if whole:
+            totals.append(_and_counts(selected, [None] + bitmaps, coordinates))
+            counts = _block_and_counts(selected, [None] + plane_blocks, blocks) if len(blocks) else None
+        else:
+            counts = _block_and_counts(selected, [None] + bitmaps + plane_blocks, blocks)
+            totals.append(counts[:, :5].sum(axis=2))
+            counts = counts[:, [0, *range(5, counts.shape[1])]]
+        if counts is not None:
+            with_counts = np.einsum("w,rwb->rb", weights, counts[:, 1:, :])  # over each block: bit * c
+            size = 8 * INSPECTED_BLOCK_BYTES
+            products.append(4 * with_counts - 2 * voters * counts[:, 0, :] - 2 * count_sums + voters * size - size)
+    totals = np.concatenate(totals)
     # The bitmaps' tail bits are zero, so a payload's -1 coordinates among a
     # bitmap's are the bitmap's bits minus the payload's +1 ones.
-    minus_positive_bits, minus_negative_bits = _count_bits(minus_positive), _count_bits(minus_negative)
-    agree = counts[:, 0] + (minus_negative_bits - counts[:, 3])
-    decided = agree + counts[:, 1] + (minus_positive_bits - counts[:, 2])
-    return agree / np.maximum(decided, 1), decided
+    minus_positive_bits, minus_negative_bits = _count_bits(bitmaps[2]), _count_bits(bitmaps[3])
+    agree = totals[:, 1] + (minus_negative_bits - totals[:, 4])
+    decided = agree + totals[:, 2] + (minus_positive_bits - totals[:, 3])
+    likeness, floor = _likeness(np.concatenate(products) if products else None, len(indices), voters)
+    return _Inspection(coordinates, totals[:, 0], agree / np.maximum(decided, 1), decided, likeness, floor)
+
+
+def _likeness(products: np.ndarray | None, count: int, voters: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(likeness, floor)`` of :class:`_Inspection` from ``products[r, b]``, payload r's x . (S - x) on block b."""
+    if products is None or voters < 2:
+        return np.zeros((count, 0)), np.zeros(0)
+    size = 8 * INSPECTED_BLOCK_BYTES
+    products = np.concatenate([products, products.sum(axis=1, keepdims=True)], axis=1)
+    sizes = np.append(np.full(products.shape[1] - 1, size), size * (products.shape[1] - 1))
+    pairs = sizes * (voters - 1)
+    return 0.5 + products / (2 * pairs), 0.5 / np.sqrt(pairs)
+
+
+def _too_alike(seen: _Inspection) -> set[int]:
+    """Positions of the payloads whose likeness on some block (or on all) is far above the others' there."""
+    if seen.likeness.shape[1] == 0:
+        return set()
+    return set(_far_from_median(seen.likeness, floor=seen.likeness_floor, threshold=COLLUSION_MARGIN, side="high"))
+
+
+def _block_and_counts(rows, masks: list[np.ndarray | None], blocks: np.ndarray) -> np.ndarray:
+    """``counts[r, j, b]``: the +1 coordinates of block ``blocks[b]`` of ``rows[r]`` set in block ``b`` of ``masks[j]``.
+
+    Blocks of :data:`INSPECTED_BLOCK_BYTES`; the masks hold theirs one after
+    the other (None: all ones). The compiled kernel reads the rows where they
+    are; numpy gathers a bounded number of rows' blocks at a time.
+    """
+    kernel = load_kernel()
+    if kernel is not None:
+        rows = [np.ascontiguousarray(row) for row in rows]
+        return kernel.block_and_counts(rows, masks, blocks * INSPECTED_BLOCK_BYTES, INSPECTED_BLOCK_BYTES)
+    counts = np.empty((len(rows), len(masks), len(blocks)), dtype=np.int64)
+    shape = (len(blocks), INSPECTED_BLOCK_BYTES)
+    for r, row in enumerate(rows):
+        gathered = _gather(row, blocks).reshape(shape)
+        for j, mask in enumerate(masks):
+            bits = gathered if mask is None else gathered & mask.reshape(shape)
+            counts[r, j] = np.bitwise_count(bits).sum(axis=1, dtype=np.int64)
+    return counts
 
 
 def _and_counts(rows, masks: list[np.ndarray | None], num_coordinates: int) -> np.ndarray:
@@ -547,29 +738,71 @@ def _positives(row: np.ndarray, num_coordinates: int) -> int:
     return count
 
 
-def _far_from_median(values: np.ndarray, *, floor: float, threshold: float, side: str) -> list[int]:
-    """Indices whose value is more than ``threshold`` robust standard deviations from the median."""
-    median = float(np.median(values))
-    spread = max(1.4826 * float(np.median(np.abs(values - median))), floor)
+def _far_from_median(values: np.ndarray, *, floor, threshold: float, side: str) -> list[int]:
+    """Indices whose value is more than ``threshold`` robust standard deviations from the median.
+
+    ``values`` ``[n]``, or ``[n, columns]`` with a ``floor`` per column: then
+    each column is scored apart, and an index far in any column is returned.
+    """
+    median = np.median(values, axis=0)
+    spread = np.maximum(1.4826 * np.median(np.abs(values - median), axis=0), floor)
     score = (values - median) / spread
     far = {"low": score < -threshold, "high": score > threshold, "both": np.abs(score) > threshold}[side]
+    if far.ndim == 2:
+        far = far.any(axis=1)
     return [int(i) for i in np.nonzero(far)[0]]
 
 
 def _colluders(rows, candidates: list[int], generator) -> set[int]:
-    """Payloads that agree with another far more than the pairs of payloads usually do, on a random sketch."""
+    """Payloads that agree with another far more than the pairs of payloads usually do, on a random sketch.
+
+    Each payload is compared with its partners on a cycle (:func:`_fewest_differences`).
+    """
     full_bytes = min(row.shape[0] for row in rows)
     full_bytes -= 1  # the last byte may hold unused tail bits
     if len(candidates) < 3 or full_bytes < 1:
         return set()
-    generator = generator if generator is not None else np.random.default_rng()
     positions = generator.choice(full_bytes, size=min(ROBUST_SKETCH_BYTES, full_bytes), replace=False)
-    sketch = np.stack([rows[i][positions] for i in candidates])
-    bits = 8 * sketch.shape[1]
-    agreement = np.empty((len(candidates), len(candidates)))
-    for a in range(len(candidates)):
-        agreement[a] = 1.0 - np.bitwise_count(sketch[a] ^ sketch).sum(axis=1, dtype=np.int64) / bits
-    np.fill_diagonal(agreement, -np.inf)
-    closest = agreement.max(axis=1)  # each payload's agreement with the one most like it
+    sketch = np.zeros((len(candidates), 1, -(-positions.shape[0] // 8) * 8), dtype=np.uint8)  # whole words
+    for row, i in zip(sketch, candidates):
+        row[0, : positions.shape[0]] = rows[i][positions]
+    bits = 8 * positions.shape[0]
+    # each payload's agreement with the one most like it
+    closest = 1.0 - _fewest_differences(sketch.view(np.uint64), generator)[:, -1] / bits
     far = _far_from_median(closest, floor=0.5 / np.sqrt(bits), threshold=COLLUSION_MARGIN, side="high")
     return {candidates[i] for i in far}
+
+
+def _fewest_differences(sketch: np.ndarray, generator) -> np.ndarray:
+    """For each row of ``sketch`` (uint64 ``[n, blocks, words]``), the fewest bits in which it differs from a row it is compared with.
+
+    Per block, and over the whole row (the last column): int64 ``[n, blocks + 1]``.
+    The rows sit on a cycle, in random order when there are more than
+    ``2 * COLLUSION_PARTNERS + 1`` (else in their own order, and every pair is
+    compared); each is compared with the rows up to :data:`COLLUSION_PARTNERS`
+    places ahead and behind. Time O(n K COLLUSION_PARTNERS), memory O(n K): no
+    n x n matrix.
+    """
+    count = sketch.shape[0]
+    order = np.arange(count) if count <= 2 * COLLUSION_PARTNERS + 1 else generator.permutation(count)
+    reach = min(COLLUSION_PARTNERS, count // 2)
+    cycle = sketch if count <= 2 * COLLUSION_PARTNERS + 1 else sketch[order]
+    kernel = load_kernel()
+    if kernel is not None:
+        fewest = kernel.cycle_fewest_differences(cycle, reach)
+    else:
+        fewest = np.full((count, sketch.shape[1] + 1), np.iinfo(np.int64).max)
+        for offset in range(1, reach + 1):
+            # differences[p]: between the rows at places p and p + offset (mod count); each pair counts for both rows.
+            per_block = np.empty((count, sketch.shape[1]), dtype=np.int64)
+            for start in range(0, count, 256):  # bounded scratch whatever the count
+                stop = min(start + 256, count)
+                partners = np.take(cycle, np.arange(start + offset, stop + offset) % count, axis=0)
+                per_block[start:stop] = np.bitwise_count(cycle[start:stop] ^ partners).sum(axis=2, dtype=np.int64)
+            differences = np.concatenate([per_block, per_block.sum(axis=1, keepdims=True)], axis=1)
+            np.minimum(fewest, differences, out=fewest)
+            np.minimum(fewest[offset:], differences[: count - offset], out=fewest[offset:])
+            np.minimum(fewest[:offset], differences[count - offset :], out=fewest[:offset])
+    result = np.empty_like(fewest)
+    result[order] = fewest
+    return result

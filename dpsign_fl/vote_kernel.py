@@ -262,6 +262,124 @@ void dpsign_and_counts(const uint8_t *const *rows, size_t num_rows, const uint8_
         }
     }
 }
+
+/* counts[(r * num_masks + j) * num_blocks + b] = set bits of rows[r][offsets[b] + i] & masks[j][b * block_bytes + i]
+   for i < block_bytes: block b of every row, against block b of masks that hold the blocks one after the
+   other (a NULL mask: the row's own bits). block_bytes: a multiple of 8; no block reaches a row's last
+   byte (its tail bits are never masked here). Each row's blocks are read in the order given (sorted
+   offsets read a row front to back, which the prefetcher follows); the masks (a few blocks each) stay in
+   cache across the rows. */
+void dpsign_block_and_counts(const uint8_t *const *rows, size_t num_rows, const uint8_t *const *masks,
+                             size_t num_masks, const uint64_t *offsets, size_t num_blocks, size_t block_bytes,
+                             uint64_t *counts) {
+    const uint8_t *block_masks[64];
+    uint64_t sums[64];
+    size_t words = block_bytes / 8;
+    for (size_t r = 0; r < num_rows; r++) {
+        for (size_t b = 0; b < num_blocks; b++) {
+            const uint8_t *row = rows[r] + offsets[b];
+            /* The next block (of this row, else of the next): its lines load while this one is counted. */
+            const uint8_t *next = b + 1 < num_blocks ? rows[r] + offsets[b + 1] : r + 1 < num_rows ? rows[r + 1] + offsets[0] : NULL;
+            if (next != NULL)
+                for (size_t k = 0; k < block_bytes; k += 64) __builtin_prefetch(next + k);
+            for (size_t j0 = 0; j0 < num_masks; j0 += 64) {
+                size_t n = num_masks - j0 < 64 ? num_masks - j0 : 64;
+                for (size_t j = 0; j < n; j++) {
+                    block_masks[j] = masks[j0 + j] == NULL ? NULL : masks[j0 + j] + b * block_bytes;
+                    sums[j] = 0;
+                }
+                and_counts_block(&row, 1, block_masks, n, 0, words, sums);
+                for (size_t j = 0; j < n; j++) counts[(r * num_masks + j0 + j) * num_blocks + b] = sums[j];
+            }
+        }
+    }
+}
+
+/* fewest[p * (num_blocks + 1) + k]: the fewest bits in which block k of sketch row p differs from block k of
+   the rows up to reach places ahead of it or behind it on the cycle of the rows (mod num_rows); column
+   num_blocks: the same over the whole rows. Rows: num_blocks blocks of block_words words each, one row after
+   the other. Each pair is compared once and counts for both rows. */
+MULTIVERSION
+static uint64_t differences(const uint64_t *a, const uint64_t *b, size_t words) {
+    uint64_t t0 = 0, t1 = 0;
+    size_t i = 0;
+    for (; i + 2 <= words; i += 2) {
+        t0 += (uint64_t)__builtin_popcountll(a[i] ^ b[i]);
+        t1 += (uint64_t)__builtin_popcountll(a[i + 1] ^ b[i + 1]);
+    }
+    if (i < words) t0 += (uint64_t)__builtin_popcountll(a[i] ^ b[i]);
+    return t0 + t1;
+}
+
+void dpsign_cycle_fewest_differences(const uint64_t *sketch, size_t num_rows, size_t num_blocks, size_t block_words,
+                                     size_t reach, uint64_t *fewest) {
+    size_t columns = num_blocks + 1, row_words = num_blocks * block_words;
+    for (size_t i = 0; i < num_rows * columns; i++) fewest[i] = UINT64_MAX;
+    for (size_t offset = 1; offset <= reach; offset++) {
+        for (size_t p = 0; p < num_rows; p++) {
+            size_t q = (p + offset) % num_rows;
+            const uint64_t *a = sketch + p * row_words, *b = sketch + q * row_words;
+            uint64_t *fp = fewest + p * columns, *fq = fewest + q * columns;
+            uint64_t whole = 0;
+            for (size_t k = 0; k < num_blocks; k++) {
+                uint64_t d = differences(a + k * block_words, b + k * block_words, block_words);
+                whole += d;
+                if (d < fp[k]) fp[k] = d;
+                if (d < fq[k]) fq[k] = d;
+            }
+            if (whole < fp[num_blocks]) fp[num_blocks] = whole;
+            if (whole < fq[num_blocks]) fq[num_blocks] = whole;
+        }
+    }
+}
+
+/* The int8 vote sign(2c - T) of counts c held in bit-planes, for coordinates [0, num_coordinates): +1
+   where c >= positive_bound, -1 where c < negative_bound, else 0 (the bounds come from T, see
+   dpsign_fl.vote). Per word, c >= bound is compared bit-sliced from the lowest plane up, as
+   _write_at_least does in numpy. A table spreads a byte's 8 bits over the 8 bytes of a word (byte k of
+   the word, in memory order, holds bit 7 - k: the wire order), so a byte of each bitmap becomes 8 votes
+   in one OR, spread(p) | 0xFF * spread(n). The table is built per call (2 KiB, nothing shared between
+   threads). Planes: ceil(num_coordinates / 64) words each. */
+static uint64_t at_least(const uint64_t *const *planes, size_t num_planes, uint64_t bound, size_t i) {
+    if (bound == 0) return ~(uint64_t)0;
+    if (num_planes < 64 && bound >> num_planes) return 0;
+    uint64_t ge = ~(uint64_t)0;
+    for (size_t k = 0; k < num_planes; k++) {
+        if ((bound >> k) & 1) ge &= planes[k][i];
+        else ge |= planes[k][i];
+    }
+    return ge;
+}
+
+void dpsign_vote_from_planes(const uint64_t *const *planes, size_t num_planes, uint64_t positive_bound,
+                             uint64_t negative_bound, size_t num_coordinates, int8_t *out) {
+    uint64_t spread[256];
+    for (int b = 0; b < 256; b++) {
+        uint8_t bytes[8];
+        for (int k = 0; k < 8; k++) bytes[k] = (uint8_t)((b >> (7 - k)) & 1);
+        memcpy(&spread[b], bytes, 8);
+    }
+    size_t num_bytes = (num_coordinates + 7) / 8;
+    for (size_t i = 0; 8 * i < num_bytes; i++) {
+        uint64_t positive = at_least(planes, num_planes, positive_bound, i);
+        uint64_t negative = ~at_least(planes, num_planes, negative_bound, i);
+        uint8_t p[8], n[8];
+        memcpy(p, &positive, 8);  /* byte j of the word, in memory order, is byte 8i + j of the bitmap */
+        memcpy(n, &negative, 8);
+        if (64 * (i + 1) <= num_coordinates) {  /* a whole word of coordinates: fixed-size stores */
+            for (size_t j = 0; j < 8; j++) {
+                uint64_t v = spread[p[j]] | (0xFF * spread[n[j]]);
+                memcpy(out + 64 * i + 8 * j, &v, 8);
+            }
+            continue;
+        }
+        for (size_t j = 0; j < 8 && 8 * i + j < num_bytes; j++) {
+            size_t first = 8 * (8 * i + j);
+            uint64_t v = spread[p[j]] | (0xFF * spread[n[j]]);
+            memcpy(out + first, &v, num_coordinates - first < 8 ? num_coordinates - first : 8);
+        }
+    }
+}
 """
 
 
@@ -293,6 +411,22 @@ class CompiledVoteKernel:
             ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t,
             ctypes.c_size_t, ctypes.c_uint8, ctypes.c_void_p,
         )
+        self._block_and_counts = loaded.dpsign_block_and_counts
+        self._block_and_counts.restype = None
+        self._block_and_counts.argtypes = (
+            ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t,
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p,
+        )
+        self._cycle_fewest_differences = loaded.dpsign_cycle_fewest_differences
+        self._cycle_fewest_differences.restype = None
+        self._cycle_fewest_differences.argtypes = (
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p,
+        )
+        self._vote_from_planes = loaded.dpsign_vote_from_planes
+        self._vote_from_planes.restype = None
+        self._vote_from_planes.argtypes = (
+            ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p,
+        )
 
     def and_counts(self, rows: list[np.ndarray], masks: list[np.ndarray | None], num_bytes: int, tail_mask: int) -> np.ndarray:
         """``counts[r, j]`` = set bits of ``rows[r] & masks[j]`` (None: of ``rows[r]``), int64 ``[rows, masks]``.
@@ -304,6 +438,43 @@ class CompiledVoteKernel:
         mask_pointers = (ctypes.c_void_p * len(masks))(*(None if m is None else m.ctypes.data for m in masks))
         self._and_counts(row_pointers, len(rows), mask_pointers, len(masks), num_bytes, tail_mask, counts.ctypes.data)
         return counts
+
+    def block_and_counts(self, rows: list[np.ndarray], masks: list[np.ndarray | None], offsets: np.ndarray, block_bytes: int) -> np.ndarray:
+        """``counts[r, j, b]`` = set bits of block ``b`` of ``rows[r]`` (bytes from ``offsets[b]``) & block ``b`` of ``masks[j]``.
+
+        Masks (None: the row's own bits) hold their ``len(offsets)`` blocks of
+        ``block_bytes`` (a multiple of 8) one after the other; rows are
+        C-contiguous and no block reaches a row's last byte. int64 ``[rows, masks, blocks]``.
+        """
+        offsets = np.ascontiguousarray(offsets, dtype=np.uint64)
+        counts = np.empty((len(rows), len(masks), len(offsets)), dtype=np.int64)
+        row_pointers = (ctypes.c_void_p * len(rows))(*(row.ctypes.data for row in rows))
+        mask_pointers = (ctypes.c_void_p * len(masks))(*(None if m is None else m.ctypes.data for m in masks))
+        self._block_and_counts(
+            row_pointers, len(rows), mask_pointers, len(masks), offsets.ctypes.data, len(offsets), block_bytes, counts.ctypes.data
+        )
+        return counts
+
+    def cycle_fewest_differences(self, sketch: np.ndarray, reach: int) -> np.ndarray:
+        """``fewest[p, k]``: fewest differing bits of block ``k`` of row ``p`` with the rows up to ``reach`` places away on the cycle.
+
+        ``sketch``: uint64 ``[rows, blocks, words]``, C-contiguous. Column ``blocks``: the whole rows. int64 ``[rows, blocks + 1]``.
+        """
+        sketch = np.ascontiguousarray(sketch, dtype=np.uint64)
+        rows, blocks, words = sketch.shape
+        fewest = np.empty((rows, blocks + 1), dtype=np.uint64)
+        self._cycle_fewest_differences(sketch.ctypes.data, rows, blocks, words, reach, fewest.ctypes.data)
+        return fewest.astype(np.int64)
+
+    def vote_from_planes(self, planes: list[np.ndarray], positive_bound: int, negative_bound: int, num_coordinates: int) -> np.ndarray:
+        """The int8 vote ``[d]``: +1 where the count held in ``planes`` is >= ``positive_bound``, -1 where < ``negative_bound``, else 0.
+
+        Planes: 8-byte aligned, ``ceil(d / 64)`` words each, bit ``k`` of the counts in plane ``k``. Bounds >= 0.
+        """
+        vote = np.empty(num_coordinates, dtype=np.int8)
+        plane_pointers = (ctypes.c_void_p * len(planes))(*(plane.ctypes.data for plane in planes))
+        self._vote_from_planes(plane_pointers, len(planes), positive_bound, negative_bound, num_coordinates, vote.ctypes.data)
+        return vote
 
     def add(self, rows: list[np.ndarray], planes: list[np.ndarray], num_bytes: int, tail_mask: int) -> None:
         """Add ``rows`` (C-contiguous uint8, ``num_bytes`` each) to ``planes`` (8-byte aligned, padded to words).

@@ -66,3 +66,16 @@ def test_the_robust_vote_keeps_training_under_thirty_percent_all_ones(digits):
 def test_plain_majority_under_thirty_percent_all_ones_fails_the_same_bar_negative_control(digits):
     # Measured: 0.38 with majority vs 0.85 with the robust vote (0.88 without attackers) after these 15 rounds.
     assert accuracy_with(digits, 0.3, attack="all-ones") < 5 * CHANCE
+
+
+def test_a_targeted_push_run_records_the_worst_class_beside_the_accuracy(digits):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        settings = SETTINGS.with_changes(num_rounds=3, eval_every=3, byzantine_fraction=0.3, byzantine_attack="targeted-push")
+        record = run_experiment(settings, dataset=digits, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    per_class = record["history"][-1]["class_accuracies"]
+    assert sorted(per_class) == list(range(10))
+    assert record["worst_class_accuracy"] == min(per_class.values()) <= record["test_accuracy"]

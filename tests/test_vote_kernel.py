@@ -319,6 +319,26 @@ def test_and_counts_equal_an_unpacked_count_for_every_row_and_mask(num_coordinat
 
 
 @needs_compiler
+def test_block_and_counts_equal_an_unpacked_count_for_every_row_mask_and_block():
+    block_bytes, num_coordinates = 64, 8 * 64 * 40 + 13
+    rows = awkward_rows(7, num_coordinates, seed=3)
+    rng = np.random.default_rng(1)
+    blocks = np.sort(rng.choice(40, size=9, replace=False))
+    masks = [None] + [rng.integers(0, 256, 9 * block_bytes, dtype=np.uint8) for _ in range(2)]
+
+    counts = load_kernel("compiled").block_and_counts(
+        [np.ascontiguousarray(r) for r in rows], masks, blocks * block_bytes, block_bytes
+    )
+
+    for r, row in enumerate(rows):
+        for b, block in enumerate(blocks):
+            bits = np.unpackbits(row[block * block_bytes : (block + 1) * block_bytes])
+            for j, mask in enumerate(masks):
+                mask_bits = 1 if mask is None else np.unpackbits(mask[b * block_bytes : (b + 1) * block_bytes])
+                assert counts[r, j, b] == int((bits & mask_bits).sum())
+
+
+@needs_compiler
 def test_the_robust_vote_decides_the_same_on_both_kernels(monkeypatch):
     from dpsign_fl.vote import robust_vote
 

@@ -22,18 +22,19 @@ import numpy as np
 from ..packing import BIT_ORDER, payload_bytes
 from ..vote import VoteCounter, robust_vote
 
-# Above this many coordinates the old path (stack + unpack + sum) needs
-# M * d bytes for the unpacked bits alone (2 GB at M = 100), so it is skipped.
-OLD_PATH_MAX_COORDINATES = 20_000_000
+# Above this many bits (M d) the old path (stack + unpack + sum) needs
+# M * d bytes for the unpacked bits alone (2 GB), so it is skipped.
+OLD_PATH_MAX_BITS = 2_000_000_000
 
 
-def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5) -> dict:
+def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5, *, numpy_kernel: bool = True) -> dict:
     """Time the streaming vote against copying the payloads, and measure its memory.
 
     Args:
         num_coordinates: d.
         num_voters: M, the number of random payloads voted on.
         repeats: timed repetitions of each path (median and min reported).
+        numpy_kernel: also time the numpy kernel (besides the default one).
 
     Returns:
         dict with ``num_coordinates``, ``num_voters``, ``repeats``;
@@ -50,9 +51,11 @@ def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5) -> dic
         vote; on these random payloads it leaves none out);
         ``peak_bytes_per_coordinate``
         (tracemalloc peak of one vote, beyond the payloads, divided by d);
+        ``robust_peak_bytes`` and ``robust_peak_bytes_per_coordinate`` (the
+        same for one robust vote, the int8 vote it returns included);
         ``old_seconds_min`` / ``old_seconds_median`` for ``np.stack`` +
-        ``np.unpackbits`` + sum, or None above
-        :data:`OLD_PATH_MAX_COORDINATES`.
+        ``np.unpackbits`` + sum, or None above :data:`OLD_PATH_MAX_BITS`;
+        numpy entries are None without ``numpy_kernel``.
 
     Raises:
         ValueError: if ``num_voters < 1`` or ``repeats < 1``.
@@ -87,22 +90,17 @@ def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5) -> dic
     for _ in range(repeats):
         copy_seconds.append(_seconds(copy_all))
         vote_seconds.append(_seconds(stream_vote))
-        if kernel != "numpy":
+        if kernel != "numpy" and numpy_kernel:
             numpy_seconds.append(_seconds(lambda: stream_vote("numpy")))
         robust_seconds.append(_seconds(lambda: robust_vote(payloads, num_coordinates, generator=np.random.default_rng(0))))
-    numpy_seconds = numpy_seconds or vote_seconds
+    if kernel == "numpy":
+        numpy_seconds = vote_seconds
     old_seconds = None
-    if num_coordinates <= OLD_PATH_MAX_COORDINATES:
+    if num_coordinates * num_voters <= OLD_PATH_MAX_BITS:
         old_seconds = [_seconds(old_vote) for _ in range(repeats)]
 
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        stream_vote()
-        peak = tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
+    peak = _peak_bytes(stream_vote)
+    robust_peak = _peak_bytes(lambda: robust_vote(payloads, num_coordinates, generator=np.random.default_rng(0)))
 
     return {
         "num_coordinates": num_coordinates,
@@ -114,14 +112,28 @@ def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5) -> dic
         "vote_seconds_median": statistics.median(vote_seconds),
         "copy_to_vote_ratio": statistics.median(copy_seconds) / statistics.median(vote_seconds),
         "kernel": kernel,
-        "numpy_seconds_median": statistics.median(numpy_seconds),
-        "numpy_copy_to_vote_ratio": statistics.median(copy_seconds) / statistics.median(numpy_seconds),
+        "numpy_seconds_median": statistics.median(numpy_seconds) if numpy_seconds else None,
+        "numpy_copy_to_vote_ratio": statistics.median(copy_seconds) / statistics.median(numpy_seconds) if numpy_seconds else None,
         "robust_seconds_median": statistics.median(robust_seconds),
         "copy_to_robust_ratio": statistics.median(copy_seconds) / statistics.median(robust_seconds),
         "peak_bytes_per_coordinate": peak / num_coordinates,
+        "robust_peak_bytes": robust_peak,
+        "robust_peak_bytes_per_coordinate": robust_peak / num_coordinates,
         "old_seconds_min": min(old_seconds) if old_seconds else None,
         "old_seconds_median": statistics.median(old_seconds) if old_seconds else None,
     }
+
+
+def _peak_bytes(function) -> int:
+    """Peak bytes numpy and Python allocate while ``function`` runs, beyond what was allocated before (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        function()
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
 
 
 def _seconds(function) -> float:
@@ -139,7 +151,7 @@ def _main() -> None:
         print(
             f"{num_coordinates:>12} {row['num_voters']:>4} {row['kernel']:>8} {row['copy_seconds_median']:>9.4f} "
             f"{row['vote_seconds_median']:>9.4f} {row['copy_to_vote_ratio']:>6.2f} "
-            f"{row['numpy_copy_to_vote_ratio']:>6.2f} "
+            f"{row['numpy_copy_to_vote_ratio'] or 0:>6.2f} "
             f"{row['peak_bytes_per_coordinate']:>8.3f} {'-' if old is None else f'{old:.3f}':>8}"
         )
 

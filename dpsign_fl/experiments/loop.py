@@ -44,8 +44,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from ..data import partition_dataset
-from ..evaluation import evaluate
 from ..data.features import load_run_dataset
+from ..evaluation import class_accuracies, evaluate
 from ..release.mechanism import per_sample_gradients, poisson_sample, secure_generator
 from ..models import build_model
 from ..packing import pack_signs
@@ -55,7 +55,7 @@ from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, seeded_generator
 from ..rounds import Budget, ReleasePlan, SignedUpdate, client_round, plan_release, planned_releases, server_round
 from ..server_update import AUTOMATIC, VoteUpdater, learning_rate_at
 from ..settings import ConfigError, RunSettings, check_fields, from_mapping, setting, specs, to_mapping
-from .attacks import attack_round, is_byzantine
+from .attacks import TARGETED_ATTACKS, attack_round, is_byzantine, targeted_push
 from .compressors import sign as sign_of, sto_sign
 from .hooks import ExperimentOptions, gradient_noise_transform
 from .jin import jin_noise_multiplier
@@ -85,6 +85,11 @@ class Experiment:
     delta_from_data: bool = setting(False, help="target delta = 1 / n^1.1 of the largest client (the source paper)")
     tail_average: float = setting(0.0, low=0, high=1, high_open=True, help="also report the mean of the weights over this final fraction of rounds")
     max_examples: int = setting(0, low=0, high=10**9, help="keep only the first N training examples (0 = all)")
+    attack_target_class: int = setting(0, low=0, high=100_000, help="targeted-push attacks: the class whose row is pushed")
+    attack_pushed_class: int = setting(1, low=0, high=100_000, help="targeted-push attacks: the class whose mean input gives the signs")
+    attack_random_share: float = setting(
+        0.5, low=0, high=1, help="targeted-push-adaptive: share of the pushed coordinates where an attacker sends its honest sign",
+    )
     label: str = setting("", help="name of the run in tables and plots")
 
     def __post_init__(self) -> None:
@@ -239,8 +244,10 @@ def run_experiment(
         A JSON-safe dict: the settings, ``run_config`` (the settings as
         asked for, :meth:`Experiment.run_config`), ``epsilon`` (largest client's ledger
         epsilon; ``inf`` for non-private methods), ``noise_multiplier``,
-        ``target_delta`` (the delta used), ``test_accuracy``, ``test_loss``,
-        ``rounds``, ``wall_seconds``, ``history`` (one entry per evaluation).
+        ``target_delta`` (the delta used), ``test_accuracy``,
+        ``worst_class_accuracy`` (the lowest of the per-class accuracies that
+        each ``history`` entry holds), ``test_loss``, ``rounds``,
+        ``wall_seconds``, ``history`` (one entry per evaluation).
     """
     started = time.monotonic()
     run = experiment.run
@@ -275,6 +282,7 @@ def run_experiment(
         return {
             "round": round_number,
             "accuracy": accuracy,
+            "class_accuracies": class_accuracies(model, test_inputs, test_targets),
             "loss": loss,
             "epsilon": _largest_epsilon(ledgers, target_delta) if experiment.private else math.inf,
             "wall_seconds": round(time.monotonic() - started, 3),
@@ -282,6 +290,11 @@ def run_experiment(
 
     history = [evaluate_at(0)]
     excluded_total = excluded_attackers = 0
+    targeted = experiment.hooks.byzantine_attack in TARGETED_ATTACKS and experiment.hooks.byzantine_fraction > 0
+    if targeted:  # what the attackers know: their own data
+        attacking = [c for m, c in enumerate(clients) if is_byzantine(m, experiment.num_clients, experiment.hooks.byzantine_fraction)]
+        attacker_inputs = torch.cat([c.inputs for c in attacking])
+        attacker_targets = torch.cat([c.targets for c in attacking])
     bar = tqdm(range(1, run.num_rounds + 1), desc=experiment.name(), file=sys.stderr, disable=not progress,
                leave=False, mininterval=1.0)
     for current in bar:
@@ -311,9 +324,15 @@ def run_experiment(
                 i for i, m in enumerate(senders) if is_byzantine(m, experiment.num_clients, experiment.hooks.byzantine_fraction)
             ]
             if attackers:
+                push = None
+                if targeted:
+                    push = targeted_push(
+                        model, attacker_inputs, attacker_targets, target_class=experiment.attack_target_class,
+                        pushed_class=experiment.attack_pushed_class, random_share=experiment.attack_random_share,
+                    )
                 payloads = attack_round(
                     payloads, attackers, num_coordinates, attack=experiment.hooks.byzantine_attack,
-                    generator=_generator(run, experiment.num_clients, current),
+                    generator=_generator(run, experiment.num_clients, current), push=push,
                 )
             outcome = server_round(
                 weights, payloads, updater=updater, server_round=current, num_rounds=run.num_rounds, vote_rule=run.vote
@@ -343,6 +362,7 @@ def run_experiment(
         "noise_multiplier": noise_multiplier,
         "epsilon": final["epsilon"],
         "test_accuracy": final["accuracy"],
+        "worst_class_accuracy": min(final["class_accuracies"].values()),
         "test_loss": final["loss"],
         "rounds": run.num_rounds,
         "num_parameters": int(num_coordinates),
