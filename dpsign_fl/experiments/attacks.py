@@ -209,7 +209,7 @@ def attack_round(
         raise ValueError(f"byzantine_attack must be one of {BYZANTINE_ATTACKS}, got {attack!r}")
     attacked = list(payloads)
     if attack == "inverse-majority":
-        from .vote import majority_vote  # the attackers compute the honest vote, as the server will
+        from ..vote import majority_vote  # the attackers compute the honest vote, as the server will
 
         honest = [p for i, p in enumerate(payloads) if i not in attackers]
         vote = majority_vote(honest, num_coordinates) if honest else np.zeros(num_coordinates, np.int8)
