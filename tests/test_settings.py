@@ -150,18 +150,22 @@ def test_a_dataset_run_with_the_digits_defaults_gets_a_warning_with_measured_set
     assert "warning" not in capsys.readouterr().err
 
 
-def test_importing_the_settings_loads_neither_torch_nor_the_experiment_hooks():
-    # The settings checker answers in seconds; torch takes most of them. Negative control: the
-    # release module does load torch, so the check can see an import.
+def fresh_interpreter_lines(code: str) -> list[str]:
+    """What ``code`` prints, line by line, run in a fresh interpreter (nothing imported by other tests)."""
     import subprocess
     import sys
 
-    probe = (
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+
+
+def test_importing_the_settings_loads_neither_torch_nor_the_experiment_hooks():
+    # The settings checker answers in seconds; torch takes most of them. Negative control: the
+    # release module does load torch, so the check can see an import.
+    lines = fresh_interpreter_lines(
         "import sys, dpsign_fl.settings; "
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('dpsign_fl.experiments'))); "
         "import dpsign_fl.release; print('torch' in sys.modules)"
     )
-    lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
 
     assert lines[0] == "[]"
     assert lines[1] == "True"
@@ -178,15 +182,11 @@ def test_participation_below_fraction_train_gets_a_warning_and_an_equal_one_none
 
 def test_the_release_path_does_not_import_the_experiment_hooks():
     # Experiments reach a round only through the seam the app installs (dpsign_fl.experiments.hooks).
-    import subprocess
-    import sys
-
-    probe = (
+    lines = fresh_interpreter_lines(
         "import sys, dpsign_fl.release, dpsign_fl.rounds, dpsign_fl.flower.client, dpsign_fl.flower.server; "
         "print(sorted(m for m in sys.modules if m.startswith('dpsign_fl.experiments'))); "
         "import dpsign_fl.flower.inprocess; print('dpsign_fl.experiments.hooks' in sys.modules)"
     )
-    lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
 
     assert lines[0] == "[]"
     assert lines[1] == "True"  # negative control: the in-process app installs the seam, and the probe sees it
