@@ -37,6 +37,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..privacy.accounting import check_noise_multiplier as _check_noise_multiplier
+from ..privacy.accounting import check_sample_rate as _check_sample_rate
 from ..privacy.limits import CLIP_NORM_RANGE
 
 CLIPPING_MODES = ("flat", "automatic")
@@ -343,11 +345,6 @@ def _reject_batchnorm(model: nn.Module) -> None:
             )
 
 
-def _check_sample_rate(sample_rate: float) -> None:
-    if not 0 < sample_rate <= 1:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-
-
 def _check_clip_norm(clip_norm: float) -> None:
     if not clip_norm > 0 or clip_norm == float("inf"):
         raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm}")
@@ -357,8 +354,3 @@ def check_release_clip_norm(clip_norm: float) -> None:
     """Raise ValueError unless ``clip_norm`` is in [:data:`MIN_CLIP_NORM`, :data:`MAX_CLIP_NORM`] (a release's range)."""
     if isinstance(clip_norm, bool) or not isinstance(clip_norm, numbers.Real) or not MIN_CLIP_NORM <= clip_norm <= MAX_CLIP_NORM:
         raise ValueError(f"clip_norm must be in [{MIN_CLIP_NORM:g}, {MAX_CLIP_NORM:g}], got {clip_norm!r}")
-
-
-def _check_noise_multiplier(noise_multiplier: float) -> None:
-    if not noise_multiplier >= 0 or noise_multiplier == float("inf"):
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
