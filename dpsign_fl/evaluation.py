@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .release.adversarial import AdversarialSettings, adversarial_examples
+
 
 @torch.no_grad()
 def evaluate(
@@ -56,3 +58,43 @@ def evaluate(
     model.train(was_training)
     count = max(targets.numel(), 1)
     return total_loss / count, correct / count
+
+
+def robust_accuracy(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    attack: AdversarialSettings,
+    *,
+    generator: torch.Generator,
+    batch_size: int = 1000,
+) -> float:
+    """Return the share of examples ``model`` still classifies right after ``attack`` (eval mode).
+
+    The server's robust accuracy (:func:`dpsign_fl.release.adversarial.evaluation_attack`:
+    PGD-20 from one random start); a classifier's ``[B, classes]`` outputs only.
+    Privacy: the server's test set only, as :func:`evaluate`.
+
+    Args:
+        model: the model; put back in its mode afterwards.
+        inputs: ``[N, C, ...]`` normalised images.
+        targets: ``[N]`` class ids.
+        attack: the attack (its radius and the pixel statistics).
+        generator: the random starts.
+        batch_size: examples attacked together.
+
+    Returns:
+        correct predictions at the adversarial copies / N; 0 for an empty set.
+    """
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for start in range(0, inputs.shape[0], batch_size):
+            batch, batch_targets = inputs[start : start + batch_size], targets[start : start + batch_size]
+            adversarial = adversarial_examples(model, F.cross_entropy, batch, batch_targets, attack, generator=generator)
+            with torch.no_grad():
+                correct += int((model(adversarial).argmax(dim=1) == batch_targets).sum())
+    finally:
+        model.train(was_training)
+    return correct / max(inputs.shape[0], 1)

@@ -124,6 +124,14 @@ class Dataset:
         return tuple(self.train_inputs.shape[1:])
 
 
+def pixel_statistics(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Return the (mean, std) per channel with which an image dataset's pixels in [0, 1] are normalised.
+
+    None for a dataset that is not images (mushroom, shakespeare).
+    """
+    return _CHANNEL_STATS.get(name)
+
+
 def _check_natural_partition(partitioner: str, natural: NaturalPartition, num_train: int, num_test: int) -> None:
     for split, clients, length in (("train", natural.train_clients, num_train), ("test", natural.test_clients, num_test)):
         if clients.dtype != torch.int64 or clients.shape != (length,):

@@ -51,7 +51,7 @@ from ..checkpoint import (
 from ..atomic_file import write_json_atomic
 from ..data import Dataset
 from ..data.features import load_run_dataset
-from ..evaluation import evaluate
+from ..evaluation import evaluate, robust_accuracy
 from ..models import build_model
 from ..results import plot_metrics
 from ..settings import ConfigError, FlowerOptions, RunSettings, parse_run_config, run_config_of, tuning_warnings
@@ -316,7 +316,17 @@ class RoundRecorder:
             log(INFO, "round %d: accuracy %.4f, loss %.4f (%s)", server_round, accuracy, loss, which)
             if server_round == 0:
                 self.start = {"round": 0, "accuracy": accuracy, "loss": loss}
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+        metrics = {"accuracy": accuracy, "loss": loss}
+        attack = self.settings.robust_evaluation
+        if attack is not None:
+            # The server's own test set and random starts: nothing here is private.
+            generator = torch.Generator().manual_seed(self.settings.model_seed * 1_000_003 + server_round)
+            metrics["robust-accuracy"] = robust_accuracy(
+                self.model, self.dataset.test_inputs, self.dataset.test_targets, attack, generator=generator
+            )
+            log(INFO, "round %d: robust accuracy %.4f (PGD-20 at adv-epsilon %g)", server_round,
+                metrics["robust-accuracy"], attack.epsilon)
+        return MetricRecord(metrics)
 
     def record(
         self,
@@ -330,6 +340,9 @@ class RoundRecorder:
         row = {
             "round": server_round,
             "accuracy": evaluated["accuracy"] if evaluated is not None else None,
+            "robust-accuracy": (
+                evaluated["robust-accuracy"] if evaluated is not None and "robust-accuracy" in evaluated else None
+            ),
             "loss": evaluated["loss"] if evaluated is not None else None,
             "epsilon": train["epsilon"],
             "voters": train["voters"],
