@@ -43,11 +43,11 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from ..data import partition_dataset
+from ..data import partition_dataset, public_images
 from ..evaluation import evaluate, robust_accuracy
 from ..data.features import load_run_dataset
 from ..release.mechanism import per_sample_gradients, poisson_sample, secure_generator
-from ..models import build_model
+from ..models import build_model, fit_public_statistics, uses_public_statistics
 from ..packing import pack_signs
 from ..parameters import load_model_vector, model_vector
 from ..privacy import PrivacyLedger
@@ -249,6 +249,8 @@ def run_experiment(
         run.model_name, input_shape=tuple(dataset.input_shape), num_classes=dataset.num_classes, seed=run.model_seed,
         **run.model_options,
     )
+    if uses_public_statistics(model):  # the server's public set, as the Flower app's server does
+        fit_public_statistics(model, public_images(run.dataset, run.data_dir))
     weights = model_vector(model)
     num_coordinates = weights.shape[0]
     noise_transform = gradient_noise_transform(experiment.hooks.gradient_noise)
