@@ -11,6 +11,15 @@ from torch.nn import functional as F
 
 from .release.adversarial import AdversarialSettings, adversarial_examples
 
+ROBUST_EVALUATION_EXAMPLES = 1000
+"""Robust accuracy is measured on the first this-many test examples.
+
+PGD-20 costs 21 forward and backward passes per example (measured for
+tanh-cnn on a loaded 2-core machine: about 1.5 ms per example and step, so
+the whole MNIST test set would take minutes per evaluation); 1,000 examples
+give a standard error of at most 1.6 points.
+"""
+
 
 @torch.no_grad()
 def evaluate(
@@ -68,6 +77,7 @@ def robust_accuracy(
     *,
     generator: torch.Generator,
     batch_size: int = 1000,
+    max_examples: int | None = ROBUST_EVALUATION_EXAMPLES,
 ) -> float:
     """Return the share of examples ``model`` still classifies right after ``attack`` (eval mode).
 
@@ -82,10 +92,13 @@ def robust_accuracy(
         attack: the attack (its radius and the pixel statistics).
         generator: the random starts.
         batch_size: examples attacked together.
+        max_examples: attack only the first this-many examples (None = all).
 
     Returns:
-        correct predictions at the adversarial copies / N; 0 for an empty set.
+        correct predictions at the adversarial copies / the examples attacked; 0 for an empty set.
     """
+    if max_examples is not None:
+        inputs, targets = inputs[:max_examples], targets[:max_examples]
     was_training = model.training
     model.eval()
     correct = 0

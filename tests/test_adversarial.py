@@ -184,3 +184,10 @@ def test_run_settings_build_the_attack_from_the_dataset_statistics():
 def test_attack_settings_that_cannot_apply_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         RunSettings(**kwargs)
+
+
+def test_robust_accuracy_attacks_only_the_first_max_examples():
+    model, (inputs, targets) = tiny_cnn(), images(20)
+    attack = evaluation_attack(0.3, mean=MEAN, std=STD)
+    first = robust_accuracy(model, inputs[:5], targets[:5], attack, generator=torch.Generator().manual_seed(0))
+    assert robust_accuracy(model, inputs, targets, attack, generator=torch.Generator().manual_seed(0), max_examples=5) == first
