@@ -471,7 +471,8 @@ def test_robustness_recipe_lists_every_attack_fraction_clients_and_rule():
 def test_every_recipe_is_exercised_here():
     assert set(RECIPES) == {
         "mushroom-logreg", "dp-sign-variants", "mnist-cnn", "fmnist-cnn", "cifar10-cnn",
-        "mnist-scatternet", "fmnist-scatternet", "cifar10-scatternet", "mnist-robustness",
+        "mnist-scatternet", "fmnist-scatternet", "cifar10-scatternet", "mnist-robustness", "mnist-adversarial",
+        "fmnist-adversarial",
     }
 
 
