@@ -11,6 +11,11 @@ activations.
   Activations for Deep Learning with Differential Privacy", arXiv:2007.14191),
   also used by Tramer & Boneh 2021 (arXiv:2011.11660): 26,010 parameters for
   10 classes.
+- ``tanh-cnn-public-norm``: ``tanh-cnn`` with a :class:`PublicStatisticsNorm`
+  after each convolution: per-channel means and variances computed once from
+  a small PUBLIC set (:func:`fit_public_statistics`; which set:
+  :func:`dpsign_fl.data.public_images`), frozen buffers, never computed from
+  a private batch. No parameter is added: 26,010 parameters for 10 classes.
 - ``cifar-cnn``: the CIFAR-10 CNN of the same papers (three blocks of two 3x3
   convolutions and a max-pool, 32/64/128 channels, then Linear(2048, 128),
   Linear(128, classes)), tanh; we add GroupNorm after every convolution
@@ -60,7 +65,7 @@ from torch.nn import functional as F
 
 from .model_sizes import HEAD_WIDTH, PREVIOUS_CHARACTERS, TRANSFORMER_DEPTH, TRANSFORMER_WIDTH
 
-MODELS = ("logreg", "mlp", "tanh-cnn", "cifar-cnn", "scatternet-linear", "scatternet-cnn", "char-transformer")
+MODELS = ("logreg", "mlp", "tanh-cnn", "tanh-cnn-public-norm", "cifar-cnn", "scatternet-linear", "scatternet-cnn", "char-transformer")
 SCATTER_GROUPS = 27  # GroupNorm groups over the scattering channels (81 per input channel)
 MLP_HIDDEN_UNITS = 64
 CIFAR_CNN_GROUPS = 8  # GroupNorm groups per convolution
@@ -199,6 +204,81 @@ def _tanh_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         nn.Tanh(),
         nn.Linear(32, num_classes),
     )
+
+
+class PublicStatisticsNorm(nn.Module):
+    """``(x - mean) / sqrt(var + eps)`` per channel, with frozen statistics of a public set.
+
+    The statistics are buffers, not parameters: no sign is released for them
+    and the votes never move them. They are named ``running_mean`` and
+    ``running_var`` as BatchNorm's, so that the model sync treats them as
+    statistics that travel with the model (:data:`dpsign_fl.model_sync.BATCHNORM_STATISTICS`).
+    Unlike BatchNorm they never change in a forward pass, in any mode: each
+    example is normalised on its own with fixed numbers, so per-example
+    gradients and the sensitivity are as for a model without it.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def reset_statistics(self) -> None:
+        """Mean 0 and variance 1 (the identity) until :func:`fit_public_statistics` sets them."""
+        with torch.no_grad():
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return (x - self.running_mean.view(shape)) / torch.sqrt(self.running_var.view(shape) + self.eps)
+
+
+@torch.no_grad()
+def fit_public_statistics(model: nn.Module, public_inputs: torch.Tensor) -> None:
+    """Set every :class:`PublicStatisticsNorm` of ``model`` from a public set, in forward order.
+
+    Each layer gets the per-channel mean and (biased) variance of its input
+    over ``public_inputs``, with the layers before it already set. Called once,
+    by the server, before round 1; the statistics then stay fixed.
+
+    Privacy: ``public_inputs`` must be public data (never a client's): the
+    statistics travel to every client with the model.
+
+    Raises:
+        ValueError: if ``public_inputs`` is empty or not finite.
+    """
+    if public_inputs.shape[0] == 0 or not bool(torch.isfinite(public_inputs).all()):
+        raise ValueError(f"public_inputs must be a non-empty finite batch, got shape {list(public_inputs.shape)}")
+    was_training = model.training
+    model.eval()
+    for layer in [m for m in model.modules() if isinstance(m, PublicStatisticsNorm)]:
+        seen = []
+        handle = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            model(public_inputs)
+        finally:
+            handle.remove()
+        dims = [0] + list(range(2, seen[0].ndim))
+        layer.running_mean.copy_(seen[0].mean(dim=dims))
+        layer.running_var.copy_(seen[0].var(dim=dims, unbiased=False))
+    model.train(was_training)
+
+
+def uses_public_statistics(model: nn.Module) -> bool:
+    """Whether ``model`` holds a :class:`PublicStatisticsNorm` (the server must fit it before round 1)."""
+    return any(isinstance(m, PublicStatisticsNorm) for m in model.modules())
+
+
+def _tanh_cnn_public_norm(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    plain = _tanh_cnn(input_shape, num_classes)
+    layers = []
+    for layer in plain:
+        layers.append(layer)
+        if isinstance(layer, nn.Conv2d):
+            layers.append(PublicStatisticsNorm(layer.out_channels))
+    return nn.Sequential(*layers)
 
 
 def _cifar_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -366,7 +446,8 @@ def _is_int(value) -> bool:
 
 
 _BUILDERS = {
-    "logreg": _logreg, "mlp": _mlp, "tanh-cnn": _tanh_cnn, "cifar-cnn": _cifar_cnn,
+    "logreg": _logreg, "mlp": _mlp, "tanh-cnn": _tanh_cnn, "tanh-cnn-public-norm": _tanh_cnn_public_norm,
+    "cifar-cnn": _cifar_cnn,
     "scatternet-linear": _scatternet_linear, "scatternet-cnn": _scatternet_cnn, "char-transformer": _char_transformer,
 }
 
@@ -382,6 +463,8 @@ def _reset_parameters(module: nn.Module, generator: torch.Generator) -> None:
             nn.init.uniform_(module.bias, -bound, bound, generator=generator)
     elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
         module.reset_parameters()  # deterministic: ones and zeros
+    elif isinstance(module, PublicStatisticsNorm):
+        module.reset_statistics()
     elif isinstance(module, nn.Embedding):
         # As nn.Embedding.reset_parameters.
         nn.init.normal_(module.weight, generator=generator)

@@ -140,7 +140,8 @@ def plan_release(settings: RunSettings, budget: Budget | None = None, prior: tup
         prior=[(r.sample_rate, r.noise_multiplier, r.count) for r in prior],
     )
     release = ReleaseSettings(
-        sample_rate=settings.sample_rate, clip_norm=settings.clip_norm, noise_multiplier=sigma, clipping=settings.clipping
+        sample_rate=settings.sample_rate, clip_norm=settings.clip_norm, noise_multiplier=sigma, clipping=settings.clipping,
+        adversarial=settings.adversarial,
     )
     return ReleasePlan(release, num_releases, budget, tuple(prior))
 

@@ -246,8 +246,11 @@ def _torch_side_choices() -> dict[str, tuple[str, ...]]:
     from .data import DATASETS, PARTITIONERS
     from .release.mechanism import CLIPPING_MODES
     from .models import MODELS
+    from .release.adversarial import ATTACKS
 
-    return dict(datasets=DATASETS, partitioners=PARTITIONERS, clipping=CLIPPING_MODES, models=("",) + MODELS)
+    return dict(
+        datasets=DATASETS, partitioners=PARTITIONERS, clipping=CLIPPING_MODES, models=("",) + MODELS, attacks=ATTACKS
+    )
 
 
 def _later(name: str):
@@ -307,6 +310,19 @@ class RunSettings:
     reproducible_noise: bool = setting(False, help="simulation only: derive clients' sampling and noise from noise-seed (NOT private)")
     noise_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of clients' randomness when reproducible-noise is true")
     eval_every: int = setting(1, low=1, high=1_000_000, help="evaluate the global model every k rounds (and after the last)")
+    adversarial_training: str = setting(
+        "none", choices=_later("attacks"),
+        help="clients train at adversarial copies of their examples: none, fgsm-rs (one step from a random start) or pgd",
+    )
+    adv_epsilon: float = setting(
+        0.0, low=0, high=1,
+        help="L-infinity radius in pixel units of [0, 1] of training attacks and of the server's robust accuracy "
+        "(PGD-20); 0 = no attack, no robust accuracy",
+    )
+    adv_steps: int = setting(10, low=1, high=1000, help="steps of the pgd training attack (fgsm-rs takes one)")
+    adv_step_size: float = setting(
+        0.0, low=0, high=1, help="step of the training attack in pixel units; 0 = 1.25 eps (fgsm-rs) or 2.5 eps / steps (pgd)"
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -316,6 +332,45 @@ class RunSettings:
             check_partitioner(self.dataset, self.partitioner)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        self._check_attack()
+
+    def _check_attack(self) -> None:
+        if self.adversarial_training == "none" and self.adv_epsilon == 0:
+            return
+        if self.adversarial_training != "none" and self.adv_epsilon == 0:
+            raise ConfigError(f"adv-epsilon must be > 0 with adversarial-training={self.adversarial_training!r}, got 0")
+        from .data import pixel_statistics
+        from .models import input_features
+
+        if pixel_statistics(self.dataset) is None or input_features(self.model_name) != "pixels":
+            raise ConfigError(
+                f"adv-epsilon must be 0 unless the model reads image pixels, got {self.adv_epsilon} for dataset "
+                f"{self.dataset!r} and model {self.model_name!r}"
+            )
+
+    @property
+    def adversarial(self):
+        """The clients' training attack (:class:`dpsign_fl.release.AdversarialSettings`), or None."""
+        if self.adversarial_training == "none":
+            return None
+        from .data import pixel_statistics
+        from .release.adversarial import AdversarialSettings
+
+        mean, std = pixel_statistics(self.dataset)
+        return AdversarialSettings(
+            self.adversarial_training, self.adv_epsilon, self.adv_steps, self.adv_step_size, mean, std
+        )
+
+    @property
+    def robust_evaluation(self):
+        """The server's robust-accuracy attack (PGD-20 at ``adv_epsilon``), or None when ``adv_epsilon`` is 0."""
+        if self.adv_epsilon == 0:
+            return None
+        from .data import pixel_statistics
+        from .release.adversarial import evaluation_attack
+
+        mean, std = pixel_statistics(self.dataset)
+        return evaluation_attack(self.adv_epsilon, mean=mean, std=std)
 
     @property
     def model_name(self) -> str:

@@ -471,7 +471,8 @@ def test_robustness_recipe_lists_every_attack_fraction_clients_and_rule():
 def test_every_recipe_is_exercised_here():
     assert set(RECIPES) == {
         "mushroom-logreg", "dp-sign-variants", "mnist-cnn", "fmnist-cnn", "cifar10-cnn",
-        "mnist-scatternet", "fmnist-scatternet", "cifar10-scatternet", "mnist-robustness",
+        "mnist-scatternet", "fmnist-scatternet", "cifar10-scatternet", "mnist-robustness", "mnist-adversarial",
+        "fmnist-adversarial",
     }
 
 
@@ -508,3 +509,26 @@ def test_the_loop_trains_a_sized_char_transformer_on_speaking_roles(tmp_path, me
     assert record["num_parameters"] == sum(p.numel() for p in expected.parameters())
     assert [row["round"] for row in record["history"]] == [0, 1, 2]
     assert all(0 <= row["accuracy"] <= 1 for row in record["history"])
+
+
+def test_adversarial_recipe_lists_four_dp_rows_and_the_non_private_model_per_adv_epsilon():
+    runs = RECIPES["mnist-adversarial"].runs()
+    assert [r.name() for r in runs][:5] == [
+        "dp-fgsm-rs-public-norm-adv0.1", "dp-fgsm-rs-plain-adv0.1", "dp-none-public-norm-adv0.1", "dp-none-plain-adv0.1",
+        "signsgd-fgsm-rs-plain-adv0.1",
+    ]
+    assert {r.run.adv_epsilon for r in runs} == {0.1, 0.3} and len(runs) == 10
+    assert all(r.run.target_epsilon == 3.0 and r.num_clients == 10 for r in runs)
+    assert [r.run.adv_epsilon for r in RECIPES["fmnist-adversarial"].runs()] == [0.1] * 5
+
+
+def test_adversarial_recipe_reports_clean_and_robust_accuracy_on_generated_idx_files(tmp_path, capsys):
+    _write_mnist(tmp_path / "data" / "mnist", train=300, test=40)  # PGD-20 at every evaluation: keep the test set small
+    _write_mnist(tmp_path / "data" / "fashion-mnist", train=300, test=40)
+    records = _run_cli(
+        "mnist-adversarial", tmp_path / "data", tmp_path / "out", capsys, "--rounds", "2",
+        "--only", "dp-fgsm-rs-public-norm-adv0.1,signsgd-fgsm-rs-plain-adv0.1", "--set", "sample_rate=0.2",
+    )
+    assert [r["label"] for r in records] == ["dp-fgsm-rs-public-norm-adv0.1", "signsgd-fgsm-rs-plain-adv0.1"]
+    assert all(0 <= r["test_robust_accuracy"] <= r["test_accuracy"] for r in records)
+    assert records[0]["epsilon"] <= 3.0

@@ -13,7 +13,7 @@ from dpsign_fl.models import MODELS, CharTransformer, build_model, default_model
 
 SEQUENCE_MODELS = ("char-transformer",)
 INPUT_SHAPES = {
-    "logreg": (117,), "mlp": (1, 8, 8), "tanh-cnn": (1, 28, 28), "cifar-cnn": (3, 32, 32),
+    "logreg": (117,), "mlp": (1, 8, 8), "tanh-cnn": (1, 28, 28), "tanh-cnn-public-norm": (1, 28, 28), "cifar-cnn": (3, 32, 32),
     "scatternet-linear": (81, 7, 7), "scatternet-cnn": (243, 8, 8), "char-transformer": (12,),
 }
 DATASET_INPUT_SHAPES = {

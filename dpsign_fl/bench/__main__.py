@@ -133,6 +133,13 @@ def _client(rows, *, quick: bool, threads: int) -> list[dict]:
             "client step vs non-private step", f"{model}, batch {batch}, {threads} thread(s)",
             f"{release[1]:.2f}x (min {release[0]:.2f}x), +{r['peak_extra_mib']['release']:.0f} MiB", reference,
         ))
+        for step in ("release_fgsm_rs", "release_pgd"):
+            if step in r["seconds"]:  # robust training's cost: its release time over the plain DP release's
+                cost = r["seconds"][step][1] / r["seconds"]["release"][1]
+                rows.append((
+                    f"{step.removeprefix('release_').replace('_', '-')} release vs DP release",
+                    f"{model}, batch {batch}, {threads} thread(s)", f"{cost:.2f}x the time", "reported",
+                ))
     return results
 
 

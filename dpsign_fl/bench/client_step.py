@@ -9,7 +9,11 @@ model and batch, in one process, interleaved (each repeat runs every step once):
 - ``vmap`` and ``layers``: :func:`dpsign_fl.release.clipped_sum.clipped_gradient_sum`;
 - ``release``: the whole :func:`dpsign_fl.release.client_release` at sample
   rate 1 (sampling, the clipped sum by ``method="auto"``, noise, sign): what a
-  client pays per round on this batch.
+  client pays per round on this batch;
+- ``release_fgsm_rs`` and ``release_pgd``: the same release with adversarial
+  training (:mod:`dpsign_fl.release.adversarial`; fgsm-rs, and pgd with
+  :data:`BENCH_PGD_STEPS` steps, at eps 0.1), image models only: the cost
+  of robust training against the plain DP release.
 
 Times are wall-clock seconds (``time.perf_counter``) at a fixed
 ``torch.set_num_threads``. Peak extra memory is the growth of the process's
@@ -34,13 +38,15 @@ from ..release.clipped_sum import clipped_gradient_sum
 from ..release.mechanism import clip_per_sample, per_sample_gradients
 from ..models import MODELS, TransformerBlock, build_model
 from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, client_release
+from ..release.adversarial import AdversarialSettings
 
 TRANSFORMERS = {
     # name: (vocab_size, width, depth, heads, seq_len)
     "transformer": (4000, 256, 2, 4, 64),
     "transformer-10m": (8000, 512, 2, 8, 64),
 }
-STEPS = ("non_private", "materialised", "vmap", "layers", "release")
+STEPS = ("non_private", "materialised", "vmap", "layers", "release", "release_fgsm_rs", "release_pgd")
+BENCH_PGD_STEPS = 10
 CLIP_NORM = 1.0
 NUM_CLASSES = 10
 MATERIALISED_MEMORY_LIMIT_BYTES = 6 * 2**30
@@ -109,7 +115,7 @@ def measure_client_step(model_name: str, batch_size: int, repeats: int = 5, thre
     torch.set_num_threads(threads)
     try:
         model, inputs, targets = _setup(model_name, batch_size)
-        steps = _runnable_steps(model, batch_size)
+        steps = _runnable_steps(model, batch_size, inputs)
         times: dict[str, list[float]] = {step: [] for step in steps}
         for repeat in range(repeats + 1):
             for step in steps:
@@ -152,12 +158,21 @@ def _setup(model_name: str, batch_size: int):
     return model, inputs, targets
 
 
-def _runnable_steps(model: nn.Module, batch_size: int) -> list[str]:
+def _runnable_steps(model: nn.Module, batch_size: int, inputs: torch.Tensor) -> list[str]:
     num_parameters = sum(p.numel() for p in model.parameters())
     steps = ["non_private"]
     if 5 * batch_size * num_parameters * 4 <= MATERIALISED_MEMORY_LIMIT_BYTES:
         steps.append("materialised")
-    return steps + ["vmap", "layers", "release"]
+    steps += ["vmap", "layers", "release"]
+    if inputs.is_floating_point() and inputs.ndim == 4:  # images: adversarial training applies
+        steps += ["release_fgsm_rs", "release_pgd"]
+    return steps
+
+
+def _adversarial_release(attack: str, channels: int) -> ReleaseSettings:
+    """RELEASE with adversarial training at eps 0.1 (bench-only pixel statistics: mean 0.5, std 0.25)."""
+    adversarial = AdversarialSettings(attack, 0.1, BENCH_PGD_STEPS, 0.0, (0.5,) * channels, (0.25,) * channels)
+    return ReleaseSettings(RELEASE.sample_rate, RELEASE.clip_norm, RELEASE.noise_multiplier, adversarial=adversarial)
 
 
 def _run(step: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -170,6 +185,9 @@ def _run(step: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
         clip_per_sample(grads, clip_norm=CLIP_NORM).sum(0)
     elif step == "release":
         client_release(model, inputs, targets, RELEASE, generator=torch.Generator().manual_seed(0))
+    elif step in ("release_fgsm_rs", "release_pgd"):
+        settings = _adversarial_release(step.removeprefix("release_").replace("_", "-"), inputs.shape[1])
+        client_release(model, inputs, targets, settings, generator=torch.Generator().manual_seed(0))
     else:
         clipped_gradient_sum(model, F.cross_entropy, inputs, targets, clip_norm=CLIP_NORM, method=step)
 

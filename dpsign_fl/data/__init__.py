@@ -16,7 +16,7 @@ the :class:`Dataset` themselves.
 """
 
 from .files import read_idx
-from .loading import DATASETS, NATURAL_PARTITIONS, SOURCES, Dataset, NaturalPartition, load_dataset
+from .loading import DATASETS, NATURAL_PARTITIONS, SOURCES, Dataset, NaturalPartition, load_dataset, pixel_statistics, public_images
 from .partitioning import (
     LABEL_PARTITIONERS,
     NATURAL_PARTITIONERS,
@@ -29,6 +29,8 @@ from .partitioning import (
 )
 
 __all__ = [
+    "pixel_statistics",
+    "public_images",
     "DATASETS",
     "LABEL_PARTITIONERS",
     "NATURAL_PARTITIONERS",

@@ -124,6 +124,41 @@ class Dataset:
         return tuple(self.train_inputs.shape[1:])
 
 
+def pixel_statistics(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Return the (mean, std) per channel with which an image dataset's pixels in [0, 1] are normalised.
+
+    None for a dataset that is not images (mushroom, shakespeare).
+    """
+    return _CHANNEL_STATS.get(name)
+
+
+PUBLIC_SETS = {"mnist": "fashion-mnist", "fashion-mnist": "mnist"}
+"""Per private dataset, the public dataset whose first training images give the public statistics."""
+
+PUBLIC_SET_SIZE = 128
+"""How many public images the server computes normalisation statistics from."""
+
+
+def public_images(name: str, data_dir: str | None, *, count: int = PUBLIC_SET_SIZE) -> torch.Tensor:
+    """The server's public set for dataset ``name``: the first ``count`` training images of :data:`PUBLIC_SETS`.
+
+    The images are normalised with ``name``'s constants (:func:`pixel_statistics`),
+    as the private inputs the model sees. Read from ``data_dir`` only.
+
+    Raises:
+        ValueError: if ``name`` has no public set, or ``data_dir`` is empty.
+    """
+    if name not in PUBLIC_SETS:
+        raise ValueError(f"dataset must be one of {tuple(PUBLIC_SETS)} for public statistics, got {name!r}")
+    if not data_dir:
+        raise ValueError(
+            f"data_dir must hold {PUBLIC_SETS[name]!r} (the public set of {name!r}) for public statistics, got {data_dir!r}"
+        )
+    images = files.read_idx_folder(files.find_folder(PUBLIC_SETS[name], data_dir))[0][:count]
+    mean, std = _CHANNEL_STATS[name]
+    return _normalise(images / np.float32(255), mean, std)
+
+
 def _check_natural_partition(partitioner: str, natural: NaturalPartition, num_train: int, num_test: int) -> None:
     for split, clients, length in (("train", natural.train_clients, num_train), ("test", natural.test_clients, num_test)):
         if clients.dtype != torch.int64 or clients.shape != (length,):

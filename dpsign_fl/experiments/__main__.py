@@ -44,6 +44,7 @@ TABLE_COLUMNS = (
     ("rounds", "T", "{}"),
     ("learning_rate", "lr", "{:.3g}"),
     ("test_accuracy", "accuracy", "{:.4f}"),
+    ("test_robust_accuracy", "robust accuracy", "{:.4f}"),
     ("wall_seconds", "wall s", "{:.1f}"),
 )
 

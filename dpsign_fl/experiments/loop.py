@@ -43,15 +43,15 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from ..data import partition_dataset
+from ..data import partition_dataset, public_images
 from ..data.features import load_run_dataset
-from ..evaluation import class_accuracies, evaluate
+from ..evaluation import class_accuracies, evaluate, robust_accuracy
 from ..release.mechanism import per_sample_gradients, poisson_sample, secure_generator
-from ..models import build_model
+from ..models import build_model, fit_public_statistics, uses_public_statistics
 from ..packing import pack_signs
 from ..parameters import load_model_vector, model_vector
 from ..privacy import PrivacyLedger
-from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, seeded_generator
+from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, adversarial_examples, seeded_generator
 from ..rounds import Budget, ReleasePlan, SignedUpdate, client_round, plan_release, planned_releases, server_round
 from ..server_update import AUTOMATIC, VoteUpdater, learning_rate_at
 from ..settings import ConfigError, RunSettings, check_fields, from_mapping, setting, specs, to_mapping
@@ -256,6 +256,8 @@ def run_experiment(
         run.model_name, input_shape=tuple(dataset.input_shape), num_classes=dataset.num_classes, seed=run.model_seed,
         **run.model_options,
     )
+    if uses_public_statistics(model):  # the server's public set, as the Flower app's server does
+        fit_public_statistics(model, public_images(run.dataset, run.data_dir))
     weights = model_vector(model)
     num_coordinates = weights.shape[0]
     noise_transform = gradient_noise_transform(experiment.hooks.gradient_noise)
@@ -266,7 +268,8 @@ def run_experiment(
     # A fixed sigma (sweeps) or Jin's per-step calibration are not planned for the target: report, never refuse.
     planned = experiment.method == "dp-signsgd" and experiment.noise_multiplier is None
     release = ReleaseSettings(
-        sample_rate=run.sample_rate, clip_norm=run.clip_norm, noise_multiplier=noise_multiplier, clipping=run.clipping
+        sample_rate=run.sample_rate, clip_norm=run.clip_norm, noise_multiplier=noise_multiplier, clipping=run.clipping,
+        adversarial=run.adversarial,
     )
     plan = ReleasePlan(release, planned_releases(run), Budget(run.target_epsilon if planned else math.inf, target_delta))
     updater = VoteUpdater(learning_rate=learning_rate, schedule=run.lr_schedule, momentum=run.server_momentum)
@@ -279,10 +282,15 @@ def run_experiment(
     def evaluate_at(round_number: int) -> dict:
         load_model_vector(model, weights)
         loss, accuracy = evaluate(model, test_inputs, test_targets)
+        robust = None
+        if run.robust_evaluation is not None:
+            attack_generator = torch.Generator().manual_seed(run.model_seed * 1_000_003 + round_number)
+            robust = robust_accuracy(model, test_inputs, test_targets, run.robust_evaluation, generator=attack_generator)
         return {
             "round": round_number,
             "accuracy": accuracy,
             "class_accuracies": class_accuracies(model, test_inputs, test_targets),
+            "robust_accuracy": robust,
             "loss": loss,
             "epsilon": _largest_epsilon(ledgers, target_delta) if experiment.private else math.inf,
             "wall_seconds": round(time.monotonic() - started, 3),
@@ -363,6 +371,7 @@ def run_experiment(
         "epsilon": final["epsilon"],
         "test_accuracy": final["accuracy"],
         "worst_class_accuracy": min(final["class_accuracies"].values()),
+        "test_robust_accuracy": final["robust_accuracy"],
         "test_loss": final["loss"],
         "rounds": run.num_rounds,
         "num_parameters": int(num_coordinates),
@@ -407,6 +416,8 @@ def _client_mean_gradient(model, client: ClientData, experiment: Experiment, gen
     if indices.numel() == 0:
         return np.zeros(sum(p.numel() for p in parameters), dtype=np.float32)
     inputs, targets = client.inputs[indices], client.targets[indices]
+    if experiment.run.adversarial is not None:
+        inputs = adversarial_examples(model, F.cross_entropy, inputs, targets, experiment.run.adversarial, generator=generator)
     transform = gradient_noise_transform(experiment.hooks.gradient_noise)
     if transform is None:
         loss = F.cross_entropy(model(inputs), targets)

@@ -376,7 +376,10 @@ def run_plan(settings: RunSettings, budget: Budget, ledger: PrivacyLedger, conte
     stored = context.state[NOISE_STATE_KEY] if NOISE_STATE_KEY in context.state else None
     if stored is not None and stored.get("key") == key:
         prior = tuple(Release(*entry) for entry in json.loads(stored["prior"]))
-        release = ReleaseSettings(settings.sample_rate, settings.clip_norm, float(stored["noise-multiplier"]), settings.clipping)
+        release = ReleaseSettings(
+            settings.sample_rate, settings.clip_norm, float(stored["noise-multiplier"]), settings.clipping,
+            adversarial=settings.adversarial,
+        )
         return ReleasePlan(release, planned_releases(settings), budget, prior)
     if (budget.target_epsilon, budget.target_delta) != (settings.target_epsilon, settings.target_delta):
         log(WARNING, "the run asks for epsilon %g at delta %g; this node's cap is epsilon %g at delta %g: "

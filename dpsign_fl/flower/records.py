@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ..model_sync import ModelReplica, UpdateRule, check_trainable
+from ..model_sync import BATCHNORM_STATISTICS, ModelReplica, UpdateRule, check_trainable
 from ..packing import payload_bytes, unpack_vote
 from ..parameters import flatten, trainable_parameters, unflatten
 from ..privacy import PrivacyLedger
@@ -87,8 +87,22 @@ class InvalidReply(ValueError):
 
 
 def model_to_arrays(model: torch.nn.Module) -> ArrayRecord:
-    """Return the model's trainable parameters as an ArrayRecord, in ``parameters()`` order."""
-    return ArrayRecord(array_dict={name: Array(p.detach().cpu().numpy()) for name, p in trainable_parameters(model)})
+    """Return the model's trainable parameters, in ``parameters()`` order, then its frozen statistics.
+
+    The statistics are the buffers named as BatchNorm's
+    (:data:`dpsign_fl.model_sync.BATCHNORM_STATISTICS`, e.g. the public
+    statistics of ``tanh-cnn-public-norm``): they travel with the model on a
+    full sync and the votes never move them (:func:`dpsign_fl.model_sync.default_trainable`).
+    """
+    arrays = {name: Array(p.detach().cpu().numpy()) for name, p in trainable_parameters(model)}
+    arrays.update({name: Array(b.detach().cpu().numpy()) for name, b in _statistics(model).items()})
+    return ArrayRecord(array_dict=arrays)
+
+
+def _statistics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: b for name, b in model.named_buffers() if b.is_floating_point() and name.endswith(BATCHNORM_STATISTICS)
+    }
 
 
 def arrays_to_flat(arrays: ArrayRecord) -> np.ndarray:
@@ -115,9 +129,9 @@ def load_arrays_into_model(model: torch.nn.Module, arrays: ArrayRecord) -> None:
     """Copy a record from :func:`model_to_arrays` into ``model``.
 
     Raises:
-        ValueError: if names or shapes differ from the model's trainable parameters.
+        ValueError: if names or shapes differ from the model's trainable parameters and statistics.
     """
-    params = dict(trainable_parameters(model))
+    params = dict(trainable_parameters(model)) | _statistics(model)
     if list(arrays.keys()) != list(params.keys()):
         raise ValueError(
             f"model arrays must be named {list(params.keys())} in that order, got {list(arrays.keys())}"

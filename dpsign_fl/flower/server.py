@@ -51,8 +51,9 @@ from ..checkpoint import (
 from ..atomic_file import write_json_atomic
 from ..data import Dataset
 from ..data.features import load_run_dataset
-from ..evaluation import evaluate
-from ..models import build_model
+from ..evaluation import evaluate, robust_accuracy
+from ..data import public_images
+from ..models import build_model, fit_public_statistics, uses_public_statistics
 from ..results import plot_metrics
 from ..settings import ConfigError, FlowerOptions, RunSettings, parse_run_config, run_config_of, tuning_warnings
 from ..vote_kernel import describe_kernel
@@ -187,18 +188,24 @@ def prepare_run(run_config, *, recorded_groups: tuple = ()) -> tuple[RunSettings
 
 
 def build_server_model(settings: RunSettings, dataset: Dataset) -> torch.nn.Module:
-    """Return the initial global model, drawn with ``model-seed``.
+    """Return the initial global model, drawn with ``model-seed``; public statistics fitted where it has them.
 
     Raises:
         ConfigError: if ``model`` does not fit the dataset's inputs.
     """
     try:
-        return build_model(
+        model = build_model(
             settings.model_name, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
             seed=settings.model_seed, **settings.model_options,
         )
     except ValueError as error:
         raise ConfigError(f"model {settings.model_name!r} does not fit dataset {settings.dataset!r}: {error}") from None
+    if uses_public_statistics(model):
+        try:
+            fit_public_statistics(model, public_images(settings.dataset, settings.data_dir))
+        except ValueError as error:
+            raise ConfigError(f"model {settings.model_name!r} needs the server's public set: {error}") from None
+    return model
 
 
 def check_resumable(saved: dict, current: dict) -> None:
@@ -316,7 +323,17 @@ class RoundRecorder:
             log(INFO, "round %d: accuracy %.4f, loss %.4f (%s)", server_round, accuracy, loss, which)
             if server_round == 0:
                 self.start = {"round": 0, "accuracy": accuracy, "loss": loss}
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+        metrics = {"accuracy": accuracy, "loss": loss}
+        attack = self.settings.robust_evaluation
+        if attack is not None:
+            # The server's own test set and random starts: nothing here is private.
+            generator = torch.Generator().manual_seed(self.settings.model_seed * 1_000_003 + server_round)
+            metrics["robust-accuracy"] = robust_accuracy(
+                self.model, self.dataset.test_inputs, self.dataset.test_targets, attack, generator=generator
+            )
+            log(INFO, "round %d: robust accuracy %.4f (PGD-20 at adv-epsilon %g)", server_round,
+                metrics["robust-accuracy"], attack.epsilon)
+        return MetricRecord(metrics)
 
     def record(
         self,
@@ -330,6 +347,9 @@ class RoundRecorder:
         row = {
             "round": server_round,
             "accuracy": evaluated["accuracy"] if evaluated is not None else None,
+            "robust-accuracy": (
+                evaluated["robust-accuracy"] if evaluated is not None and "robust-accuracy" in evaluated else None
+            ),
             "loss": evaluated["loss"] if evaluated is not None else None,
             "epsilon": train["epsilon"],
             "voters": train["voters"],

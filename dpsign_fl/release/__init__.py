@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .adversarial import AdversarialSettings, adversarial_examples
 from .clipped_sum import clipped_gradient_sum
 from .mechanism import (
     CLIPPING_MODES,
@@ -55,12 +56,16 @@ class ReleaseSettings:
         clip_norm: C, the L2 bound on each example's whole gradient.
         noise_multiplier: sigma; the noise std is sigma * C.
         clipping: ``"flat"`` or ``"automatic"``.
+        adversarial: None, or how each sampled example is replaced by its
+            adversarial copy before its gradient is taken
+            (:mod:`dpsign_fl.release.adversarial`; the sensitivity is unchanged).
     """
 
     sample_rate: float
     clip_norm: float
     noise_multiplier: float
     clipping: str = "flat"
+    adversarial: AdversarialSettings | None = None
 
     def __post_init__(self) -> None:
         _check_sample_rate(self.sample_rate)
@@ -68,6 +73,8 @@ class ReleaseSettings:
         _check_noise_multiplier(self.noise_multiplier)
         if self.clipping not in CLIPPING_MODES:
             raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {self.clipping!r}")
+        if self.adversarial is not None and not isinstance(self.adversarial, AdversarialSettings):
+            raise TypeError(f"adversarial must be None or AdversarialSettings, got {type(self.adversarial).__name__}")
 
 
 class UnsafeRelease(ValueError):
@@ -114,6 +121,11 @@ def client_release(
     each sampled example's gradient is clipped to norm C over all parameters
     (sensitivity C of the sum), noise N(0, (sigma C)^2 I) is added, and only
     the sign is released. An empty sample still releases the sign of pure noise.
+    With ``settings.adversarial``, each sampled example's gradient is taken at
+    its adversarial copy, a function of that example, the model and random
+    starts drawn from ``generator`` (:mod:`dpsign_fl.release.adversarial`):
+    each clipped gradient still depends on one example, so the sensitivity
+    and the accounting are the same.
     Randomness: ``generator``, or one seeded from the OS's secure source.
     Hostile input: the model is checked (:func:`check_release_model`) and the
     settings were checked when built (:class:`ReleaseSettings`: C in
@@ -144,6 +156,10 @@ def client_release(
     generator = generator if generator is not None else secure_generator()
     indices = poisson_sample(inputs.shape[0], settings.sample_rate, generator=generator)
     batch_inputs, batch_targets = inputs[indices], targets[indices]
+    if settings.adversarial is not None:
+        batch_inputs = adversarial_examples(
+            model, loss_fn, batch_inputs, batch_targets, settings.adversarial, generator=generator
+        )
     if per_example_transform is not None:
         grads = per_sample_gradients(model, loss_fn, batch_inputs, batch_targets, chunk_size=chunk_size)
         grads = per_example_transform(grads, generator)

@@ -125,3 +125,16 @@ def test_shakespeare_roles_with_a_sized_char_transformer_vote_every_round(tmp_pa
     assert all(r["voters"] == 3 and r["dropped"] == 0 for r in rows)
     assert rows[-1]["payload-bytes"] == (d + 7) // 8
     assert rows[-1]["accuracy"] is not None
+
+
+def test_mnist_public_norm_with_fgsm_training_reports_robust_accuracy_and_every_client_votes(tmp_path):
+    from ..test_data import _write_tiny_mnist
+
+    for name in ("mnist", "fashion-mnist"):
+        (tmp_path / name).mkdir()
+        _write_tiny_mnist(tmp_path / name, compress=False)
+    rows = run_app(tmp_path, dataset="mnist", model="tanh-cnn-public-norm", **{
+        "data-dir": str(tmp_path), "sample-rate": 0.5, "adversarial-training": "fgsm-rs", "adv-epsilon": 0.1,
+    })
+    assert all(r["voters"] == 3 and r["dropped"] == 0 for r in rows)
+    assert all(0 <= r["robust-accuracy"] <= r["accuracy"] for r in rows)
