@@ -522,6 +522,7 @@ def test_adversarial_recipe_lists_four_dp_rows_and_the_non_private_model_per_adv
     assert [r.run.adv_epsilon for r in RECIPES["fmnist-adversarial"].runs()] == [0.1] * 5
 
 
+@pytest.mark.slow  # two recipe runs with PGD-20 evaluation: about 2 minutes on the 2-core machine
 def test_adversarial_recipe_reports_clean_and_robust_accuracy_on_generated_idx_files(tmp_path, capsys):
     _write_mnist(tmp_path / "data" / "mnist", train=300, test=40)  # PGD-20 at every evaluation: keep the test set small
     _write_mnist(tmp_path / "data" / "fashion-mnist", train=300, test=40)
