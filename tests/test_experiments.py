@@ -169,7 +169,7 @@ def test_bad_settings_are_rejected_with_the_parameter_named():
         Experiment.create(method="sgd", learning_rate=0.01, byzantine_fraction=0.2)
     with pytest.raises(ValueError, match="sample_rate"):
         Experiment.create(sample_rate=2.0)
-    with pytest.raises(ConfigError, match=r"participation must be 1 in the in-process loop .*got 0.25"):
+    with pytest.raises(ConfigError, match=r"participation must be 1 when every client takes part in every round .*got 0.25"):
         Experiment.create(participation=0.25)  # every client takes part in every round
 
 
@@ -472,7 +472,7 @@ def test_every_recipe_is_exercised_here():
     assert set(RECIPES) == {
         "mushroom-logreg", "dp-sign-variants", "mnist-cnn", "fmnist-cnn", "cifar10-cnn",
         "mnist-scatternet", "fmnist-scatternet", "cifar10-scatternet", "mnist-robustness", "mnist-adversarial",
-        "fmnist-adversarial",
+        "fmnist-adversarial", "shakespeare",
     }
 
 
@@ -533,3 +533,121 @@ def test_adversarial_recipe_reports_clean_and_robust_accuracy_on_generated_idx_f
     assert [r["label"] for r in records] == ["dp-fgsm-rs-public-norm-adv0.1", "signsgd-fgsm-rs-plain-adv0.1"]
     assert all(0 <= r["test_robust_accuracy"] <= r["test_accuracy"] for r in records)
     assert records[0]["epsilon"] <= 3.0
+
+
+# --- shakespeare: clients drawn per round, FedAvg, the bigram floor ------------------------------
+
+
+def test_shakespeare_recipe_lists_every_method_for_each_partition_on_the_same_rounds_and_clients():
+    runs = RECIPES["shakespeare"].runs()
+    labels = [run.name() for run in runs]
+
+    for partition in ("play", "role"):
+        assert [label for label in labels if label.startswith(f"{partition}-")] == [
+            f"{partition}-transformer-dp-signsgd-eps8", f"{partition}-transformer-dp-signsgd-eps8-majority",
+            f"{partition}-transformer-dp-signsgd-eps3", f"{partition}-transformer-signsgd",
+            f"{partition}-transformer-fedavg",
+        ]
+        same = {(r.run.num_rounds, r.num_clients, r.clients_per_round, r.run.sample_rate, r.run.model_name)
+                for r in runs if r.run.partitioner == partition}
+        assert len(same) == 1
+    for run in runs:
+        assert run.run.participation == run.clients_per_round / run.num_clients
+    assert {r.run.vote for r in runs if r.name().endswith("-majority")} == {"majority"}
+    assert RECIPES["shakespeare"].floor[0] == "bigram"
+
+
+def test_shakespeare_recipe_runs_a_label_for_two_rounds_and_writes_the_bigram_floor(tmp_path, capsys):
+    from .test_shakespeare import write_tiny_plays
+
+    data = write_tiny_plays(tmp_path)
+    records = _run_cli(
+        "shakespeare", data, tmp_path / "out", capsys, "--rounds", "2",
+        "--only", "bigram,play-transformer-dp-signsgd-eps8",
+        "--set", "num-clients=2", "--set", "clients-per-round=1", "--set", "participation=0.5",
+        "--set", "model-width=16", "--set", "model-depth=1", "--set", "sample-rate=0.5",
+    )
+
+    by_label = {record["label"]: record for record in records}
+    assert set(by_label) == {"bigram", "play-transformer-dp-signsgd-eps8"}
+    assert by_label["play-transformer-dp-signsgd-eps8"]["rounds"] == 2
+    assert 0 < by_label["bigram"]["test_accuracy"] <= 1
+
+
+def test_each_round_draws_clients_per_round_distinct_clients_the_same_for_every_method():
+    from dpsign_fl.experiments.loop import round_clients
+
+    experiment = Experiment.create(num_clients=50, clients_per_round=5, participation=0.1)
+    draws = [round_clients(experiment, t) for t in range(1, 41)]
+
+    assert all(len(set(d)) == 5 and all(0 <= m < 50 for m in d) for d in draws)
+    assert len({tuple(d) for d in draws}) > 1  # not the same clients every round
+    assert draws == [round_clients(experiment.with_changes(method="fedavg", learning_rate=0.1), t) for t in range(1, 41)]
+    assert round_clients(experiment.with_changes(clients_per_round=0, participation=1.0), 1) == list(range(50))
+
+
+def test_a_client_drawn_in_some_rounds_releases_only_in_those_rounds(digits, monkeypatch):
+    from dpsign_fl.experiments import loop
+
+    calls = []
+    real = loop.client_round
+    monkeypatch.setattr(loop, "client_round", lambda *a, **k: calls.append(1) or real(*a, **k))
+    experiment = Experiment.create(
+        dataset="digits", num_clients=6, clients_per_round=2, participation=0.5, num_rounds=3, sample_rate=0.1,
+        reproducible_noise=True,
+    )
+
+    record = loop.run_experiment(experiment, dataset=digits, progress=False)
+
+    assert len(calls) == 3 * 2
+    assert record["epsilon"] <= 8.0
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"num_clients": 4, "clients_per_round": 5}, "clients_per_round must be at most num_clients=4"),
+        ({"num_clients": 10, "clients_per_round": 5, "participation": 0.2}, "participation must be at least"),
+        ({"num_clients": 10, "participation": 0.5}, "participation must be 1 when every client"),
+        ({"method": "fedavg", "learning_rate": 0.0}, "method 'fedavg'"),
+    ],
+)
+def test_client_sampling_settings_that_cannot_hold_are_rejected_naming_them(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        Experiment.create(**fields)
+
+
+def test_fedavg_with_one_local_step_and_equal_clients_is_the_mean_gradient_step(digits):
+    # FedAvg averages the clients' models weighted by their sizes; with one local
+    # step on equal-sized IID clients that is the sgd method's mean-gradient step.
+    settings = dict(dataset="digits", num_clients=4, num_rounds=2, sample_rate=0.2, learning_rate=0.1,
+                    reproducible_noise=True, max_examples=400)
+    fedavg, sgd = [], []
+    run_experiment(Experiment.create(method="fedavg", **settings), dataset=digits, progress=False,
+                   on_round=lambda t, w: fedavg.append(w.copy()))
+    run_experiment(Experiment.create(method="sgd", **settings), dataset=digits, progress=False,
+                   on_round=lambda t, w: sgd.append(w.copy()))
+
+    np.testing.assert_allclose(fedavg[-1], sgd[-1], rtol=1e-4, atol=1e-6)
+
+
+def test_fedavg_takes_local_steps_and_learns_digits(digits):
+    experiment = Experiment.create(
+        method="fedavg", local_steps=3, dataset="digits", num_clients=5, clients_per_round=3, participation=0.6,
+        num_rounds=30, sample_rate=0.1, learning_rate=0.1, reproducible_noise=True,
+    )
+
+    record = run_experiment(experiment, dataset=digits, progress=False)
+
+    assert record["test_accuracy"] > 0.5
+
+
+def test_bigram_predicts_the_most_frequent_next_symbol_and_rejects_ids_outside_the_vocabulary():
+    from dpsign_fl.experiments.bigram import bigram_predictions
+
+    inputs = np.array([[0, 1, 1, 2], [1, 1, 0, 2]])
+    targets = np.array([[1, 1, 2, 0], [1, 0, 2, 1]])
+    # after 0: 1, 2 (tie -> 1); after 1: 1, 2, 1, 0 -> 1; after 2: 0, 1 (tie -> 0)
+    assert bigram_predictions(inputs, targets, num_symbols=3).tolist() == [1, 1, 0]
+    with pytest.raises(ValueError, match=r"train_targets must hold ids in \[0, 3\)"):
+        bigram_predictions(inputs, targets + 1, num_symbols=3)

@@ -55,10 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     recipe = get_recipe(args.recipe)
     runs = recipe.runs(RecipeOptions(rounds=args.rounds, quick=args.quick, seed=args.seed))
+    first_run = runs[0]
+    floor = recipe.floor
     if args.only:  # first: --set must only be valid for the runs that will run
         patterns = [p for p in args.only.split(",") if p]
         runs = [run for run in runs if any(fnmatch.fnmatchcase(run.name(), p) for p in patterns)]
-        if not runs:
+        if floor is not None and not any(fnmatch.fnmatchcase(floor[0], p) for p in patterns):
+            floor = None
+        if not runs and floor is None:
             print(f"--only {args.only!r} matches no run of recipe {recipe.name}", file=sys.stderr)
             return 2
     try:
@@ -66,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.data_dir is not None:
             changes["data_dir"] = args.data_dir
         runs = [experiment_from_fields(changes, run) for run in runs]
+        first_run = experiment_from_fields({"data_dir": args.data_dir} if args.data_dir is not None else {}, first_run)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -82,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         records = _load_previous(out / RESULTS_FILE, {run.name() for run in runs})
     cache: dict = {}
+    if floor is not None:
+        label, fit = floor
+        records = [record for record in records if record.get("label") != label]
+        record = {**fit(_cached_dataset(cache, first_run)), "recipe": recipe.name}
+        records.append(record)
+        write_json_atomic(out / RESULTS_FILE, records)
+        print(_format_row(record), file=sys.stderr, flush=True)
     for experiment in runs:
         dataset = _cached_dataset(cache, experiment)
         record = run_experiment(experiment, dataset=dataset, progress=not args.no_progress)

@@ -7,8 +7,9 @@ round runs the SAME client and server rounds as the Flower app
 (:func:`dpsign_fl.rounds.client_round`, :func:`dpsign_fl.rounds.server_round`):
 
 - ``"dp-signsgd"`` (ours): sigma from :func:`dpsign_fl.rounds.plan_release`
-  for the TOTAL (epsilon, delta) over ``num_rounds`` releases (every client
-  takes part in every round, so ``participation`` must be 1).
+  for the TOTAL (epsilon, delta) over the releases a client plans for: ``num_rounds``
+  when every client takes part in every round, about ``num_rounds * participation``
+  when each round samples ``clients_per_round`` of the ``num_clients``.
 - ``"jin-dp-sign"``: the same release with Jin et al.'s per-step sigma for
   per-step (epsilon, delta) (:func:`dpsign_fl.experiments.jin.jin_noise_multiplier`).
   Not private over training: the reported epsilon is the composed one.
@@ -19,6 +20,14 @@ round runs the SAME client and server rounds as the Flower app
   the minibatch mean gradient with bound b = its largest entry; not private.
 - ``"sgd"``: average of the clients' minibatch mean gradients, real-valued
   step; not private.
+- ``"fedavg"`` (McMahan et al. 2017): each client takes ``local_steps`` SGD steps
+  (learning rate ``learning_rate``, Poisson-sampled minibatches) from the global
+  weights; the new weights are the clients' weights averaged by their numbers
+  of training examples; not private.
+
+Clients per round: all ``num_clients``, or ``clients_per_round`` of them drawn
+without replacement in each round from ``noise_seed`` and the round (the same
+draw for every method, so that runs compare on the same clients).
 
 Privacy: every private client keeps a :class:`dpsign_fl.privacy.PrivacyLedger`
 of the releases it actually made, and the reported epsilon is the largest
@@ -60,7 +69,8 @@ from .compressors import sign as sign_of, sto_sign
 from .hooks import ExperimentOptions, gradient_noise_transform
 from .jin import jin_noise_multiplier
 
-METHODS = ("dp-signsgd", "signsgd", "sgd", "jin-dp-sign", "jin-rectified", "sto-sign")
+METHODS = ("dp-signsgd", "signsgd", "sgd", "fedavg", "jin-dp-sign", "jin-rectified", "sto-sign")
+REAL_VALUED_METHODS = ("sgd", "fedavg")
 PRIVATE_METHODS = ("dp-signsgd", "jin-dp-sign", "jin-rectified")
 
 
@@ -78,6 +88,10 @@ class Experiment:
     hooks: ExperimentOptions = dataclasses.field(default_factory=ExperimentOptions, metadata={"spec": None})
     method: str = setting("dp-signsgd", choices=METHODS, help="training method")
     num_clients: int = setting(10, low=1, high=100_000, help="number of simulated clients")
+    clients_per_round: int = setting(
+        0, low=0, high=100_000, help="K, the clients drawn (without replacement) for each round; 0 = all num_clients"
+    )
+    local_steps: int = setting(1, low=1, high=10_000, help="fedavg: SGD steps each client takes per round")
     noise_multiplier: float | None = setting(
         None, kind=float, low=0, high=1e6, low_open=True,
         help="fix sigma instead of calibrating it (dp-signsgd; sweeps); epsilon is still the ledgers'",
@@ -94,14 +108,28 @@ class Experiment:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.method == "sgd" and self.run.learning_rate == AUTOMATIC:
-            raise ConfigError("learning_rate 0 (automatic steps) needs a sign method, got method 'sgd': give a learning rate")
-        if self.method == "sgd" and self.hooks.byzantine_fraction > 0:
-            raise ConfigError("byzantine_fraction > 0 needs a sign method (the attacks replace signs), got method 'sgd'")
-        if self.run.participation != 1:
+        if self.method in REAL_VALUED_METHODS and self.run.learning_rate == AUTOMATIC:
             raise ConfigError(
-                f"participation must be 1 in the in-process loop (every client takes part in every round), "
-                f"got {self.run.participation!r}"
+                f"learning_rate 0 (automatic steps) needs a sign method, got method {self.method!r}: give a learning rate"
+            )
+        if self.method in REAL_VALUED_METHODS and self.hooks.byzantine_fraction > 0:
+            raise ConfigError(
+                f"byzantine_fraction > 0 needs a sign method (the attacks replace signs), got method {self.method!r}"
+            )
+        if self.clients_per_round > self.num_clients:
+            raise ConfigError(
+                f"clients_per_round must be at most num_clients={self.num_clients}, got {self.clients_per_round}"
+            )
+        if self.clients_per_round in (0, self.num_clients) and self.run.participation != 1:
+            raise ConfigError(
+                f"participation must be 1 when every client takes part in every round (clients_per_round 0 or "
+                f"num_clients), got {self.run.participation!r}"
+            )
+        drawn = self.clients_per_round / self.num_clients
+        if 0 < self.clients_per_round and self.run.participation < drawn:
+            raise ConfigError(
+                f"participation must be at least clients_per_round / num_clients = {drawn:g} (each client plans "
+                f"its noise for that fraction of the rounds), got {self.run.participation!r}"
             )
 
     @classmethod
@@ -307,15 +335,20 @@ def run_experiment(
                leave=False, mininterval=1.0)
     for current in bar:
         load_model_vector(model, weights)
+        chosen = round_clients(experiment, current)
         if experiment.method == "sgd":
-            gradients = [
-                _client_mean_gradient(model, client, experiment, _generator(run, m, current)) for m, client in enumerate(clients)
-            ]
+            gradients = [_client_mean_gradient(model, clients[m], experiment, _generator(run, m, current)) for m in chosen]
             eta = learning_rate_at(current, learning_rate=learning_rate, num_rounds=run.num_rounds, schedule=run.lr_schedule)
             weights = weights - eta * np.mean(gradients, axis=0).astype(weights.dtype)
+        elif experiment.method == "fedavg":
+            eta = learning_rate_at(current, learning_rate=learning_rate, num_rounds=run.num_rounds, schedule=run.lr_schedule)
+            local = [_local_sgd(model, weights, clients[m], experiment, eta, _generator(run, m, current)) for m in chosen]
+            sizes = np.array([clients[m].size for m in chosen], dtype=np.float64)
+            weights = (np.tensordot(sizes / sizes.sum(), np.stack(local), axes=1)).astype(weights.dtype)
         else:
             payloads, senders = [], []
-            for m, client in enumerate(clients):
+            for m in chosen:
+                client = clients[m]
                 generator = _generator(run, m, current)
                 if experiment.private:
                     outcome = client_round(
@@ -393,6 +426,28 @@ def run_experiment(
         _, accuracy = evaluate(model, test_inputs, test_targets)
         record["test_accuracy_tail_average"] = accuracy
     return record
+
+
+def round_clients(experiment: Experiment, round_number: int) -> list[int]:
+    """The clients of round ``round_number``: all, or ``clients_per_round`` drawn without replacement.
+
+    The draw depends only on ``noise_seed`` and the round, so every method of a
+    recipe trains on the same clients in the same round.
+    """
+    total, drawn = experiment.num_clients, experiment.clients_per_round
+    if drawn in (0, total):
+        return list(range(total))
+    rng = np.random.default_rng([experiment.run.noise_seed, round_number])
+    return sorted(int(m) for m in rng.choice(total, size=drawn, replace=False))
+
+
+def _local_sgd(model, weights: np.ndarray, client: ClientData, experiment: Experiment, eta: float, generator) -> np.ndarray:
+    """FedAvg's client update: ``local_steps`` SGD steps from ``weights`` on Poisson-sampled minibatches."""
+    local = weights.copy()
+    for _ in range(experiment.local_steps):
+        load_model_vector(model, local)
+        local -= eta * _client_mean_gradient(model, client, experiment, generator).astype(local.dtype)
+    return local
 
 
 def _client_signs(model, client: ClientData, experiment: Experiment, generator) -> torch.Tensor:

@@ -9,7 +9,7 @@ commands.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from .loop import Experiment
 
@@ -47,6 +47,9 @@ class Recipe:
     name: str
     description: str
     build: Callable[[], list[Experiment]]
+    floor: tuple[str, Callable[[Any], dict]] | None = None
+    """(label, function of the loaded dataset returning a record): a model fitted
+    without training that the runs must beat, written beside them (not a run: no rounds)."""
 
     def runs(self, options: RecipeOptions = RecipeOptions()) -> list[Experiment]:
         """Return the recipe's runs with ``options`` applied.
@@ -332,6 +335,71 @@ def adversarial_runs(dataset: str, adv_epsilons: tuple[float, ...]) -> list[Expe
     return runs
 
 
+# --- shakespeare: next character, one client per play or per speaking role ---------------------
+
+SHAKESPEARE_ROUNDS = 1000
+SHAKESPEARE_EVAL_EVERY = 100
+"""A pass over the 10,127 test chunks takes about 10 s: ten of them per run."""
+SHAKESPEARE_LEARNING_RATE = 1e-3
+"""The sign methods' constant step (the char-transformer spike's; not tuned further)."""
+SHAKESPEARE_FEDAVG_LEARNING_RATE = 0.5
+"""FedAvg's client SGD step (not tuned)."""
+SHAKESPEARE_EPSILONS = (8.0, 3.0)
+SHAKESPEARE_PARTITIONS = {
+    # partitioner: (clients, clients per round, sample rate)
+    "play": (37, 10, 0.05),
+    "role": (1049, 20, 0.5),
+}
+"""By play, 10 of the 37 plays a round, each sampling about 55 of its ~1,100 chunks
+(about 1.1 s a DP round here); by role, 20 of the 1,049 roles a round, each sampling
+half of its chunks (median 15), which makes about as many examples a round."""
+
+
+def shakespeare_runs() -> list[Experiment]:
+    """char-transformer on Shakespeare by play and by role, delta 1e-5, K clients drawn per round.
+
+    Per partition (label prefix ``play-`` or ``role-``): DP-SignSGD at epsilon 8
+    with the robust vote (the default) and with the plain majority, at epsilon 3,
+    and the non-private signSGD-MV and FedAvg (one local SGD step a round: the
+    same compute) on the same model, rounds and clients per round. Each client
+    plans its noise for the fraction K/N of the rounds it is drawn in
+    (``participation``). The recipe also writes the bigram floor (``bigram``).
+    """
+    runs = []
+    for partitioner, (clients, per_round, sample_rate) in SHAKESPEARE_PARTITIONS.items():
+        base = Experiment.create(
+            dataset="shakespeare",
+            model="char-transformer",
+            partitioner=partitioner,
+            num_clients=clients,
+            clients_per_round=per_round,
+            participation=per_round / clients,
+            target_delta=CNN_DELTA,
+            sample_rate=sample_rate,
+            num_rounds=SHAKESPEARE_ROUNDS,
+            learning_rate=SHAKESPEARE_LEARNING_RATE,
+            eval_every=SHAKESPEARE_EVAL_EVERY,
+        )
+        prefix = f"{partitioner}-transformer"
+        for epsilon in SHAKESPEARE_EPSILONS:
+            runs.append(base.with_changes(target_epsilon=epsilon, label=f"{prefix}-dp-signsgd-eps{epsilon:g}"))
+            if epsilon == 8.0:
+                runs.append(
+                    base.with_changes(target_epsilon=epsilon, vote="majority", label=f"{prefix}-dp-signsgd-eps8-majority")
+                )
+        runs.append(base.with_changes(method="signsgd", label=f"{prefix}-signsgd"))
+        runs.append(
+            base.with_changes(method="fedavg", learning_rate=SHAKESPEARE_FEDAVG_LEARNING_RATE, label=f"{prefix}-fedavg")
+        )
+    return runs
+
+
+def _bigram_floor(dataset) -> dict:
+    from .bigram import bigram_record
+
+    return bigram_record(dataset)
+
+
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
     for recipe in (
@@ -355,6 +423,10 @@ RECIPES: dict[str, Recipe] = {
             lambda: adversarial_runs("fashion-mnist", (0.1,)),
         ),
         Recipe("mnist-robustness", "Byzantine attacks x vote rules, MNIST ScatterNet linear, epsilon 3", lambda: robustness_runs("mnist")),
+        Recipe(
+            "shakespeare", "char-transformer on Shakespeare by play and by role, epsilon 8 and 3, K clients a round",
+            shakespeare_runs, floor=("bigram", _bigram_floor),
+        ),
     )
 }
 
