@@ -18,12 +18,17 @@ WORDS = ("the", "king", "queen", "doth", "speak", "of", "love", "and", "death", 
          "sweet", "night", "day", "fair", "hath", "come", "go", "what", "is", "a", "man", "not", "to", "be")
 
 
-def tiny_gpt2(seed: int = 0, *, rank: int = 4, target_modules=("c_attn",)):
-    """A 2-block GPT-2 (width 32, character vocabulary) with LoRA on the given Conv1D projections."""
+def tiny_gpt2_base(seed: int = 0):
+    """A 2-block GPT-2 (width 32, character vocabulary), without adapters."""
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=POSITIONS, n_embd=32, n_layer=2, n_head=2,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    base = GPT2LMHeadModel(config)
+    return GPT2LMHeadModel(config)
+
+
+def tiny_gpt2(seed: int = 0, *, rank: int = 4, target_modules=("c_attn",)):
+    """:func:`tiny_gpt2_base` with LoRA on the given Conv1D projections."""
+    base = tiny_gpt2_base(seed)
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules), lora_dropout=0.0,
                       fan_in_fan_out=True, task_type="CAUSAL_LM")
     return get_peft_model(base, lora)
