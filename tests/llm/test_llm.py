@@ -197,3 +197,22 @@ def test_packed_calls_leave_no_hook_behind():
         with packed_calls(model):
             raise RuntimeError("inside")
     assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == before
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("return_tensors", [None, "pt"])
+def test_a_tokenizers_output_is_train_data_as_it_comes_padded_on_either_side(padding_side, return_tensors):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "the": 2, "king": 3, "doth": 4, "speak": 5}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]",
+                                        padding_side=padding_side)
+
+    packed, labels = token_examples(tokenizer(["the king doth speak", "the king"], padding=True,
+                                              return_tensors=return_tensors))
+
+    assert packed.tolist() == [[[2, 3, 4, 5], [1, 1, 1, 1]], [[2, 3, 0, 0], [1, 1, 0, 0]]]
+    assert labels.tolist() == [[2, 3, 4, 5], [2, 3, IGNORE_INDEX, IGNORE_INDEX]]
