@@ -167,6 +167,8 @@ def test_lora_adapters_of_gpt2_and_llama_blocks_are_supported(name):
         (lambda: tiny_gpt2(target_modules=("wte", "c_attn")), "lora_embedding_A"),  # LoRA on an embedding: bare parameters
         (lambda: tiny_gpt2().merge_and_unload().requires_grad_(True), "Conv1D"),  # full fine-tuning of GPT-2
         (lambda: tiny_gpt2().merge_and_unload(), "no trainable parameters"),
+        (lambda: with_checkpointing(tiny_gpt2(), reentrant=True), "runs with gradients disabled"),
+        (lambda: tiny_gpt2(use_dora=True), "DoraLinearLayer"),
     ],
 )
 def test_a_model_the_layer_pass_cannot_handle_is_refused_naming_the_module(build, message):
@@ -174,6 +176,25 @@ def test_a_model_the_layer_pass_cannot_handle_is_refused_naming_the_module(build
     with packed_calls(model), pytest.raises(UnsupportedModel, match=message) as refused:
         check_per_example_support(model)
     assert "vmap" not in str(refused.value)
+
+
+def with_checkpointing(model, *, reentrant: bool):
+    model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    return model
+
+
+def test_non_reentrant_gradient_checkpointing_keeps_the_sum_exact():
+    model = with_random_lora_b(BUILDERS["gpt2"]()).train()
+    rows = sequences()
+    reference = one_at_a_time(model, rows, 0.5)
+    packed, labels = token_examples({"input_ids": [row.tolist() for row in rows]})
+
+    with_checkpointing(model, reentrant=False)
+    with packed_calls(model):
+        check_per_example_support(model)
+        total = clipped_gradient_sum(model, causal_lm_loss, packed, labels, clip_norm=0.5, method="layers")
+
+    torch.testing.assert_close(total, reference, rtol=1e-4, atol=1e-6)
 
 
 def test_a_model_that_is_not_a_causal_lm_is_refused():

@@ -26,11 +26,11 @@ def tiny_gpt2_base(seed: int = 0):
     return GPT2LMHeadModel(config)
 
 
-def tiny_gpt2(seed: int = 0, *, rank: int = 4, target_modules=("c_attn",)):
-    """:func:`tiny_gpt2_base` with LoRA on the given Conv1D projections."""
+def tiny_gpt2(seed: int = 0, *, rank: int = 4, target_modules=("c_attn",), use_dora: bool = False):
+    """:func:`tiny_gpt2_base` with LoRA (or DoRA) on the given Conv1D projections."""
     base = tiny_gpt2_base(seed)
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules), lora_dropout=0.0,
-                      fan_in_fan_out=True, task_type="CAUSAL_LM")
+                      fan_in_fan_out=True, task_type="CAUSAL_LM", use_dora=use_dora)
     return get_peft_model(base, lora)
 
 
