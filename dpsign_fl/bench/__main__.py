@@ -5,13 +5,16 @@
 - vote: the streaming packed vote against copying the payloads, and its memory;
 - client step: ``client_release`` (and the bare clipped sum) against a
   non-private forward and backward on the same batch, and extra peak memory;
+- llm: a LoRA client step on a randomly initialised GPT-2 against a
+  non-private step on the same batch, and its peak memory (needs the ``llm``
+  extra; skipped without it);
 - round: a real ``flwr run`` simulation, and the same app without the
   simulation engine (in this process), against the in-process loop on the
   same work (digits, 10 clients; with ``--data-dir``, MNIST with the tanh CNN
   too).
 
 ``--quick`` runs a tiny version of each (seconds; what the tests run) and skips
-the Flower round. ``--json PATH`` writes every number measured. Not a test:
+the LoRA step and the Flower round. ``--json PATH`` writes every number measured. Not a test:
 numbers depend on the machine and its load; docs/performance.md has a table
 from an idle 2-core machine and the command that made it.
 """
@@ -34,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write every measurement to this JSON file")
     parser.add_argument("--data-dir", default=None, help="folder with MNIST (../shared/data): adds an MNIST round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the client step (default 1)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: wire, vote, client, round")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: wire, vote, client, llm, round")
     args = parser.parse_args(argv)
     skip = {part.strip() for part in args.skip.split(",") if part.strip()}
     if args.quick:
-        skip.add("round")
+        skip.update({"llm", "round"})
     started = time.monotonic()
     report: dict = {"quick": args.quick, "threads": args.threads, "torch": torch.__version__}
     rows: list[tuple[str, str, str, str]] = []  # stage, setting, measured, reference
@@ -48,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         report["vote"] = _vote(rows, quick=args.quick)
     if "client" not in skip:
         report["client_step"] = _client(rows, quick=args.quick, threads=args.threads)
+    if "llm" not in skip:
+        report["llm_step"] = _llm(rows, threads=args.threads)
     if "round" not in skip:
         report["round"] = _rounds(rows, data_dir=args.data_dir)
     report["seconds"] = round(time.monotonic() - started, 1)
@@ -140,6 +145,30 @@ def _client(rows, *, quick: bool, threads: int) -> list[dict]:
                     f"{step.removeprefix('release_').replace('_', '-')} release vs DP release",
                     f"{model}, batch {batch}, {threads} thread(s)", f"{cost:.2f}x the time", "reported",
                 ))
+    return results
+
+
+def _llm(rows, *, threads: int) -> list[dict]:
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("peft") is None:
+        rows.append(("LoRA client step vs non-private step", "-", 'skipped: pip install -e ".[llm]"', "-"))
+        return []
+    from .llm_step import measure_llm_step
+
+    results = []
+    for size, batch in (("tiny-gpt2", 32), ("distilgpt2-shape", 8)):
+        r = measure_llm_step(size, batch, repeats=5, threads=threads)
+        results.append(r)
+        release = r["ratio"]["release"]
+        rows.append((
+            "LoRA client step vs non-private step",
+            f"{size} ({r['adapter_coordinates']:,} adapter coordinates), batch {batch} x {r['seq_len']} tokens, "
+            f"{threads} thread(s)",
+            f"{release[1]:.2f}x (min {release[0]:.2f}x), peak {r['peak_mib']['release']:.0f} MiB "
+            f"(+{r['peak_extra_mib']['release']:.0f} MiB)",
+            "target >= 0.8x",
+        ))
     return results
 
 

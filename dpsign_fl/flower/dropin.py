@@ -29,8 +29,10 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.loading import check_examples
+from ..llm import is_causal_lm
 from ..settings import ConfigError, RunSettings, specs
-from .client import guarded_reply, instruction_checks, receive_model, release_with_model
+from .client import BadInstruction, guarded_reply, instruction_checks, receive_model, release_with_model
+from .llm import causal_lm_release
 from .node import NodeConfig, parse_node_config, running_in_simulation
 
 PRIVACY_KEYS = ("target-epsilon", "target-delta", "sample-rate", "clip-norm", "num-server-rounds")
@@ -65,13 +67,20 @@ def dp_sign_train(
         model: a fresh instance of the user's model (its weights are replaced by
             the global model, buffers too). BatchNorm layers run in eval mode,
             with the statistics the server sent: per-example gradients need the
-            examples of a batch to be independent.
+            examples of a batch to be independent. Or a ``transformers``
+            causal LM wrapped by ``peft.get_peft_model``: then only its
+            trainable parameters (the adapters) are received, released and
+            voted on, one example is one token sequence, and the loss is its
+            own next-token loss (:mod:`dpsign_fl.flower.llm`).
         train_data: a ``torch.utils.data.Dataset``, a ``DataLoader`` (its
             dataset is used; Poisson sampling replaces its batching), or an
-            ``(inputs, targets)`` pair of tensors.
+            ``(inputs, targets)`` pair of tensors. For a causal LM: tokenised
+            sequences, ``input_ids`` and optionally ``attention_mask``
+            (:func:`dpsign_fl.llm.token_examples` lists the forms).
         keys: for datasets whose samples are dicts, the input and target keys,
-            e.g. ``("img", "label")``.
+            e.g. ``("img", "label")``. Not for a causal LM.
         loss_fn: ``loss_fn(outputs, targets)``, the MEAN of per-example losses.
+            Not for a causal LM.
         simulation: whether the node is simulated; None = detect it.
         **privacy: ``target_epsilon``, ``target_delta``, ``sample_rate``,
             ``clip_norm``, ``num_rounds``, ``clipping``, ``accountant``,
@@ -98,9 +107,16 @@ def _train(message, context, model, train_data, keys, loss_fn, simulation, priva
         settings = privacy_settings(context.run_config, privacy)
     node = _node_config(context.node_config)
     simulated = running_in_simulation() if simulation is None else simulation
+    causal_lm = is_causal_lm(model)
+    if causal_lm and (keys is not None or loss_fn is not F.cross_entropy):
+        raise BadInstruction("dp_sign_train trains a causal LM on its own next-token loss: pass neither keys nor loss_fn")
     received = receive_model(message, context, node, simulated, model=model)
     if isinstance(received, Message):
         return received
+    # The app chooses its own examples; what the node config says about them keys the ledger.
+    identity = {"partition-id": node.partition_id, "num-partitions": node.num_partitions, "data-dir": node.data_dir}
+    if causal_lm:
+        return causal_lm_release(message, context, received, model, train_data, settings, node, simulated, identity=identity)
     inputs, targets = examples(train_data, keys)
     with torch.no_grad():
         outputs = model(inputs[:1]) if inputs.shape[0] else None
@@ -110,8 +126,6 @@ def _train(message, context, model, train_data, keys, loss_fn, simulation, priva
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
-    # The app chooses its own examples; what the node config says about them keys the ledger.
-    identity = {"partition-id": node.partition_id, "num-partitions": node.num_partitions, "data-dir": node.data_dir}
     return release_with_model(
         message, context, received, model, inputs, targets, settings, node, simulated, identity=identity, loss_fn=loss_fn
     )

@@ -2,7 +2,7 @@
 
 :func:`client_release` is the mechanism end to end: Poisson-sample the local
 data, per-example gradients, clip each to ``clip_norm``, sum, add Gaussian
-noise, sign (:mod:`dpsign_fl.mechanism` holds the pieces). The Flower
+noise, sign (:mod:`dpsign_fl.release.mechanism` holds the pieces). The Flower
 ClientApp, the drop-in helper and the research loop all release through it.
 """
 
@@ -130,7 +130,7 @@ def client_release(
     Hostile input: the model is checked (:func:`check_release_model`) and the
     settings were checked when built (:class:`ReleaseSettings`: C in
     [MIN_CLIP_NORM, MAX_CLIP_NORM]) before any example is sampled; the noise
-    is added in float64 (:func:`dpsign_fl.mechanism.noisy_sum`).
+    is added in float64 (:func:`dpsign_fl.release.mechanism.noisy_sum`).
 
     Args:
         model: the current global model (read only).

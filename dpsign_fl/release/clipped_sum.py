@@ -1,6 +1,6 @@
 """The sum of per-example clipped gradients, without the ``[B, d]`` matrix.
 
-The pre-noise core of the DP-SIGN release (:mod:`dpsign_fl.mechanism`): the
+The pre-noise core of the DP-SIGN release (:mod:`dpsign_fl.release.mechanism`): the
 same value as ``clip_per_sample(per_sample_gradients(...), ...).sum(0)``, by one
 of two methods that never hold all B per-example gradients at once:
 
@@ -72,7 +72,7 @@ def clipped_gradient_sum(
     sensitivity ``clip_norm``; an example whose gradient or norm is not finite
     contributes exactly zero. Released: nothing; this function adds no noise
     and draws no randomness (the Gaussian noise of the release is added by the
-    caller, :mod:`dpsign_fl.mechanism`).
+    caller, :mod:`dpsign_fl.release.mechanism`).
 
     ``g_i`` is the gradient of the loss of example i, which is
     ``loss_fn(model(x_i[None]), y_i[None])``: ``loss_fn`` on a batch must be the

@@ -1,4 +1,4 @@
-"""Per-layer rules of the layer pass of :mod:`dpsign_fl.clipped_sum`.
+"""Per-layer rules of the layer pass of :mod:`dpsign_fl.release.clipped_sum`.
 
 For each supported layer type, from the layer's input ``a`` and the gradient
 ``g`` of the summed loss w.r.t. its output (row i depends on example i only):

@@ -1,0 +1,1 @@
+"""A Flower app that fine-tunes a causal LM with LoRA, privately, through dpsign-fl."""
