@@ -453,6 +453,14 @@ on which the likeness is measured."""
 # Payloads inspected at once: their per-block counts (up to ~20 masks x 32 blocks x 8 bytes each) stay ~5 MiB.
 _INSPECTION_CHUNK_ROWS = 1024
 
+COPY_BYTES = 64
+"""The copy statistic compares the payloads on runs of this many bytes (512 coordinates) at the same place."""
+
+COPY_MARGIN = 2
+"""A payload is dropped when it repeats another payload's bits exactly on more runs than the median payload
+does plus this many (robust z-score floored at one run): 512 coordinates of DP-noisy signs do not repeat
+by chance."""
+
 RATE_THRESHOLD = 8.0
 """A payload is dropped when its +1 rate is more than this many robust standard deviations from the median."""
 
@@ -508,7 +516,12 @@ def robust_vote(payloads: Sequence[np.ndarray], num_coordinates: int, *, generat
          same way are far more alike there than honest clients under DP noise.
          Pairs compared block by block would not tell them from honest clients
          that hold the same classes (non-IID), which the mean over all the
-         others dilutes.
+         others dilutes;
+       - its copies: how many runs of :data:`COPY_BYTES` bytes it shares
+         exactly with another payload at the same place (hashed, no pair
+         compared; :data:`COPY_MARGIN`). Under DP noise honest payloads never
+         repeat 512 coordinates, even those of clients that hold the same
+         data; two attackers who push a row with the same signs do.
     3. **Disagreement.** Against the majority of the OTHER payloads left (its
        own vote would inflate its agreement: a tenth of the vote with 10
        voters), a payload that agrees far less than the rest is dropped
@@ -553,6 +566,7 @@ def robust_vote(payloads: Sequence[np.ndarray], num_coordinates: int, *, generat
     colluders = _colluders(rows, kept, generator)
     if len(kept) >= 3:
         colluders |= {kept[p] for p in _too_alike(seen)}
+        colluders |= {kept[p] for p in _far_from_median(_copied_runs(rows, kept, blocks), floor=1.0, threshold=COPY_MARGIN, side="high")}
     for index in sorted(colluders):
         dropped[index] = "collusion"
     kept = [i for i in everyone if i not in dropped]
@@ -671,6 +685,50 @@ def _likeness(products: np.ndarray | None, count: int, voters: int) -> tuple[np.
     sizes = np.append(np.full(products.shape[1] - 1, size), size * (products.shape[1] - 1))
     pairs = sizes * (voters - 1)
     return 0.5 + products / (2 * pairs), 0.5 / np.sqrt(pairs)
+
+
+def _copied_runs(rows, indices: list[int], blocks: np.ndarray | None) -> np.ndarray:
+    """How many runs of :data:`COPY_BYTES` inspected bytes each payload ``rows[i]`` shares exactly with another at the same place.
+
+    Each run is hashed to 64 bits (different runs collide with probability
+    about 2^-64); equal hashes at a place are found by sorting, a few places
+    at a time (scratch: 24 bytes per payload and place, 32 places at once).
+    """
+    if blocks is None:
+        runs = (rows[indices[0]].shape[0] - 1) // COPY_BYTES  # never the last byte: its tail bits
+        offsets, block_bytes = np.arange(runs) * COPY_BYTES, COPY_BYTES
+    else:
+        offsets, block_bytes = blocks * INSPECTED_BLOCK_BYTES, INSPECTED_BLOCK_BYTES
+    selected = [rows[i] for i in indices]
+    copies = np.zeros(len(indices), dtype=np.int64)
+    if len(offsets) == 0:
+        return copies
+    kernel = load_kernel()
+    if kernel is not None:
+        hashes = kernel.run_hashes([np.ascontiguousarray(row) for row in selected], offsets, block_bytes, COPY_BYTES)
+    else:
+        hashes = np.stack([_hash_runs(row, offsets, block_bytes) for row in selected])
+    for start in range(0, hashes.shape[1], 32):
+        part = hashes[:, start : start + 32]
+        order = np.argsort(part, axis=0)
+        ordered = np.take_along_axis(part, order, axis=0)
+        places, columns = np.nonzero(ordered[1:] == ordered[:-1])  # the payloads at sorted places p and p + 1 repeat a run
+        shared = np.zeros(part.shape, dtype=bool)
+        shared[order[places, columns], columns] = True
+        shared[order[places + 1, columns], columns] = True
+        copies += shared.sum(axis=1)
+    return copies
+
+
+def _hash_runs(row: np.ndarray, offsets: np.ndarray, block_bytes: int) -> np.ndarray:
+    """The compiled kernel's ``dpsign_run_hashes`` for one row, in numpy (the same hashes)."""
+    words = np.stack([row[offset : offset + block_bytes] for offset in offsets]).reshape(-1, COPY_BYTES // 8, 8)
+    words = np.ascontiguousarray(words).view(np.uint64)[..., 0]  # [runs, words per run], little-endian like the C loads
+    hashed = np.full(words.shape[0], 0x9E3779B97F4A7C15, dtype=np.uint64)
+    for w in range(words.shape[1]):
+        hashed = (hashed ^ words[:, w]) * np.uint64(0xFF51AFD7ED558CCD)
+        hashed ^= hashed >> np.uint64(33)
+    return hashed
 
 
 def _too_alike(seen: _Inspection) -> set[int]:

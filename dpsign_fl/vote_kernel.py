@@ -333,6 +333,27 @@ void dpsign_cycle_fewest_differences(const uint64_t *sketch, size_t num_rows, si
     }
 }
 
+/* hashes[r * num_blocks * (block_bytes / run_bytes) + b * (block_bytes / run_bytes) + j]: a 64-bit hash of run j
+   (run_bytes bytes, a multiple of 8) of block b of rows[r], the block starting at byte offsets[b]. Equal runs
+   hash equal; different ones collide with probability about 2^-64 (multiply-xorshift mixing per word). */
+void dpsign_run_hashes(const uint8_t *const *rows, size_t num_rows, const uint64_t *offsets, size_t num_blocks,
+                       size_t block_bytes, size_t run_bytes, uint64_t *hashes) {
+    size_t runs = block_bytes / run_bytes;
+    for (size_t r = 0; r < num_rows; r++) {
+        for (size_t b = 0; b < num_blocks; b++) {
+            const uint8_t *block = rows[r] + offsets[b];
+            for (size_t j = 0; j < runs; j++) {
+                uint64_t h = 0x9E3779B97F4A7C15ULL;
+                for (size_t w = 0; w < run_bytes / 8; w++) {
+                    h = (h ^ load(block + j * run_bytes + 8 * w)) * 0xFF51AFD7ED558CCDULL;
+                    h ^= h >> 33;
+                }
+                hashes[(r * num_blocks + b) * runs + j] = h;
+            }
+        }
+    }
+}
+
 /* The int8 vote sign(2c - T) of counts c held in bit-planes, for coordinates [0, num_coordinates): +1
    where c >= positive_bound, -1 where c < negative_bound, else 0 (the bounds come from T, see
    dpsign_fl.vote). Per word, c >= bound is compared bit-sliced from the lowest plane up, as
@@ -422,6 +443,12 @@ class CompiledVoteKernel:
         self._cycle_fewest_differences.argtypes = (
             ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p,
         )
+        self._run_hashes = loaded.dpsign_run_hashes
+        self._run_hashes.restype = None
+        self._run_hashes.argtypes = (
+            ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+            ctypes.c_size_t, ctypes.c_void_p,
+        )
         self._vote_from_planes = loaded.dpsign_vote_from_planes
         self._vote_from_planes.restype = None
         self._vote_from_planes.argtypes = (
@@ -465,6 +492,17 @@ class CompiledVoteKernel:
         fewest = np.empty((rows, blocks + 1), dtype=np.uint64)
         self._cycle_fewest_differences(sketch.ctypes.data, rows, blocks, words, reach, fewest.ctypes.data)
         return fewest.astype(np.int64)
+
+    def run_hashes(self, rows: list[np.ndarray], offsets: np.ndarray, block_bytes: int, run_bytes: int) -> np.ndarray:
+        """uint64 ``[rows, blocks * (block_bytes // run_bytes)]``: a hash of each run of ``run_bytes`` of each block of each row.
+
+        Rows: C-contiguous uint8; block ``b`` starts at byte ``offsets[b]``; ``run_bytes`` a multiple of 8 dividing ``block_bytes``.
+        """
+        offsets = np.ascontiguousarray(offsets, dtype=np.uint64)
+        hashes = np.empty((len(rows), len(offsets) * (block_bytes // run_bytes)), dtype=np.uint64)
+        row_pointers = (ctypes.c_void_p * len(rows))(*(row.ctypes.data for row in rows))
+        self._run_hashes(row_pointers, len(rows), offsets.ctypes.data, len(offsets), block_bytes, run_bytes, hashes.ctypes.data)
+        return hashes
 
     def vote_from_planes(self, planes: list[np.ndarray], positive_bound: int, negative_bound: int, num_coordinates: int) -> np.ndarray:
         """The int8 vote ``[d]``: +1 where the count held in ``planes`` is >= ``positive_bound``, -1 where < ``negative_bound``, else 0.

@@ -329,3 +329,33 @@ def test_inspecting_the_payloads_a_few_at_a_time_gives_the_same_statistics(d, mo
     apart = vote._inspect(rows, list(range(11)), counter, blocks)
     for name in ("positives", "agreement", "decided", "likeness", "likeness_floor"):
         np.testing.assert_array_equal(getattr(together, name), getattr(apart, name))
+
+
+def test_copied_runs_count_the_64_byte_runs_a_payload_shares_exactly_with_another_at_the_same_place():
+    from dpsign_fl.vote import _copied_runs
+
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 256, 64 * 10 + 5, dtype=np.uint8) for _ in range(6)]
+    rows[1][64:192] = rows[0][64:192]  # runs 1 and 2
+    rows[2][576:640] = rows[4][576:640]  # run 9
+    rows[3][0:64] = rows[5][64:128]  # the same bits at another place: no copy
+    rows[5][-5:] = rows[4][-5:]  # past the last whole run: not inspected
+    np.testing.assert_array_equal(_copied_runs(rows, list(range(6)), None), [2, 2, 1, 0, 1, 0])
+
+
+def test_two_attackers_pushing_the_same_row_are_dropped_for_their_copies_though_each_statistic_of_pairs_misses_them():
+    from dpsign_fl import vote
+    from dpsign_fl.attacks import TargetedPush
+
+    payloads, direction = noisy_payloads(20, seed=11)
+    coordinates = np.arange(3_970, 7_940)
+    push = TargetedPush(coordinates, -direction[coordinates])
+    attacked = attack_round(payloads, [0, 1], D, attack="targeted-push", generator=torch.Generator().manual_seed(0), push=push)
+
+    robust = robust_vote(attacked, D, generator=np.random.default_rng(1))
+
+    assert robust.dropped == {0: "collusion", 1: "collusion"}
+    # Negative control: the sketch and the likeness alone do not see two attackers among 20.
+    everyone = list(range(20))
+    seen = vote._inspect(attacked, everyone, vote._counter(attacked, everyone, D), None)
+    assert vote._too_alike(seen) == set() and vote._colluders(attacked, everyone, np.random.default_rng(1)) == set()

@@ -376,3 +376,16 @@ def test_a_toolchain_without_multiversioning_gets_the_baseline_build(fresh_cache
     vote_kernel._build.cache_clear()  # a later process finds the baseline build without compiling
     with mock.patch.object(subprocess, "run", side_effect=AssertionError("compiled again")):
         assert load_kernel("compiled").path == kernel.path
+
+
+@needs_compiler
+def test_run_hashes_equal_the_numpy_hashes_and_equal_runs_hash_equal():
+    from dpsign_fl.vote import COPY_BYTES, _hash_runs
+
+    rows = awkward_rows(5, 8 * 2048 + 3, seed=9)
+    rows[3][128:192] = rows[1][128:192]
+    offsets = np.array([0, 512, 1536])
+    hashes = load_kernel("compiled").run_hashes([np.ascontiguousarray(r) for r in rows], offsets, 512, COPY_BYTES)
+
+    np.testing.assert_array_equal(hashes, np.stack([_hash_runs(r, offsets, 512) for r in rows]))
+    assert hashes[3, 2] == hashes[1, 2] and len(set(hashes[:, 0].tolist())) == 5
