@@ -345,7 +345,7 @@ def test_copied_runs_count_the_64_byte_runs_a_payload_shares_exactly_with_anothe
 
 def test_two_attackers_pushing_the_same_row_are_dropped_for_their_copies_though_each_statistic_of_pairs_misses_them():
     from dpsign_fl import vote
-    from dpsign_fl.attacks import TargetedPush
+    from dpsign_fl.experiments.attacks import TargetedPush
 
     payloads, direction = noisy_payloads(20, seed=11)
     coordinates = np.arange(3_970, 7_940)
