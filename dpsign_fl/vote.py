@@ -517,9 +517,9 @@ def robust_vote(payloads: Sequence[np.ndarray], num_coordinates: int, *, generat
          Pairs compared block by block would not tell them from honest clients
          that hold the same classes (non-IID), which the mean over all the
          others dilutes;
-       - its copies: how many runs of :data:`COPY_BYTES` bytes it shares
-         exactly with another payload at the same place (hashed, no pair
-         compared; :data:`COPY_MARGIN`). Under DP noise honest payloads never
+       - its copies: how many runs of :data:`COPY_BYTES` bytes of the inspected
+         blocks it shares exactly with another payload at the same place
+         (hashed in the same pass, no pair compared; :data:`COPY_MARGIN`). Under DP noise honest payloads never
          repeat 512 coordinates, even those of clients that hold the same
          data; two attackers who push a row with the same signs do.
     3. **Disagreement.** Against the majority of the OTHER payloads left (its
@@ -566,7 +566,7 @@ def robust_vote(payloads: Sequence[np.ndarray], num_coordinates: int, *, generat
     colluders = _colluders(rows, kept, generator)
     if len(kept) >= 3:
         colluders |= {kept[p] for p in _too_alike(seen)}
-        colluders |= {kept[p] for p in _far_from_median(_copied_runs(rows, kept, blocks), floor=1.0, threshold=COPY_MARGIN, side="high")}
+        colluders |= {kept[p] for p in _far_from_median(_copied_runs(seen.run_hashes), floor=1.0, threshold=COPY_MARGIN, side="high")}
     for index in sorted(colluders):
         dropped[index] = "collusion"
     kept = [i for i in everyone if i not in dropped]
@@ -610,6 +610,8 @@ class _Inspection:
         likeness: ``[payloads, blocks + 1]``, each payload's mean agreement with every other payload on each
             whole inspected block of :data:`INSPECTED_BLOCK_BYTES`, and (last column) on all of them.
         likeness_floor: ``[blocks + 1]``, the standard error of ``likeness`` were the bits coin flips.
+        run_hashes: uint64 ``[payloads, runs]``, a 64-bit hash of each run of :data:`COPY_BYTES` bytes of the whole
+            inspected blocks.
     """
 
     coordinates: int
@@ -618,6 +620,7 @@ class _Inspection:
     decided: np.ndarray
     likeness: np.ndarray
     likeness_floor: np.ndarray
+    run_hashes: np.ndarray
 
 
 def _inspect(rows, indices: list[int], counter: VoteCounter, blocks: np.ndarray | None) -> _Inspection:
@@ -652,16 +655,17 @@ def _inspect(rows, indices: list[int], counter: VoteCounter, blocks: np.ndarray 
     weights = np.array([1 << w for w in range(len(planes))], dtype=np.int64)
     # Sum over each block of c; then, chunk by chunk of payloads (bounded scratch whatever M), the totals and x . (S - x).
     count_sums = weights @ np.stack([np.bitwise_count(p.reshape(-1, INSPECTED_BLOCK_BYTES)).sum(axis=1, dtype=np.int64) for p in plane_blocks]) if len(blocks) else 0
-    totals, products = [], []
+    totals, products, hashes = [], [], []
     for start in range(0, len(indices), _INSPECTION_CHUNK_ROWS):
         selected = [rows[i] for i in indices[start : start + _INSPECTION_CHUNK_ROWS]]
         if whole:
             totals.append(_and_counts(selected, [None] + bitmaps, coordinates))
-            counts = _block_and_counts(selected, [None] + plane_blocks, blocks) if len(blocks) else None
+            counts, hashed = _block_and_counts(selected, [None] + plane_blocks, blocks) if len(blocks) else (None, None)
         else:
-            counts = _block_and_counts(selected, [None] + bitmaps + plane_blocks, blocks)
+            counts, hashed = _block_and_counts(selected, [None] + bitmaps + plane_blocks, blocks)
             totals.append(counts[:, :5].sum(axis=2))
             counts = counts[:, [0, *range(5, counts.shape[1])]]
+        hashes.append(np.zeros((len(selected), 0), dtype=np.uint64) if hashed is None else hashed)
         if counts is not None:
             with_counts = np.einsum("w,rwb->rb", weights, counts[:, 1:, :])  # over each block: bit * c
             size = 8 * INSPECTED_BLOCK_BYTES
@@ -673,7 +677,7 @@ def _inspect(rows, indices: list[int], counter: VoteCounter, blocks: np.ndarray 
     agree = totals[:, 1] + (minus_negative_bits - totals[:, 4])
     decided = agree + totals[:, 2] + (minus_positive_bits - totals[:, 3])
     likeness, floor = _likeness(np.concatenate(products) if products else None, len(indices), voters)
-    return _Inspection(coordinates, totals[:, 0], agree / np.maximum(decided, 1), decided, likeness, floor)
+    return _Inspection(coordinates, totals[:, 0], agree / np.maximum(decided, 1), decided, likeness, floor, np.concatenate(hashes))
 
 
 def _likeness(products: np.ndarray | None, count: int, voters: int) -> tuple[np.ndarray, np.ndarray]:
@@ -687,29 +691,15 @@ def _likeness(products: np.ndarray | None, count: int, voters: int) -> tuple[np.
     return 0.5 + products / (2 * pairs), 0.5 / np.sqrt(pairs)
 
 
-def _copied_runs(rows, indices: list[int], blocks: np.ndarray | None) -> np.ndarray:
-    """How many runs of :data:`COPY_BYTES` inspected bytes each payload ``rows[i]`` shares exactly with another at the same place.
+def _copied_runs(run_hashes: np.ndarray) -> np.ndarray:
+    """How many runs each payload shares exactly with another payload at the same place, from ``run_hashes[payload, run]``.
 
-    Each run is hashed to 64 bits (different runs collide with probability
-    about 2^-64); equal hashes at a place are found by sorting, a few places
-    at a time (scratch: 24 bytes per payload and place, 32 places at once).
+    Equal hashes at a place are found by sorting, 32 places at a time
+    (scratch: about 17 bytes per payload and place).
     """
-    if blocks is None:
-        runs = (rows[indices[0]].shape[0] - 1) // COPY_BYTES  # never the last byte: its tail bits
-        offsets, block_bytes = np.arange(runs) * COPY_BYTES, COPY_BYTES
-    else:
-        offsets, block_bytes = blocks * INSPECTED_BLOCK_BYTES, INSPECTED_BLOCK_BYTES
-    selected = [rows[i] for i in indices]
-    copies = np.zeros(len(indices), dtype=np.int64)
-    if len(offsets) == 0:
-        return copies
-    kernel = load_kernel()
-    if kernel is not None:
-        hashes = kernel.run_hashes([np.ascontiguousarray(row) for row in selected], offsets, block_bytes, COPY_BYTES)
-    else:
-        hashes = np.stack([_hash_runs(row, offsets, block_bytes) for row in selected])
-    for start in range(0, hashes.shape[1], 32):
-        part = hashes[:, start : start + 32]
+    copies = np.zeros(run_hashes.shape[0], dtype=np.int64)
+    for start in range(0, run_hashes.shape[1], 32):
+        part = run_hashes[:, start : start + 32]
         order = np.argsort(part, axis=0)
         ordered = np.take_along_axis(part, order, axis=0)
         places, columns = np.nonzero(ordered[1:] == ordered[:-1])  # the payloads at sorted places p and p + 1 repeat a run
@@ -721,7 +711,7 @@ def _copied_runs(rows, indices: list[int], blocks: np.ndarray | None) -> np.ndar
 
 
 def _hash_runs(row: np.ndarray, offsets: np.ndarray, block_bytes: int) -> np.ndarray:
-    """The compiled kernel's ``dpsign_run_hashes`` for one row, in numpy (the same hashes)."""
+    """The compiled kernel's hashes of the runs of :data:`COPY_BYTES` of one row's blocks, in numpy (the same hashes)."""
     words = np.stack([row[offset : offset + block_bytes] for offset in offsets]).reshape(-1, COPY_BYTES // 8, 8)
     words = np.ascontiguousarray(words).view(np.uint64)[..., 0]  # [runs, words per run], little-endian like the C loads
     hashed = np.full(words.shape[0], 0x9E3779B97F4A7C15, dtype=np.uint64)
@@ -738,17 +728,18 @@ def _too_alike(seen: _Inspection) -> set[int]:
     return set(_far_from_median(seen.likeness, floor=seen.likeness_floor, threshold=COLLUSION_MARGIN, side="high"))
 
 
-def _block_and_counts(rows, masks: list[np.ndarray | None], blocks: np.ndarray) -> np.ndarray:
-    """``counts[r, j, b]``: the +1 coordinates of block ``blocks[b]`` of ``rows[r]`` set in block ``b`` of ``masks[j]``.
+def _block_and_counts(rows, masks: list[np.ndarray | None], blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(counts, hashes)``: ``counts[r, j, b]``, the +1 coordinates of block ``blocks[b]`` of ``rows[r]`` set in block ``b`` of ``masks[j]``; ``hashes[r]``, the hashes of the runs of :data:`COPY_BYTES` of those blocks.
 
     Blocks of :data:`INSPECTED_BLOCK_BYTES`; the masks hold theirs one after
     the other (None: all ones). The compiled kernel reads the rows where they
-    are; numpy gathers a bounded number of rows' blocks at a time.
+    are, once for both; numpy gathers each row's blocks.
     """
+    offsets = blocks * INSPECTED_BLOCK_BYTES
     kernel = load_kernel()
     if kernel is not None:
         rows = [np.ascontiguousarray(row) for row in rows]
-        return kernel.block_and_counts(rows, masks, blocks * INSPECTED_BLOCK_BYTES, INSPECTED_BLOCK_BYTES)
+        return kernel.block_and_counts(rows, masks, offsets, INSPECTED_BLOCK_BYTES, COPY_BYTES)
     counts = np.empty((len(rows), len(masks), len(blocks)), dtype=np.int64)
     shape = (len(blocks), INSPECTED_BLOCK_BYTES)
     for r, row in enumerate(rows):
@@ -756,7 +747,7 @@ def _block_and_counts(rows, masks: list[np.ndarray | None], blocks: np.ndarray) 
         for j, mask in enumerate(masks):
             bits = gathered if mask is None else gathered & mask.reshape(shape)
             counts[r, j] = np.bitwise_count(bits).sum(axis=1, dtype=np.int64)
-    return counts
+    return counts, np.stack([_hash_runs(row, offsets, INSPECTED_BLOCK_BYTES) for row in rows])
 
 
 def _and_counts(rows, masks: list[np.ndarray | None], num_coordinates: int) -> np.ndarray:

@@ -268,10 +268,22 @@ void dpsign_and_counts(const uint8_t *const *rows, size_t num_rows, const uint8_
    other (a NULL mask: the row's own bits). block_bytes: a multiple of 8; no block reaches a row's last
    byte (its tail bits are never masked here). Each row's blocks are read in the order given (sorted
    offsets read a row front to back, which the prefetcher follows); the masks (a few blocks each) stay in
-   cache across the rows. */
+   cache across the rows. With hashes (else NULL), also hashes[(r * num_blocks + b) * runs + j] = a 64-bit
+   hash of run j (run_bytes bytes, a multiple of 8 dividing block_bytes) of block b of rows[r]: equal runs
+   hash equal, different ones collide with probability about 2^-64 (multiply-xorshift per word). */
+static uint64_t hash_run(const uint8_t *run, size_t words) {
+    uint64_t h = 0x9E3779B97F4A7C15ULL;
+    for (size_t w = 0; w < words; w++) {
+        h = (h ^ load(run + 8 * w)) * 0xFF51AFD7ED558CCDULL;
+        h ^= h >> 33;
+    }
+    return h;
+}
+
 void dpsign_block_and_counts(const uint8_t *const *rows, size_t num_rows, const uint8_t *const *masks,
                              size_t num_masks, const uint64_t *offsets, size_t num_blocks, size_t block_bytes,
-                             uint64_t *counts) {
+                             uint64_t *counts, size_t run_bytes, uint64_t *hashes) {
+    size_t runs = hashes == NULL ? 0 : block_bytes / run_bytes;
     const uint8_t *block_masks[64];
     uint64_t sums[64];
     size_t words = block_bytes / 8;
@@ -291,6 +303,8 @@ void dpsign_block_and_counts(const uint8_t *const *rows, size_t num_rows, const 
                 and_counts_block(&row, 1, block_masks, n, 0, words, sums);
                 for (size_t j = 0; j < n; j++) counts[(r * num_masks + j0 + j) * num_blocks + b] = sums[j];
             }
+            for (size_t j = 0; j < runs; j++)  /* the block is in cache now */
+                hashes[(r * num_blocks + b) * runs + j] = hash_run(row + j * run_bytes, run_bytes / 8);
         }
     }
 }
@@ -329,27 +343,6 @@ void dpsign_cycle_fewest_differences(const uint64_t *sketch, size_t num_rows, si
             }
             if (whole < fp[num_blocks]) fp[num_blocks] = whole;
             if (whole < fq[num_blocks]) fq[num_blocks] = whole;
-        }
-    }
-}
-
-/* hashes[r * num_blocks * (block_bytes / run_bytes) + b * (block_bytes / run_bytes) + j]: a 64-bit hash of run j
-   (run_bytes bytes, a multiple of 8) of block b of rows[r], the block starting at byte offsets[b]. Equal runs
-   hash equal; different ones collide with probability about 2^-64 (multiply-xorshift mixing per word). */
-void dpsign_run_hashes(const uint8_t *const *rows, size_t num_rows, const uint64_t *offsets, size_t num_blocks,
-                       size_t block_bytes, size_t run_bytes, uint64_t *hashes) {
-    size_t runs = block_bytes / run_bytes;
-    for (size_t r = 0; r < num_rows; r++) {
-        for (size_t b = 0; b < num_blocks; b++) {
-            const uint8_t *block = rows[r] + offsets[b];
-            for (size_t j = 0; j < runs; j++) {
-                uint64_t h = 0x9E3779B97F4A7C15ULL;
-                for (size_t w = 0; w < run_bytes / 8; w++) {
-                    h = (h ^ load(block + j * run_bytes + 8 * w)) * 0xFF51AFD7ED558CCDULL;
-                    h ^= h >> 33;
-                }
-                hashes[(r * num_blocks + b) * runs + j] = h;
-            }
         }
     }
 }
@@ -436,18 +429,12 @@ class CompiledVoteKernel:
         self._block_and_counts.restype = None
         self._block_and_counts.argtypes = (
             ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t,
-            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
         )
         self._cycle_fewest_differences = loaded.dpsign_cycle_fewest_differences
         self._cycle_fewest_differences.restype = None
         self._cycle_fewest_differences.argtypes = (
             ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p,
-        )
-        self._run_hashes = loaded.dpsign_run_hashes
-        self._run_hashes.restype = None
-        self._run_hashes.argtypes = (
-            ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
-            ctypes.c_size_t, ctypes.c_void_p,
         )
         self._vote_from_planes = loaded.dpsign_vote_from_planes
         self._vote_from_planes.restype = None
@@ -466,21 +453,29 @@ class CompiledVoteKernel:
         self._and_counts(row_pointers, len(rows), mask_pointers, len(masks), num_bytes, tail_mask, counts.ctypes.data)
         return counts
 
-    def block_and_counts(self, rows: list[np.ndarray], masks: list[np.ndarray | None], offsets: np.ndarray, block_bytes: int) -> np.ndarray:
+    def block_and_counts(
+        self, rows: list[np.ndarray], masks: list[np.ndarray | None], offsets: np.ndarray, block_bytes: int, run_bytes: int = 0
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """``counts[r, j, b]`` = set bits of block ``b`` of ``rows[r]`` (bytes from ``offsets[b]``) & block ``b`` of ``masks[j]``.
 
         Masks (None: the row's own bits) hold their ``len(offsets)`` blocks of
         ``block_bytes`` (a multiple of 8) one after the other; rows are
-        C-contiguous and no block reaches a row's last byte. int64 ``[rows, masks, blocks]``.
+        C-contiguous and no block reaches a row's last byte. Returns
+        ``(counts, hashes)``: int64 ``[rows, masks, blocks]``, and with
+        ``run_bytes`` (a multiple of 8 dividing ``block_bytes``) uint64
+        ``[rows, blocks * (block_bytes // run_bytes)]``, a hash of each run of
+        each block (else None), from the same pass.
         """
         offsets = np.ascontiguousarray(offsets, dtype=np.uint64)
         counts = np.empty((len(rows), len(masks), len(offsets)), dtype=np.int64)
+        hashes = np.empty((len(rows), len(offsets) * (block_bytes // run_bytes)), dtype=np.uint64) if run_bytes else None
         row_pointers = (ctypes.c_void_p * len(rows))(*(row.ctypes.data for row in rows))
         mask_pointers = (ctypes.c_void_p * len(masks))(*(None if m is None else m.ctypes.data for m in masks))
         self._block_and_counts(
-            row_pointers, len(rows), mask_pointers, len(masks), offsets.ctypes.data, len(offsets), block_bytes, counts.ctypes.data
+            row_pointers, len(rows), mask_pointers, len(masks), offsets.ctypes.data, len(offsets), block_bytes,
+            counts.ctypes.data, run_bytes, None if hashes is None else hashes.ctypes.data,
         )
-        return counts
+        return counts, hashes
 
     def cycle_fewest_differences(self, sketch: np.ndarray, reach: int) -> np.ndarray:
         """``fewest[p, k]``: fewest differing bits of block ``k`` of row ``p`` with the rows up to ``reach`` places away on the cycle.
@@ -492,17 +487,6 @@ class CompiledVoteKernel:
         fewest = np.empty((rows, blocks + 1), dtype=np.uint64)
         self._cycle_fewest_differences(sketch.ctypes.data, rows, blocks, words, reach, fewest.ctypes.data)
         return fewest.astype(np.int64)
-
-    def run_hashes(self, rows: list[np.ndarray], offsets: np.ndarray, block_bytes: int, run_bytes: int) -> np.ndarray:
-        """uint64 ``[rows, blocks * (block_bytes // run_bytes)]``: a hash of each run of ``run_bytes`` of each block of each row.
-
-        Rows: C-contiguous uint8; block ``b`` starts at byte ``offsets[b]``; ``run_bytes`` a multiple of 8 dividing ``block_bytes``.
-        """
-        offsets = np.ascontiguousarray(offsets, dtype=np.uint64)
-        hashes = np.empty((len(rows), len(offsets) * (block_bytes // run_bytes)), dtype=np.uint64)
-        row_pointers = (ctypes.c_void_p * len(rows))(*(row.ctypes.data for row in rows))
-        self._run_hashes(row_pointers, len(rows), offsets.ctypes.data, len(offsets), block_bytes, run_bytes, hashes.ctypes.data)
-        return hashes
 
     def vote_from_planes(self, planes: list[np.ndarray], positive_bound: int, negative_bound: int, num_coordinates: int) -> np.ndarray:
         """The int8 vote ``[d]``: +1 where the count held in ``planes`` is >= ``positive_bound``, -1 where < ``negative_bound``, else 0.

@@ -327,20 +327,21 @@ def test_inspecting_the_payloads_a_few_at_a_time_gives_the_same_statistics(d, mo
     together = vote._inspect(rows, list(range(11)), counter, blocks)
     monkeypatch.setattr(vote, "_INSPECTION_CHUNK_ROWS", 3)
     apart = vote._inspect(rows, list(range(11)), counter, blocks)
-    for name in ("positives", "agreement", "decided", "likeness", "likeness_floor"):
+    for name in ("positives", "agreement", "decided", "likeness", "likeness_floor", "run_hashes"):
         np.testing.assert_array_equal(getattr(together, name), getattr(apart, name))
 
 
 def test_copied_runs_count_the_64_byte_runs_a_payload_shares_exactly_with_another_at_the_same_place():
-    from dpsign_fl.vote import _copied_runs
+    from dpsign_fl.vote import _block_and_counts, _copied_runs
 
     rng = np.random.default_rng(0)
-    rows = [rng.integers(0, 256, 64 * 10 + 5, dtype=np.uint8) for _ in range(6)]
+    rows = [rng.integers(0, 256, 512 * 3 + 5, dtype=np.uint8) for _ in range(6)]
     rows[1][64:192] = rows[0][64:192]  # runs 1 and 2
-    rows[2][576:640] = rows[4][576:640]  # run 9
+    rows[2][1536 - 64 : 1536] = rows[4][1536 - 64 : 1536]  # run 23, the last whole one
     rows[3][0:64] = rows[5][64:128]  # the same bits at another place: no copy
-    rows[5][-5:] = rows[4][-5:]  # past the last whole run: not inspected
-    np.testing.assert_array_equal(_copied_runs(rows, list(range(6)), None), [2, 2, 1, 0, 1, 0])
+    rows[5][-5:] = rows[4][-5:]  # past the last whole block: not inspected
+    _, hashes = _block_and_counts(rows, [None], np.arange(3))
+    np.testing.assert_array_equal(_copied_runs(hashes), [2, 2, 1, 0, 1, 0])
 
 
 def test_two_attackers_pushing_the_same_row_are_dropped_for_their_copies_though_each_statistic_of_pairs_misses_them():
