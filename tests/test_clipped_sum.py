@@ -112,7 +112,7 @@ def token_loss(outputs, targets):
 # cifar-cnn at 16x16 in float64 (CPU convolutions in float64 are ~10x slower than in
 # float32): the same layers, a smaller first Linear; 32x32 is checked in float32.
 INPUT_SHAPES = {
-    "logreg": (2, 5, 5), "mlp": (13,), "tanh-cnn": (1, 28, 28), "cifar-cnn": (3, 16, 16),
+    "logreg": (2, 5, 5), "mlp": (13,), "tanh-cnn": (1, 28, 28), "tanh-cnn-public-norm": (1, 28, 28), "cifar-cnn": (3, 16, 16),
     "scatternet-linear": (81, 3, 3), "scatternet-cnn": (81, 4, 4), "char-transformer": (6,),
 }
 FULL_SIZE = {"tanh-cnn": (1, 28, 28), "cifar-cnn": (3, 32, 32)}

@@ -46,9 +46,12 @@ def read_hub_images(name: str, *, local_format: str) -> tuple[np.ndarray, np.nda
         ) from exc
     arrays = []
     for split in ("train", "test"):
-        # The numpy format decodes the Image feature into one uint8 array.
-        columns = splits[split].with_format("numpy")[:]
-        arrays += [_channels_first(np.asarray(columns[image_column])), np.asarray(columns["label"], dtype=np.int64)]
+        # The Image feature decodes to PIL images, one uint8 array each. (Not
+        # with_format("numpy"): some datasets releases import a torchvision
+        # class there that torchvision 0.29 no longer has.)
+        table = splits[split]
+        images = np.stack([np.asarray(image, dtype=np.uint8) for image in table[image_column]])
+        arrays += [_channels_first(images), np.asarray(table["label"], dtype=np.int64)]
     return tuple(arrays)
 
 
