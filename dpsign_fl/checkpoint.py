@@ -2,7 +2,7 @@
 
 A checkpoint holds the global model (flat float32 vector, in the order of
 :func:`dpsign_fl.flower.records.arrays_to_flat`), the last finished round k,
-the server-update state (:meth:`dpsign_fl.server_update.VoteUpdater.state_dict`:
+the server-update state (:meth:`dpsign_fl.vote.server_update.VoteUpdater.state_dict`:
 the momentum), the largest epsilon each client node reported, the state of
 Python's ``random`` module (Flower samples the round's clients with it), the
 metrics rows of rounds 1..k and the run config of the run that wrote it.

@@ -212,7 +212,7 @@ class PublicStatisticsNorm(nn.Module):
     The statistics are buffers, not parameters: no sign is released for them
     and the votes never move them. They are named ``running_mean`` and
     ``running_var`` as BatchNorm's, so that the model sync treats them as
-    statistics that travel with the model (:data:`dpsign_fl.model_sync.BATCHNORM_STATISTICS`).
+    statistics that travel with the model (:data:`dpsign_fl.vote.model_sync.BATCHNORM_STATISTICS`).
     Unlike BatchNorm they never change in a forward pass, in any mode: each
     example is normalised on its own with fixed numbers, so per-example
     gradients and the sensitivity are as for a model without it.

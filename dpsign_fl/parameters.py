@@ -2,7 +2,7 @@
 
 Coordinate order: the trainable parameters in ``model.parameters()`` order (for
 named arrays, the order of the mapping), each flattened row-major. Packed signs
-(:mod:`dpsign_fl.packing`), votes and the server update all use this order; the
+(:mod:`dpsign_fl.vote.packing`), votes and the server update all use this order; the
 Flower adapter converts ``ArrayRecord``s with the same two functions.
 """
 

@@ -8,7 +8,7 @@
   (:func:`dpsign_fl.release.client_release`), record the release in the
   client's ledger, pack the signs.
 - :func:`server_round`: the server's round: the majority vote of the valid
-  payloads and the model update (:class:`dpsign_fl.server_update.VoteUpdater`).
+  payloads and the model update (:class:`dpsign_fl.vote.server_update.VoteUpdater`).
 
 Drivers only move data: the Flower adapter turns messages into these calls and
 results into messages; the loop calls them for every simulated client.
@@ -25,13 +25,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .packing import pack_signs
+from .vote.packing import pack_signs
 from .privacy import PrivacyLedger, Release, calibrate_noise_multiplier
 from .privacy.ledger import exceeds_budget
 from .release import PerExampleTransform, ReleaseSettings, UnsafeRelease, client_release
-from .server_update import VoteUpdater
+from .vote.server_update import VoteUpdater
 from .settings import RunSettings
-from .vote import DEFAULT_VOTE, VOTE_RULES, VoteCounter, robust_vote
+from .vote import DEFAULT_VOTE, VoteCounter, robust_vote
 
 
 @dataclass(frozen=True)
@@ -307,7 +307,8 @@ def server_round(
         server_round: the round number (1-based), for the schedule.
         num_rounds: T, the total rounds of the run, for the schedule.
         min_voters: fewer payloads leave the model unchanged.
-        vote_rule: ``"majority"`` or ``"robust"`` (:data:`dpsign_fl.vote.VOTE_RULES`).
+        vote_rule: ``"robust"`` or ``"majority"`` (:data:`dpsign_fl.vote.VOTE_RULES`), as the
+            run config or the strategy checked it (:func:`dpsign_fl.vote.check_vote_rule`).
 
     Returns:
         :class:`ServerRoundResult`.
@@ -319,8 +320,6 @@ def server_round(
         outcome = robust_vote(rows, weights.shape[0])
         new = updater.step(weights, outcome.vote, server_round, num_rounds)
         return ServerRoundResult(new, outcome.vote, len(rows), dict(outcome.dropped))
-    if vote_rule not in VOTE_RULES:
-        raise ValueError(f"vote_rule must be one of {VOTE_RULES}, got {vote_rule!r}")
     counter = VoteCounter(weights.shape[0])
     for payload in payloads:
         counter.add(payload)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 from .privacy.accounting import ACCOUNTANTS
 from .model_sizes import HEAD_WIDTH, PREVIOUS_CHARACTERS, TRANSFORMER_DEPTH, TRANSFORMER_WIDTH
 from .privacy.limits import CLIP_NORM_RANGE, TARGET_DELTA_RANGE, TARGET_EPSILON_RANGE
-from .server_update import AUTOMATIC, LR_SCHEDULES
+from .vote.server_update import AUTOMATIC, LR_SCHEDULES
 from .vote import DEFAULT_VOTE, VOTE_RULES
 
 SEED_LIMIT = 2**63

@@ -41,7 +41,8 @@ def private_feature_cache(tmp_path_factory):
 @pytest.fixture
 def fresh_vote_kernel(monkeypatch, tmp_path):
     """An empty cache folder and no vote kernel loaded yet in this process (and none left loaded after)."""
-    from dpsign_fl import cache, vote_kernel
+    from dpsign_fl import cache
+    from dpsign_fl.vote import kernel as vote_kernel
 
     monkeypatch.setenv("DPSIGN_FL_CACHE", str(tmp_path / "cache"))
     for remembered in (vote_kernel._build, vote_kernel._warn_once, cache._warn_refused):
@@ -60,7 +61,7 @@ def both_vote_kernels(request):
     from unittest import mock
 
     from dpsign_fl.vote import VoteCounter
-    from dpsign_fl.vote_kernel import KERNEL_ENV, find_compiler
+    from dpsign_fl.vote.kernel import KERNEL_ENV, find_compiler
 
     if request.param == "compiled" and find_compiler() is None:
         pytest.skip("no C compiler on this machine: only the numpy kernel can be tested")

@@ -16,7 +16,7 @@ from dpsign_fl.checkpoint import (
     restore_python_rng_state,
     save_checkpoint,
 )
-from dpsign_fl.server_update import VoteUpdater
+from dpsign_fl.vote.server_update import VoteUpdater
 
 
 def example(update_state=True, server_round=3):

@@ -64,7 +64,7 @@ def test_importing_every_core_module_does_not_load_flwr(import_report):
         "dpsign_fl.rounds",
         "dpsign_fl.parameters",
         "dpsign_fl.evaluation",
-        "dpsign_fl.packing",
+        "dpsign_fl.vote.packing",
         "dpsign_fl.vote",
         "dpsign_fl.privacy",
         "dpsign_fl.privacy.accounting",

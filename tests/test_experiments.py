@@ -27,11 +27,11 @@ from dpsign_fl.experiments import __main__ as experiments_main
 from dpsign_fl.experiments.__main__ import main
 from dpsign_fl.experiments.recipes import RECIPES
 from dpsign_fl.models import build_model
-from dpsign_fl.packing import pack_signs
+from dpsign_fl.vote.packing import pack_signs
 from dpsign_fl.parameters import model_vector
 from dpsign_fl.privacy import compute_epsilon
 from dpsign_fl.release import ReleaseSettings, client_release, seeded_generator
-from dpsign_fl.server_update import VoteUpdater
+from dpsign_fl.vote.server_update import VoteUpdater
 from dpsign_fl.settings import ConfigError
 from dpsign_fl.vote import majority_vote
 

@@ -1,4 +1,4 @@
-"""Tests of dpsign_fl.packing: packed signs (uplink) and the encoded vote (downlink)."""
+"""Tests of dpsign_fl.vote.packing: packed signs (uplink) and the encoded vote (downlink)."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dpsign_fl.packing import (
+from dpsign_fl.vote.packing import (
     VOTE_FORMAT_BINARY,
     VOTE_FORMAT_TERNARY,
     pack_signs,

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from dpsign_fl.data import public_images
 from dpsign_fl.flower.records import load_arrays_into_model, model_to_arrays
-from dpsign_fl.model_sync import default_trainable
+from dpsign_fl.vote.model_sync import default_trainable
 from dpsign_fl.models import PublicStatisticsNorm, build_model, fit_public_statistics, num_parameters
 from dpsign_fl.parameters import trainable_parameters
 from dpsign_fl.release import ReleaseSettings, client_release

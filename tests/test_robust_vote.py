@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dpsign_fl.experiments.attacks import attack_round
-from dpsign_fl.packing import pack_signs
+from dpsign_fl.vote.packing import pack_signs
 from dpsign_fl.vote import majority_vote, robust_vote
 
 pytestmark = pytest.mark.usefixtures("both_vote_kernels")
@@ -95,7 +95,7 @@ def test_the_mimic_attack_adapted_to_the_filters_is_not_caught_stated_limit():
 
 def test_the_attacks_send_what_they_say():
     from dpsign_fl.experiments.attacks import STEALTH_FRACTION
-    from dpsign_fl.packing import unpack_signs
+    from dpsign_fl.vote.packing import unpack_signs
 
     payloads, direction = honest_payloads(10, seed=5)
     attackers = [0, 1, 2]
@@ -134,7 +134,7 @@ def random_sketch(count, seed, blocks=3, words=5):
 
 @pytest.mark.parametrize("count", [3, 4, 5, 20, 64, 65])
 def test_the_collusion_filter_compares_every_pair_of_up_to_65_payloads(count):
-    from dpsign_fl.vote import _fewest_differences
+    from dpsign_fl.vote.robust import _fewest_differences
 
     sketch = random_sketch(count, seed=count)
     found = _fewest_differences(sketch, np.random.default_rng(0))
@@ -142,7 +142,7 @@ def test_the_collusion_filter_compares_every_pair_of_up_to_65_payloads(count):
 
 
 def test_beyond_65_payloads_each_is_compared_with_64_others_and_never_finds_a_closer_one_than_exists():
-    from dpsign_fl.vote import COLLUSION_PARTNERS, _fewest_differences
+    from dpsign_fl.vote.robust import COLLUSION_PARTNERS, _fewest_differences
 
     count = 300
     sketch = random_sketch(count, seed=0)
@@ -179,7 +179,7 @@ BIG_D = 2_000_003  # beyond INSPECTED_BYTES: the +1 rate and disagreement filter
 
 @pytest.mark.parametrize("attack", ["all-ones", "inverse-majority", "stealthy", "sign-flip"])
 def test_on_a_large_model_the_filters_read_a_sample_and_still_drop_exactly_the_attackers(attack):
-    from dpsign_fl.vote import INSPECTED_BYTES
+    from dpsign_fl.vote.robust import INSPECTED_BYTES
 
     assert BIG_D // 8 > 4 * INSPECTED_BYTES  # the filters read under a quarter of each payload
     rng = np.random.default_rng(7)
@@ -202,7 +202,7 @@ def tiny_classifier(seed=0):
 
 def test_the_targeted_push_sends_the_pushed_class_mean_input_signs_on_the_target_row_and_honest_signs_elsewhere():
     from dpsign_fl.experiments.attacks import targeted_push
-    from dpsign_fl.packing import unpack_signs
+    from dpsign_fl.vote.packing import unpack_signs
     from dpsign_fl.parameters import model_vector
 
     model = tiny_classifier()
@@ -226,7 +226,7 @@ def test_the_targeted_push_sends_the_pushed_class_mean_input_signs_on_the_target
 
 def test_the_adaptive_targeted_push_sends_honest_signs_on_its_random_share():
     from dpsign_fl.experiments.attacks import TargetedPush
-    from dpsign_fl.packing import unpack_signs
+    from dpsign_fl.vote.packing import unpack_signs
 
     coordinates = np.arange(0, D, 2)
     push = TargetedPush(coordinates, np.ones(coordinates.shape[0], dtype=np.int8), random_share=0.3)
@@ -303,7 +303,7 @@ def test_the_sketch_comparison_alone_misses_the_targeted_push_negative_control()
     # their extra agreement over the sketch (a tenth of it pushed) stays within the honest spread; the
     # likeness on the pushed block is what catches them.
     from dpsign_fl.experiments.attacks import TargetedPush
-    from dpsign_fl.vote import COLLUSION_MARGIN, _far_from_median
+    from dpsign_fl.vote.robust import COLLUSION_MARGIN, _far_from_median
 
     payloads, direction = noisy_payloads(20, seed=11)
     coordinates = np.arange(3_970, 7_940)
@@ -318,7 +318,7 @@ def test_the_sketch_comparison_alone_misses_the_targeted_push_negative_control()
 
 @pytest.mark.parametrize("d", [D, BIG_D])
 def test_inspecting_the_payloads_a_few_at_a_time_gives_the_same_statistics(d, monkeypatch):
-    from dpsign_fl import vote
+    from dpsign_fl.vote import robust as vote
 
     rng = np.random.default_rng(3)
     rows = [rng.integers(0, 256, -(-d // 8), dtype=np.uint8) for _ in range(11)]
@@ -332,7 +332,7 @@ def test_inspecting_the_payloads_a_few_at_a_time_gives_the_same_statistics(d, mo
 
 
 def test_copied_runs_count_the_64_byte_runs_a_payload_shares_exactly_with_another_at_the_same_place():
-    from dpsign_fl.vote import _block_and_counts, _copied_runs
+    from dpsign_fl.vote.robust import _block_and_counts, _copied_runs
 
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, 256, 512 * 3 + 5, dtype=np.uint8) for _ in range(6)]
@@ -345,7 +345,7 @@ def test_copied_runs_count_the_64_byte_runs_a_payload_shares_exactly_with_anothe
 
 
 def test_two_attackers_pushing_the_same_row_are_dropped_for_their_copies_though_each_statistic_of_pairs_misses_them():
-    from dpsign_fl import vote
+    from dpsign_fl.vote import robust as vote
     from dpsign_fl.experiments.attacks import TargetedPush
 
     payloads, direction = noisy_payloads(20, seed=11)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dpsign_fl.server_update import LR_SCHEDULES, VoteUpdater, learning_rate_at
+from dpsign_fl.vote.server_update import LR_SCHEDULES, VoteUpdater, learning_rate_at
 
 
 def test_constant_schedule_keeps_the_learning_rate():

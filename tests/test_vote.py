@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpsign_fl import vote as vote_module
-from dpsign_fl.packing import pack_signs, unpack_signs
+from dpsign_fl.vote import counter as vote_module
+from dpsign_fl.vote.packing import pack_signs, unpack_signs
 from dpsign_fl.vote import VoteCounter, majority_vote, vote_counts
 
 

@@ -14,10 +14,10 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from dpsign_fl import vote_kernel
-from dpsign_fl.packing import last_byte_mask, pack_signs
+from dpsign_fl.vote import kernel as vote_kernel
+from dpsign_fl.vote.packing import last_byte_mask, pack_signs
 from dpsign_fl.vote import VoteCounter
-from dpsign_fl.vote_kernel import KERNEL_ENV, describe_kernel, find_compiler, library_path, load_kernel
+from dpsign_fl.vote.kernel import KERNEL_ENV, describe_kernel, find_compiler, library_path, load_kernel
 
 needs_compiler = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on this machine")
 
@@ -381,7 +381,7 @@ def test_a_toolchain_without_multiversioning_gets_the_baseline_build(fresh_cache
 
 @needs_compiler
 def test_run_hashes_equal_the_numpy_hashes_and_equal_runs_hash_equal():
-    from dpsign_fl.vote import COPY_BYTES, _hash_runs
+    from dpsign_fl.vote.robust import COPY_BYTES, _hash_runs
 
     rows = awkward_rows(5, 8 * 2048 + 3, seed=9)
     rows[3][128:192] = rows[1][128:192]

@@ -5,7 +5,7 @@ its bytes. ``np.copy`` of each of the ``M`` payloads, one call per payload,
 is that reference; the streaming vote adds the same ``M`` payloads one at a
 time to a :class:`~dpsign_fl.vote.VoteCounter` and computes the packed vote
 bitmaps, with the kernel the server would use (compiled when a C compiler
-works, :mod:`dpsign_fl.vote_kernel`) and with the numpy kernel. All run in the
+works, :mod:`dpsign_fl.vote.kernel`) and with the numpy kernel. All run in the
 same process, alternately, on the same payloads.
 
 Run ``python -m dpsign_fl.bench.vote`` for a small table.
@@ -19,7 +19,7 @@ import tracemalloc
 
 import numpy as np
 
-from ..packing import BIT_ORDER, payload_bytes
+from ..vote.packing import BIT_ORDER, payload_bytes
 from ..vote import VoteCounter, robust_vote
 
 # Above this many bits (M d) the old path (stack + unpack + sum) needs

@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from ..models import build_model
-from ..packing import pack_signs, pack_vote
+from ..vote.packing import pack_signs, pack_vote
 from ..flower.records import content_bytes, model_to_arrays, train_reply_content, votes_content
 
 SHAPES = {"mlp": (1, 8, 8), "tanh-cnn": (1, 28, 28), "cifar-cnn": (3, 32, 32)}

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..packing import BIT_ORDER, check_packed, last_byte_mask, pack_signs
+from ..vote.packing import BIT_ORDER, check_packed, last_byte_mask, pack_signs
 from ..parameters import trainable_parameters
 
 BLIND_ATTACKS = ("sign-flip", "random", "all-ones")

@@ -57,12 +57,12 @@ from ..data.features import load_run_dataset
 from ..evaluation import class_accuracies, evaluate, robust_accuracy
 from ..release.mechanism import per_sample_gradients, poisson_sample, secure_generator
 from ..models import build_model, fit_public_statistics, uses_public_statistics
-from ..packing import pack_signs
+from ..vote.packing import pack_signs
 from ..parameters import load_model_vector, model_vector
 from ..privacy import PrivacyLedger
 from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, adversarial_examples, seeded_generator
 from ..rounds import Budget, ReleasePlan, SignedUpdate, client_round, plan_release, planned_releases, server_round
-from ..server_update import AUTOMATIC, VoteUpdater, learning_rate_at
+from ..vote.server_update import AUTOMATIC, VoteUpdater, learning_rate_at
 from ..settings import ConfigError, RunSettings, check_fields, from_mapping, setting, specs, to_mapping
 from .attacks import TARGETED_ATTACKS, attack_round, is_byzantine, targeted_push
 from .compressors import sign as sign_of, sto_sign

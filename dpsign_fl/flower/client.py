@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from ..data import partition_dataset
 from ..data.features import load_run_dataset
 from ..release.mechanism import secure_generator
-from ..model_sync import ModelReplica, read_replica_file, write_replica_file
+from ..vote.model_sync import ModelReplica, read_replica_file, write_replica_file
 from ..models import build_model
 from ..parameters import trainable_parameters
 from ..privacy import PrivacyLedger, Release

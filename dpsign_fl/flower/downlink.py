@@ -4,7 +4,7 @@ With ``mode="votes"`` (the default of :class:`~dpsign_fl.flower.strategy.SignMaj
 a node that holds the model of round s is sent the packed votes of the rounds
 since then (at most 1.6 bits per coordinate each) when that is smaller than the
 full model, else the full model; every instruction names the digest of the
-model the node must reach (:mod:`dpsign_fl.model_sync`). A node that turns out
+model the node must reach (:mod:`dpsign_fl.vote.model_sync`). A node that turns out
 not to hold the model the votes apply to answers :data:`OUT_OF_SYNC_CODE` and is
 sent the full model in the same round. With ``mode="weights"`` every node gets
 the full model every round, for clients that do not keep a replica.
@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from ..model_sync import UpdateRule, state_digest
-from ..packing import pack_vote
+from ..vote.model_sync import UpdateRule, state_digest
+from ..vote.packing import pack_vote
 from .records import (
     ARRAYS_KEY,
     CONFIG_KEY,

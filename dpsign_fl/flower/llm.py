@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, Context, Message
 from torch import nn
 
 from ..llm import UnsupportedModel, causal_lm_loss, check_per_example_support, packed_calls, token_examples
-from ..model_sync import ModelReplica
+from ..vote.model_sync import ModelReplica
 from ..settings import RunSettings
 from .client import BadInstruction, release_with_model
 from .node import NodeConfig

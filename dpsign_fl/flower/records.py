@@ -9,14 +9,14 @@ the update rule ``learning-rate``, ``lr-schedule``, ``server-momentum``,
   ``"server-state"`` (``update-state``, the update rule's state: momentum or vote agreement, when there is one) and
   config ``trainable`` (the names the signs and votes cover); or
 - the votes the client missed: ``"votes"``, one uint8 Array per round named by
-  the round number (:func:`dpsign_fl.packing.pack_vote`: 1 bit per coordinate
+  the round number (:func:`dpsign_fl.vote.packing.pack_vote`: 1 bit per coordinate
   without ties, 1.6 with), with config ``vote-rounds`` and ``base-digest`` (the
-  model they apply to). :mod:`dpsign_fl.model_sync` has the digest and the replay.
+  model they apply to). :mod:`dpsign_fl.vote.model_sync` has the digest and the replay.
 
 Train reply (client -> server), a ``RecordDict`` with exactly:
 
 - ``"arrays"``: ArrayRecord with one Array ``"signs"``: the packed signs
-  (:mod:`dpsign_fl.packing` gives the bit order; coordinates follow the order
+  (:mod:`dpsign_fl.vote.packing` gives the bit order; coordinates follow the order
   of the trainable arrays of the global model, each flattened row-major), as
   raw bytes: dtype ``uint8``, shape ``[ceil(d/8)]``, stype
   :data:`PACKED_STYPE`, exactly ``ceil(d/8)`` bytes of data (no ``.npy``
@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ..model_sync import BATCHNORM_STATISTICS, ModelReplica, UpdateRule, check_trainable
-from ..packing import payload_bytes, unpack_vote
+from ..vote.model_sync import BATCHNORM_STATISTICS, ModelReplica, UpdateRule, check_trainable
+from ..vote.packing import payload_bytes, unpack_vote
 from ..parameters import flatten, trainable_parameters, unflatten
 from ..privacy import PrivacyLedger
 
@@ -90,9 +90,9 @@ def model_to_arrays(model: torch.nn.Module) -> ArrayRecord:
     """Return the model's trainable parameters, in ``parameters()`` order, then its frozen statistics.
 
     The statistics are the buffers named as BatchNorm's
-    (:data:`dpsign_fl.model_sync.BATCHNORM_STATISTICS`, e.g. the public
+    (:data:`dpsign_fl.vote.model_sync.BATCHNORM_STATISTICS`, e.g. the public
     statistics of ``tanh-cnn-public-norm``): they travel with the model on a
-    full sync and the votes never move them (:func:`dpsign_fl.model_sync.default_trainable`).
+    full sync and the votes never move them (:func:`dpsign_fl.vote.model_sync.default_trainable`).
     """
     arrays = {name: Array(p.detach().cpu().numpy()) for name, p in trainable_parameters(model)}
     arrays.update({name: Array(b.detach().cpu().numpy()) for name, b in _statistics(model).items()})

@@ -56,7 +56,7 @@ from ..data import public_images
 from ..models import build_model, fit_public_statistics, uses_public_statistics
 from ..results import plot_metrics
 from ..settings import ConfigError, FlowerOptions, RunSettings, parse_run_config, run_config_of, tuning_warnings
-from ..vote_kernel import describe_kernel
+from ..vote.kernel import describe_kernel
 from .records import arrays_to_flat, flat_to_arrays, load_arrays_into_model, model_to_arrays
 from .strategy import SignMajorityVote
 

@@ -45,12 +45,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from ..model_sync import UpdateRule, check_trainable, default_trainable
+from ..vote.model_sync import UpdateRule, check_trainable, default_trainable
 from ..parameters import flatten, unflatten
 from ..rounds import server_round as run_server_round
-from ..server_update import AUTOMATIC, VoteUpdater
+from ..vote.server_update import AUTOMATIC, VoteUpdater
 from ..settings import FlowerOptions
-from ..vote import DEFAULT_VOTE, VOTE_RULES
+from ..vote import DEFAULT_VOTE, check_vote_rule
 from .client_evaluation import (
     DEFAULT_ARRAYRECORD_KEY,
     DEFAULT_CONFIGRECORD_KEY,
@@ -192,9 +192,7 @@ class SignMajorityVote(Strategy):
         self.train_metrics_aggr_fn = train_metrics_aggr_fn
         self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn or DEFAULT_EVALUATE_AGGREGATION
         self.updater = VoteUpdater(learning_rate=learning_rate, schedule=lr_schedule, momentum=server_momentum)
-        if vote not in VOTE_RULES:
-            raise ValueError(f"vote must be one of {VOTE_RULES}, got {vote!r}")
-        self.vote = vote
+        self.vote = check_vote_rule(vote)
         self.downlink_mode = downlink
         self.trainable = None if trainable is None else tuple(trainable)
         self.final_sync = final_sync

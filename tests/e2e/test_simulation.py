@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dpsign_fl.packing import payload_bytes
+from dpsign_fl.vote.packing import payload_bytes
 
 from .harness import flwr_run_simulation, superlink_pids
 
@@ -69,7 +69,7 @@ def test_final_accuracy_is_well_above_chance(simulation):
 def test_the_serverapp_in_the_app_bundle_counts_votes_with_the_compiled_kernel(simulation):
     # flwr run imports dpsign_fl from the bundle it makes of the folder (.py files only):
     # the kernel's C source lives in a .py file so that it is there too.
-    from dpsign_fl.vote_kernel import find_compiler
+    from dpsign_fl.vote.kernel import find_compiler
 
     if find_compiler() is None:
         pytest.skip("no C compiler on this machine")

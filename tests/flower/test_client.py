@@ -13,7 +13,7 @@ from dpsign_fl.flower.client import BUDGET_EXHAUSTED_CODE, INVALID_INSTRUCTION_C
 from dpsign_fl.settings import ConfigError, parse_run_config
 from dpsign_fl.flower.records import LEDGER_STATE_KEY, load_ledger, model_to_arrays
 from dpsign_fl.models import build_model, default_model
-from dpsign_fl.packing import payload_bytes
+from dpsign_fl.vote.packing import payload_bytes
 
 from .messages import instruction, reply_signs
 from ..test_settings import pyproject_defaults

@@ -14,7 +14,7 @@ from flwr.app import Context, RecordDict
 
 from dpsign_fl.flower.records import NPY_HEADER_BYTES, load_replica
 from dpsign_fl.flower.server import run_server
-from dpsign_fl.model_sync import state_digest
+from dpsign_fl.vote.model_sync import state_digest
 from dpsign_fl.flower.inprocess import InProcessGrid
 
 from ..test_settings import pyproject_defaults

@@ -1,7 +1,7 @@
-"""A compiled inner loop for :class:`dpsign_fl.vote.VoteCounter`, built on first use.
+"""A compiled inner loop for :class:`dpsign_fl.vote.counter.VoteCounter`, built on first use.
 
 The counter adds payloads into bit-planes with full adders (see
-:mod:`dpsign_fl.vote`). In numpy every adder gate is one call over a slice of
+:mod:`dpsign_fl.vote.counter`). In numpy every adder gate is one call over a slice of
 the planes, so the vote moves each plane through the cache several times per
 payload: about 0.3x the speed of copying the payloads. The C loop below does
 the same arithmetic with the planes of a 2 KiB block held in registers and L1
@@ -55,8 +55,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic_file import write_atomic
-from .cache import cache_dir, open_cached_file, trusted_cache_dir
+from ..atomic_file import write_atomic
+from ..cache import cache_dir, open_cached_file, trusted_cache_dir
 
 log = logging.getLogger("dpsign_fl")
 

@@ -173,7 +173,7 @@ def pack_vote_bitmaps(positive, negative, num_coordinates: int) -> np.ndarray:
     Args:
         positive: packed bitmap (as :func:`pack_signs` lays it out) of the
             coordinates that vote +1, e.g. from
-            :meth:`dpsign_fl.vote.VoteCounter.vote_bitmaps`.
+            :meth:`dpsign_fl.vote.counter.VoteCounter.vote_bitmaps`.
         negative: packed bitmap of the coordinates that vote -1.
         num_coordinates: d.
 

@@ -3,7 +3,7 @@
 Sign-SGD with majority vote needs one bit per coordinate on the downlink too: a
 client that holds the model of round s reaches the model of round t by
 replaying the votes of rounds s .. t - 1 with the server's own update rule
-(:class:`dpsign_fl.server_update.VoteUpdater`: schedule and momentum), which is
+(:class:`dpsign_fl.vote.server_update.VoteUpdater`: schedule and momentum), which is
 deterministic float32 arithmetic, so both sides end with the same bytes. A
 digest of the model (and of the update rule's state) says which model a vote
 applies to and which one it produces; a client whose replica does not match
@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .parameters import flatten, unflatten
+from ..parameters import flatten, unflatten
 from .server_update import VoteUpdater
 
 BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
@@ -130,7 +130,7 @@ def write_replica_file(path, replica: ModelReplica) -> None:
     import io
     import json
 
-    from .atomic_file import write_atomic
+    from ..atomic_file import write_atomic
 
     buffer = io.BytesIO()
     arrays = {f"array/{name}": np.asarray(value) for name, value in replica.arrays.items()}
