@@ -247,14 +247,14 @@ def test_integral_numpy_or_float_step_counts_equal_int(num_steps):
 # ---------------------------------------------------------------- calibration
 
 
-def assert_smallest_noise_meeting_target(sigma, *, target_epsilon, sample_rate, num_steps, accountant):
+def assert_calibration_is_the_smallest_noise_meeting_the_target(*, target_epsilon, sample_rate, num_steps, accountant):
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=target_epsilon, target_delta=DELTA, sample_rate=sample_rate, num_steps=num_steps, accountant=accountant
+    )
+
     def epsilon(noise_multiplier):
         return compute_epsilon(
-            sample_rate=sample_rate,
-            noise_multiplier=noise_multiplier,
-            num_steps=num_steps,
-            target_delta=DELTA,
-            accountant=accountant,
+            sample_rate=sample_rate, noise_multiplier=noise_multiplier, num_steps=num_steps, target_delta=DELTA, accountant=accountant
         )
 
     assert epsilon(sigma) <= target_epsilon  # never overshoots
@@ -268,12 +268,8 @@ def assert_smallest_noise_meeting_target(sigma, *, target_epsilon, sample_rate, 
     num_steps=st.integers(min_value=10, max_value=1000),
 )
 def test_pld_calibration_never_overshoots_and_is_within_1e_3_of_the_smallest(target_epsilon, sample_rate, num_steps):
-    sigma = calibrate_noise_multiplier(
-        target_epsilon=target_epsilon, target_delta=DELTA, sample_rate=sample_rate, num_steps=num_steps
-    )
-
-    assert_smallest_noise_meeting_target(
-        sigma, target_epsilon=target_epsilon, sample_rate=sample_rate, num_steps=num_steps, accountant="pld"
+    assert_calibration_is_the_smallest_noise_meeting_the_target(
+        target_epsilon=target_epsilon, sample_rate=sample_rate, num_steps=num_steps, accountant="pld"
     )
 
 
@@ -284,16 +280,8 @@ def test_pld_calibration_never_overshoots_and_is_within_1e_3_of_the_smallest(tar
     num_steps=st.integers(min_value=1, max_value=5000),
 )
 def test_rdp_calibration_never_overshoots_and_is_within_1e_3_of_the_smallest(target_epsilon, sample_rate, num_steps):
-    sigma = calibrate_noise_multiplier(
-        target_epsilon=target_epsilon,
-        target_delta=DELTA,
-        sample_rate=sample_rate,
-        num_steps=num_steps,
-        accountant="rdp",
-    )
-
-    assert_smallest_noise_meeting_target(
-        sigma, target_epsilon=target_epsilon, sample_rate=sample_rate, num_steps=num_steps, accountant="rdp"
+    assert_calibration_is_the_smallest_noise_meeting_the_target(
+        target_epsilon=target_epsilon, sample_rate=sample_rate, num_steps=num_steps, accountant="rdp"
     )
 
 
@@ -305,12 +293,8 @@ def test_rdp_calibration_never_overshoots_and_is_within_1e_3_of_the_smallest(tar
     num_steps=st.integers(min_value=1, max_value=10_000),
 )
 def test_pld_calibration_never_overshoots_over_a_wide_range(target_epsilon, sample_rate, num_steps):
-    sigma = calibrate_noise_multiplier(
-        target_epsilon=target_epsilon, target_delta=DELTA, sample_rate=sample_rate, num_steps=num_steps
-    )
-
-    assert_smallest_noise_meeting_target(
-        sigma, target_epsilon=target_epsilon, sample_rate=sample_rate, num_steps=num_steps, accountant="pld"
+    assert_calibration_is_the_smallest_noise_meeting_the_target(
+        target_epsilon=target_epsilon, sample_rate=sample_rate, num_steps=num_steps, accountant="pld"
     )
 
 

@@ -193,21 +193,25 @@ def _run(step: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
 
 
 def _peak_rss_mib(model_name: str, batch_size: int, step: str, threads: int) -> float:
-    """Peak-RSS growth (MiB) over two runs of ``step`` in a fresh interpreter.
+    """Peak-RSS growth (MiB) over two runs of ``step`` in a fresh interpreter."""
+    return fresh_peak_rss_mib(
+        "from dpsign_fl.bench.client_step import _setup, _run\n"
+        f"model, inputs, targets = _setup({model_name!r}, {batch_size})\n",
+        f"_run({step!r}, model, inputs, targets)\n",
+        threads,
+    )
+
+
+def fresh_peak_rss_mib(setup: str, run: str, threads: int) -> float:
+    """Peak-RSS growth (MiB) over two executions of the code ``run`` after ``setup``, in a fresh interpreter.
 
     Linux: the peak (``VmHWM``) is reset to the current RSS by writing 5 to
-    ``/proc/self/clear_refs`` after the model and batch are built, so the import's
-    own peak does not hide the step's.
+    ``/proc/self/clear_refs`` after ``setup`` (building the model and batch),
+    so the import's own peak does not hide the step's.
     """
     code = (
-        "import torch\n"
-        "from dpsign_fl.bench.client_step import _setup, _run, _status_kib\n"
-        f"torch.set_num_threads({threads})\n"
-        f"model, inputs, targets = _setup({model_name!r}, {batch_size})\n"
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        "before = _status_kib('VmRSS')\n"
-        f"_run({step!r}, model, inputs, targets)\n"
-        f"_run({step!r}, model, inputs, targets)\n"
+        f"import torch\nfrom dpsign_fl.bench.client_step import _status_kib\ntorch.set_num_threads({threads})\n{setup}"
+        f"open('/proc/self/clear_refs', 'w').write('5')\nbefore = _status_kib('VmRSS')\n{run}{run}"
         "print((_status_kib('VmHWM') - before) / 1024)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -224,16 +228,28 @@ def _status_kib(field: str) -> int:
 
 def format_table(rows: list[dict]) -> str:
     """Render results of :func:`measure_client_step` as a fixed-width table."""
-    header = f"{'model':<16}{'batch':>6}{'thr':>4}{'d':>11}  {'step':<12}{'min s':>9}{'med s':>9}"
-    header += f"{'ratio min':>10}{'ratio med':>10}{'extra MiB':>10}"
+    lead = [("model", "<16", "model"), ("batch", ">6", "batch_size"), ("thr", ">4", "threads"), ("d", ">11,", "num_parameters")]
+    return step_table(rows, lead, [("extra MiB", "peak_extra_mib")])
+
+
+def step_table(rows: list[dict], lead: list[tuple[str, str, str]], memory: list[tuple[str, str]]) -> str:
+    """A fixed-width table, one line per row and step: the ``lead`` columns, the step's times and ratios, its memory.
+
+    Args:
+        rows: measurements with ``seconds`` and ``ratio`` (step -> (min, median)) and the keys named.
+        lead: ``(title, format spec, key)`` per leading column.
+        memory: ``(title, key)`` per trailing column, each a step -> MiB mapping.
+    """
+    header = "".join(f"{title:{spec.rstrip(',')}}" for title, spec, _ in lead) + f"  {'step':<12}{'min s':>9}{'med s':>9}"
+    header += f"{'ratio min':>10}{'ratio med':>10}" + "".join(f"{title:>10}" for title, _ in memory)
     lines = [header, "-" * len(header)]
     for row in rows:
         for step, (low, mid) in row["seconds"].items():
             ratio = row["ratio"][step]
             lines.append(
-                f"{row['model']:<16}{row['batch_size']:>6}{row['threads']:>4}{row['num_parameters']:>11,}  "
-                f"{step:<12}{low:>9.4f}{mid:>9.4f}{ratio[0]:>9.2f}x{ratio[1]:>9.2f}x"
-                f"{row['peak_extra_mib'][step]:>10.0f}"
+                "".join(f"{row[key]:{spec}}" for _, spec, key in lead)
+                + f"  {step:<12}{low:>9.4f}{mid:>9.4f}{ratio[0]:>9.2f}x{ratio[1]:>9.2f}x"
+                + "".join(f"{row[key][step]:>10.0f}" for _, key in memory)
             )
     return "\n".join(lines)
 

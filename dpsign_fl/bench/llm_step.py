@@ -19,8 +19,6 @@ interpreter over two runs of a step, minus the non-private step's).
 from __future__ import annotations
 
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -28,6 +26,7 @@ import torch
 from ..release.clipped_sum import clipped_gradient_sum
 from ..llm import causal_lm_loss, packed_calls
 from ..release import ReleaseSettings, client_release
+from .client_step import fresh_peak_rss_mib, step_table
 
 SIZES = {
     # name: (vocab_size, width, layers, heads, seq_len, lora rank)
@@ -123,37 +122,19 @@ def measure_llm_step(size: str = "tiny-gpt2", batch_size: int = 32, repeats: int
 
 
 def _peak_rss_mib(size: str, batch_size: int, step: str, threads: int) -> float:
-    """Peak-RSS growth (MiB) over two runs of ``step`` in a fresh interpreter (as ``client_step._peak_rss_mib``)."""
-    code = (
-        "import torch\n"
-        "from dpsign_fl.bench.client_step import _status_kib\n"
-        "from dpsign_fl.bench.llm_step import build, _timed\n"
-        f"torch.set_num_threads({threads})\n"
-        f"model, packed, labels = build({size!r}, {batch_size})\n"
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        "before = _status_kib('VmRSS')\n"
-        f"_timed({step!r}, model, packed, labels)\n"
-        f"_timed({step!r}, model, packed, labels)\n"
-        "print((_status_kib('VmHWM') - before) / 1024)\n"
+    """Peak-RSS growth (MiB) over two runs of ``step`` in a fresh interpreter."""
+    return fresh_peak_rss_mib(
+        f"from dpsign_fl.bench.llm_step import build, _timed\nmodel, packed, labels = build({size!r}, {batch_size})\n",
+        f"_timed({step!r}, model, packed, labels)\n",
+        threads,
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
 
 
 def format_table(rows: list[dict]) -> str:
     """Render results of :func:`measure_llm_step` as a fixed-width table."""
-    header = f"{'model':<18}{'batch':>6}{'T':>5}{'thr':>4}{'adapters':>10}  {'step':<12}{'min s':>9}{'med s':>9}"
-    header += f"{'ratio min':>10}{'ratio med':>10}{'peak MiB':>10}{'extra MiB':>10}"
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        for step, (low, mid) in row["seconds"].items():
-            ratio = row["ratio"][step]
-            lines.append(
-                f"{row['size']:<18}{row['batch_size']:>6}{row['seq_len']:>5}{row['threads']:>4}"
-                f"{row['adapter_coordinates']:>10,}  {step:<12}{low:>9.4f}{mid:>9.4f}{ratio[0]:>9.2f}x{ratio[1]:>9.2f}x"
-                f"{row['peak_mib'][step]:>10.0f}{row['peak_extra_mib'][step]:>10.0f}"
-            )
-    return "\n".join(lines)
+    lead = [("model", "<18", "size"), ("batch", ">6", "batch_size"), ("T", ">5", "seq_len"), ("thr", ">4", "threads")]
+    lead += [("adapters", ">10,", "adapter_coordinates")]
+    return step_table(rows, lead, [("peak MiB", "peak_mib"), ("extra MiB", "peak_extra_mib")])
 
 
 def main() -> None:

@@ -237,24 +237,15 @@ def describe_natural_partition(dataset: Dataset, partitioner: str) -> str:
     )
 
 
-def partition(
-    dataset: Dataset,
-    *,
-    partition_id: int,
-    num_partitions: int,
-    partitioner: str = "iid",
-    alpha: float = 0.5,
-    classes_per_partition: int = 2,
-    seed: int = 0,
-    min_partition_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def partition(dataset: Dataset, *, partition_id: int, num_partitions: int, **split) -> tuple[torch.Tensor, torch.Tensor]:
     """Return one client's share of the training set.
 
     Args:
         dataset: the loaded dataset; only its train split is partitioned.
         partition_id: the client's partition, in ``[0, num_partitions)``.
-        num_partitions, partitioner, alpha, classes_per_partition, seed,
-            min_partition_size: as in :func:`partition_indices`.
+        num_partitions: the number of partitions.
+        **split: ``partitioner``, ``alpha``, ``classes_per_partition``,
+            ``seed``, ``min_partition_size``, as in :func:`partition_dataset`.
 
     Returns:
         ``(inputs, targets)`` of the partition, in the training set's order.
@@ -270,16 +261,7 @@ def partition(
         raise ValueError(f"num_partitions must be an integer >= 1, got {num_partitions!r}")
     if not _is_int(partition_id) or not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition_id must be an integer in [0, {num_partitions}), got {partition_id!r}")
-    indices = partition_dataset(
-        dataset,
-        num_partitions=num_partitions,
-        partitioner=partitioner,
-        alpha=alpha,
-        classes_per_partition=classes_per_partition,
-        seed=seed,
-        min_partition_size=min_partition_size,
-    )[partition_id]
-    index = torch.from_numpy(indices)
+    index = torch.from_numpy(partition_dataset(dataset, num_partitions=num_partitions, **split)[partition_id])
     return dataset.train_inputs[index], dataset.train_targets[index]
 
 

@@ -83,23 +83,27 @@ MUSHROOM_SAMPLE_RATE = 0.05
 MUSHROOM_EPSILON = 10.0
 
 
-def mushroom_logreg_runs() -> list[Experiment]:
-    """SGD vs signSGD-MV vs DP-SignSGD, each with no / Gaussian / Levy gradient noise.
-
-    Logistic regression, 10 IID workers, learning rate 1/sqrt(dT) (paper), private
-    runs at epsilon 10 and delta = 1 / n^1.1 (n = a worker's dataset size).
-    """
-    base = Experiment.create(
+def _mushroom_logreg() -> Experiment:
+    """Logistic regression on Mushroom, 10 IID workers, the paper's sampling, rounds and learning rate 1/sqrt(dT)."""
+    return Experiment.create(
         dataset="mushroom",
         model="logreg",
         num_clients=10,
-        target_epsilon=MUSHROOM_EPSILON,
         delta_from_data=True,
         sample_rate=MUSHROOM_SAMPLE_RATE,
         num_rounds=MUSHROOM_ROUNDS,
         learning_rate=None,
         eval_every=MUSHROOM_ROUNDS // DEFAULT_EVALUATIONS,
     )
+
+
+def mushroom_logreg_runs() -> list[Experiment]:
+    """SGD vs signSGD-MV vs DP-SignSGD, each with no / Gaussian / Levy gradient noise.
+
+    Logistic regression, 10 IID workers, learning rate 1/sqrt(dT) (paper), private
+    runs at epsilon 10 and delta = 1 / n^1.1 (n = a worker's dataset size).
+    """
+    base = _mushroom_logreg().with_changes(target_epsilon=MUSHROOM_EPSILON)
     runs = []
     for method in ("sgd", "signsgd", "dp-signsgd"):
         for noise in GRADIENT_NOISE_SETTINGS:
@@ -118,16 +122,7 @@ def dp_sign_variant_runs() -> list[Experiment]:
     Same data, model, sampling and learning rate as ``mushroom-logreg``; only the
     noise calibration differs. Each run reports its true composed epsilon.
     """
-    base = Experiment.create(
-        dataset="mushroom",
-        model="logreg",
-        num_clients=10,
-        delta_from_data=True,
-        sample_rate=MUSHROOM_SAMPLE_RATE,
-        num_rounds=MUSHROOM_ROUNDS,
-        learning_rate=None,
-        eval_every=MUSHROOM_ROUNDS // DEFAULT_EVALUATIONS,
-    )
+    base = _mushroom_logreg()
     runs = []
     for epsilon in VARIANT_EPSILONS:
         for method in ("jin-dp-sign", "jin-rectified", "dp-signsgd"):

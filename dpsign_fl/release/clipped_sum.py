@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .layer_rules import KEEP_BYTES, RULES, SUPPORTED_LAYERS, finite_rows, min_input_dims, positions, squared_norms
-from .mechanism import CLIPPING_MODES, _check_clip_norm, _reject_batchnorm, clip_factors
+from .mechanism import CLIPPING_MODES, _check_clip_norm, _reject_batchnorm, clip_factors, example_gradient
 
 METHODS = ("auto", "vmap", "layers")
 VMAP_SCRATCH_BYTES = 256 * 2**20
@@ -139,15 +139,8 @@ def clipped_gradient_sum(
 
 
 def _vmap_pass(model, loss_fn, inputs, targets, clip_norm, clipping, chunk_size, total):
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    buffers = {name: b.detach() for name, b in model.named_buffers()}
-
-    def example_loss(parameters, x, y):
-        outputs = torch.func.functional_call(model, (parameters, buffers), (x.unsqueeze(0),))
-        return loss_fn(outputs, y.unsqueeze(0))
-
-    per_example = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0))
+    names, params, gradient = example_gradient(model, loss_fn)
+    per_example = torch.func.vmap(gradient, in_dims=(None, 0, 0))
     sums = {name: torch.zeros_like(p) for name, p in params.items()}
     batch = inputs.shape[0]
     step = chunk_size or max(1, VMAP_SCRATCH_BYTES // (total.numel() * total.element_size()))

@@ -108,8 +108,13 @@ def _linear_norms(module, a, g, chunk_size, keep_bytes):
                 squares[part] += squared_norms(grads)
             if kept is not None:
                 cache["weight"] = kept
+    return _add_bias(module, lambda: g.sum(1), squares, cache)
+
+
+def _add_bias(module, bias_grads, squares, cache):
+    """Cache the per-example bias gradients ``bias_grads()`` when the bias is trained, and add their squared norms."""
     if _wants(module, "bias"):
-        cache["bias"] = g.sum(1)
+        cache["bias"] = bias_grads()
         squares += squared_norms(cache["bias"])
     return squares, cache
 
@@ -213,10 +218,7 @@ def _conv_norms(module, a, g, chunk_size, keep_bytes):
                 kept[part] = grads
         if kept is not None:
             cache["weight"] = kept
-    if _wants(module, "bias"):
-        cache["bias"] = g.sum(2)
-        squares += squared_norms(cache["bias"])
-    return squares, cache
+    return _add_bias(module, lambda: g.sum(2), squares, cache)
 
 
 def _conv_total(module, a, g, weights, cache):

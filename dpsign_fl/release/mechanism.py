@@ -162,21 +162,31 @@ def per_sample_gradients(
         raise ValueError(
             f"inputs and targets must have the same batch size, got {inputs.shape[0]} and {targets.shape[0]}"
         )
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    names, params, gradient = example_gradient(model, loss_fn)
     num_coordinates = sum(p.numel() for p in params.values())
     if inputs.shape[0] == 0:
         return torch.zeros(0, num_coordinates, dtype=next(iter(params.values())).dtype)
+    grads = torch.func.vmap(gradient, in_dims=(None, 0, 0), chunk_size=chunk_size)(params, inputs, targets)
+    return torch.cat([grads[name].reshape(inputs.shape[0], -1) for name in names], dim=1)
+
+
+def example_gradient(model: nn.Module, loss_fn: Callable) -> tuple[list[str], dict[str, torch.Tensor], Callable]:
+    """``(names, params, gradient)`` for ``torch.func``: one example's gradient, to ``vmap`` over a batch.
+
+    ``names``: the trainable parameters in ``model.parameters()`` order;
+    ``params``: them by name, detached; ``gradient(params, x, y)``: the
+    gradient (a dict by name) of ``loss_fn`` on the batch of ONE example ``x``
+    with target ``y``, the buffers held as they are now.
+    """
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
 
     def example_loss(parameters, x, y):
         outputs = torch.func.functional_call(model, (parameters, buffers), (x.unsqueeze(0),))
         return loss_fn(outputs, y.unsqueeze(0))
 
-    grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(
-        params, inputs, targets
-    )
-    return torch.cat([grads[name].reshape(inputs.shape[0], -1) for name in names], dim=1)
+    return names, params, torch.func.grad(example_loss)
 
 
 def clip_factors(norms: torch.Tensor, *, clip_norm: float, clipping: str) -> torch.Tensor:
