@@ -68,3 +68,17 @@ def both_vote_kernels(request):
     with mock.patch.dict(os.environ, {KERNEL_ENV: request.param}):
         assert VoteCounter(1).kernel == request.param
         yield request.param
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests: on a shared 2-core machine, 2 threads that wait for each other ran 50x slower.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -24,12 +24,7 @@ MEAN, STD = (0.1307,), (0.3081,)
 TIGHT = dict(rtol=1e-9, atol=1e-12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class BatchCentre(nn.Module):

@@ -26,13 +26,7 @@ TIGHT = dict(rtol=1e-9, atol=1e-12)  # float64
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 threads that wait for each other ran 50x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- reference and helpers
@@ -181,8 +175,18 @@ def assert_model_unchanged(model, state):
 @pytest.mark.parametrize("name", MODELS)
 def test_clipped_sum_equals_one_example_at_a_time_for_project_models(name, batch_size):
     model, loss_fn, inputs, targets = project_model(name, batch_size)
+    assert_every_method_clips_as_one_at_a_time(model, loss_fn, inputs, targets)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_clipped_sum_equals_one_example_at_a_time_for_a_transformer(batch_size):
+    assert_every_method_clips_as_one_at_a_time(*transformer_case(batch_size))
+
+
+def assert_every_method_clips_as_one_at_a_time(model, loss_fn, inputs, targets):
+    """Both clipping modes, at a clip norm that clips most examples and one that clips none (tiny and huge for B <= 1)."""
     rows = one_at_a_time_gradients(model, loss_fn, inputs, targets)
-    regimes = clip_norms_for(model, loss_fn, inputs, targets, rows) if batch_size > 1 else (1e-3, 1e3)
+    regimes = clip_norms_for(model, loss_fn, inputs, targets, rows) if inputs.shape[0] > 1 else (1e-3, 1e3)
     for clipping in ("flat", "automatic"):
         for clip_norm in regimes:
             expected = clip_and_sum(model, rows, clip_norm, clipping)
@@ -191,21 +195,6 @@ def test_clipped_sum_equals_one_example_at_a_time_for_project_models(name, batch
                     model, loss_fn, inputs, targets, clip_norm=clip_norm, clipping=clipping, method=method
                 )
                 assert actual.shape == expected.shape and actual.dtype == torch.float64
-                torch.testing.assert_close(actual, expected, **TIGHT, msg=f"{method} {clipping} C={clip_norm}")
-
-
-@pytest.mark.parametrize("batch_size", [1, 7, 64])
-def test_clipped_sum_equals_one_example_at_a_time_for_a_transformer(batch_size):
-    model, loss_fn, ids, targets = transformer_case(batch_size)
-    rows = one_at_a_time_gradients(model, loss_fn, ids, targets)
-    regimes = clip_norms_for(model, loss_fn, ids, targets, rows) if batch_size > 1 else (1e-3, 1e3)
-    for clipping in ("flat", "automatic"):
-        for clip_norm in regimes:
-            expected = clip_and_sum(model, rows, clip_norm, clipping)
-            for method in METHODS:
-                actual = clipped_gradient_sum(
-                    model, loss_fn, ids, targets, clip_norm=clip_norm, clipping=clipping, method=method
-                )
                 torch.testing.assert_close(actual, expected, **TIGHT, msg=f"{method} {clipping} C={clip_norm}")
 
 

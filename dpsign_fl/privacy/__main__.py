@@ -51,26 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        common = dict(sample_rate=args.sample_rate, num_steps=args.steps, target_delta=args.delta, accountant=args.accountant)
         if args.command == "epsilon":
-            value = compute_epsilon(
-                sample_rate=args.sample_rate,
-                noise_multiplier=args.noise_multiplier,
-                num_steps=args.steps,
-                target_delta=args.delta,
-                accountant=args.accountant,
-            )
+            value = compute_epsilon(noise_multiplier=args.noise_multiplier, **common)
             print(
                 f"# epsilon of {args.steps} steps, q={args.sample_rate}, sigma={args.noise_multiplier}, "
                 f"delta={args.delta}, accountant={args.accountant}"
             )
         else:
-            value = calibrate_noise_multiplier(
-                target_epsilon=args.epsilon,
-                target_delta=args.delta,
-                sample_rate=args.sample_rate,
-                num_steps=args.steps,
-                accountant=args.accountant,
-            )
+            value = calibrate_noise_multiplier(target_epsilon=args.epsilon, **common)
             print(
                 f"# smallest noise multiplier for epsilon={args.epsilon}, delta={args.delta}, "
                 f"q={args.sample_rate}, {args.steps} steps, accountant={args.accountant}"

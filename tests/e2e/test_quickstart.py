@@ -1,14 +1,16 @@
 """Flower's quickstart-pytorch, converted to DP-SignSGD, run with the real `flwr run`.
 
-tests/quickstart_app holds the app as Flower ships it (original/: the server
-line ``FedAvg(fraction_evaluate=fraction_evaluate)``, run config
-``fraction-evaluate = 0.5``, an ``@app.evaluate()`` handler; offline digits in
-task.py) and converted (quickstart/): the strategy class and the train
-handler's body changed, nothing else, not even the run config. The app writes
-no file, so the assertions read the run's own log.
+tests/quickstart_app holds the app converted (quickstart/; offline digits in
+task.py) and the conversion as a unified diff against the app as Flower ships
+it (conversion.diff: the server line ``FedAvg(fraction_evaluate=fraction_evaluate)``,
+run config ``fraction-evaluate = 0.5``, an ``@app.evaluate()`` handler): the
+strategy class and the train handler's body changed, nothing else, not even
+the run config. The original files are rebuilt from the two, every context
+line checked. The app writes no file, so the assertions read the run's own log.
 """
 
 import difflib
+import hashlib
 import re
 from pathlib import Path
 
@@ -24,10 +26,58 @@ EVALUATORS = 2  # FedAvg's sampling: max(int(3 * 0.5), min_evaluate_nodes=2)
 PRIVACY_WARNING = "NOT covered by the differential-privacy guarantee"
 
 
+def hunks(name: str) -> list[tuple[int, list[str]]]:
+    """conversion.diff's hunks for quickstart/<name>: (first line in the converted file, 0-based; marked lines)."""
+    lines = (APP / "conversion.diff").read_text().splitlines()
+    found, current, i = [], False, 0
+    while i < len(lines):
+        line, i = lines[i], i + 1
+        if line.startswith("+++ "):
+            current = line == f"+++ b/quickstart/{name}"
+        elif line.startswith("@@"):
+            old_count, new_start, new_count = re.match(r"@@ -\d+(?:,(\d+))? \+(\d+)(?:,(\d+))? @@", line).groups()
+            # A hunk's lines: its old and new counts tell where it ends (a removed line may begin "--").
+            remaining_old, remaining_new, body = int(old_count or 1), int(new_count or 1), []
+            while remaining_old or remaining_new:
+                marked, i = lines[i] or " ", i + 1
+                remaining_old -= marked[0] in " -"
+                remaining_new -= marked[0] in " +"
+                body.append(marked)
+            if current:
+                found.append((int(new_start) - 1, body))
+    return found
+
+
+def original(name: str, after: list[str]) -> list[str]:
+    """The file as Flower ships it: the converted lines with conversion.diff undone, every context line checked."""
+    before, position = [], 0
+    for start, lines in hunks(name):
+        before += after[position:start]
+        position = start
+        for line in lines:
+            mark, text = line[0], line[1:]
+            if mark in " +":
+                assert after[position] == text, f"conversion.diff does not match quickstart/{name} at line {position + 1}"
+                position += 1
+            if mark in " -":
+                before.append(text)
+    return before + after[position:]
+
+
+# sha256 of the files as Flower ships them (and as they stood in tests/quickstart_app/original/ before the diff
+# replaced them): an edit to quickstart/ outside the diff's hunks would change the rebuilt original.
+ORIGINAL_SHA256 = {
+    "client_app.py": "5c187b786d7f54b7120f906be1c7d3a65fa4f0b24815d3f6f04d9cfc7517d86b",
+    "server_app.py": "bdb76727b9a7ae055bfaddce2f90f04f7e98399d90eaad29b7a329d787cb6dbf",
+}
+
+
 def changes(name: str) -> tuple[list[str], list[str], list[tuple[str, int, int, int, int]]]:
-    """The lines of original/<name> and quickstart/<name>, and the differing blocks between them."""
-    before = (APP / "original" / name).read_text().splitlines()
+    """The lines of the original and of quickstart/<name>, and the differing blocks between them."""
     after = (APP / "quickstart" / name).read_text().splitlines()
+    before = original(name, after)
+    rebuilt = hashlib.sha256(("\n".join(before) + "\n").encode()).hexdigest()
+    assert rebuilt == ORIGINAL_SHA256[name], f"quickstart/{name} with conversion.diff undone is not the file Flower ships"
     blocks = [op for op in difflib.SequenceMatcher(a=before, b=after, autojunk=False).get_opcodes() if op[0] != "equal"]
     return before, after, blocks
 
