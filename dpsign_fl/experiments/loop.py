@@ -278,116 +278,25 @@ def run_experiment(
         ``wall_seconds``, ``history`` (one entry per evaluation).
     """
     started = time.monotonic()
-    run = experiment.run
-    dataset, clients = load_run_data(experiment, dataset=dataset)
-    model = build_model(
-        run.model_name, input_shape=tuple(dataset.input_shape), num_classes=dataset.num_classes, seed=run.model_seed,
-        **run.model_options,
-    )
-    if uses_public_statistics(model):  # the server's public set, as the Flower app's server does
-        fit_public_statistics(model, public_images(run.dataset, run.data_dir))
-    weights = model_vector(model)
-    num_coordinates = weights.shape[0]
-    noise_transform = gradient_noise_transform(experiment.hooks.gradient_noise)
-    target_delta = 1.0 / max(c.size for c in clients) ** 1.1 if experiment.delta_from_data else run.target_delta
-    learning_rate = run.learning_rate if run.learning_rate is not None else 1.0 / math.sqrt(num_coordinates * run.num_rounds)
-    noise_multiplier = noise_multiplier_for(experiment, target_delta)
-    ledgers = [PrivacyLedger(accountant=run.accountant) for _ in clients] if experiment.private else []
-    # A fixed sigma (sweeps) or Jin's per-step calibration are not planned for the target: report, never refuse.
-    planned = experiment.method == "dp-signsgd" and experiment.noise_multiplier is None
-    release = ReleaseSettings(
-        sample_rate=run.sample_rate, clip_norm=run.clip_norm, noise_multiplier=noise_multiplier, clipping=run.clipping,
-        adversarial=run.adversarial,
-    )
-    plan = ReleasePlan(release, planned_releases(run), Budget(run.target_epsilon if planned else math.inf, target_delta))
-    updater = VoteUpdater(learning_rate=learning_rate, schedule=run.lr_schedule, momentum=run.server_momentum)
-    updater.start(weights)
-    test_inputs, test_targets = torch.as_tensor(dataset.test_inputs), torch.as_tensor(dataset.test_targets)
+    state = _RunState.start(experiment, dataset)
+    run, weights = experiment.run, state.weights
     tail_start = run.num_rounds - int(experiment.tail_average * run.num_rounds) + 1
     tail_sum, tail_count = np.zeros_like(weights, dtype=np.float64), 0
     setup_seconds = time.monotonic() - started
-
-    def evaluate_at(round_number: int) -> dict:
-        load_model_vector(model, weights)
-        loss, accuracy = evaluate(model, test_inputs, test_targets)
-        robust = None
-        if run.robust_evaluation is not None:
-            attack_generator = torch.Generator().manual_seed(run.model_seed * 1_000_003 + round_number)
-            robust = robust_accuracy(model, test_inputs, test_targets, run.robust_evaluation, generator=attack_generator)
-        return {
-            "round": round_number,
-            "accuracy": accuracy,
-            "class_accuracies": class_accuracies(model, test_inputs, test_targets),
-            "robust_accuracy": robust,
-            "loss": loss,
-            "epsilon": _largest_epsilon(ledgers, target_delta) if experiment.private else math.inf,
-            "wall_seconds": round(time.monotonic() - started, 3),
-        }
-
-    history = [evaluate_at(0)]
-    excluded_total = excluded_attackers = 0
-    targeted = experiment.hooks.byzantine_attack in TARGETED_ATTACKS and experiment.hooks.byzantine_fraction > 0
-    if targeted:  # what the attackers know: their own data
-        attacking = [c for m, c in enumerate(clients) if is_byzantine(m, experiment.num_clients, experiment.hooks.byzantine_fraction)]
-        attacker_inputs = torch.cat([c.inputs for c in attacking])
-        attacker_targets = torch.cat([c.targets for c in attacking])
+    history = [state.evaluate_at(0, weights, started)]
+    step = {"sgd": _sgd_round, "fedavg": _fedavg_round}.get(experiment.method, _sign_round)
     bar = tqdm(range(1, run.num_rounds + 1), desc=experiment.name(), file=sys.stderr, disable=not progress,
                leave=False, mininterval=1.0)
     for current in bar:
-        load_model_vector(model, weights)
-        chosen = round_clients(experiment, current)
-        if experiment.method == "sgd":
-            gradients = [_client_mean_gradient(model, clients[m], experiment, _generator(run, m, current)) for m in chosen]
-            eta = learning_rate_at(current, learning_rate=learning_rate, num_rounds=run.num_rounds, schedule=run.lr_schedule)
-            weights = weights - eta * np.mean(gradients, axis=0).astype(weights.dtype)
-        elif experiment.method == "fedavg":
-            eta = learning_rate_at(current, learning_rate=learning_rate, num_rounds=run.num_rounds, schedule=run.lr_schedule)
-            local = [_local_sgd(model, weights, clients[m], experiment, eta, _generator(run, m, current)) for m in chosen]
-            sizes = np.array([clients[m].size for m in chosen], dtype=np.float64)
-            weights = (np.tensordot(sizes / sizes.sum(), np.stack(local), axes=1)).astype(weights.dtype)
-        else:
-            payloads, senders = [], []
-            for m in chosen:
-                client = clients[m]
-                generator = _generator(run, m, current)
-                if experiment.private:
-                    outcome = client_round(
-                        model, client.inputs, client.targets, plan, ledgers[m],
-                        generator=generator, per_example_transform=noise_transform,
-                    )
-                    if not isinstance(outcome, SignedUpdate):
-                        continue
-                    payloads.append(outcome.packed)
-                else:
-                    payloads.append(pack_signs(_client_signs(model, client, experiment, generator)))
-                senders.append(m)
-            attackers = [
-                i for i, m in enumerate(senders) if is_byzantine(m, experiment.num_clients, experiment.hooks.byzantine_fraction)
-            ]
-            if attackers:
-                push = None
-                if targeted:
-                    push = targeted_push(
-                        model, attacker_inputs, attacker_targets, target_class=experiment.attack_target_class,
-                        pushed_class=experiment.attack_pushed_class, random_share=experiment.attack_random_share,
-                    )
-                payloads = attack_round(
-                    payloads, attackers, num_coordinates, attack=experiment.hooks.byzantine_attack,
-                    generator=_generator(run, experiment.num_clients, current), push=push,
-                )
-            outcome = server_round(
-                weights, payloads, updater=updater, server_round=current, num_rounds=run.num_rounds, vote_rule=run.vote
-            )
-            weights = outcome.weights
-            excluded_total += len(outcome.excluded)
-            excluded_attackers += sum(1 for i in outcome.excluded if i in attackers)
+        load_model_vector(state.model, weights)
+        weights = step(state, weights, round_clients(experiment, current), current)
         if current >= tail_start:
             tail_sum += weights
             tail_count += 1
         if on_round is not None:
             on_round(current, weights)
         if current % run.eval_every == 0 or current == run.num_rounds:
-            history.append(evaluate_at(current))
+            history.append(state.evaluate_at(current, weights, started))
             bar.set_postfix(accuracy=f"{history[-1]['accuracy']:.4f}", refresh=False)
     bar.close()
 
@@ -398,34 +307,165 @@ def run_experiment(
         "label": experiment.name(),
         "noise": experiment.hooks.gradient_noise,
         "target_epsilon": run.target_epsilon if experiment.private else None,
-        "target_delta": target_delta if experiment.private else None,
-        "learning_rate": learning_rate,
-        "noise_multiplier": noise_multiplier,
+        "target_delta": state.target_delta if experiment.private else None,
+        "learning_rate": state.learning_rate,
+        "noise_multiplier": state.plan.release.noise_multiplier,
         "epsilon": final["epsilon"],
         "test_accuracy": final["accuracy"],
         "worst_class_accuracy": min(final["class_accuracies"].values()),
         "test_robust_accuracy": final["robust_accuracy"],
         "test_loss": final["loss"],
         "rounds": run.num_rounds,
-        "num_parameters": int(num_coordinates),
-        "client_sizes": [c.size for c in clients],
+        "num_parameters": int(weights.shape[0]),
+        "client_sizes": [c.size for c in state.clients],
         "wall_seconds": round(time.monotonic() - started, 3),
         "setup_seconds": round(setup_seconds, 3),
-        "excluded": excluded_total,
-        "excluded_attackers": excluded_attackers,
+        "excluded": state.excluded,
+        "excluded_attackers": state.excluded_attackers,
         "history": history,
         "run_config": experiment.run_config(),
     }
     if experiment.method in ("jin-dp-sign", "jin-rectified"):
         steps = run.num_rounds if experiment.method == "jin-rectified" else 1
         record["epsilon_per_step"] = run.target_epsilon / steps
-        record["delta_per_step"] = target_delta / steps
+        record["delta_per_step"] = state.target_delta / steps
     if tail_count:
         averaged = (tail_sum / tail_count).astype(weights.dtype)
-        load_model_vector(model, averaged)
-        _, accuracy = evaluate(model, test_inputs, test_targets)
+        load_model_vector(state.model, averaged)
+        _, accuracy = evaluate(state.model, state.test_inputs, state.test_targets)
         record["test_accuracy_tail_average"] = accuracy
     return record
+
+
+@dataclass
+class _RunState:
+    """What every round of one run reads: data, model, the clients' ledgers and release plan, the server update."""
+
+    experiment: Experiment
+    dataset: Any
+    clients: list[ClientData]
+    model: torch.nn.Module
+    weights: np.ndarray
+    target_delta: float
+    learning_rate: float
+    plan: ReleasePlan
+    ledgers: list[PrivacyLedger]
+    updater: VoteUpdater
+    noise_transform: Any
+    test_inputs: torch.Tensor
+    test_targets: torch.Tensor
+    attacker_data: tuple[torch.Tensor, torch.Tensor] | None
+    excluded: int = 0
+    excluded_attackers: int = 0
+
+    @classmethod
+    def start(cls, experiment: Experiment, dataset) -> "_RunState":
+        run = experiment.run
+        dataset, clients = load_run_data(experiment, dataset=dataset)
+        model = build_model(
+            run.model_name, input_shape=tuple(dataset.input_shape), num_classes=dataset.num_classes, seed=run.model_seed,
+            **run.model_options,
+        )
+        if uses_public_statistics(model):  # the server's public set, as the Flower app's server does
+            fit_public_statistics(model, public_images(run.dataset, run.data_dir))
+        weights = model_vector(model)
+        noise_transform = gradient_noise_transform(experiment.hooks.gradient_noise)
+        target_delta = 1.0 / max(c.size for c in clients) ** 1.1 if experiment.delta_from_data else run.target_delta
+        learning_rate = run.learning_rate if run.learning_rate is not None else 1.0 / math.sqrt(weights.shape[0] * run.num_rounds)
+        noise_multiplier = noise_multiplier_for(experiment, target_delta)
+        ledgers = [PrivacyLedger(accountant=run.accountant) for _ in clients] if experiment.private else []
+        # A fixed sigma (sweeps) or Jin's per-step calibration are not planned for the target: report, never refuse.
+        planned = experiment.method == "dp-signsgd" and experiment.noise_multiplier is None
+        release = ReleaseSettings(
+            sample_rate=run.sample_rate, clip_norm=run.clip_norm, noise_multiplier=noise_multiplier, clipping=run.clipping,
+            adversarial=run.adversarial,
+        )
+        plan = ReleasePlan(release, planned_releases(run), Budget(run.target_epsilon if planned else math.inf, target_delta))
+        updater = VoteUpdater(learning_rate=learning_rate, schedule=run.lr_schedule, momentum=run.server_momentum)
+        updater.start(weights)
+        attacker_data = None
+        hooks = experiment.hooks
+        if hooks.byzantine_attack in TARGETED_ATTACKS and hooks.byzantine_fraction > 0:  # what the attackers know: their own data
+            attacking = [c for m, c in enumerate(clients) if is_byzantine(m, experiment.num_clients, hooks.byzantine_fraction)]
+            attacker_data = (torch.cat([c.inputs for c in attacking]), torch.cat([c.targets for c in attacking]))
+        return cls(
+            experiment, dataset, clients, model, weights, target_delta, learning_rate, plan, ledgers, updater,
+            noise_transform, torch.as_tensor(dataset.test_inputs), torch.as_tensor(dataset.test_targets), attacker_data,
+        )
+
+    def evaluate_at(self, round_number: int, weights: np.ndarray, started: float) -> dict:
+        run, model = self.experiment.run, self.model
+        load_model_vector(model, weights)
+        loss, accuracy = evaluate(model, self.test_inputs, self.test_targets)
+        robust = None
+        if run.robust_evaluation is not None:
+            attack_generator = torch.Generator().manual_seed(run.model_seed * 1_000_003 + round_number)
+            robust = robust_accuracy(model, self.test_inputs, self.test_targets, run.robust_evaluation, generator=attack_generator)
+        return {
+            "round": round_number,
+            "accuracy": accuracy,
+            "class_accuracies": class_accuracies(model, self.test_inputs, self.test_targets),
+            "robust_accuracy": robust,
+            "loss": loss,
+            "epsilon": _largest_epsilon(self.ledgers, self.target_delta) if self.experiment.private else math.inf,
+            "wall_seconds": round(time.monotonic() - started, 3),
+        }
+
+    def eta(self, current: int) -> float:
+        run = self.experiment.run
+        return learning_rate_at(current, learning_rate=self.learning_rate, num_rounds=run.num_rounds, schedule=run.lr_schedule)
+
+
+def _sgd_round(state: _RunState, weights: np.ndarray, chosen: list[int], current: int) -> np.ndarray:
+    """Non-private baseline: the mean of the chosen clients' mean gradients, one step."""
+    experiment, run = state.experiment, state.experiment.run
+    gradients = [_client_mean_gradient(state.model, state.clients[m], experiment, _generator(run, m, current)) for m in chosen]
+    return weights - state.eta(current) * np.mean(gradients, axis=0).astype(weights.dtype)
+
+
+def _fedavg_round(state: _RunState, weights: np.ndarray, chosen: list[int], current: int) -> np.ndarray:
+    """Non-private baseline: local SGD on each chosen client, models averaged by client size."""
+    experiment, run, eta = state.experiment, state.experiment.run, state.eta(current)
+    local = [_local_sgd(state.model, weights, state.clients[m], experiment, eta, _generator(run, m, current)) for m in chosen]
+    sizes = np.array([state.clients[m].size for m in chosen], dtype=np.float64)
+    return (np.tensordot(sizes / sizes.sum(), np.stack(local), axes=1)).astype(weights.dtype)
+
+
+def _sign_round(state: _RunState, weights: np.ndarray, chosen: list[int], current: int) -> np.ndarray:
+    """Sign methods: each chosen client's packed signs (a DP release against its ledger, or a baseline
+    compressor), the attackers' replacements, then the server's vote and step."""
+    experiment, run, hooks = state.experiment, state.experiment.run, state.experiment.hooks
+    payloads, senders = [], []
+    for m in chosen:
+        client = state.clients[m]
+        generator = _generator(run, m, current)
+        if experiment.private:
+            outcome = client_round(
+                state.model, client.inputs, client.targets, state.plan, state.ledgers[m],
+                generator=generator, per_example_transform=state.noise_transform,
+            )
+            if not isinstance(outcome, SignedUpdate):
+                continue
+            payloads.append(outcome.packed)
+        else:
+            payloads.append(pack_signs(_client_signs(state.model, client, experiment, generator)))
+        senders.append(m)
+    attackers = [i for i, m in enumerate(senders) if is_byzantine(m, experiment.num_clients, hooks.byzantine_fraction)]
+    if attackers:
+        push = None
+        if state.attacker_data is not None:
+            push = targeted_push(
+                state.model, *state.attacker_data, target_class=experiment.attack_target_class,
+                pushed_class=experiment.attack_pushed_class, random_share=experiment.attack_random_share,
+            )
+        payloads = attack_round(
+            payloads, attackers, weights.shape[0], attack=hooks.byzantine_attack,
+            generator=_generator(run, experiment.num_clients, current), push=push,
+        )
+    outcome = server_round(weights, payloads, updater=state.updater, server_round=current, num_rounds=run.num_rounds, vote_rule=run.vote)
+    state.excluded += len(outcome.excluded)
+    state.excluded_attackers += sum(1 for i in outcome.excluded if i in attackers)
+    return outcome.weights
 
 
 def round_clients(experiment: Experiment, round_number: int) -> list[int]:
