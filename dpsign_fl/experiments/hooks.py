@@ -116,16 +116,22 @@ class FlowerExperiments:
         """The run's experiment settings, refusing an attack a Flower simulation cannot run.
 
         Raises:
-            ConfigError: for a bad value, or a coordinated attack, which needs
-                every honest payload of the round (the research loop runs those).
+            ConfigError: for a bad value, or an attack whose clients act
+                together: a coordinated one reads every honest payload of the
+                round, a targeted push pools the attackers' data (the research
+                loop runs those).
         """
         from ..settings import ConfigError
-        from .attacks import BLIND_ATTACKS
+        from .attacks import BLIND_ATTACKS, TARGETED_ATTACKS
 
         options = from_mapping(ExperimentOptions, run_config)
         if options.byzantine_fraction > 0 and options.byzantine_attack not in BLIND_ATTACKS:
+            needs = (
+                "the attackers' pooled data" if options.byzantine_attack in TARGETED_ATTACKS
+                else "every honest client's bits of the round"
+            )
             raise ConfigError(
-                f"byzantine-attack {options.byzantine_attack!r} needs every honest client's bits of the round: the "
+                f"byzantine-attack {options.byzantine_attack!r} needs {needs}: the "
                 f"research loop runs it (python -m dpsign_fl.experiments); a simulation runs {BLIND_ATTACKS}"
             )
         return options

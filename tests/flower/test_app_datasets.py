@@ -86,11 +86,15 @@ def test_the_app_with_vote_robust_leaves_out_the_all_ones_nodes_every_round(tmp_
     assert [row["voters"] for row in rows] == [10, 10]  # valid replies; the vote counted 7 of them
 
 
-def test_the_app_refuses_an_attack_that_needs_the_other_clients_bits(tmp_path):
+@pytest.mark.parametrize(
+    ("attack", "needs"),
+    [("inverse-majority", "every honest client's bits of the round"), ("targeted-push", "the attackers' pooled data")],
+)
+def test_the_app_refuses_an_attack_whose_clients_act_together_saying_what_it_needs(tmp_path, attack, needs):
     from dpsign_fl.settings import ConfigError
 
-    with pytest.raises(ConfigError, match="byzantine-attack 'inverse-majority'"):
-        run_app(tmp_path, **{"byzantine-fraction": 0.3, "byzantine-attack": "inverse-majority"})
+    with pytest.raises(ConfigError, match=f"byzantine-attack '{attack}' needs {needs}"):
+        run_app(tmp_path, **{"byzantine-fraction": 0.3, "byzantine-attack": attack})
 
 
 def test_the_app_counts_in_numpy_without_a_c_compiler_and_refuses_an_unknown_kernel(tmp_path, monkeypatch, fresh_vote_kernel):
