@@ -233,9 +233,8 @@ def _repeaters(agreement: np.ndarray, shared: np.ndarray) -> list[int]:
     """Rows of ``agreement`` (:meth:`VoteMemory.self_agreement`) far above the median (:data:`REPETITION_MARGIN`) on some block where ``shared`` holds."""
     if agreement.shape[0] < 3 or agreement.shape[1] == 0:
         return []
-    median = np.median(agreement, axis=0)
-    spread = np.maximum(1.4826 * np.median(np.abs(agreement - median), axis=0), 0.5 / np.sqrt(8 * INSPECTED_BLOCK_BYTES))
-    return [int(r) for r in np.nonzero(((agreement - median) / spread > REPETITION_MARGIN) & shared)[0].tolist()]
+    score = _robust_scores(agreement, floor=0.5 / np.sqrt(8 * INSPECTED_BLOCK_BYTES))
+    return [int(r) for r in np.nonzero(((score > REPETITION_MARGIN) & shared).any(axis=1))[0]]
 
 
 def robust_vote(
@@ -279,11 +278,14 @@ def robust_vote(
          data; two attackers who push a row with the same signs do.
        - with ``memory`` (:class:`VoteMemory`), its repetition: its
          self-agreement with the payload the same client (``identities``)
-         sent last time, on each memory block; a payload far above the
-         others' (:data:`REPETITION_MARGIN`) on some block is dropped as
-         ``"repetition"``. An attacker that pushes a row with the same signs
-         every round repeats itself there however little of the row it pushes
-         in one round; honest DP noise is fresh every round.
+         sent last time, on each memory block. A round counts against the
+         client when it is far above the others' (:data:`REPETITION_MARGIN`)
+         on a block where the payload's likeness is above the median; a
+         payload whose sender's recent rounds counted in half or more
+         (:meth:`VoteMemory.repeating`) is dropped as ``"repetition"``. An
+         attacker that pushes a row with the same signs every round repeats
+         itself there however little of the row it pushes in one round;
+         honest DP noise is fresh every round.
     3. **Disagreement.** Against the majority of the OTHER payloads left (its
        own vote would inflate its agreement: a tenth of the vote with 10
        voters), a payload that agrees far less than the rest is dropped
@@ -587,15 +589,20 @@ def _positives(row: np.ndarray, num_coordinates: int) -> int:
     return count
 
 
+def _robust_scores(values: np.ndarray, *, floor) -> np.ndarray:
+    """``(values - median) / spread`` per column, the spread being 1.4826 median absolute deviations floored at ``floor``."""
+    median = np.median(values, axis=0)
+    spread = np.maximum(1.4826 * np.median(np.abs(values - median), axis=0), floor)
+    return (values - median) / spread
+
+
 def _far_from_median(values: np.ndarray, *, floor, threshold: float, side: str) -> list[int]:
     """Indices whose value is more than ``threshold`` robust standard deviations from the median.
 
     ``values`` ``[n]``, or ``[n, columns]`` with a ``floor`` per column: then
     each column is scored apart, and an index far in any column is returned.
     """
-    median = np.median(values, axis=0)
-    spread = np.maximum(1.4826 * np.median(np.abs(values - median), axis=0), floor)
-    score = (values - median) / spread
+    score = _robust_scores(values, floor=floor)
     far = {"low": score < -threshold, "high": score > threshold, "both": np.abs(score) > threshold}[side]
     if far.ndim == 2:
         far = far.any(axis=1)
