@@ -31,7 +31,7 @@ from .privacy.ledger import exceeds_budget
 from .release import PerExampleTransform, ReleaseSettings, UnsafeRelease, client_release
 from .vote.server_update import VoteUpdater
 from .settings import RunSettings
-from .vote import DEFAULT_VOTE, VoteCounter, robust_vote
+from .vote import DEFAULT_VOTE, VoteCounter, VoteMemory, robust_vote
 
 
 @dataclass(frozen=True)
@@ -288,6 +288,8 @@ def server_round(
     num_rounds: int,
     min_voters: int = 1,
     vote_rule: str = DEFAULT_VOTE,
+    memory: VoteMemory | None = None,
+    identities: Iterable | None = None,
 ) -> ServerRoundResult:
     """Take the vote (robust by default, :data:`dpsign_fl.vote.DEFAULT_VOTE`) of validated packed payloads and step the model.
 
@@ -309,6 +311,11 @@ def server_round(
         min_voters: fewer payloads leave the model unchanged.
         vote_rule: ``"robust"`` or ``"majority"`` (:data:`dpsign_fl.vote.VOTE_RULES`), as the
             run config or the strategy checked it (:func:`dpsign_fl.vote.check_vote_rule`).
+        memory: the run's :class:`dpsign_fl.vote.VoteMemory` (robust rule only): each
+            sender's last payload on a bounded set of blocks, to catch a client
+            that repeats its own push across rounds; None = the stateless vote.
+        identities: with ``memory``, the sender of each payload (client numbers, node ids);
+            read after ``payloads`` is consumed, so it may be filled while they are read.
 
     Returns:
         :class:`ServerRoundResult`.
@@ -317,7 +324,7 @@ def server_round(
         rows = list(payloads)
         if len(rows) < max(min_voters, 1):
             return ServerRoundResult(weights, None, len(rows))
-        outcome = robust_vote(rows, weights.shape[0])
+        outcome = robust_vote(rows, weights.shape[0], memory=memory, identities=None if identities is None else list(identities))
         new = updater.step(weights, outcome.vote, server_round, num_rounds)
         return ServerRoundResult(new, outcome.vote, len(rows), dict(outcome.dropped))
     counter = VoteCounter(weights.shape[0])

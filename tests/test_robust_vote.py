@@ -360,3 +360,105 @@ def test_two_attackers_pushing_the_same_row_are_dropped_for_their_copies_though_
     everyone = list(range(20))
     seen = vote._inspect(attacked, everyone, vote._counter(attacked, everyone, D), None)
     assert vote._too_alike(seen) == set() and vote._colluders(attacked, everyone, np.random.default_rng(1)) == set()
+
+
+def rounds_of_payloads(rounds, signal, seed):
+    """``rounds`` rounds of payloads around one fixed direction: ``signal[client, coordinate]`` = P(sign = direction),
+    the same every round (what a client's data make it push), with fresh noise every round (DP noise)."""
+    rng = np.random.default_rng(seed)
+    direction = rng.choice(np.array([-1, 1], dtype=np.int8), size=D)
+    every = [[pack_signs(np.where(rng.random(D) < p, direction, -direction).astype(np.int8)) for p in signal] for _ in range(rounds)]
+    return every, direction
+
+
+def noisy_signal(clients):
+    agreement = np.random.default_rng(99).choice([0.5, 0.6], p=[0.8, 0.2], size=D)
+    return np.tile(agreement, (clients, 1))
+
+
+def adaptive_push_rounds(rounds):
+    """20 noisy clients; 0-3 push the same 3,970-coordinate row every round, sending their honest sign on a random half."""
+    from dpsign_fl.experiments.attacks import TargetedPush
+
+    every, direction = rounds_of_payloads(rounds, noisy_signal(20), seed=12)
+    coordinates = np.arange(3_970, 7_940)
+    push = TargetedPush(coordinates, -direction[coordinates], random_share=0.5)
+    generator = torch.Generator().manual_seed(0)
+    attacked = [attack_round(p, [0, 1, 2, 3], D, attack="targeted-push-adaptive", generator=generator, push=push) for p in every]
+    return every, attacked
+
+
+def test_an_adaptive_push_repeated_round_after_round_is_dropped_as_repetition():
+    from dpsign_fl.vote import VoteMemory
+    from dpsign_fl.vote.robust import REPETITION_HORIZON
+
+    honest, attacked = adaptive_push_rounds(3 * REPETITION_HORIZON)
+    memory = VoteMemory(np.random.default_rng(2))
+
+    outcomes = [robust_vote(p, D, generator=np.random.default_rng(1), memory=memory, identities=list(range(20))) for p in attacked]
+
+    assert all(set(o.dropped) <= {0, 1, 2, 3} for o in outcomes)  # never an honest client
+    assert outcomes[0].dropped == {}  # the first round has nothing to compare with
+    for outcome, payloads in zip(outcomes[2 * REPETITION_HORIZON :], honest[2 * REPETITION_HORIZON :]):
+        assert outcome.dropped == {i: "repetition" for i in range(4)}
+        np.testing.assert_array_equal(outcome.vote, majority_vote(payloads[4:], D))
+    # Negative control: the stateless vote (no memory) keeps the attackers in every round.
+    assert all(robust_vote(p, D, generator=np.random.default_rng(1)).dropped == {} for p in attacked[-5:])
+
+
+def test_honest_payloads_with_fresh_noise_are_never_dropped_for_repetition():
+    from dpsign_fl.vote import VoteMemory
+    from dpsign_fl.vote.robust import REPETITION_HORIZON
+
+    every, _ = rounds_of_payloads(3 * REPETITION_HORIZON, noisy_signal(20), seed=13)
+    memory = VoteMemory(np.random.default_rng(2))
+
+    dropped = [robust_vote(p, D, generator=np.random.default_rng(1), memory=memory, identities=list(range(20))).dropped for p in every]
+
+    assert all(d == {} for d in dropped)
+
+
+def test_non_iid_clients_that_repeat_their_own_classes_rows_against_the_others_are_not_dropped():
+    # Pathological non-IID as the softmax gradient makes it: each block (a class's row) has 2 holders that push it
+    # strongly the same way every round (85% agreement with their direction), and the 18 clients without the class
+    # pull it weakly the other way (55%). The holders repeat themselves there far more than the others; the
+    # others oppose them, so their likeness there is below the median and no round counts against them.
+    from dpsign_fl.vote import VoteMemory
+    from dpsign_fl.vote.robust import REPETITION_HORIZON
+
+    clients = 20
+    signal = np.full((clients, D), 0.5)
+    for block in range(10):
+        rows = slice(block * 4_000, (block + 1) * 4_000)
+        signal[:, rows] = 0.45
+        signal[2 * block : 2 * block + 2, rows] = 0.85
+    every, _ = rounds_of_payloads(3 * REPETITION_HORIZON, signal, seed=14)
+    memory = VoteMemory(np.random.default_rng(2))
+
+    dropped = [robust_vote(p, D, generator=np.random.default_rng(1), memory=memory, identities=list(range(clients))).dropped for p in every]
+
+    assert all(d == {} for d in dropped)
+
+
+def test_the_memory_needs_one_distinct_identity_per_payload():
+    from dpsign_fl.vote import VoteMemory
+
+    payloads, _ = noisy_payloads(4, seed=1)
+    for identities, message in ((None, "identities must be given"), ([0, 1, 2], "one per payload"), ([0, 1, 1, 2], "distinct")):
+        with pytest.raises(ValueError, match=message):
+            robust_vote(payloads, D, memory=VoteMemory(), identities=identities)
+
+
+def test_the_memory_keeps_at_most_the_inspected_bytes_per_client():
+    from dpsign_fl.vote import VoteMemory
+    from dpsign_fl.vote.robust import INSPECTED_BYTES
+
+    big_d = 8 * 4 * INSPECTED_BYTES
+    rng = np.random.default_rng(3)
+    payloads = [pack_signs(rng.choice(np.array([-1, 1], dtype=np.int8), size=big_d)) for _ in range(5)]
+    memory = VoteMemory(np.random.default_rng(2))
+
+    robust_vote(payloads, big_d, generator=np.random.default_rng(1), memory=memory, identities=["a", "b", "c", "d", "e"])
+
+    assert len(memory) == 5
+    assert all(bits.nbytes == INSPECTED_BYTES for bits in memory._bits.values())

@@ -50,3 +50,34 @@ def test_planning_for_partial_participation_needs_less_noise_than_for_every_roun
     every_round = plan_release(RunSettings(num_rounds=60, sample_rate=0.3, target_epsilon=2.0))
     quarter = plan_release(RunSettings(num_rounds=60, sample_rate=0.3, target_epsilon=2.0, participation=0.25))
     assert quarter.release.noise_multiplier < 0.9 * every_round.release.noise_multiplier
+
+
+def test_server_round_with_a_memory_leaves_out_a_sender_that_repeats_its_push_and_reads_identities_after_the_payloads():
+    import numpy as np
+
+    from dpsign_fl.rounds import server_round
+    from dpsign_fl.vote import VoteMemory
+    from dpsign_fl.vote.robust import REPETITION_HORIZON
+    from dpsign_fl.vote.server_update import VoteUpdater
+    from tests.test_robust_vote import D, adaptive_push_rounds
+
+    _, attacked = adaptive_push_rounds(2 * REPETITION_HORIZON)
+    updater = VoteUpdater(learning_rate=0.1)
+    weights = np.zeros(D, dtype=np.float32)
+    updater.start(weights)
+    memory = VoteMemory(np.random.default_rng(2))
+
+    def senders(payloads, tally):  # as the strategy's tally: each identity known only once its payload is read
+        for node, payload in enumerate(payloads):
+            tally.append(1000 + node)
+            yield payload
+
+    results = []
+    for t, payloads in enumerate(attacked, start=1):
+        tally = []
+        results.append(server_round(weights, senders(payloads, tally), updater=updater, server_round=t,
+                                    num_rounds=len(attacked), memory=memory, identities=tally))
+    stateless = server_round(weights, attacked[-1], updater=updater, server_round=1, num_rounds=1)
+
+    assert results[-1].excluded == {i: "repetition" for i in range(4)}
+    assert stateless.excluded == {}  # negative control: without the memory the last round keeps every attacker

@@ -44,7 +44,7 @@ import dataclasses
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -57,6 +57,7 @@ from ..data.features import load_run_dataset
 from ..evaluation import class_accuracies, evaluate, robust_accuracy
 from ..release.mechanism import per_sample_gradients, poisson_sample, secure_generator
 from ..models import build_model, fit_public_statistics, uses_public_statistics
+from ..vote import VoteMemory
 from ..vote.packing import pack_signs
 from ..parameters import load_model_vector, model_vector
 from ..privacy import PrivacyLedger
@@ -355,6 +356,7 @@ class _RunState:
     test_inputs: torch.Tensor
     test_targets: torch.Tensor
     attacker_data: tuple[torch.Tensor, torch.Tensor] | None
+    memory: VoteMemory = field(default_factory=VoteMemory)
     excluded: int = 0
     excluded_attackers: int = 0
 
@@ -462,7 +464,8 @@ def _sign_round(state: _RunState, weights: np.ndarray, chosen: list[int], curren
             payloads, attackers, weights.shape[0], attack=hooks.byzantine_attack,
             generator=_generator(run, experiment.num_clients, current), push=push,
         )
-    outcome = server_round(weights, payloads, updater=state.updater, server_round=current, num_rounds=run.num_rounds, vote_rule=run.vote)
+    outcome = server_round(weights, payloads, updater=state.updater, server_round=current, num_rounds=run.num_rounds, vote_rule=run.vote,
+                           memory=state.memory, identities=senders)
     state.excluded += len(outcome.excluded)
     state.excluded_attackers += sum(1 for i in outcome.excluded if i in attackers)
     return outcome.weights

@@ -50,7 +50,7 @@ from ..parameters import flatten, unflatten
 from ..rounds import server_round as run_server_round
 from ..vote.server_update import AUTOMATIC, VoteUpdater
 from ..settings import FlowerOptions
-from ..vote import DEFAULT_VOTE, check_vote_rule
+from ..vote import DEFAULT_VOTE, VoteMemory, check_vote_rule
 from .client_evaluation import (
     DEFAULT_ARRAYRECORD_KEY,
     DEFAULT_CONFIGRECORD_KEY,
@@ -115,8 +115,11 @@ class SignMajorityVote(Strategy):
         server_momentum: beta in [0, 1); post-processing, free of privacy cost.
         vote: ``"robust"`` (the default: :func:`dpsign_fl.vote.robust_vote`,
             payloads that look like a coordinated attack are left out first;
-            server-side, free of privacy cost, O(d) memory) or ``"majority"``
-            (the plain coordinate-wise majority).
+            server-side, free of privacy cost, O(d) memory; the strategy keeps
+            a :class:`dpsign_fl.vote.VoteMemory` of each node's last payload,
+            up to 16 KiB per node id, so that a node that pushes the same signs
+            every round is left out; a run resumed from a checkpoint starts it
+            empty) or ``"majority"`` (the plain coordinate-wise majority).
         downlink: ``"votes"`` (clients keep a replica and get the votes they
             missed, or the model when that is smaller or they need it) or
             ``"weights"`` (the model every round, for clients without a replica).
@@ -206,6 +209,7 @@ class SignMajorityVote(Strategy):
         self._current_arrays: ArrayRecord | None = None
         self._sampled: set[int] = set()
         self._sent = _Traffic()
+        self._memory = VoteMemory()
 
     def summary(self) -> None:
         """Log the configuration."""
@@ -340,6 +344,8 @@ class SignMajorityVote(Strategy):
             num_rounds=self.num_rounds,
             min_voters=self.min_train_nodes,
             vote_rule=self.vote,
+            memory=self._memory,
+            identities=tally.in_order,  # filled as the payloads are read: server_round reads it after them
         )
         for position, why in sorted(outcome.excluded.items()):
             log(WARNING, "round %d: the robust vote left out node %s (%s)", server_round, tally.in_order[position], why)

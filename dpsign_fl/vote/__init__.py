@@ -17,8 +17,8 @@ All of it is post-processing of the clients' releases: no privacy cost.
 """
 
 from .counter import VoteCounter, majority_vote, vote_counts
-from .robust import DEFAULT_VOTE, VOTE_RULES, RobustVote, check_vote_rule, robust_vote
+from .robust import DEFAULT_VOTE, VOTE_RULES, RobustVote, VoteMemory, check_vote_rule, robust_vote
 
 __all__ = [
-    "DEFAULT_VOTE", "VOTE_RULES", "RobustVote", "VoteCounter", "check_vote_rule", "majority_vote", "robust_vote", "vote_counts",
+    "DEFAULT_VOTE", "VOTE_RULES", "RobustVote", "VoteCounter", "VoteMemory", "check_vote_rule", "majority_vote", "robust_vote", "vote_counts",
 ]

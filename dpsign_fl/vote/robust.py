@@ -72,6 +72,21 @@ COLLUSION_MARGIN = 8.0
 AGREEMENT_THRESHOLD = 4.0
 """... when its agreement with the tentative vote is this many robust standard deviations below the median."""
 
+REPETITION_MARGIN = 8.0
+"""A round counts as a repetition for a client when, on some memory block, its payload repeats its previous one
+more than this many robust standard deviations (floored at the coin-flip standard error) above the median
+self-agreement there, and its likeness there is above the median (:class:`VoteMemory`)."""
+
+REPETITION_HORIZON = 16
+"""Rounds (of those a client takes part in) over which :class:`VoteMemory` averages its repetitions: each new round
+weighs 1/16 in the exponential average."""
+
+REPETITION_SHARE = 0.5
+"""... and a payload is dropped as ``"repetition"`` when its sender's average reaches this share: 2 or 4 attackers
+of 10 or 20 that push a row all run (sending their honest sign on half of it) counted in ~90 % of their rounds and
+crossed 1/2 after 16-25 rounds; honest non-IID clients, which repeat themselves on their own classes' rows while
+the model learns them, stayed at or below 0.25 (measured on MNIST, docs/robustness.md)."""
+
 
 @dataclass(frozen=True)
 class RobustVote:
@@ -80,7 +95,8 @@ class RobustVote:
     Attributes:
         vote: int8 ``[d]`` in {-1, 0, +1}, the majority of the kept payloads.
         kept: indices of the payloads that voted.
-        dropped: payload index -> why it was left out (``"+1 rate"``, ``"collusion"``, ``"disagreement"``).
+        dropped: payload index -> why it was left out (``"+1 rate"``, ``"collusion"``, ``"repetition"``,
+            ``"disagreement"``).
     """
 
     vote: np.ndarray
@@ -88,7 +104,143 @@ class RobustVote:
     dropped: dict[int, str]
 
 
-def robust_vote(payloads: Sequence[np.ndarray], num_coordinates: int, *, generator: np.random.Generator | None = None) -> RobustVote:
+class VoteMemory:
+    """What the robust vote remembers of each client across rounds: its last payload's bits on the memory blocks.
+
+    The memory blocks are :data:`INSPECTED_BLOCK_BYTES`-sized blocks of the
+    payload, at most :data:`INSPECTED_BYTES` in all (every whole block when the
+    payload is no longer), drawn once per run from the memory's own generator
+    at the first round. Each round :func:`robust_vote` measures, on each memory
+    block, how many of a returning client's bits equal the bits it sent last
+    time (its self-agreement): an honest client's DP noise is fresh every
+    round, so its self-agreement sits with the others'; an attacker that pushes
+    the same signs on a block every round, even on only part of it, repeats
+    itself there far more (``targeted-push-adaptive``, docs/robustness.md).
+    :meth:`repeating` says which senders to leave out. Not caught: a lone
+    attacker (nobody shares its push), and a push on a block of a large model
+    that the memory blocks miss.
+
+    Privacy: post-processing of bits the clients released; the server keeps
+    them, nothing more is asked of the clients and no privacy is spent.
+    Memory: at most :data:`INSPECTED_BYTES` and one float per client identity
+    seen; time per round linear in the payloads. A driver keeps one for a run;
+    a run resumed from a checkpoint starts it empty (nothing to compare with in
+    its first round, and every average of repetitions back at 0).
+
+    Args:
+        generator: randomness of the memory blocks; None = fresh OS entropy
+            (the clients cannot know which blocks are kept).
+    """
+
+    def __init__(self, generator: np.random.Generator | None = None) -> None:
+        self._generator = generator if generator is not None else np.random.default_rng()
+        self._num_coordinates: int | None = None
+        self._blocks: np.ndarray | None = None
+        self._bits: dict = {}
+        self._repetition: dict = {}
+
+    def __len__(self) -> int:
+        """How many client identities it holds bits of."""
+        return len(self._bits)
+
+    def blocks(self, num_coordinates: int) -> np.ndarray:
+        """The sorted indices of the memory blocks (drawn at the first call; every whole block when there are few)."""
+        self._start(num_coordinates)
+        return self._blocks
+
+    def repeating(self, rows: Sequence[np.ndarray], identities: Sequence, num_coordinates: int, likeness: np.ndarray | None) -> list[int]:
+        """Positions of the payloads whose sender has repeated itself in too many of its recent rounds; remembers these payloads.
+
+        Each returning sender's round counts as a repetition when, on some
+        memory block, its self-agreement is far above the others'
+        (:data:`REPETITION_MARGIN`; at least 3 returning senders) and its
+        likeness there is above the median payload's: a pattern that the
+        round's other payloads share more than usual (colluders pushing the
+        same row). An honest non-IID client that repeats its gradient on its
+        own classes' rows is pulled the other way by the clients without those
+        classes, so its likeness there is mostly below the median (measured,
+        docs/robustness.md). Its exponential average of repetitions
+        (:data:`REPETITION_HORIZON`) is updated, and its payload is returned
+        when the average reaches :data:`REPETITION_SHARE`. Then each sender's
+        bits replace the ones kept.
+
+        Args:
+            rows: the round's validated packed payloads.
+            identities: the sender of each (distinct).
+            num_coordinates: d, the same every round.
+            likeness: ``[payloads, memory blocks]``, each payload's mean
+                agreement with every other payload on each memory block
+                (:func:`robust_vote` computes it); None: no round counts.
+
+        Raises:
+            ValueError: if ``num_coordinates`` differs from the first round's.
+        """
+        positions, agreement = self.self_agreement(rows, identities, num_coordinates)
+        flagged = set()
+        if likeness is not None and len(positions) >= 3 and likeness.shape[1]:
+            above = likeness > np.median(likeness, axis=0)
+            flagged = set(_repeaters(agreement, above[positions]))
+        weight = 1.0 / REPETITION_HORIZON
+        found = []
+        for r, p in enumerate(positions):
+            identity = identities[p]
+            share = (1.0 - weight) * self._repetition.get(identity, 0.0) + weight * (r in flagged)
+            self._repetition[identity] = share
+            if share >= REPETITION_SHARE:
+                found.append(p)
+        self.remember(rows, identities, num_coordinates)
+        return found
+
+    def self_agreement(self, rows: Sequence[np.ndarray], identities: Sequence, num_coordinates: int) -> tuple[list[int], np.ndarray]:
+        """``(positions, agreement)``: the payloads whose sender it remembers and, ``[len(positions), blocks]``, the
+        share of each one's bits on each memory block equal to those its sender sent last time."""
+        self._start(num_coordinates)
+        positions = [p for p, identity in enumerate(identities) if identity in self._bits]
+        if not positions:
+            return [], np.zeros((0, 0))
+        size = 8 * INSPECTED_BLOCK_BYTES
+        differences = np.stack([
+            np.bitwise_count((self._memory_bytes(rows[p]) ^ self._bits[identities[p]]).reshape(-1, INSPECTED_BLOCK_BYTES)).sum(axis=1, dtype=np.int64)
+            for p in positions
+        ])
+        return positions, 1.0 - differences / size
+
+    def remember(self, rows: Sequence[np.ndarray], identities: Sequence, num_coordinates: int) -> None:
+        """Keep each sender's bits on the memory blocks (its latest payload), in place of what it sent before."""
+        self._start(num_coordinates)
+        for row, identity in zip(rows, identities):
+            self._bits[identity] = self._memory_bytes(row).copy()
+
+    def _start(self, num_coordinates: int) -> None:
+        if self._num_coordinates is None:
+            self._num_coordinates = num_coordinates
+            whole_blocks = num_coordinates // (8 * INSPECTED_BLOCK_BYTES)  # never the last, partial byte
+            wanted = INSPECTED_BYTES // INSPECTED_BLOCK_BYTES
+            if whole_blocks > wanted:
+                self._blocks = np.sort(self._generator.choice(whole_blocks, size=wanted, replace=False))
+            else:
+                self._blocks = np.arange(whole_blocks)
+        elif num_coordinates != self._num_coordinates:
+            raise ValueError(f"num_coordinates must be {self._num_coordinates} (the memory's), got {num_coordinates}")
+
+    def _memory_bytes(self, row: np.ndarray) -> np.ndarray:
+        if len(self._blocks) == 0:
+            return np.zeros(0, dtype=np.uint8)
+        return _gather(row, self._blocks)
+
+
+def _repeaters(agreement: np.ndarray, shared: np.ndarray) -> list[int]:
+    """Rows of ``agreement`` (:meth:`VoteMemory.self_agreement`) far above the median (:data:`REPETITION_MARGIN`) on some block where ``shared`` holds."""
+    if agreement.shape[0] < 3 or agreement.shape[1] == 0:
+        return []
+    score = _robust_scores(agreement, floor=0.5 / np.sqrt(8 * INSPECTED_BLOCK_BYTES))
+    return [int(r) for r in np.nonzero(((score > REPETITION_MARGIN) & shared).any(axis=1))[0]]
+
+
+def robust_vote(
+    payloads: Sequence[np.ndarray], num_coordinates: int, *, generator: np.random.Generator | None = None,
+    memory: VoteMemory | None = None, identities: Sequence | None = None,
+) -> RobustVote:
     """Majority vote of the payloads that do not look like a coordinated attack.
 
     Server-side post-processing of released bits: no privacy cost, nothing asked
@@ -124,6 +276,16 @@ def robust_vote(payloads: Sequence[np.ndarray], num_coordinates: int, *, generat
          (hashed in the same pass, no pair compared; :data:`COPY_MARGIN`). Under DP noise honest payloads never
          repeat 512 coordinates, even those of clients that hold the same
          data; two attackers who push a row with the same signs do.
+       - with ``memory`` (:class:`VoteMemory`), its repetition: its
+         self-agreement with the payload the same client (``identities``)
+         sent last time, on each memory block. A round counts against the
+         client when it is far above the others' (:data:`REPETITION_MARGIN`)
+         on a block where the payload's likeness is above the median; a
+         payload whose sender's recent rounds counted in half or more
+         (:meth:`VoteMemory.repeating`) is dropped as ``"repetition"``. An
+         attacker that pushes a row with the same signs every round repeats
+         itself there however little of the row it pushes in one round;
+         honest DP noise is fresh every round.
     3. **Disagreement.** Against the majority of the OTHER payloads left (its
        own vote would inflate its agreement: a tenth of the vote with 10
        voters), a payload that agrees far less than the rest is dropped
@@ -139,25 +301,42 @@ def robust_vote(payloads: Sequence[np.ndarray], num_coordinates: int, *, generat
     the statistics); they are counted and inspected again only when a payload
     is left out. Memory: O(d) for the counters, O(M K) for the sketches, O(M)
     per block for the statistics; time linear in M. The payloads themselves
-    are read, never copied (the caller holds them: Flower's replies).
+    are read, never copied (the caller holds them: Flower's replies). With
+    ``memory``: at most :data:`INSPECTED_BYTES` kept per client, read once more
+    (and, on a model larger than that, its likeness counted on the memory
+    blocks: one more pass over those bytes).
 
     Args:
         payloads: validated packed payloads.
         num_coordinates: d.
         generator: randomness of the sketch, of the partners and of the inspected
             blocks; None = fresh OS entropy.
+        memory: the run's :class:`VoteMemory`, read and then updated with
+            these payloads; None (the default) = no repetition statistic.
+        identities: with ``memory``, the sender of each payload (distinct
+            hashable ids that stay the same across rounds: client numbers,
+            node ids).
 
     Returns:
         :class:`RobustVote`. With fewer than 3 payloads, no filter runs.
+
+    Raises:
+        ValueError: if ``memory`` comes without ``identities``, or they are not
+            one distinct identity per payload.
     """
     rows = [check_packed(p, num_coordinates) for p in payloads]
+    if memory is not None:
+        _check_identities(identities, len(rows))
     everyone = list(range(len(rows)))
     counter = _counter(rows, everyone, num_coordinates)
     if len(rows) < 3:
+        if memory is not None:
+            memory.repeating(rows, identities, num_coordinates, None)
         return RobustVote(counter.vote(), tuple(everyone), {})
     generator = generator if generator is not None else np.random.default_rng()
     blocks = _inspected_blocks(num_coordinates, generator)
     seen = _inspect(rows, everyone, counter, blocks)
+    repeating = [] if memory is None else memory.repeating(rows, identities, num_coordinates, _memory_likeness(rows, counter, seen, blocks, memory))
     dropped: dict[int, str] = {}
     for index in _far_from_median(seen.positives / seen.coordinates, floor=0.5 / np.sqrt(seen.coordinates), threshold=RATE_THRESHOLD, side="both"):
         dropped[index] = "+1 rate"
@@ -171,8 +350,10 @@ def robust_vote(payloads: Sequence[np.ndarray], num_coordinates: int, *, generat
         colluders |= {kept[p] for p in _far_from_median(_copied_runs(seen.run_hashes), floor=1.0, threshold=COPY_MARGIN, side="high")}
     for index in sorted(colluders):
         dropped[index] = "collusion"
+    for index in repeating:
+        dropped.setdefault(index, "repetition")
     kept = [i for i in everyone if i not in dropped]
-    if colluders or len(kept) < 3:  # the count, and each payload's agreement with it, without the payloads left out
+    if colluders or repeating or len(kept) < 3:  # the count, and each payload's agreement with it, without the payloads left out
         counter = _counter(rows, kept, num_coordinates)
         if len(kept) >= 3:
             seen = _inspect(rows, kept, counter, blocks)
@@ -184,6 +365,24 @@ def robust_vote(payloads: Sequence[np.ndarray], num_coordinates: int, *, generat
             kept = [i for i in kept if i not in dropped]
             counter = _counter(rows, kept, num_coordinates)
     return RobustVote(counter.vote(), tuple(kept), dropped)
+
+
+def _memory_likeness(rows, counter: VoteCounter, seen: "_Inspection", blocks: np.ndarray | None, memory: VoteMemory) -> np.ndarray:
+    """Each payload's likeness (:class:`_Inspection`) on each of ``memory``'s blocks: read from ``seen`` when it covers
+    every whole block (``blocks`` None: the memory's are those), else counted on the memory's blocks."""
+    if blocks is None:
+        return seen.likeness[:, :-1]
+    return _inspect(rows, list(range(len(rows))), counter, memory.blocks(counter.num_coordinates)).likeness[:, :-1]
+
+
+def _check_identities(identities, count: int) -> None:
+    if identities is None:
+        raise ValueError("identities must be given with memory, got None")
+    identities = list(identities)
+    if len(identities) != count:
+        raise ValueError(f"identities must hold one per payload ({count}), got {len(identities)}")
+    if len(set(identities)) != count:
+        raise ValueError(f"identities must be distinct, got {identities}")
 
 
 def _inspected_blocks(num_coordinates: int, generator: np.random.Generator) -> np.ndarray | None:
@@ -390,15 +589,20 @@ def _positives(row: np.ndarray, num_coordinates: int) -> int:
     return count
 
 
+def _robust_scores(values: np.ndarray, *, floor) -> np.ndarray:
+    """``(values - median) / spread`` per column, the spread being 1.4826 median absolute deviations floored at ``floor``."""
+    median = np.median(values, axis=0)
+    spread = np.maximum(1.4826 * np.median(np.abs(values - median), axis=0), floor)
+    return (values - median) / spread
+
+
 def _far_from_median(values: np.ndarray, *, floor, threshold: float, side: str) -> list[int]:
     """Indices whose value is more than ``threshold`` robust standard deviations from the median.
 
     ``values`` ``[n]``, or ``[n, columns]`` with a ``floor`` per column: then
     each column is scored apart, and an index far in any column is returned.
     """
-    median = np.median(values, axis=0)
-    spread = np.maximum(1.4826 * np.median(np.abs(values - median), axis=0), floor)
-    score = (values - median) / spread
+    score = _robust_scores(values, floor=floor)
     far = {"low": score < -threshold, "high": score > threshold, "both": np.abs(score) > threshold}[side]
     if far.ndim == 2:
         far = far.any(axis=1)

@@ -160,3 +160,23 @@ def test_replies_from_nodes_that_were_not_sampled_this_round_do_not_vote(caplog)
     np.testing.assert_allclose(arrays_to_flat(new_arrays), arrays_to_flat(arrays) - LEARNING_RATE * expected_vote, rtol=1e-6)
     assert (metrics["voters"], metrics["dropped"], metrics["missing"]) == (2, 2, 1)
     assert "dropped reply of node 21: the node was not sampled this round" in caplog.text
+
+
+def test_the_strategy_remembers_each_node_across_rounds_and_leaves_out_the_ones_that_repeat_a_push(caplog):
+    from dpsign_fl.vote.robust import REPETITION_HORIZON
+    from tests.test_robust_vote import D as BIG_D, adaptive_push_rounds
+
+    _, attacked = adaptive_push_rounds(2 * REPETITION_HORIZON)
+    nodes = [101 + i for i in range(20)]  # nodes 101-104 push
+    strategy = SignMajorityVote(learning_rate=0.01, min_train_nodes=1, min_available_nodes=1)
+    arrays = ArrayRecord(array_dict={"w": Array(np.zeros(BIG_D, dtype=np.float32))})
+
+    excluded = []
+    for current, payloads in enumerate(attacked, start=1):
+        list(strategy.configure_train(current, arrays, ConfigRecord(), FakeGrid(nodes)))
+        replies = [reply(train_reply_content(p, epsilon=0.5), node_id=n) for n, p in zip(nodes, payloads)]
+        arrays, metrics = strategy.aggregate_train(current, replies)
+        excluded.append(metrics["excluded"])
+
+    assert excluded[0] == 0 and excluded[-1] == 4
+    assert "left out node 101 (repetition)" in caplog.text and "left out node 105" not in caplog.text
