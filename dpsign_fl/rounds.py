@@ -17,6 +17,7 @@ results into messages; the loop calls them for every simulated client.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -144,6 +145,14 @@ def plan_release(settings: RunSettings, budget: Budget | None = None, prior: tup
         adversarial=settings.adversarial,
     )
     return ReleasePlan(release, num_releases, budget, tuple(prior))
+
+
+def plan_for_round(plan: ReleasePlan, settings: RunSettings, server_round: int) -> ReleasePlan:
+    """``plan`` with round ``server_round``'s training attack (:meth:`RunSettings.adversarial_at`); the noise is the run's."""
+    adversarial = settings.adversarial_at(server_round)
+    if adversarial == plan.release.adversarial:
+        return plan
+    return dataclasses.replace(plan, release=dataclasses.replace(plan.release, adversarial=adversarial))
 
 
 @dataclass(frozen=True)

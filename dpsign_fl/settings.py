@@ -323,6 +323,11 @@ class RunSettings:
     adv_step_size: float = setting(
         0.0, low=0, high=1, help="step of the training attack in pixel units; 0 = 1.25 eps (fgsm-rs) or 2.5 eps / steps (pgd)"
     )
+    adv_warmup_rounds: int = setting(
+        0, low=0, high=1_000_000,
+        help="rounds over which the training attack's radius grows linearly to adv-epsilon (t / W of it in round t); "
+        "0 = the full radius from round 1",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -339,6 +344,8 @@ class RunSettings:
             return
         if self.adversarial_training != "none" and self.adv_epsilon == 0:
             raise ConfigError(f"adv-epsilon must be > 0 with adversarial-training={self.adversarial_training!r}, got 0")
+        if self.adversarial_training == "none" and self.adv_warmup_rounds:
+            raise ConfigError(f"adv-warmup-rounds must be 0 without adversarial-training, got {self.adv_warmup_rounds}")
         from .data import pixel_statistics
         from .models import input_features
 
@@ -360,6 +367,19 @@ class RunSettings:
         return AdversarialSettings(
             self.adversarial_training, self.adv_epsilon, self.adv_steps, self.adv_step_size, mean, std
         )
+
+    def adversarial_at(self, server_round: int):
+        """The training attack of round ``server_round`` (1-based): :attr:`adversarial`, its radius scaled by
+        ``min(1, t / adv-warmup-rounds)`` during the warm-up (an automatic step size follows the radius).
+
+        Privacy: the radius is a function of the public round number, so each
+        adversarial copy still depends on its own example and the model only.
+        """
+        attack = self.adversarial
+        if attack is None or self.adv_warmup_rounds == 0:
+            return attack
+        share = min(1.0, max(int(server_round), 1) / self.adv_warmup_rounds)
+        return dataclasses.replace(attack, epsilon=attack.epsilon * share)
 
     @property
     def robust_evaluation(self):

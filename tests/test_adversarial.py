@@ -186,3 +186,60 @@ def test_robust_accuracy_attacks_only_the_first_max_examples():
     attack = evaluation_attack(0.3, mean=MEAN, std=STD)
     first = robust_accuracy(model, inputs[:5], targets[:5], attack, generator=torch.Generator().manual_seed(0))
     assert robust_accuracy(model, inputs, targets, attack, generator=torch.Generator().manual_seed(0), max_examples=5) == first
+
+
+def test_the_training_radius_grows_linearly_over_the_warmup_rounds_and_the_step_follows_it():
+    run = RunSettings(dataset="mnist", model="tanh-cnn", adversarial_training="fgsm-rs", adv_epsilon=0.1, adv_warmup_rounds=4)
+
+    radii = [run.adversarial_at(t).epsilon for t in (1, 2, 3, 4, 5, 100)]
+
+    assert radii == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+    assert run.adversarial_at(2).pixel_step == pytest.approx(1.25 * 0.05)
+    assert run.adversarial_at(4) == run.adversarial  # the full attack from round W on
+    no_warmup = RunSettings(dataset="mnist", model="tanh-cnn", adversarial_training="fgsm-rs", adv_epsilon=0.1)
+    assert no_warmup.adversarial_at(1) == no_warmup.adversarial
+
+
+def test_a_warmup_without_a_training_attack_is_refused():
+    with pytest.raises(ConfigError, match="adv-warmup-rounds must be 0 without adversarial-training, got 3"):
+        RunSettings(dataset="mnist", model="tanh-cnn", adv_epsilon=0.1, adv_warmup_rounds=3)
+
+
+def test_the_round_plan_changes_the_attack_radius_only():
+    from dpsign_fl.rounds import plan_for_round, plan_release
+
+    run = RunSettings(dataset="mnist", model="tanh-cnn", adversarial_training="fgsm-rs", adv_epsilon=0.1, adv_warmup_rounds=4)
+    plan = plan_release(run)
+
+    first = plan_for_round(plan, run, 1)
+
+    assert first.release.adversarial.epsilon == pytest.approx(0.025)
+    assert (first.release.noise_multiplier, first.num_releases, first.budget) == (plan.release.noise_multiplier, plan.num_releases, plan.budget)
+    assert plan_for_round(plan, run, 4) is plan
+
+
+def radii_used(monkeypatch):
+    """Patch the release's adversarial copies to record the radius of every call."""
+    import dpsign_fl.release as release
+
+    radii, original = [], release.adversarial_examples
+
+    def recording(model, loss_fn, inputs, targets, settings, **kwargs):
+        radii.append(round(settings.epsilon, 6))
+        return original(model, loss_fn, inputs, targets, settings, **kwargs)
+
+    monkeypatch.setattr(release, "adversarial_examples", recording)
+    return radii
+
+
+def test_the_loops_clients_train_at_each_rounds_warmup_radius(monkeypatch):
+    from dpsign_fl.experiments.loop import Experiment, run_experiment
+
+    radii = radii_used(monkeypatch)
+    experiment = Experiment.create(
+        dataset="digits", model="mlp", num_clients=2, num_rounds=3, adversarial_training="fgsm-rs", adv_epsilon=0.1,
+        adv_warmup_rounds=4, sample_rate=0.5, reproducible_noise=True,
+    )
+    run_experiment(experiment, progress=False)
+
+    assert radii == [0.025, 0.025, 0.05, 0.05, 0.075, 0.075]

@@ -62,7 +62,7 @@ from ..vote.packing import pack_signs
 from ..parameters import load_model_vector, model_vector
 from ..privacy import PrivacyLedger
 from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, adversarial_examples, seeded_generator
-from ..rounds import Budget, ReleasePlan, SignedUpdate, client_round, plan_release, planned_releases, server_round
+from ..rounds import Budget, ReleasePlan, SignedUpdate, client_round, plan_for_round, plan_release, planned_releases, server_round
 from ..vote.server_update import AUTOMATIC, VoteUpdater, learning_rate_at
 from ..settings import ConfigError, RunSettings, check_fields, from_mapping, setting, specs, to_mapping
 from .attacks import TARGETED_ATTACKS, attack_round, is_byzantine, targeted_push
@@ -421,14 +421,14 @@ class _RunState:
 def _sgd_round(state: _RunState, weights: np.ndarray, chosen: list[int], current: int) -> np.ndarray:
     """Non-private baseline: the mean of the chosen clients' mean gradients, one step."""
     experiment, run = state.experiment, state.experiment.run
-    gradients = [_client_mean_gradient(state.model, state.clients[m], experiment, _generator(run, m, current)) for m in chosen]
+    gradients = [_client_mean_gradient(state.model, state.clients[m], experiment, _generator(run, m, current), current) for m in chosen]
     return weights - state.eta(current) * np.mean(gradients, axis=0).astype(weights.dtype)
 
 
 def _fedavg_round(state: _RunState, weights: np.ndarray, chosen: list[int], current: int) -> np.ndarray:
     """Non-private baseline: local SGD on each chosen client, models averaged by client size."""
     experiment, run, eta = state.experiment, state.experiment.run, state.eta(current)
-    local = [_local_sgd(state.model, weights, state.clients[m], experiment, eta, _generator(run, m, current)) for m in chosen]
+    local = [_local_sgd(state.model, weights, state.clients[m], experiment, eta, _generator(run, m, current), current) for m in chosen]
     sizes = np.array([state.clients[m].size for m in chosen], dtype=np.float64)
     return (np.tensordot(sizes / sizes.sum(), np.stack(local), axes=1)).astype(weights.dtype)
 
@@ -443,14 +443,14 @@ def _sign_round(state: _RunState, weights: np.ndarray, chosen: list[int], curren
         generator = _generator(run, m, current)
         if experiment.private:
             outcome = client_round(
-                state.model, client.inputs, client.targets, state.plan, state.ledgers[m],
+                state.model, client.inputs, client.targets, plan_for_round(state.plan, run, current), state.ledgers[m],
                 generator=generator, per_example_transform=state.noise_transform,
             )
             if not isinstance(outcome, SignedUpdate):
                 continue
             payloads.append(outcome.packed)
         else:
-            payloads.append(pack_signs(_client_signs(state.model, client, experiment, generator)))
+            payloads.append(pack_signs(_client_signs(state.model, client, experiment, generator, current)))
         senders.append(m)
     attackers = [i for i, m in enumerate(senders) if is_byzantine(m, experiment.num_clients, hooks.byzantine_fraction)]
     if attackers:
@@ -484,25 +484,25 @@ def round_clients(experiment: Experiment, round_number: int) -> list[int]:
     return sorted(int(m) for m in rng.choice(total, size=drawn, replace=False))
 
 
-def _local_sgd(model, weights: np.ndarray, client: ClientData, experiment: Experiment, eta: float, generator) -> np.ndarray:
+def _local_sgd(model, weights: np.ndarray, client: ClientData, experiment: Experiment, eta: float, generator, current: int) -> np.ndarray:
     """FedAvg's client update: ``local_steps`` SGD steps from ``weights`` on Poisson-sampled minibatches."""
     local = weights.copy()
     for _ in range(experiment.local_steps):
         load_model_vector(model, local)
-        local -= eta * _client_mean_gradient(model, client, experiment, generator).astype(local.dtype)
+        local -= eta * _client_mean_gradient(model, client, experiment, generator, current).astype(local.dtype)
     return local
 
 
-def _client_signs(model, client: ClientData, experiment: Experiment, generator) -> torch.Tensor:
+def _client_signs(model, client: ClientData, experiment: Experiment, generator, current: int) -> torch.Tensor:
     """One client's int8 +-1 update for the non-private sign methods."""
-    gradient = torch.from_numpy(_client_mean_gradient(model, client, experiment, generator))
+    gradient = torch.from_numpy(_client_mean_gradient(model, client, experiment, generator, current))
     if experiment.method == "sto-sign":
         bound = float(gradient.abs().max())
         return sto_sign(gradient, bound=bound if bound > 0 else 1.0, generator=generator)
     return sign_of(gradient)
 
 
-def _client_mean_gradient(model, client: ClientData, experiment: Experiment, generator) -> np.ndarray:
+def _client_mean_gradient(model, client: ClientData, experiment: Experiment, generator, current: int) -> np.ndarray:
     """Mean gradient of a Poisson-sampled minibatch (rate ``sample_rate``); zeros if empty.
 
     Gradient noise, when asked for, is added to each example's gradient, as
@@ -514,8 +514,9 @@ def _client_mean_gradient(model, client: ClientData, experiment: Experiment, gen
     if indices.numel() == 0:
         return np.zeros(sum(p.numel() for p in parameters), dtype=np.float32)
     inputs, targets = client.inputs[indices], client.targets[indices]
-    if experiment.run.adversarial is not None:
-        inputs = adversarial_examples(model, F.cross_entropy, inputs, targets, experiment.run.adversarial, generator=generator)
+    attack = experiment.run.adversarial_at(current)
+    if attack is not None:
+        inputs = adversarial_examples(model, F.cross_entropy, inputs, targets, attack, generator=generator)
     transform = gradient_noise_transform(experiment.hooks.gradient_noise)
     if transform is None:
         loss = F.cross_entropy(model(inputs), targets)

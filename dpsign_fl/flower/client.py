@@ -45,7 +45,7 @@ from ..privacy import PrivacyLedger, Release
 from ..privacy.accounting import BudgetExhausted
 from ..privacy.ledger_store import lock_ledger_file, read_ledger_file, write_ledger_file
 from ..release import PerExampleTransform, ReleaseSettings, UnsafeRelease, seeded_generator
-from ..rounds import Budget, FailedRelease, ReleasePlan, Refusal, client_round, plan_release, planned_releases, refusal_reason
+from ..rounds import Budget, FailedRelease, ReleasePlan, Refusal, client_round, plan_for_round, plan_release, planned_releases, refusal_reason
 from ..settings import ConfigError, RunSettings, from_mapping, to_mapping
 from .node import NodeConfig, data_identity, parse_node_config, running_in_simulation
 from .records import (
@@ -238,6 +238,7 @@ def release_with_model(
         if isinstance(plan, str):
             log(WARNING, "%s: %s", name, plan)
             return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=f"{name}: {plan}"), reply_to=message)
+        plan = plan_for_round(plan, settings, server_round)
         generator = client_randomness(settings, node, simulated, client=client, server_round=server_round)
         outcome = client_round(
             model, inputs, targets, plan, ledger, generator=generator, loss_fn=loss_fn,

@@ -142,3 +142,12 @@ def test_mnist_public_norm_with_fgsm_training_reports_robust_accuracy_and_every_
     })
     assert all(r["voters"] == 3 and r["dropped"] == 0 for r in rows)
     assert all(0 <= r["robust-accuracy"] <= r["accuracy"] for r in rows)
+
+
+def test_the_app_trains_at_each_rounds_warmup_radius(tmp_path, monkeypatch):
+    from ..test_adversarial import radii_used
+
+    radii = radii_used(monkeypatch)
+    run_app(tmp_path, model="mlp", **{"adversarial-training": "fgsm-rs", "adv-epsilon": 0.1, "adv-warmup-rounds": 4, "sample-rate": 0.5})
+
+    assert radii == [0.025] * 3 + [0.05] * 3  # 3 nodes, rounds 1 and 2
