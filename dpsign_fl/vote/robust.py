@@ -175,7 +175,9 @@ class VoteMemory:
         Raises:
             ValueError: if ``num_coordinates`` differs from the first round's.
         """
-        positions, agreement = self.self_agreement(rows, identities, num_coordinates)
+        self._start(num_coordinates)
+        kept = self._gathered(rows)
+        positions, agreement = self._agreement(kept, identities)
         flagged = set()
         if likeness is not None and len(positions) >= 3 and likeness.shape[1]:
             above = likeness > np.median(likeness, axis=0)
@@ -188,28 +190,34 @@ class VoteMemory:
             self._repetition[identity] = share
             if share >= REPETITION_SHARE:
                 found.append(p)
-        self.remember(rows, identities, num_coordinates)
+        self._bits.update((identity, bits.copy()) for identity, bits in zip(identities, kept))  # not views of this round's stack
         return found
 
     def self_agreement(self, rows: Sequence[np.ndarray], identities: Sequence, num_coordinates: int) -> tuple[list[int], np.ndarray]:
         """``(positions, agreement)``: the payloads whose sender it remembers and, ``[len(positions), blocks]``, the
         share of each one's bits on each memory block equal to those its sender sent last time."""
         self._start(num_coordinates)
-        positions = [p for p, identity in enumerate(identities) if identity in self._bits]
-        if not positions:
-            return [], np.zeros((0, 0))
-        size = 8 * INSPECTED_BLOCK_BYTES
-        differences = np.stack([
-            np.bitwise_count((self._memory_bytes(rows[p]) ^ self._bits[identities[p]]).reshape(-1, INSPECTED_BLOCK_BYTES)).sum(axis=1, dtype=np.int64)
-            for p in positions
-        ])
-        return positions, 1.0 - differences / size
+        return self._agreement(self._gathered(rows), identities)
 
     def remember(self, rows: Sequence[np.ndarray], identities: Sequence, num_coordinates: int) -> None:
         """Keep each sender's bits on the memory blocks (its latest payload), in place of what it sent before."""
         self._start(num_coordinates)
-        for row, identity in zip(rows, identities):
-            self._bits[identity] = self._memory_bytes(row).copy()
+        self._bits.update((identity, bits.copy()) for identity, bits in zip(identities, self._gathered(rows)))
+
+    def _gathered(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+        """``[payloads, memory bytes]``: each payload's bytes on the memory blocks, gathered once per round."""
+        if len(rows) == 0 or len(self._blocks) == 0:
+            return np.zeros((len(rows), 0), dtype=np.uint8)
+        return np.stack([_gather(row, self._blocks) for row in rows])
+
+    def _agreement(self, gathered: np.ndarray, identities: Sequence) -> tuple[list[int], np.ndarray]:
+        positions = [p for p, identity in enumerate(identities) if identity in self._bits]
+        if not positions:
+            return [], np.zeros((0, 0))
+        before = np.stack([self._bits[identities[p]] for p in positions])
+        blocks = before.shape[1] // INSPECTED_BLOCK_BYTES
+        differences = np.bitwise_count(gathered[positions] ^ before).reshape(len(positions), blocks, INSPECTED_BLOCK_BYTES)
+        return positions, 1.0 - differences.sum(axis=2, dtype=np.int64) / (8 * INSPECTED_BLOCK_BYTES)
 
     def _start(self, num_coordinates: int) -> None:
         if self._num_coordinates is None:
@@ -223,10 +231,6 @@ class VoteMemory:
         elif num_coordinates != self._num_coordinates:
             raise ValueError(f"num_coordinates must be {self._num_coordinates} (the memory's), got {num_coordinates}")
 
-    def _memory_bytes(self, row: np.ndarray) -> np.ndarray:
-        if len(self._blocks) == 0:
-            return np.zeros(0, dtype=np.uint8)
-        return _gather(row, self._blocks)
 
 
 def _repeaters(agreement: np.ndarray, shared: np.ndarray) -> list[int]:
@@ -372,7 +376,29 @@ def _memory_likeness(rows, counter: VoteCounter, seen: "_Inspection", blocks: np
     every whole block (``blocks`` None: the memory's are those), else counted on the memory's blocks."""
     if blocks is None:
         return seen.likeness[:, :-1]
-    return _inspect(rows, list(range(len(rows))), counter, memory.blocks(counter.num_coordinates)).likeness[:, :-1]
+    memory_blocks = memory.blocks(counter.num_coordinates)
+    plane_blocks = [_gather(plane, memory_blocks) for plane in counter.flushed_planes()]
+    weights, count_sums = _plane_weights_and_sums(plane_blocks)
+    products = []
+    for start in range(0, len(rows), _INSPECTION_CHUNK_ROWS):
+        counts, _ = _block_and_counts(rows[start : start + _INSPECTION_CHUNK_ROWS], [None] + plane_blocks, memory_blocks, hashes=False)
+        products.append(_block_products(counts, weights, count_sums, counter.num_voters))
+    return _likeness(np.concatenate(products), len(rows), counter.num_voters)[0][:, :-1]
+
+
+def _plane_weights_and_sums(plane_blocks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(2^w per plane, the sum of the +1 counts c over each block)`` of the count's planes gathered on some blocks."""
+    weights = np.array([1 << w for w in range(len(plane_blocks))], dtype=np.int64)
+    sums = np.stack([np.bitwise_count(p.reshape(-1, INSPECTED_BLOCK_BYTES)).sum(axis=1, dtype=np.int64) for p in plane_blocks])
+    return weights, weights @ sums
+
+
+def _block_products(counts: np.ndarray, weights: np.ndarray, count_sums: np.ndarray, voters: int) -> np.ndarray:
+    """``[rows, blocks]``: each payload's x . (S - x) on each block, from ``counts[r, 0]`` (its +1 bits) and
+    ``counts[r, 1 + w]`` (its +1 bits in plane w) of :func:`_block_and_counts` (module docstring of :func:`_inspect`)."""
+    with_counts = np.einsum("w,rwb->rb", weights, counts[:, 1 : 1 + len(weights), :])  # over each block: bit * c
+    size = 8 * INSPECTED_BLOCK_BYTES
+    return 4 * with_counts - 2 * voters * counts[:, 0, :] - 2 * count_sums + voters * size - size
 
 
 def _check_identities(identities, count: int) -> None:
@@ -454,9 +480,8 @@ def _inspect(rows, indices: list[int], counter: VoteCounter, blocks: np.ndarray 
         bitmaps = [*counter.threshold_bitmaps(1, plane_blocks, inspected_bytes), *counter.threshold_bitmaps(-1, plane_blocks, inspected_bytes)]
         coordinates = 8 * inspected_bytes
         whole = False
-    weights = np.array([1 << w for w in range(len(planes))], dtype=np.int64)
     # Sum over each block of c; then, chunk by chunk of payloads (bounded scratch whatever M), the totals and x . (S - x).
-    count_sums = weights @ np.stack([np.bitwise_count(p.reshape(-1, INSPECTED_BLOCK_BYTES)).sum(axis=1, dtype=np.int64) for p in plane_blocks]) if len(blocks) else 0
+    weights, count_sums = _plane_weights_and_sums(plane_blocks) if len(blocks) else (np.array([1 << w for w in range(len(planes))], dtype=np.int64), 0)
     totals, products, hashes = [], [], []
     for start in range(0, len(indices), _INSPECTION_CHUNK_ROWS):
         selected = [rows[i] for i in indices[start : start + _INSPECTION_CHUNK_ROWS]]
@@ -469,9 +494,7 @@ def _inspect(rows, indices: list[int], counter: VoteCounter, blocks: np.ndarray 
             counts = counts[:, [0, *range(5, counts.shape[1])]]
         hashes.append(np.zeros((len(selected), 0), dtype=np.uint64) if hashed is None else hashed)
         if counts is not None:
-            with_counts = np.einsum("w,rwb->rb", weights, counts[:, 1:, :])  # over each block: bit * c
-            size = 8 * INSPECTED_BLOCK_BYTES
-            products.append(4 * with_counts - 2 * voters * counts[:, 0, :] - 2 * count_sums + voters * size - size)
+            products.append(_block_products(counts, weights, count_sums, voters))
     totals = np.concatenate(totals)
     # The bitmaps' tail bits are zero, so a payload's -1 coordinates among a
     # bitmap's are the bitmap's bits minus the payload's +1 ones.
@@ -530,7 +553,7 @@ def _too_alike(seen: _Inspection) -> set[int]:
     return set(_far_from_median(seen.likeness, floor=seen.likeness_floor, threshold=COLLUSION_MARGIN, side="high"))
 
 
-def _block_and_counts(rows, masks: list[np.ndarray | None], blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _block_and_counts(rows, masks: list[np.ndarray | None], blocks: np.ndarray, *, hashes: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """``(counts, hashes)``: ``counts[r, j, b]``, the +1 coordinates of block ``blocks[b]`` of ``rows[r]`` set in block ``b`` of ``masks[j]``; ``hashes[r]``, the hashes of the runs of :data:`COPY_BYTES` of those blocks.
 
     Blocks of :data:`INSPECTED_BLOCK_BYTES`; the masks hold theirs one after
@@ -541,7 +564,7 @@ def _block_and_counts(rows, masks: list[np.ndarray | None], blocks: np.ndarray) 
     kernel = load_kernel()
     if kernel is not None:
         rows = [np.ascontiguousarray(row) for row in rows]
-        return kernel.block_and_counts(rows, masks, offsets, INSPECTED_BLOCK_BYTES, COPY_BYTES)
+        return kernel.block_and_counts(rows, masks, offsets, INSPECTED_BLOCK_BYTES, COPY_BYTES if hashes else 0)
     counts = np.empty((len(rows), len(masks), len(blocks)), dtype=np.int64)
     shape = (len(blocks), INSPECTED_BLOCK_BYTES)
     for r, row in enumerate(rows):
@@ -549,7 +572,7 @@ def _block_and_counts(rows, masks: list[np.ndarray | None], blocks: np.ndarray) 
         for j, mask in enumerate(masks):
             bits = gathered if mask is None else gathered & mask.reshape(shape)
             counts[r, j] = np.bitwise_count(bits).sum(axis=1, dtype=np.int64)
-    return counts, np.stack([_hash_runs(row, offsets, INSPECTED_BLOCK_BYTES) for row in rows])
+    return counts, np.stack([_hash_runs(row, offsets, INSPECTED_BLOCK_BYTES) for row in rows]) if hashes else None
 
 
 def _and_counts(rows, masks: list[np.ndarray | None], num_coordinates: int) -> np.ndarray:
