@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -116,16 +117,9 @@ def measure_client_step(model_name: str, batch_size: int, repeats: int = 5, thre
     try:
         model, inputs, targets = _setup(model_name, batch_size)
         steps = _runnable_steps(model, batch_size, inputs)
-        times: dict[str, list[float]] = {step: [] for step in steps}
-        for repeat in range(repeats + 1):
-            for step in steps:
-                start = time.perf_counter()
-                _run(step, model, inputs, targets)
-                if repeat:  # repeat 0 is the warm-up
-                    times[step].append(time.perf_counter() - start)
+        seconds = interleaved_seconds(steps, lambda step: _seconds(lambda: _run(step, model, inputs, targets)), repeats)
     finally:
         torch.set_num_threads(previous_threads)
-    seconds = {step: (min(t), statistics.median(t)) for step, t in times.items()}
     base = seconds["non_private"]
     peaks = {step: _peak_rss_mib(model_name, batch_size, step, threads) if memory else float("nan") for step in steps}
     return {
@@ -137,6 +131,24 @@ def measure_client_step(model_name: str, batch_size: int, repeats: int = 5, thre
         "ratio": {step: (base[0] / s[0], base[1] / s[1]) for step, s in seconds.items()},
         "peak_extra_mib": {step: peaks[step] - peaks["non_private"] for step in steps},
     }
+
+
+def interleaved_seconds(steps: list[str], seconds_of: Callable[[str], float], repeats: int) -> dict[str, tuple[float, float]]:
+    """``(min, median)`` of ``seconds_of(step)`` per step over ``repeats`` rounds that take the steps in turn,
+    after one warm-up round (not counted)."""
+    times: dict[str, list[float]] = {step: [] for step in steps}
+    for repeat in range(repeats + 1):
+        for step in steps:
+            elapsed = seconds_of(step)
+            if repeat:
+                times[step].append(elapsed)
+    return {step: (min(t), statistics.median(t)) for step, t in times.items()}
+
+
+def _seconds(work: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
 
 
 def _setup(model_name: str, batch_size: int):

@@ -18,7 +18,6 @@ interpreter over two runs of a step, minus the non-private step's).
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -26,7 +25,7 @@ import torch
 from ..release.clipped_sum import clipped_gradient_sum
 from ..llm import causal_lm_loss, packed_calls
 from ..release import ReleaseSettings, client_release
-from .client_step import fresh_peak_rss_mib, step_table
+from .client_step import fresh_peak_rss_mib, interleaved_seconds, step_table
 
 SIZES = {
     # name: (vocab_size, width, layers, heads, seq_len, lora rank)
@@ -96,15 +95,9 @@ def measure_llm_step(size: str = "tiny-gpt2", batch_size: int = 32, repeats: int
     torch.set_num_threads(threads)
     try:
         model, packed, labels = build(size, batch_size)
-        times: dict[str, list[float]] = {step: [] for step in STEPS}
-        for repeat in range(repeats + 1):
-            for step in STEPS:
-                elapsed = _timed(step, model, packed, labels)
-                if repeat:  # repeat 0 is the warm-up
-                    times[step].append(elapsed)
+        seconds = interleaved_seconds(list(STEPS), lambda step: _timed(step, model, packed, labels), repeats)
     finally:
         torch.set_num_threads(previous_threads)
-    seconds = {step: (min(t), statistics.median(t)) for step, t in times.items()}
     base = seconds["non_private"]
     peaks = {step: _peak_rss_mib(size, batch_size, step, threads) if memory else float("nan") for step in STEPS}
     return {
