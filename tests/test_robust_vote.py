@@ -461,4 +461,61 @@ def test_the_memory_keeps_at_most_the_inspected_bytes_per_client():
     robust_vote(payloads, big_d, generator=np.random.default_rng(1), memory=memory, identities=["a", "b", "c", "d", "e"])
 
     assert len(memory) == 5
-    assert all(bits.nbytes == INSPECTED_BYTES for bits in memory._bits.values())
+    assert 5 * INSPECTED_BYTES <= memory.nbytes <= 2 * 5 * INSPECTED_BYTES  # the table grows by doubling
+
+
+def test_the_memory_keeps_what_each_client_sent_when_new_clients_make_it_grow():
+    from dpsign_fl.vote import VoteMemory
+    from dpsign_fl.vote.robust import INSPECTED_BYTES
+
+    big_d = 8 * 4 * INSPECTED_BYTES
+    rng = np.random.default_rng(4)
+    first = [pack_signs(rng.choice(np.array([-1, 1], dtype=np.int8), size=big_d)) for _ in range(3)]
+    memory = VoteMemory(np.random.default_rng(2))
+    memory.remember(first, ["a", "b", "c"], big_d)
+    newcomers = [pack_signs(rng.choice(np.array([-1, 1], dtype=np.int8), size=big_d)) for _ in range(7)]
+    memory.remember(newcomers, list("defghij"), big_d)  # the table grows past its first 3 rows
+
+    positions, agreement = memory.self_agreement(first + newcomers, list("abcdefghij"), big_d)
+    assert positions == list(range(10))
+    np.testing.assert_array_equal(agreement, np.ones_like(agreement))  # everyone's bits, as sent
+    _, other = memory.self_agreement(newcomers[:3], ["a", "b", "c"], big_d)
+    assert 0.4 < other.mean() < 0.6  # and not someone else's
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_the_memory_blocks_measured_in_the_inspection_pass_equal_inspecting_and_comparing_them_alone(big):
+    # robust_vote reads the memory blocks in the same pass as its fresh inspected blocks, compares them with the
+    # senders' last payloads and keeps them; that must equal an inspection of the memory blocks alone and the
+    # memory's own comparison, and leave the other statistics unchanged.
+    from dpsign_fl.vote import VoteMemory
+    from dpsign_fl.vote.robust import INSPECTED_BYTES, _counter, _gather, _inspect, _inspected_blocks
+
+    d = 8 * 4 * INSPECTED_BYTES + 11 if big else 8 * INSPECTED_BYTES // 2 + 11
+    rng = np.random.default_rng(8)
+    payload = lambda i: pack_signs(np.where(rng.random(d) < 0.5 + 0.05 * (i % 3), 1, -1).astype(np.int8))
+    previous, rows = [payload(i) for i in range(6)], [payload(i) for i in range(9)]
+    ids = list(range(9))
+    counter = _counter(rows, ids, d)
+    blocks = _inspected_blocks(d, np.random.default_rng(1))
+    memory, reference = VoteMemory(np.random.default_rng(2)), VoteMemory(np.random.default_rng(2))
+    for m in (memory, reference):
+        m.remember(previous, ids[:6], d)  # 3 senders are new this round
+    memory_blocks = memory.blocks(d)
+    assert (blocks is not None) == big
+    known, expected = reference.self_agreement(rows, ids, d)
+
+    known_here, before, after = memory.slots(ids, d)
+    folded = _inspect(rows, ids, counter, blocks, memory_blocks, (before, after))
+    alone = _inspect(rows, ids, counter, blocks)
+    memory_only = _inspect(rows, ids, counter, memory_blocks if big else None)
+
+    for field in ("coordinates", "positives", "agreement", "decided", "likeness", "likeness_floor", "run_hashes"):
+        np.testing.assert_array_equal(getattr(folded, field), getattr(alone, field), err_msg=field)
+    np.testing.assert_allclose(folded.memory_likeness, memory_only.likeness[:, :-1], rtol=0, atol=1e-12)
+    assert known_here == known == list(range(6))
+    np.testing.assert_array_equal(1.0 - folded.memory_differences[known] / (8 * 512), expected)
+    np.testing.assert_array_equal(folded.memory_differences[6:], 0)
+    np.testing.assert_array_equal(np.stack(after), np.stack([_gather(r, memory_blocks) for r in rows]))
+    _, now = memory.self_agreement(rows, ids, d)  # what it keeps now is this round's payloads
+    np.testing.assert_array_equal(now, np.ones_like(now))

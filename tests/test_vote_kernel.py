@@ -301,21 +301,29 @@ def test_describe_kernel_says_which_counts_and_why_not_the_compiled_one(fresh_ca
     assert name == "numpy" and "no C compiler found" in why and KERNEL_ENV in why
 
 
-@needs_compiler
-@pytest.mark.parametrize("num_coordinates", [1, 9, 77, 64 * 256 * 2 + 61, 64 * 256 * 2 + 64])
-def test_and_counts_equal_an_unpacked_count_for_every_row_and_mask(num_coordinates):
+def check_and_counts_and_vote(kernel, num_coordinates):
+    """The kernel's AND-popcounts and its int8 vote equal those of the unpacked bits."""
     rows = awkward_rows(21, num_coordinates, seed=num_coordinates)
     for row in rows:  # rows arrive with set tail bits; they never count
         row[-1] |= np.uint8(~last_byte_mask(num_coordinates) & 0xFF)
     rng = np.random.default_rng(0)
     masks = [None] + [pack_signs(rng.choice(np.array([-1, 1], dtype=np.int8), num_coordinates)) for _ in range(3)]
-    kernel = load_kernel("compiled")
 
     counts = kernel.and_counts([np.ascontiguousarray(r) for r in rows], masks, len(rows[0]), last_byte_mask(num_coordinates))
 
     bits = [np.unpackbits(r, count=num_coordinates) for r in rows]
     expected = [[int(b.sum()) if m is None else int((b & np.unpackbits(m, count=num_coordinates)).sum()) for m in masks] for b in bits]
     np.testing.assert_array_equal(counts, expected)
+    counter = VoteCounter(num_coordinates, kernel="compiled")
+    for row in rows[:20]:  # an even count: ties give 0 votes
+        counter.add(row)
+    np.testing.assert_array_equal(counter.vote(), np.sign(2 * np.sum(bits[:20], axis=0, dtype=np.int64) - 20))
+
+
+@needs_compiler
+@pytest.mark.parametrize("num_coordinates", [1, 9, 77, 64 * 256 * 2 + 61, 64 * 256 * 2 + 64])
+def test_and_counts_and_the_int8_vote_equal_those_of_the_unpacked_bits(num_coordinates):
+    check_and_counts_and_vote(load_kernel("compiled"), num_coordinates)
 
 
 @needs_compiler
@@ -337,6 +345,40 @@ def test_block_and_counts_equal_an_unpacked_count_for_every_row_mask_and_block()
             for j, mask in enumerate(masks):
                 mask_bits = 1 if mask is None else np.unpackbits(mask[b * block_bytes : (b + 1) * block_bytes])
                 assert counts[r, j, b] == int((bits & mask_bits).sum())
+
+
+@needs_compiler
+def test_block_and_counts_hashes_the_first_blocks_and_keeps_the_last_ones_from_the_same_pass():
+    from dpsign_fl.vote.robust import COPY_BYTES, _hash_runs
+
+    rows = [np.ascontiguousarray(r) for r in awkward_rows(4, 8 * 4096 + 5, seed=6)]
+    offsets = np.array([1024, 0, 3072, 512, 2048])  # not sorted: the last two are the blocks kept
+    kernel = load_kernel("compiled")
+    everything, all_hashes = kernel.block_and_counts(rows, [None], offsets, 512, COPY_BYTES)
+    rng = np.random.default_rng(0)
+    table = rng.integers(0, 256, (4, 2 * 512), dtype=np.uint8)
+    before = [table[0].copy(), None, table[2], table[3]]  # row 2 compared with and written over its own bytes
+    after = [table[0], table[1], table[2], np.zeros(1024, dtype=np.uint8)]
+    expected_before = [None if b is None else b.copy() for b in before]
+    differences = np.full((4, 2), -1, dtype=np.int64)
+
+    counts, hashes = kernel.block_and_counts(rows, [None], offsets, 512, COPY_BYTES, hashed_blocks=3, keep=(before, after, differences))
+
+    np.testing.assert_array_equal(counts, everything)
+    np.testing.assert_array_equal(hashes, all_hashes[:, : 3 * 512 // COPY_BYTES])
+    np.testing.assert_array_equal(hashes, np.stack([_hash_runs(r, offsets[:3], 512) for r in rows]))
+    kept = [np.concatenate([r[512:1024], r[2048:2560]]) for r in rows]
+    for r in range(4):
+        np.testing.assert_array_equal(after[r], kept[r])
+        if expected_before[r] is None:
+            assert list(differences[r]) == [0, 0]
+        else:
+            unpacked = np.unpackbits(kept[r] ^ expected_before[r]).reshape(2, -1)
+            np.testing.assert_array_equal(differences[r], unpacked.sum(axis=1))
+    with pytest.raises(ValueError, match="keep must be"):
+        kernel.block_and_counts(rows, [None], offsets, 512, keep=(before, after, np.zeros((4, 6), dtype=np.int64)))
+    with pytest.raises(ValueError, match="hashed_blocks"):
+        kernel.block_and_counts(rows, [None], offsets, 512, COPY_BYTES, hashed_blocks=6)
 
 
 @needs_compiler
@@ -374,6 +416,8 @@ def test_a_toolchain_without_multiversioning_gets_the_baseline_build(fresh_cache
     assert kernel.path == library_path([str(wrapper)], ("-DDPSIGN_NO_MULTIVERSION",))
     rows = awkward_rows(40, 1003, seed=4)
     np.testing.assert_array_equal(counts(rows, 1003, "compiled"), counts(rows, 1003, "numpy"))
+    for num_coordinates in (77, 64 * 256 * 2 + 61):  # the portable loops, which machines without AVX-512 run
+        check_and_counts_and_vote(kernel, num_coordinates)
     vote_kernel._build.cache_clear()  # a later process finds the baseline build without compiling
     with mock.patch.object(subprocess, "run", side_effect=AssertionError("compiled again")):
         assert load_kernel("compiled").path == kernel.path

@@ -20,7 +20,7 @@ import tracemalloc
 import numpy as np
 
 from ..vote.packing import BIT_ORDER, payload_bytes
-from ..vote import VoteCounter, robust_vote
+from ..vote import VoteCounter, VoteMemory, robust_vote
 
 # Above this many bits (M d) the old path (stack + unpack + sum) needs
 # M * d bytes for the unpacked bits alone (2 GB), so it is skipped.
@@ -47,12 +47,18 @@ def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5, *, num
         ``numpy_seconds_median`` and ``numpy_copy_to_vote_ratio`` (the numpy
         kernel, timed alongside; the same as above when it is the default);
         ``robust_seconds_median`` and ``copy_to_robust_ratio`` (the robust
-        vote, the app's default rule, with the default kernel, to the int8
-        vote; on these random payloads it leaves none out);
+        vote as the app runs it, the default rule: with a
+        :class:`~dpsign_fl.vote.VoteMemory` that holds the same clients'
+        previous round, with the default kernel, to the int8 vote; on these
+        random payloads it leaves none out);
+        ``stateless_robust_seconds_median`` and
+        ``copy_to_stateless_robust_ratio`` (the same without a memory);
         ``peak_bytes_per_coordinate``
         (tracemalloc peak of one vote, beyond the payloads, divided by d);
         ``robust_peak_bytes`` and ``robust_peak_bytes_per_coordinate`` (the
-        same for one robust vote, the int8 vote it returns included);
+        same for one robust vote with its memory, the int8 vote it returns
+        included); ``robust_memory_bytes`` (what the memory holds across
+        rounds: at most 16 KiB per client);
         ``old_seconds_min`` / ``old_seconds_median`` for ``np.stack`` +
         ``np.unpackbits`` + sum, or None above :data:`OLD_PATH_MAX_BITS`;
         numpy entries are None without ``numpy_kernel``.
@@ -86,13 +92,21 @@ def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5, *, num
         )
         np.sign(2 * bits.sum(axis=0, dtype=np.int64) - num_voters).astype(np.int8)
 
-    copy_seconds, vote_seconds, numpy_seconds, robust_seconds = [], [], [], []
+    identities = list(range(num_voters))
+    memory = VoteMemory(np.random.default_rng(0))
+    memory.remember(payloads, identities, num_coordinates)  # a previous round, as a run's memory holds from round 2 on
+
+    def robust_with_memory() -> None:
+        robust_vote(payloads, num_coordinates, generator=np.random.default_rng(0), memory=memory, identities=identities)
+
+    copy_seconds, vote_seconds, numpy_seconds, robust_seconds, stateless_seconds = [], [], [], [], []
     for _ in range(repeats):
         copy_seconds.append(_seconds(copy_all))
         vote_seconds.append(_seconds(stream_vote))
         if kernel != "numpy" and numpy_kernel:
             numpy_seconds.append(_seconds(lambda: stream_vote("numpy")))
-        robust_seconds.append(_seconds(lambda: robust_vote(payloads, num_coordinates, generator=np.random.default_rng(0))))
+        robust_seconds.append(_seconds(robust_with_memory))
+        stateless_seconds.append(_seconds(lambda: robust_vote(payloads, num_coordinates, generator=np.random.default_rng(0))))
     if kernel == "numpy":
         numpy_seconds = vote_seconds
     old_seconds = None
@@ -100,7 +114,7 @@ def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5, *, num
         old_seconds = [_seconds(old_vote) for _ in range(repeats)]
 
     peak = _peak_bytes(stream_vote)
-    robust_peak = _peak_bytes(lambda: robust_vote(payloads, num_coordinates, generator=np.random.default_rng(0)))
+    robust_peak = _peak_bytes(robust_with_memory)
 
     return {
         "num_coordinates": num_coordinates,
@@ -116,6 +130,9 @@ def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5, *, num
         "numpy_copy_to_vote_ratio": statistics.median(copy_seconds) / statistics.median(numpy_seconds) if numpy_seconds else None,
         "robust_seconds_median": statistics.median(robust_seconds),
         "copy_to_robust_ratio": statistics.median(copy_seconds) / statistics.median(robust_seconds),
+        "stateless_robust_seconds_median": statistics.median(stateless_seconds),
+        "copy_to_stateless_robust_ratio": statistics.median(copy_seconds) / statistics.median(stateless_seconds),
+        "robust_memory_bytes": memory.nbytes,
         "peak_bytes_per_coordinate": peak / num_coordinates,
         "robust_peak_bytes": robust_peak,
         "robust_peak_bytes_per_coordinate": robust_peak / num_coordinates,

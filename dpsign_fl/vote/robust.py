@@ -123,7 +123,8 @@ class VoteMemory:
     Privacy: post-processing of bits the clients released; the server keeps
     them, nothing more is asked of the clients and no privacy is spent.
     Memory: at most :data:`INSPECTED_BYTES` and one float per client identity
-    seen; time per round linear in the payloads. A driver keeps one for a run;
+    seen (one table, grown by doubling: :attr:`nbytes`); time per round linear
+    in the payloads. A driver keeps one for a run;
     a run resumed from a checkpoint starts it empty (nothing to compare with in
     its first round, and every average of repetitions back at 0).
 
@@ -136,19 +137,28 @@ class VoteMemory:
         self._generator = generator if generator is not None else np.random.default_rng()
         self._num_coordinates: int | None = None
         self._blocks: np.ndarray | None = None
-        self._bits: dict = {}
+        self._row: dict = {}  # identity -> its row of _table
+        self._table = np.zeros((0, 0), dtype=np.uint8)  # [rows, memory bytes]: the bits each identity sent last
         self._repetition: dict = {}
 
     def __len__(self) -> int:
         """How many client identities it holds bits of."""
-        return len(self._bits)
+        return len(self._row)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of bits it holds: :data:`INSPECTED_BYTES` at most per identity, in a table grown by doubling."""
+        return self._table.nbytes
 
     def blocks(self, num_coordinates: int) -> np.ndarray:
         """The sorted indices of the memory blocks (drawn at the first call; every whole block when there are few)."""
         self._start(num_coordinates)
         return self._blocks
 
-    def repeating(self, rows: Sequence[np.ndarray], identities: Sequence, num_coordinates: int, likeness: np.ndarray | None) -> list[int]:
+    def repeating(
+        self, rows: Sequence[np.ndarray], identities: Sequence, num_coordinates: int, likeness: np.ndarray | None,
+        measured: tuple[list[int], np.ndarray] | None = None,
+    ) -> list[int]:
         """Positions of the payloads whose sender has repeated itself in too many of its recent rounds; remembers these payloads.
 
         Each returning sender's round counts as a repetition when, on some
@@ -171,13 +181,24 @@ class VoteMemory:
             likeness: ``[payloads, memory blocks]``, each payload's mean
                 agreement with every other payload on each memory block
                 (:func:`robust_vote` computes it); None: no round counts.
+            measured: ``(known, differences)`` where the caller has already
+                compared the payloads with what their senders sent last time
+                and kept them (:meth:`slots`; :func:`robust_vote` does it in its
+                inspection pass): ``known``, the positions of the senders it
+                held bits of before; ``differences[p, b]``, the bits in which
+                payload p differs from them on memory block b. None: compared
+                and kept here.
 
         Raises:
             ValueError: if ``num_coordinates`` differs from the first round's.
         """
         self._start(num_coordinates)
-        kept = self._gathered(rows)
-        positions, agreement = self._agreement(kept, identities)
+        if measured is None:
+            kept = self._gathered(rows)
+            positions, agreement = self._agreement(kept, identities)
+        else:
+            positions, differences = measured
+            agreement = 1.0 - differences[positions] / (8 * INSPECTED_BLOCK_BYTES)
         flagged = set()
         if likeness is not None and len(positions) >= 3 and likeness.shape[1]:
             above = likeness > np.median(likeness, axis=0)
@@ -190,7 +211,8 @@ class VoteMemory:
             self._repetition[identity] = share
             if share >= REPETITION_SHARE:
                 found.append(p)
-        self._bits.update((identity, bits.copy()) for identity, bits in zip(identities, kept))  # not views of this round's stack
+        if measured is None:
+            self._keep(kept, identities)
         return found
 
     def self_agreement(self, rows: Sequence[np.ndarray], identities: Sequence, num_coordinates: int) -> tuple[list[int], np.ndarray]:
@@ -202,21 +224,55 @@ class VoteMemory:
     def remember(self, rows: Sequence[np.ndarray], identities: Sequence, num_coordinates: int) -> None:
         """Keep each sender's bits on the memory blocks (its latest payload), in place of what it sent before."""
         self._start(num_coordinates)
-        self._bits.update((identity, bits.copy()) for identity, bits in zip(identities, self._gathered(rows)))
+        self._keep(self._gathered(rows), identities)
+
+    def slots(self, identities: Sequence, num_coordinates: int) -> tuple[list[int], list, list[np.ndarray]]:
+        """``(known, before, after)`` for a caller that compares and keeps the payloads itself (``measured`` of :meth:`repeating`).
+
+        ``known``: the positions of the identities it holds bits of; for each
+        identity, ``before``, its row of bits (None where it is new), and
+        ``after``, the row the caller writes its new bits to (the same row;
+        made for a new identity). Each row: the bytes of the memory blocks
+        (:meth:`blocks`), one after the other. Valid until the next call.
+        """
+        self._start(num_coordinates)
+        known = [p for p, identity in enumerate(identities) if identity in self._row]
+        self._add_rows(identities)
+        after = [self._table[self._row[identity]] for identity in identities]
+        is_known = set(known)
+        return known, [row if p in is_known else None for p, row in enumerate(after)], after
+
+    def _keep(self, gathered: np.ndarray, identities: Sequence) -> None:
+        """Store each sender's bytes (a row of ``gathered``) in its row of the table, copied."""
+        self._add_rows(identities)
+        self._table[[self._row[identity] for identity in identities]] = gathered
+
+    def _add_rows(self, identities: Sequence) -> None:
+        """Give each new identity a row of the table."""
+        for identity in identities:
+            if identity not in self._row:
+                self._row[identity] = len(self._row)
+        if len(self._row) > self._table.shape[0]:  # grown by doubling: amortised O(1) per new identity
+            table = np.zeros((max(len(self._row), 2 * self._table.shape[0]), INSPECTED_BLOCK_BYTES * len(self._blocks)), dtype=np.uint8)
+            if self._table.shape[0]:
+                table[: self._table.shape[0]] = self._table
+            self._table = table
 
     def _gathered(self, rows: Sequence[np.ndarray]) -> np.ndarray:
         """``[payloads, memory bytes]``: each payload's bytes on the memory blocks, gathered once per round."""
-        if len(rows) == 0 or len(self._blocks) == 0:
-            return np.zeros((len(rows), 0), dtype=np.uint8)
-        return np.stack([_gather(row, self._blocks) for row in rows])
+        gathered = np.empty((len(rows), INSPECTED_BLOCK_BYTES * len(self._blocks)), dtype=np.uint8)
+        for row, out in zip(rows, gathered):
+            out[:] = _gather(row, self._blocks) if len(self._blocks) else 0
+        return gathered
 
     def _agreement(self, gathered: np.ndarray, identities: Sequence) -> tuple[list[int], np.ndarray]:
-        positions = [p for p, identity in enumerate(identities) if identity in self._bits]
+        positions = [p for p, identity in enumerate(identities) if identity in self._row]
         if not positions:
             return [], np.zeros((0, 0))
-        before = np.stack([self._bits[identities[p]] for p in positions])
+        before = self._table[[self._row[identities[p]] for p in positions]]
         blocks = before.shape[1] // INSPECTED_BLOCK_BYTES
-        differences = np.bitwise_count(gathered[positions] ^ before).reshape(len(positions), blocks, INSPECTED_BLOCK_BYTES)
+        changed = gathered[positions].view(np.uint64) ^ before.view(np.uint64)  # blocks are whole words: 8x fewer popcounts
+        differences = np.bitwise_count(changed).reshape(len(positions), blocks, INSPECTED_BLOCK_BYTES // 8)
         return positions, 1.0 - differences.sum(axis=2, dtype=np.int64) / (8 * INSPECTED_BLOCK_BYTES)
 
     def _start(self, num_coordinates: int) -> None:
@@ -306,9 +362,10 @@ def robust_vote(
     is left out. Memory: O(d) for the counters, O(M K) for the sketches, O(M)
     per block for the statistics; time linear in M. The payloads themselves
     are read, never copied (the caller holds them: Flower's replies). With
-    ``memory``: at most :data:`INSPECTED_BYTES` kept per client, read once more
-    (and, on a model larger than that, its likeness counted on the memory
-    blocks: one more pass over those bytes).
+    ``memory``: at most :data:`INSPECTED_BYTES` kept per client; the memory
+    blocks are read in the same pass as the inspected ones (on a model larger
+    than :data:`INSPECTED_BYTES`, up to as many bytes again), which also
+    compares them with what each sender sent last time and keeps them.
 
     Args:
         payloads: validated packed payloads.
@@ -339,8 +396,13 @@ def robust_vote(
         return RobustVote(counter.vote(), tuple(everyone), {})
     generator = generator if generator is not None else np.random.default_rng()
     blocks = _inspected_blocks(num_coordinates, generator)
-    seen = _inspect(rows, everyone, counter, blocks)
-    repeating = [] if memory is None else memory.repeating(rows, identities, num_coordinates, _memory_likeness(rows, counter, seen, blocks, memory))
+    if memory is None:
+        seen = _inspect(rows, everyone, counter, blocks)
+        repeating = []
+    else:  # the inspection pass also compares each payload with its sender's last one, and keeps it
+        known, before, after = memory.slots(identities, num_coordinates)
+        seen = _inspect(rows, everyone, counter, blocks, memory.blocks(num_coordinates), (before, after))
+        repeating = memory.repeating(rows, identities, num_coordinates, seen.memory_likeness, (known, seen.memory_differences))
     dropped: dict[int, str] = {}
     for index in _far_from_median(seen.positives / seen.coordinates, floor=0.5 / np.sqrt(seen.coordinates), threshold=RATE_THRESHOLD, side="both"):
         dropped[index] = "+1 rate"
@@ -371,25 +433,10 @@ def robust_vote(
     return RobustVote(counter.vote(), tuple(kept), dropped)
 
 
-def _memory_likeness(rows, counter: VoteCounter, seen: "_Inspection", blocks: np.ndarray | None, memory: VoteMemory) -> np.ndarray:
-    """Each payload's likeness (:class:`_Inspection`) on each of ``memory``'s blocks: read from ``seen`` when it covers
-    every whole block (``blocks`` None: the memory's are those), else counted on the memory's blocks."""
-    if blocks is None:
-        return seen.likeness[:, :-1]
-    memory_blocks = memory.blocks(counter.num_coordinates)
-    plane_blocks = [_gather(plane, memory_blocks) for plane in counter.flushed_planes()]
-    weights, count_sums = _plane_weights_and_sums(plane_blocks)
-    products = []
-    for start in range(0, len(rows), _INSPECTION_CHUNK_ROWS):
-        counts, _ = _block_and_counts(rows[start : start + _INSPECTION_CHUNK_ROWS], [None] + plane_blocks, memory_blocks, hashes=False)
-        products.append(_block_products(counts, weights, count_sums, counter.num_voters))
-    return _likeness(np.concatenate(products), len(rows), counter.num_voters)[0][:, :-1]
-
-
 def _plane_weights_and_sums(plane_blocks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """``(2^w per plane, the sum of the +1 counts c over each block)`` of the count's planes gathered on some blocks."""
     weights = np.array([1 << w for w in range(len(plane_blocks))], dtype=np.int64)
-    sums = np.stack([np.bitwise_count(p.reshape(-1, INSPECTED_BLOCK_BYTES)).sum(axis=1, dtype=np.int64) for p in plane_blocks])
+    sums = np.stack([np.bitwise_count(p.view(np.uint64).reshape(-1, INSPECTED_BLOCK_BYTES // 8)).sum(axis=1, dtype=np.int64) for p in plane_blocks])
     return weights, weights @ sums
 
 
@@ -421,8 +468,8 @@ def _inspected_blocks(num_coordinates: int, generator: np.random.Generator) -> n
 
 
 def _gather(array: np.ndarray, blocks: np.ndarray) -> np.ndarray:
-    """The bytes of ``array`` in these blocks (sorted indices), one after the other."""
-    return array[: (int(blocks[-1]) + 1) * INSPECTED_BLOCK_BYTES].reshape(-1, INSPECTED_BLOCK_BYTES)[blocks].reshape(-1)
+    """The bytes of ``array`` in these blocks (indices, in the order given), one after the other."""
+    return array[: (int(blocks.max()) + 1) * INSPECTED_BLOCK_BYTES].reshape(-1, INSPECTED_BLOCK_BYTES)[blocks].reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -439,6 +486,10 @@ class _Inspection:
         likeness_floor: ``[blocks + 1]``, the standard error of ``likeness`` were the bits coin flips.
         run_hashes: uint64 ``[payloads, runs]``, a 64-bit hash of each run of :data:`COPY_BYTES` bytes of the whole
             inspected blocks.
+        memory_likeness: with memory blocks (:func:`_inspect`), ``[payloads, memory blocks]``, the likeness on each
+            of them; else None.
+        memory_differences: with memory blocks, int64 ``[payloads, memory blocks]``, the bits in which each payload
+            differs on them from what its sender sent before (0 for a sender new to the memory); else None.
     """
 
     coordinates: int
@@ -448,9 +499,14 @@ class _Inspection:
     likeness: np.ndarray
     likeness_floor: np.ndarray
     run_hashes: np.ndarray
+    memory_likeness: np.ndarray | None = None
+    memory_differences: np.ndarray | None = None
 
 
-def _inspect(rows, indices: list[int], counter: VoteCounter, blocks: np.ndarray | None) -> _Inspection:
+def _inspect(
+    rows, indices: list[int], counter: VoteCounter, blocks: np.ndarray | None, memory_blocks: np.ndarray | None = None,
+    memory_slots: tuple[list, list] | None = None,
+) -> _Inspection:
     """Statistics of the payloads ``rows[i]`` (``i`` in ``indices``; ``counter`` holds exactly these).
 
     Agreement with the OTHERS' vote: with the +1 count c and n voters, the
@@ -464,7 +520,13 @@ def _inspect(rows, indices: list[int], counter: VoteCounter, blocks: np.ndarray 
     ANDed with each bit-plane of c (c = sum_w 2^w plane_w), so no pair is ever
     compared. Counted on the inspected bytes (``blocks``; None: all), with
     the compiled kernel in one pass per payload (two for a whole payload: the
-    totals include the partial block at its end).
+    totals include the partial block at its end). With ``memory_blocks`` (a
+    :class:`VoteMemory`'s: every whole block when ``blocks`` is None) and
+    ``memory_slots`` (``before, after`` of :meth:`VoteMemory.slots`, one each
+    per index), the same pass also measures the likeness on them
+    (``memory_likeness``), compares each payload there with ``before``
+    (``memory_differences``) and writes it to ``after``; they count in no
+    other statistic.
     """
     planes = counter.flushed_planes()
     voters = counter.num_voters
@@ -472,37 +534,55 @@ def _inspect(rows, indices: list[int], counter: VoteCounter, blocks: np.ndarray 
         bitmaps = [*counter.vote_bitmaps(shift=1), *counter.vote_bitmaps(shift=-1)]
         coordinates = counter.num_coordinates
         blocks = np.arange(coordinates // (8 * INSPECTED_BLOCK_BYTES))
-        plane_blocks = [plane[: len(blocks) * INSPECTED_BLOCK_BYTES] for plane in planes]
+        if memory_blocks is not None and not np.array_equal(memory_blocks, blocks):
+            raise ValueError("memory_blocks must be every whole block when the whole payload is inspected")
+        read = blocks
+        plane_blocks = [plane[: len(read) * INSPECTED_BLOCK_BYTES] for plane in planes]
         whole = True
     else:
-        plane_blocks = [_gather(plane, blocks) for plane in planes]
-        inspected_bytes = INSPECTED_BLOCK_BYTES * len(blocks)
+        read = blocks if memory_blocks is None else np.concatenate([blocks, memory_blocks])
+        plane_blocks = [_gather(plane, read) for plane in planes]  # the blocks read need not be sorted
+        inspected_bytes = INSPECTED_BLOCK_BYTES * len(read)
         bitmaps = [*counter.threshold_bitmaps(1, plane_blocks, inspected_bytes), *counter.threshold_bitmaps(-1, plane_blocks, inspected_bytes)]
-        coordinates = 8 * inspected_bytes
+        coordinates = 8 * INSPECTED_BLOCK_BYTES * len(blocks)
         whole = False
+    copied = 0 if memory_blocks is None else len(memory_blocks)
     # Sum over each block of c; then, chunk by chunk of payloads (bounded scratch whatever M), the totals and x . (S - x).
-    weights, count_sums = _plane_weights_and_sums(plane_blocks) if len(blocks) else (np.array([1 << w for w in range(len(planes))], dtype=np.int64), 0)
+    weights, count_sums = _plane_weights_and_sums(plane_blocks) if len(read) else (np.array([1 << w for w in range(len(planes))], dtype=np.int64), 0)
+    differences = np.zeros((len(indices), copied), dtype=np.int64)
     totals, products, hashes = [], [], []
     for start in range(0, len(indices), _INSPECTION_CHUNK_ROWS):
-        selected = [rows[i] for i in indices[start : start + _INSPECTION_CHUNK_ROWS]]
+        chunk = slice(start, start + _INSPECTION_CHUNK_ROWS)
+        selected = [rows[i] for i in indices[chunk]]
+        keep = None if memory_slots is None or copied == 0 else (memory_slots[0][chunk], memory_slots[1][chunk], differences[chunk])
         if whole:
             totals.append(_and_counts(selected, [None] + bitmaps, coordinates))
-            counts, hashed = _block_and_counts(selected, [None] + plane_blocks, blocks) if len(blocks) else (None, None)
+            counts, hashed = _block_and_counts(selected, [None] + plane_blocks, read, keep=keep) if len(read) else (None, None)
         else:
-            counts, hashed = _block_and_counts(selected, [None] + bitmaps + plane_blocks, blocks)
-            totals.append(counts[:, :5].sum(axis=2))
+            counts, hashed = _block_and_counts(selected, [None] + bitmaps + plane_blocks, read, hashed_blocks=len(blocks), keep=keep)
+            totals.append(counts[:, :5, : len(blocks)].sum(axis=2))
             counts = counts[:, [0, *range(5, counts.shape[1])]]
         hashes.append(np.zeros((len(selected), 0), dtype=np.uint64) if hashed is None else hashed)
         if counts is not None:
             products.append(_block_products(counts, weights, count_sums, voters))
     totals = np.concatenate(totals)
     # The bitmaps' tail bits are zero, so a payload's -1 coordinates among a
-    # bitmap's are the bitmap's bits minus the payload's +1 ones.
-    minus_positive_bits, minus_negative_bits = _count_bits(bitmaps[2]), _count_bits(bitmaps[3])
+    # bitmap's are the bitmap's bits minus the payload's +1 ones (over the inspected blocks, not the memory's).
+    inspected = slice(None) if whole else slice(0, INSPECTED_BLOCK_BYTES * len(blocks))
+    minus_positive_bits, minus_negative_bits = _count_bits(bitmaps[2][inspected]), _count_bits(bitmaps[3][inspected])
     agree = totals[:, 1] + (minus_negative_bits - totals[:, 4])
     decided = agree + totals[:, 2] + (minus_positive_bits - totals[:, 3])
-    likeness, floor = _likeness(np.concatenate(products) if products else None, len(indices), voters)
-    return _Inspection(coordinates, totals[:, 0], agree / np.maximum(decided, 1), decided, likeness, floor, np.concatenate(hashes))
+    products = np.concatenate(products) if products else None
+    memory_likeness = None
+    if memory_blocks is not None:
+        memory_likeness = np.zeros((len(indices), 0)) if products is None else _likeness(products[:, len(read) - copied :], len(indices), voters)[0][:, :-1]
+    if products is not None and not whole:
+        products = products[:, : len(blocks)]
+    likeness, floor = _likeness(products, len(indices), voters)
+    return _Inspection(
+        coordinates, totals[:, 0], agree / np.maximum(decided, 1), decided, likeness, floor, np.concatenate(hashes),
+        memory_likeness, None if memory_blocks is None else differences,
+    )
 
 
 def _likeness(products: np.ndarray | None, count: int, voters: int) -> tuple[np.ndarray, np.ndarray]:
@@ -553,26 +633,40 @@ def _too_alike(seen: _Inspection) -> set[int]:
     return set(_far_from_median(seen.likeness, floor=seen.likeness_floor, threshold=COLLUSION_MARGIN, side="high"))
 
 
-def _block_and_counts(rows, masks: list[np.ndarray | None], blocks: np.ndarray, *, hashes: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(counts, hashes)``: ``counts[r, j, b]``, the +1 coordinates of block ``blocks[b]`` of ``rows[r]`` set in block ``b`` of ``masks[j]``; ``hashes[r]``, the hashes of the runs of :data:`COPY_BYTES` of those blocks.
+def _block_and_counts(
+    rows, masks: list[np.ndarray | None], blocks: np.ndarray, *, hashes: bool = True, hashed_blocks: int | None = None,
+    keep: tuple[list, list, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(counts, hashes)``: ``counts[r, j, b]``, the +1 coordinates of block ``blocks[b]`` of ``rows[r]`` set in block ``b`` of ``masks[j]``; ``hashes[r]``, the hashes of the runs of :data:`COPY_BYTES` of the first ``hashed_blocks`` (None: all) of those blocks.
 
     Blocks of :data:`INSPECTED_BLOCK_BYTES`; the masks hold theirs one after
-    the other (None: all ones). The compiled kernel reads the rows where they
-    are, once for both; numpy gathers each row's blocks.
+    the other (None: all ones). ``keep = (before, after, differences)``: each
+    row's last ``k`` blocks are compared with ``before[r]`` (None: not) into
+    ``differences[r]`` and then written to ``after[r]``
+    (:meth:`CompiledVoteKernel.block_and_counts`). The compiled kernel reads
+    the rows where they are, once for all of it; numpy gathers each row's blocks.
     """
     offsets = blocks * INSPECTED_BLOCK_BYTES
     kernel = load_kernel()
     if kernel is not None:
         rows = [np.ascontiguousarray(row) for row in rows]
-        return kernel.block_and_counts(rows, masks, offsets, INSPECTED_BLOCK_BYTES, COPY_BYTES if hashes else 0)
+        return kernel.block_and_counts(rows, masks, offsets, INSPECTED_BLOCK_BYTES, COPY_BYTES if hashes else 0, hashed_blocks=hashed_blocks, keep=keep)
+    hashed_blocks = len(blocks) if hashed_blocks is None else hashed_blocks
     counts = np.empty((len(rows), len(masks), len(blocks)), dtype=np.int64)
     shape = (len(blocks), INSPECTED_BLOCK_BYTES)
     for r, row in enumerate(rows):
-        gathered = _gather(row, blocks).reshape(shape)
+        gathered = np.stack([row[o : o + INSPECTED_BLOCK_BYTES] for o in offsets]) if len(blocks) else np.zeros(shape, dtype=np.uint8)
         for j, mask in enumerate(masks):
             bits = gathered if mask is None else gathered & mask.reshape(shape)
             counts[r, j] = np.bitwise_count(bits).sum(axis=1, dtype=np.int64)
-    return counts, np.stack([_hash_runs(row, offsets, INSPECTED_BLOCK_BYTES) for row in rows]) if hashes else None
+        if keep is not None and keep[2].shape[1]:
+            before, after, differences = keep[0][r], keep[1][r], keep[2]
+            new = gathered[len(blocks) - differences.shape[1] :]
+            differences[r] = 0 if before is None else np.bitwise_count(new ^ before.reshape(new.shape)).sum(axis=1, dtype=np.int64)
+            after[:] = new.reshape(-1)
+    if not hashes:
+        return counts, None
+    return counts, np.stack([_hash_runs(row, offsets[:hashed_blocks], INSPECTED_BLOCK_BYTES) for row in rows])
 
 
 def _and_counts(rows, masks: list[np.ndarray | None], num_coordinates: int) -> np.ndarray:
