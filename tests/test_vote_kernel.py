@@ -434,3 +434,24 @@ def test_run_hashes_equal_the_numpy_hashes_and_equal_runs_hash_equal():
 
     np.testing.assert_array_equal(hashes, np.stack([_hash_runs(r, offsets, 512) for r in rows]))
     assert hashes[3, 2] == hashes[1, 2] and len(set(hashes[:, 0].tolist())) == 5
+
+
+@needs_compiler
+@pytest.mark.parametrize("run_bytes", [8, 128, 512])  # 64 runs a block (8 chains at a time), 4 and 1 (one at a time)
+def test_run_hashes_of_any_run_length_equal_a_word_by_word_reference(run_bytes):
+    rows = [np.ascontiguousarray(r) for r in awkward_rows(3, 8 * 2048 + 3, seed=10)]
+    offsets = np.array([512, 0])
+    _, hashes = load_kernel("compiled").block_and_counts(rows, [None], offsets, 512, run_bytes)
+
+    def reference(row):
+        out = []
+        for offset in offsets:
+            for start in range(offset, offset + 512, run_bytes):
+                h = 0x9E3779B97F4A7C15
+                for word in row[start : start + run_bytes].view("<u8").tolist():
+                    h = ((h ^ word) * 0xFF51AFD7ED558CCD) % 2**64
+                    h ^= h >> 33
+                out.append(h)
+        return out
+
+    assert [list(map(int, h)) for h in hashes] == [reference(r) for r in rows]

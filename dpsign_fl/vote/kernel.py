@@ -323,28 +323,24 @@ void dpsign_and_counts(const uint8_t *const *rows, size_t num_rows, const uint8_
    differs from block k of before[r] (0 where before[r] is NULL), and then the block is copied over
    block k of after[r] (which may be before[r]). */
 #define HASH_LANES 8
+static inline uint64_t hash_step(uint64_t h, uint64_t word) {
+    h = (h ^ word) * 0xFF51AFD7ED558CCDULL;
+    return h ^ (h >> 33);
+}
+
 static void hash_runs(const uint8_t *block, size_t runs, size_t words, uint64_t *out) {
     size_t j0 = 0;
     for (; j0 + HASH_LANES <= runs; j0 += HASH_LANES) {  /* a fixed number of chains: they stay in registers */
         uint64_t h[HASH_LANES];
         for (size_t j = 0; j < HASH_LANES; j++) h[j] = 0x9E3779B97F4A7C15ULL;
         for (size_t w = 0; w < words; w++)
-            for (size_t j = 0; j < HASH_LANES; j++) {
-                h[j] = (h[j] ^ load(block + ((j0 + j) * words + w) * 8)) * 0xFF51AFD7ED558CCDULL;
-                h[j] ^= h[j] >> 33;
-            }
+            for (size_t j = 0; j < HASH_LANES; j++) h[j] = hash_step(h[j], load(block + ((j0 + j) * words + w) * 8));
         for (size_t j = 0; j < HASH_LANES; j++) out[j0 + j] = h[j];
     }
-    for (; j0 < runs; j0 += HASH_LANES) {
-        size_t n = runs - j0 < HASH_LANES ? runs - j0 : HASH_LANES;
-        uint64_t h[HASH_LANES];
-        for (size_t j = 0; j < n; j++) h[j] = 0x9E3779B97F4A7C15ULL;
-        for (size_t w = 0; w < words; w++)
-            for (size_t j = 0; j < n; j++) {
-                h[j] = (h[j] ^ load(block + ((j0 + j) * words + w) * 8)) * 0xFF51AFD7ED558CCDULL;
-                h[j] ^= h[j] >> 33;
-            }
-        for (size_t j = 0; j < n; j++) out[j0 + j] = h[j];
+    for (; j0 < runs; j0++) {  /* the runs left over, one chain at a time */
+        uint64_t h = 0x9E3779B97F4A7C15ULL;
+        for (size_t w = 0; w < words; w++) h = hash_step(h, load(block + (j0 * words + w) * 8));
+        out[j0] = h;
     }
 }
 
