@@ -28,7 +28,8 @@ GCC, AVX-512 / AVX2 / baseline versions are compiled side by side and the
 loader picks the one the CPU runs (``target_clones``), so a cache folder shared
 between machines stays valid; the bit counts of the filters and the int8 vote
 also have AVX-512 loops (VPOPCNTQ, AVX-512BW), taken where the CPU has those
-instructions (about 2x faster here). Where that build fails (a toolchain without
+instructions (here, at d = 1e7, M = 100, the C pass of the robust vote with a memory: 4.2 -> 2.2 ms; the
+int8 vote 5.5 -> 3.8 ms). Where that build fails (a toolchain without
 ``target_clones``), the baseline version alone is built instead
 (``-DDPSIGN_NO_MULTIVERSION``).
 
