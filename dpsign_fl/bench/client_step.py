@@ -25,11 +25,8 @@ allocation (torch's CPU allocator hands memory straight to malloc).
 
 from __future__ import annotations
 
-import statistics
 import subprocess
 import sys
-import time
-from typing import Callable
 
 import torch
 from torch import nn
@@ -40,6 +37,7 @@ from ..release.mechanism import clip_per_sample, per_sample_gradients
 from ..models import MODELS, TransformerBlock, build_model
 from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, client_release
 from ..release.adversarial import AdversarialSettings
+from .timing import interleaved_seconds, time_call
 
 TRANSFORMERS = {
     # name: (vocab_size, width, depth, heads, seq_len)
@@ -117,7 +115,7 @@ def measure_client_step(model_name: str, batch_size: int, repeats: int = 5, thre
     try:
         model, inputs, targets = _setup(model_name, batch_size)
         steps = _runnable_steps(model, batch_size, inputs)
-        seconds = interleaved_seconds(steps, lambda step: _seconds(lambda: _run(step, model, inputs, targets)), repeats)
+        seconds = interleaved_seconds(steps, lambda step: time_call(lambda: _run(step, model, inputs, targets)), repeats)
     finally:
         torch.set_num_threads(previous_threads)
     base = seconds["non_private"]
@@ -131,24 +129,6 @@ def measure_client_step(model_name: str, batch_size: int, repeats: int = 5, thre
         "ratio": {step: (base[0] / s[0], base[1] / s[1]) for step, s in seconds.items()},
         "peak_extra_mib": {step: peaks[step] - peaks["non_private"] for step in steps},
     }
-
-
-def interleaved_seconds(steps: list[str], seconds_of: Callable[[str], float], repeats: int) -> dict[str, tuple[float, float]]:
-    """``(min, median)`` of ``seconds_of(step)`` per step over ``repeats`` rounds that take the steps in turn,
-    after one warm-up round (not counted)."""
-    times: dict[str, list[float]] = {step: [] for step in steps}
-    for repeat in range(repeats + 1):
-        for step in steps:
-            elapsed = seconds_of(step)
-            if repeat:
-                times[step].append(elapsed)
-    return {step: (min(t), statistics.median(t)) for step, t in times.items()}
-
-
-def _seconds(work: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
 
 
 def _setup(model_name: str, batch_size: int):

@@ -18,14 +18,14 @@ interpreter over two runs of a step, minus the non-private step's).
 
 from __future__ import annotations
 
-import time
 
 import torch
 
 from ..release.clipped_sum import clipped_gradient_sum
 from ..llm import causal_lm_loss, packed_calls
 from ..release import ReleaseSettings, client_release
-from .client_step import fresh_peak_rss_mib, interleaved_seconds, step_table
+from .client_step import fresh_peak_rss_mib, step_table
+from .timing import interleaved_seconds, time_call
 
 SIZES = {
     # name: (vocab_size, width, layers, heads, seq_len, lora rank)
@@ -65,14 +65,13 @@ def run_step(step: str, model, packed: torch.Tensor, labels: torch.Tensor) -> No
         client_release(model, packed, labels, RELEASE, generator=torch.Generator().manual_seed(0), loss_fn=causal_lm_loss)
 
 
-def _timed(step: str, model, packed, labels) -> float:
-    start = time.perf_counter()
+def _run_packed(step: str, model, packed, labels) -> None:
+    """One step; the private ones with the model's calls packed (:func:`dpsign_fl.llm.packed_calls`)."""
     if step == "non_private":
         run_step(step, model, packed, labels)
     else:
         with packed_calls(model):
             run_step(step, model, packed, labels)
-    return time.perf_counter() - start
 
 
 def measure_llm_step(size: str = "tiny-gpt2", batch_size: int = 32, repeats: int = 5, threads: int = 1,
@@ -95,7 +94,7 @@ def measure_llm_step(size: str = "tiny-gpt2", batch_size: int = 32, repeats: int
     torch.set_num_threads(threads)
     try:
         model, packed, labels = build(size, batch_size)
-        seconds = interleaved_seconds(list(STEPS), lambda step: _timed(step, model, packed, labels), repeats)
+        seconds = interleaved_seconds(list(STEPS), lambda step: time_call(lambda: _run_packed(step, model, packed, labels)), repeats)
     finally:
         torch.set_num_threads(previous_threads)
     base = seconds["non_private"]
@@ -117,8 +116,8 @@ def measure_llm_step(size: str = "tiny-gpt2", batch_size: int = 32, repeats: int
 def _peak_rss_mib(size: str, batch_size: int, step: str, threads: int) -> float:
     """Peak-RSS growth (MiB) over two runs of ``step`` in a fresh interpreter."""
     return fresh_peak_rss_mib(
-        f"from dpsign_fl.bench.llm_step import build, _timed\nmodel, packed, labels = build({size!r}, {batch_size})\n",
-        f"_timed({step!r}, model, packed, labels)\n",
+        f"from dpsign_fl.bench.llm_step import build, _run_packed\nmodel, packed, labels = build({size!r}, {batch_size})\n",
+        f"_run_packed({step!r}, model, packed, labels)\n",
         threads,
     )
 

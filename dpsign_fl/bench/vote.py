@@ -14,13 +14,13 @@ Run ``python -m dpsign_fl.bench.vote`` for a small table.
 from __future__ import annotations
 
 import statistics
-import time
 import tracemalloc
 
 import numpy as np
 
 from ..vote.packing import BIT_ORDER, payload_bytes
 from ..vote import VoteCounter, VoteMemory, robust_vote
+from .timing import time_call
 
 # Above this many bits (M d) the old path (stack + unpack + sum) needs
 # M * d bytes for the unpacked bits alone (2 GB), so it is skipped.
@@ -101,17 +101,17 @@ def measure_vote(num_coordinates: int, num_voters: int, repeats: int = 5, *, num
 
     copy_seconds, vote_seconds, numpy_seconds, robust_seconds, stateless_seconds = [], [], [], [], []
     for _ in range(repeats):
-        copy_seconds.append(_seconds(copy_all))
-        vote_seconds.append(_seconds(stream_vote))
+        copy_seconds.append(time_call(copy_all))
+        vote_seconds.append(time_call(stream_vote))
         if kernel != "numpy" and numpy_kernel:
-            numpy_seconds.append(_seconds(lambda: stream_vote("numpy")))
-        robust_seconds.append(_seconds(robust_with_memory))
-        stateless_seconds.append(_seconds(lambda: robust_vote(payloads, num_coordinates, generator=np.random.default_rng(0))))
+            numpy_seconds.append(time_call(lambda: stream_vote("numpy")))
+        robust_seconds.append(time_call(robust_with_memory))
+        stateless_seconds.append(time_call(lambda: robust_vote(payloads, num_coordinates, generator=np.random.default_rng(0))))
     if kernel == "numpy":
         numpy_seconds = vote_seconds
     old_seconds = None
     if num_coordinates * num_voters <= OLD_PATH_MAX_BITS:
-        old_seconds = [_seconds(old_vote) for _ in range(repeats)]
+        old_seconds = [time_call(old_vote) for _ in range(repeats)]
 
     peak = _peak_bytes(stream_vote)
     robust_peak = _peak_bytes(robust_with_memory)
@@ -151,12 +151,6 @@ def _peak_bytes(function) -> int:
         return tracemalloc.get_traced_memory()[1] - before
     finally:
         tracemalloc.stop()
-
-
-def _seconds(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def _main() -> None:
