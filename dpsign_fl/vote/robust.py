@@ -226,21 +226,19 @@ class VoteMemory:
         self._start(num_coordinates)
         self._keep(self._gathered(rows), identities)
 
-    def slots(self, identities: Sequence, num_coordinates: int) -> tuple[list[int], list, list[np.ndarray]]:
-        """``(known, before, after)`` for a caller that compares and keeps the payloads itself (``measured`` of :meth:`repeating`).
+    def slots(self, identities: Sequence, num_coordinates: int) -> tuple[list, list[np.ndarray]]:
+        """``(before, after)`` for a caller that compares and keeps the payloads itself (``measured`` of :meth:`repeating`).
 
-        ``known``: the positions of the identities it holds bits of; for each
-        identity, ``before``, its row of bits (None where it is new), and
-        ``after``, the row the caller writes its new bits to (the same row;
+        For each identity, ``before``: its row of bits (None where it is new),
+        and ``after``: the row the caller writes its new bits to (the same row;
         made for a new identity). Each row: the bytes of the memory blocks
         (:meth:`blocks`), one after the other. Valid until the next call.
         """
         self._start(num_coordinates)
-        known = [p for p, identity in enumerate(identities) if identity in self._row]
+        new = {identity for identity in identities if identity not in self._row}
         self._add_rows(identities)
         after = [self._table[self._row[identity]] for identity in identities]
-        is_known = set(known)
-        return known, [row if p in is_known else None for p, row in enumerate(after)], after
+        return [None if identity in new else row for identity, row in zip(identities, after)], after
 
     def _keep(self, gathered: np.ndarray, identities: Sequence) -> None:
         """Store each sender's bytes (a row of ``gathered``) in its row of the table, copied."""
@@ -261,8 +259,9 @@ class VoteMemory:
     def _gathered(self, rows: Sequence[np.ndarray]) -> np.ndarray:
         """``[payloads, memory bytes]``: each payload's bytes on the memory blocks, gathered once per round."""
         gathered = np.empty((len(rows), INSPECTED_BLOCK_BYTES * len(self._blocks)), dtype=np.uint8)
-        for row, out in zip(rows, gathered):
-            out[:] = _gather(row, self._blocks) if len(self._blocks) else 0
+        if len(self._blocks):
+            for row, out in zip(rows, gathered):
+                out[:] = _gather(row, self._blocks)
         return gathered
 
     def _agreement(self, gathered: np.ndarray, identities: Sequence) -> tuple[list[int], np.ndarray]:
@@ -400,8 +399,9 @@ def robust_vote(
         seen = _inspect(rows, everyone, counter, blocks)
         repeating = []
     else:  # the inspection pass also compares each payload with its sender's last one, and keeps it
-        known, before, after = memory.slots(identities, num_coordinates)
+        before, after = memory.slots(identities, num_coordinates)
         seen = _inspect(rows, everyone, counter, blocks, memory.blocks(num_coordinates), (before, after))
+        known = [p for p, row in enumerate(before) if row is not None]
         repeating = memory.repeating(rows, identities, num_coordinates, seen.memory_likeness, (known, seen.memory_differences))
     dropped: dict[int, str] = {}
     for index in _far_from_median(seen.positives / seen.coordinates, floor=0.5 / np.sqrt(seen.coordinates), threshold=RATE_THRESHOLD, side="both"):
