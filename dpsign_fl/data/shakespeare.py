@@ -291,6 +291,29 @@ def read_roles(folder: str | Path) -> list[Role]:
     return roles
 
 
+def read_public_text(folder: str | Path) -> str:
+    """Return the text of the folder's files that give no speeches (the five poems): no client's data.
+
+    The server's public text (``pretrain-steps``): :func:`parse_play` finds no
+    act, induction or prologue heading in these files, so :func:`read_roles`
+    makes no client of them and none of their characters is in any client's
+    examples. Each file's non-blank lines, stripped of indentation and trailing
+    spaces, joined by newlines; files in name order.
+
+    Raises:
+        FileNotFoundError: if the folder holds no ``*_gut.txt`` file without speeches.
+    """
+    texts = []
+    for path in sorted(Path(folder).glob(FILE_PATTERN)):
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        if not parse_play(text, play=path.name.removesuffix(FILE_PATTERN.lstrip("*"))):
+            lines = (line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+            texts.append("\n".join(line for line in lines if line))
+    if not texts:
+        raise FileNotFoundError(f"{folder}: no {FILE_PATTERN} file without speeches (the poems) for the public text")
+    return "\n".join(texts)
+
+
 def split_roles(roles: list[Role], *, test_fraction: float) -> RoleExamples:
     """Cut every role into disjoint chunks and split each role's chunks into train and test, in text order.
 

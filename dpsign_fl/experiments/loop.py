@@ -52,11 +52,11 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from ..data import partition_dataset, public_images
+from ..data import partition_dataset
 from ..data.features import load_run_dataset
 from ..evaluation import class_accuracies, evaluate, robust_accuracy
 from ..release.mechanism import per_sample_gradients, poisson_sample, secure_generator
-from ..models import build_model, fit_public_statistics, uses_public_statistics
+from ..initial_model import initial_model
 from ..vote import VoteMemory
 from ..vote.packing import pack_signs
 from ..parameters import load_model_vector, model_vector
@@ -64,7 +64,7 @@ from ..privacy import PrivacyLedger
 from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, adversarial_examples, seeded_generator
 from ..rounds import Budget, ReleasePlan, SignedUpdate, client_round, plan_for_round, plan_release, planned_releases, server_round
 from ..vote.server_update import AUTOMATIC, VoteUpdater, learning_rate_at
-from ..settings import ConfigError, RunSettings, check_fields, from_mapping, setting, specs, to_mapping
+from ..settings import ConfigError, RunSettings, check_fields, setting, specs, to_mapping
 from .attacks import TARGETED_ATTACKS, attack_round, is_byzantine, targeted_push
 from .compressors import sign as sign_of, sto_sign
 from .hooks import ExperimentOptions, gradient_noise_transform
@@ -189,7 +189,7 @@ def experiment_from_fields(values: dict[str, Any], base: Experiment | None = Non
             keys = {spec.key: field for field, spec in specs(group).items()}
             key = field_name if field_name in keys else specs(group)[name].key if name in specs(group) else None
             if key is not None:
-                changes[keys[key]] = getattr(from_mapping(group, {key: value}), keys[key])
+                changes[keys[key]] = specs(group)[keys[key]].coerce(value, key)  # the combination is checked below
                 break
         else:
             known = sorted(set(own) | set(specs(RunSettings)) | set(specs(ExperimentOptions)))
@@ -279,7 +279,11 @@ def run_experiment(
         ``wall_seconds``, ``history`` (one entry per evaluation).
     """
     started = time.monotonic()
-    state = _RunState.start(experiment, dataset)
+    def log(line: str) -> None:
+        if progress:
+            print(line, file=sys.stderr, flush=True)
+
+    state = _RunState.start(experiment, dataset, log=log)
     run, weights = experiment.run, state.weights
     tail_start = run.num_rounds - int(experiment.tail_average * run.num_rounds) + 1
     tail_sum, tail_count = np.zeros_like(weights, dtype=np.float64), 0
@@ -361,15 +365,10 @@ class _RunState:
     excluded_attackers: int = 0
 
     @classmethod
-    def start(cls, experiment: Experiment, dataset) -> "_RunState":
+    def start(cls, experiment: Experiment, dataset, *, log: Callable[[str], None]) -> "_RunState":
         run = experiment.run
         dataset, clients = load_run_data(experiment, dataset=dataset)
-        model = build_model(
-            run.model_name, input_shape=tuple(dataset.input_shape), num_classes=dataset.num_classes, seed=run.model_seed,
-            **run.model_options,
-        )
-        if uses_public_statistics(model):  # the server's public set, as the Flower app's server does
-            fit_public_statistics(model, public_images(run.dataset, run.data_dir))
+        model = initial_model(run, dataset, log=log)  # as the Flower app's server builds it
         weights = model_vector(model)
         noise_transform = gradient_noise_transform(experiment.hooks.gradient_noise)
         target_delta = 1.0 / max(c.size for c in clients) ** 1.1 if experiment.delta_from_data else run.target_delta

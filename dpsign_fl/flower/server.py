@@ -52,8 +52,7 @@ from ..atomic_file import write_json_atomic
 from ..data import Dataset
 from ..data.features import load_run_dataset
 from ..evaluation import evaluate, robust_accuracy
-from ..data import public_images
-from ..models import build_model, fit_public_statistics, uses_public_statistics
+from ..initial_model import initial_model
 from ..results import plot_metrics
 from ..settings import ConfigError, FlowerOptions, RunSettings, parse_run_config, run_config_of, tuning_warnings
 from ..vote.kernel import describe_kernel
@@ -188,24 +187,16 @@ def prepare_run(run_config, *, recorded_groups: tuple = ()) -> tuple[RunSettings
 
 
 def build_server_model(settings: RunSettings, dataset: Dataset) -> torch.nn.Module:
-    """Return the initial global model, drawn with ``model-seed``; public statistics fitted where it has them.
+    """Return the initial global model (:func:`dpsign_fl.initial_model.initial_model`): drawn with
+    ``model-seed``, public statistics fitted and public pretraining done where the settings ask.
 
     Raises:
-        ConfigError: if ``model`` does not fit the dataset's inputs.
+        ConfigError: if ``model`` does not fit the dataset's inputs, or its public data is missing.
     """
     try:
-        model = build_model(
-            settings.model_name, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-            seed=settings.model_seed, **settings.model_options,
-        )
-    except ValueError as error:
-        raise ConfigError(f"model {settings.model_name!r} does not fit dataset {settings.dataset!r}: {error}") from None
-    if uses_public_statistics(model):
-        try:
-            fit_public_statistics(model, public_images(settings.dataset, settings.data_dir))
-        except ValueError as error:
-            raise ConfigError(f"model {settings.model_name!r} needs the server's public set: {error}") from None
-    return model
+        return initial_model(settings, dataset, log=lambda line: log(INFO, "%s", line))
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"model {settings.model_name!r} for dataset {settings.dataset!r}: {error}") from None
 
 
 def check_resumable(saved: dict, current: dict) -> None:

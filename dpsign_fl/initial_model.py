@@ -1,0 +1,99 @@
+"""The server's model before round 1: drawn from ``model-seed``, then shaped by public data only.
+
+One place for what both the Flower ServerApp and the research loop do before
+the first vote:
+
+- :func:`dpsign_fl.models.fit_public_statistics` for a model with
+  public-statistics normalisation (``tanh-cnn-public-norm``), from
+  :func:`dpsign_fl.data.public_images`;
+- with ``pretrain-steps`` > 0, :func:`pretrain`: Adam on the next-character loss of
+  the dataset's public text (:func:`dpsign_fl.data.public_text`; for shakespeare
+  the five poems, which no client holds), a fixed recipe
+  (:data:`PRETRAIN_LEARNING_RATE`, :data:`PRETRAIN_BATCH_SIZE`), its batches
+  drawn from ``model-seed``.
+
+Privacy: neither reads any client's data; the result is the initial model, which
+every client receives like any model the server sends, so the clients'
+guarantee is unchanged (docs/privacy.md, "Preprocessing and features").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .data import Dataset, public_images, public_text
+from .models import build_model, fit_public_statistics, uses_public_statistics
+from .settings import RunSettings
+
+PRETRAIN_LEARNING_RATE = 3e-3
+"""Adam's step for :func:`pretrain` (measured on the poems: docs/results.md, shakespeare)."""
+
+PRETRAIN_BATCH_SIZE = 32
+"""Chunks per pretraining step."""
+
+_LOG = logging.getLogger(__name__)
+
+
+def initial_model(run: RunSettings, dataset: Dataset, *, log: Callable[[str], None] | None = None) -> nn.Module:
+    """Return the run's initial global model (module docstring).
+
+    Args:
+        run: the run's settings (model, ``model-seed``, ``pretrain-steps``, ``data-dir``).
+        dataset: the loaded dataset (its input shape and number of classes).
+        log: called with a progress line now and then during pretraining; None logs at INFO.
+
+    Raises:
+        ValueError: if the model does not fit the dataset, or its public data is missing.
+    """
+    model = build_model(
+        run.model_name, input_shape=tuple(dataset.input_shape), num_classes=dataset.num_classes, seed=run.model_seed,
+        **run.model_options,
+    )
+    if uses_public_statistics(model):
+        fit_public_statistics(model, public_images(run.dataset, run.data_dir))
+    if run.pretrain_steps:
+        pretrain(model, public_text(run.dataset, run.data_dir), steps=run.pretrain_steps, seed=run.model_seed, log=log)
+    return model
+
+
+def pretrain(
+    model: nn.Module, chunks: torch.Tensor, *, steps: int, seed: int, log: Callable[[str], None] | None = None
+) -> None:
+    """Train a sequence model in place on public chunks: ``steps`` Adam steps on the next-character loss.
+
+    Each step draws :data:`PRETRAIN_BATCH_SIZE` chunks uniformly with a private
+    generator seeded with ``seed``; the model reads positions 0..T-1 of a chunk
+    and predicts 1..T, as in the clients' examples. Deterministic for a seed
+    and a thread count.
+
+    Privacy: ``chunks`` must be public (never a client's examples).
+
+    Raises:
+        ValueError: for ``steps`` < 1, or chunks that are not a non-empty ``[N, T + 1]`` id tensor.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if chunks.ndim != 2 or chunks.shape[0] == 0 or chunks.shape[1] < 2 or chunks.dtype != torch.int64:
+        raise ValueError(f"chunks must be a non-empty int64 [N, T + 1] tensor, got {chunks.dtype} {list(chunks.shape)}")
+    log = log or _LOG.info
+    generator = torch.Generator().manual_seed(int(seed))
+    optimizer = torch.optim.Adam(model.parameters(), lr=PRETRAIN_LEARNING_RATE)
+    was_training = model.training
+    model.train()
+    start, every = time.monotonic(), max(1, steps // 5)
+    for step in range(1, steps + 1):
+        batch = chunks[torch.randint(0, chunks.shape[0], (PRETRAIN_BATCH_SIZE,), generator=generator)]
+        loss = F.cross_entropy(model(batch[:, :-1]), batch[:, 1:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % every == 0 or step == steps:
+            log(f"pretraining on the public text: step {step}/{steps}, loss {loss.item():.3f}, {time.monotonic() - start:.0f} s")
+    model.train(was_training)
+    model.zero_grad(set_to_none=True)
