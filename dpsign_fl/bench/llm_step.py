@@ -18,7 +18,6 @@ interpreter over two runs of a step, minus the non-private step's).
 
 from __future__ import annotations
 
-
 import torch
 
 from ..release.clipped_sum import clipped_gradient_sum

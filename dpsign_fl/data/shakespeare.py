@@ -218,7 +218,7 @@ def parse_play(text: str, *, play: str = "") -> list[tuple[str, str]]:
         lines, stage directions dropped, joined by newlines. Empty for a text
         without an act, induction or prologue heading (a poem).
     """
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    lines = _lines(text)
     start = next((i for i, line in enumerate(lines) if _is_heading(line) or _is_prologue(line)), None)
     if start is None:
         return []
@@ -307,8 +307,7 @@ def read_public_text(folder: str | Path) -> str:
     for path in sorted(Path(folder).glob(FILE_PATTERN)):
         text = path.read_bytes().decode("utf-8", errors="replace")
         if not parse_play(text, play=path.name.removesuffix(FILE_PATTERN.lstrip("*"))):
-            lines = (line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
-            texts.append("\n".join(line for line in lines if line))
+            texts.append("\n".join(line.strip() for line in _lines(text) if line.strip()))
     if not texts:
         raise FileNotFoundError(f"{folder}: no {FILE_PATTERN} file without speeches (the poems) for the public text")
     return "\n".join(texts)
@@ -355,6 +354,11 @@ def split_roles(roles: list[Role], *, test_fraction: float) -> RoleExamples:
         role_plays=renumber[np.asarray(role_plays, dtype=np.int64)],
         plays=tuple(play_order),
     )
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of a file's text, whatever its line endings."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def _is_heading(line: str) -> bool:
