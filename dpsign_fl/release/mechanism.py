@@ -299,7 +299,7 @@ def noisy_sum(
         )
     generator = generator if generator is not None else secure_generator(device=total.device)
     noise = torch.randn(total.shape, generator=generator, device=total.device, dtype=torch.float64)
-    return total + noise * scale
+    return noise.mul_(scale).add_(total)  # total + noise * scale, without two more temporaries
 
 
 def dp_sign(
@@ -342,7 +342,7 @@ def dp_sign(
 
 def to_signs(values: torch.Tensor) -> torch.Tensor:
     """Return ``sign(values)`` as int8 +-1, with exact zeros mapped to +1."""
-    return torch.where(values >= 0, 1, -1).to(torch.int8)
+    return (values >= 0).to(torch.int8).mul_(2).sub_(1)
 
 
 def _reject_batchnorm(model: nn.Module) -> None:
