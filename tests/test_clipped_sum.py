@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dpsign_fl.release import clipped_sum
+from dpsign_fl.release import clipped_sum, layer_rules
 from dpsign_fl.release.clipped_sum import SUPPORTED_LAYERS, clipped_gradient_sum
 from dpsign_fl.release.layer_rules import embedding_form
 from dpsign_fl.release.mechanism import AUTOMATIC_CLIPPING_GAMMA, clip_factors, clip_per_sample
@@ -301,6 +301,36 @@ def test_each_layer_path_equals_one_example_at_a_time(case):
     actual = clipped_gradient_sum(model, F.cross_entropy, inputs, targets, clip_norm=small, method="layers")
 
     torch.testing.assert_close(actual, expected, **TIGHT)
+
+
+@pytest.mark.parametrize(("weights", "normalised_again"), [("usual", 0), ("a-zero-weight", 3), ("a-large-bias", 2)])
+def test_normalisation_layers_read_x_hat_off_their_output_where_the_weight_allows(monkeypatch, weights, normalised_again):
+    """x_hat = (y - bias) / weight unless a weight is 0 or |bias / weight| > AFFINE_FROM_OUTPUT_MAX_RATIO (RMSNorm has no bias)."""
+    torch.manual_seed(12)
+    norms = [nn.GroupNorm(2, 4), nn.LayerNorm(5), nn.RMSNorm(5)]
+    model = nn.Sequential(*norms, nn.Tanh(), nn.Flatten(), nn.Linear(20, 3)).double()
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_(torch.empty_like(norm.weight).uniform_(0.5, 2.0) * torch.randn_like(norm.weight).sign())
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.uniform_(-1.0, 1.0)
+                if weights == "a-large-bias":
+                    norm.bias[0] = (layer_rules.AFFINE_FROM_OUTPUT_MAX_RATIO + 1) * norm.weight[0].abs()
+            if weights == "a-zero-weight":
+                norm.weight[1] = 0.0
+    calls = []
+    normalized = layer_rules._normalized
+    monkeypatch.setattr(layer_rules, "_normalized", lambda module, a: calls.append(module) or normalized(module, a))
+    generator = torch.Generator().manual_seed(13)
+    inputs = torch.randn(9, 4, 5, generator=generator, dtype=torch.float64) * 3 + 1
+    targets = torch.randint(0, 3, (9,), generator=generator)
+    small, _ = clip_norms_for(model, F.cross_entropy, inputs, targets)
+    expected = one_at_a_time_clipped_sum(model, F.cross_entropy, inputs, targets, clip_norm=small)
+
+    actual = clipped_gradient_sum(model, F.cross_entropy, inputs, targets, clip_norm=small, method="layers")
+
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    assert len(calls) == normalised_again
 
 
 @pytest.mark.parametrize("keep_bytes", [0, 2**40])

@@ -39,7 +39,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .layer_rules import KEEP_BYTES, RULES, SUPPORTED_LAYERS, finite_rows, min_input_dims, positions, squared_norms
+from .layer_rules import (
+    KEEP_BYTES, RULES, SUPPORTED_LAYERS, finite_rows, min_input_dims, positions, reads_output, squared_norms,
+)
 from .mechanism import CLIPPING_MODES, _check_clip_norm, _reject_batchnorm, clip_factors, example_gradient
 
 METHODS = ("auto", "vmap", "layers")
@@ -166,15 +168,15 @@ def _layer_pass(model, loss_fn, inputs, targets, clip_norm, clipping, chunk_size
         squares = torch.zeros(inputs.shape[0], dtype=total.dtype, device=total.device)
         caches, keep_bytes = [], [KEEP_BYTES]
         layers.sort(key=positions, reverse=True)  # most compute per kept byte first: see KEEP_BYTES
-        for module, a, g in layers:
-            layer_squares, cache = RULES[type(module)][0](module, a, g, chunk_size, keep_bytes)
+        for module, a, g, out in layers:
+            layer_squares, cache = RULES[type(module)][0](module, a, g, out, chunk_size, keep_bytes)
             squares += layer_squares
             caches.append(cache)
         factors = clip_factors(squares.sqrt(), clip_norm=clip_norm, clipping=clipping)
         keep_rows = finite_rows(squares)
         offsets = _offsets(model)
         for index, cache in enumerate(caches):
-            (module, a, g), layers[index], caches[index] = layers[index], None, None  # free as we go
+            (module, a, g, _), layers[index], caches[index] = layers[index], None, None  # free as we go
             weights = factors
             if keep_rows is not None:
                 a, g, weights = a[keep_rows], g[keep_rows], factors[keep_rows]
@@ -186,11 +188,13 @@ def _layer_pass(model, loss_fn, inputs, targets, clip_norm, clipping, chunk_size
 
 
 def _layer_inputs_and_output_grads(model, loss_fn, inputs, targets) -> list[tuple]:
-    """One forward with hooks, one backward: ``(module, a, g)`` for every layer whose output reaches the loss.
+    """One forward with hooks, one backward: ``(module, a, g, out)`` for every layer whose output reaches the loss.
 
     ``g`` is the gradient of ``B * loss_fn`` (the sum of per-example losses)
     w.r.t. the layer's output, taken with ``torch.autograd.grad``: no
-    parameter's ``.grad`` is computed or written. Hooks are removed even on error.
+    parameter's ``.grad`` is computed or written. ``out`` is the layer's output
+    where its rule reads it (:func:`reads_output`), else None. Hooks are
+    removed even on error.
     """
     owners = _check_layers(model)
     batch = inputs.shape[0]
@@ -217,8 +221,11 @@ def _layer_inputs_and_output_grads(model, loss_fn, inputs, targets) -> list[tupl
     grads = [None] * len(kept)
     if kept and loss.grad_fn is not None:
         grads = torch.autograd.grad(loss * batch, [out for _, _, out in kept], allow_unused=True)
-    layers = [(module, a, g) for (module, a, _), g in zip(kept, grads) if g is not None]
-    _check_uses(owners, {module for module, _, _ in layers}, uses)
+    layers = [
+        (module, a, g, out.detach() if reads_output(module) else None)  # the output only where a rule reads it
+        for (module, a, out), g in zip(kept, grads) if g is not None
+    ]
+    _check_uses(owners, {module for module, _, _, _ in layers}, uses)
     return layers
 
 

@@ -3,13 +3,14 @@
 For each supported layer type, from the layer's input ``a`` and the gradient
 ``g`` of the summed loss w.r.t. its output (row i depends on example i only):
 
-- ``norms(module, a, g, chunk_size, keep_bytes)``: the per-example squared norm
+- ``norms(module, a, g, out, chunk_size, keep_bytes)``: the per-example squared norm
   of the gradient of the layer's trainable parameters, ``[B]``, and a cache of
   per-example tensors for the second step. By the "ghost" identity
   ``||g_i a_i^T||^2 = ||a_i||^2 ||g_i||^2`` (Goodfellow 2015, arXiv:1510.01799),
   its sum over position pairs (Li et al. 2022, arXiv:2110.05679, Sec. 4), or by
   materialising a chunk of per-example gradients, whichever a flop count says
   is cheaper (Bu et al. 2022, arXiv:2205.10683, "mixed ghost clipping").
+  ``out`` is the layer's output for the types :func:`reads_output` names, else None.
 - ``total(module, a, g, factors, cache)``: ``{parameter name: sum_i factors_i
   grad_i}``, one weight-gradient product with factor-scaled ``g``.
 - ``unsupported(module)``: a reason the rule cannot handle this instance, or "".
@@ -52,7 +53,7 @@ def finite_rows(squares: torch.Tensor) -> torch.Tensor | None:
 
 def positions(layer: tuple) -> int:
     """Positions per example (spatial or sequence) at which a layer's weight is applied."""
-    module, _, g = layer
+    module, _, g, _ = layer
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return math.prod(g.shape[2:])
     return g[0].numel() // max(1, g.shape[-1])
@@ -82,12 +83,12 @@ def _wants(module: nn.Module, name: str) -> bool:
 
 
 # ---------------------------------------------------------------- per-layer rules
-# Each rule: norms(module, a, g, chunk_size, keep_bytes) -> ([B] squared norms of the layer's
+# Each rule: norms(module, a, g, out, chunk_size, keep_bytes) -> ([B] squared norms of the layer's
 # trainable parameters, cache of [B, ...] tensors for total); total(module, a, g, factors, cache)
 # -> {parameter name: sum_i factors_i * grad_i}; unsupported(module) -> a reason, or "".
 
 
-def _linear_norms(module, a, g, chunk_size, keep_bytes):
+def _linear_norms(module, a, g, out, chunk_size, keep_bytes):
     a = a.reshape(a.shape[0], -1, a.shape[-1])
     g = g.reshape(g.shape[0], -1, g.shape[-1])
     (batch, steps, fan_in), fan_out = a.shape, g.shape[-1]
@@ -177,7 +178,7 @@ def _convolution_weight_grad(module, a, g, groups):
     )[1]
 
 
-def _conv_norms(module, a, g, chunk_size, keep_bytes):
+def _conv_norms(module, a, g, out, chunk_size, keep_bytes):
     """Per-example norms of a convolution, by the cheapest of three exact forms.
 
     ``ghost`` (Gram matrices of patches and outputs, ``L^2 (K + C)`` flops) when
@@ -238,6 +239,20 @@ def _conv_total(module, a, g, weights, cache):
     return sums
 
 
+AFFINE_FROM_OUTPUT_MAX_RATIO = 16.0
+"""Largest ``|bias / weight|`` at which a normalisation layer's weight gradients are read off its output.
+
+``x_hat = (y - bias) / weight`` loses about ``1 + |bias / weight|`` units in
+the last place of ``y`` to cancellation; past this bound (or at a zero
+weight) the rule normalises the input again instead.
+"""
+
+
+def reads_output(module: nn.Module) -> bool:
+    """Whether the layer pass hands this layer's rule the layer's output (normalisation layers)."""
+    return isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm))
+
+
 def _normalized(module, a):
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(a, module.num_groups, eps=module.eps)
@@ -246,19 +261,40 @@ def _normalized(module, a):
     return F.layer_norm(a, module.normalized_shape, eps=module.eps)
 
 
-def _affine_norms(module, a, g, chunk_size, keep_bytes):
-    """GroupNorm, LayerNorm, RMSNorm: per-example affine gradients, which are small, kept in the cache."""
+def _affine_norms(module, a, g, out, chunk_size, keep_bytes):
+    """GroupNorm, LayerNorm, RMSNorm: per-example affine gradients, which are small, kept in the cache.
+
+    The weight's per-example gradient is ``reduce(g * x_hat)``, ``x_hat`` the
+    normalised input. With ``y = x_hat * weight + bias`` the layer's output,
+    that is ``(reduce(g * y) - bias * reduce(g)) / weight``: no second
+    normalisation of the input, where the weight allows it
+    (:data:`AFFINE_FROM_OUTPUT_MAX_RATIO`).
+    """
     batch = a.shape[0]
     if isinstance(module, nn.GroupNorm):  # [B, C, *]: sum over the positions after the channels
         reduce = lambda x: x.reshape(batch, x.shape[1], -1).sum(2)  # noqa: E731
     else:  # [B, *, *normalized_shape]: sum over the positions before the normalised dims
         reduce = lambda x: x.reshape(batch, -1, *module.normalized_shape).sum(1)  # noqa: E731
-    cache = {}
+    cache, bias = {}, getattr(module, "bias", None)
+    summed_g = reduce(g) if _wants(module, "bias") or bias is not None else None
     if _wants(module, "weight"):
-        cache["weight"] = reduce(g * _normalized(module, a))
+        weight = module.weight.detach()
+        if bias is not None:
+            bias = bias.detach()
+        if _output_is_usable(weight, bias, out):
+            summed = reduce(g * out)
+            cache["weight"] = (summed if bias is None else summed - bias * summed_g) / weight
+        else:
+            cache["weight"] = reduce(g * _normalized(module, a))
     if _wants(module, "bias"):
-        cache["bias"] = reduce(g)
+        cache["bias"] = summed_g
     return sum(squared_norms(value) for value in cache.values()), cache
+
+
+def _output_is_usable(weight, bias, out) -> bool:
+    if out is None or out.dtype not in (torch.float32, torch.float64) or not bool((weight != 0).all()):
+        return False
+    return bias is None or bool((bias.abs() <= AFFINE_FROM_OUTPUT_MAX_RATIO * weight.abs()).all())
 
 
 def _affine_total(module, a, g, weights, cache):
@@ -278,7 +314,7 @@ def embedding_form(rows: int, steps: int) -> str:
     return "table" if rows <= steps * steps else "ghost"
 
 
-def _embedding_norms(module, ids, g, chunk_size, keep_bytes):
+def _embedding_norms(module, ids, g, out, chunk_size, keep_bytes):
     """Per-example squared norms of an embedding's gradient, by the cheaper of two exact forms.
 
     ``ghost``: ``||grad_i||^2`` = the sum over positions t, s with equal ids of
