@@ -47,13 +47,17 @@ PRETRAIN_BATCH_SIZE = 32
 _LOG = logging.getLogger(__name__)
 
 
-def initial_model(run: RunSettings, dataset: Dataset, *, log: Callable[[str], None] | None = None) -> nn.Module:
+def initial_model(
+    run: RunSettings, dataset: Dataset, *, log: Callable[[str], None] | None = None, with_pretraining: bool = True
+) -> nn.Module:
     """Return the run's initial global model (module docstring).
 
     Args:
         run: the run's settings (model, ``model-seed``, ``pretrain-steps``, ``data-dir``).
         dataset: the loaded dataset (its input shape and number of classes).
         log: called with a progress line now and then during pretraining; None logs at INFO.
+        with_pretraining: False skips ``pretrain-steps`` (a run resumed from a
+            checkpoint, whose weights replace the model's).
 
     Raises:
         ValueError: if the model does not fit the dataset, or its public data is missing.
@@ -64,7 +68,7 @@ def initial_model(run: RunSettings, dataset: Dataset, *, log: Callable[[str], No
     )
     if uses_public_statistics(model):
         fit_public_statistics(model, public_images(run.dataset, run.data_dir))
-    if run.pretrain_steps:
+    if run.pretrain_steps and with_pretraining:
         pretrain(model, public_text(run.dataset, run.data_dir), steps=run.pretrain_steps, seed=run.model_seed, log=log)
     return model
 

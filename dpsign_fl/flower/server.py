@@ -105,7 +105,9 @@ def run_server(grid: Grid, context: Context, *, experiments: Any | None = None) 
     try:
         groups = () if experiments is None else (experiments.options(context.run_config),)
         settings, options, dataset, results_dir = prepare_run(context.run_config, recorded_groups=groups)
-        model = build_server_model(settings, dataset)
+        # A run that goes on from its checkpoint takes every weight and statistic from it: no pretraining first.
+        resuming = options.resume and (results_dir / CHECKPOINT_FILE).exists()
+        model = build_server_model(settings, dataset, with_pretraining=not resuming)
         strategy = build_strategy(settings, options)
         recorder = RoundRecorder(settings, options, results_dir, model, dataset, run_config=run_config_of(settings, options, *groups))
         arrays = recorder.resume_or_start(strategy)
@@ -186,15 +188,16 @@ def prepare_run(run_config, *, recorded_groups: tuple = ()) -> tuple[RunSettings
     return settings, options, dataset, results_dir
 
 
-def build_server_model(settings: RunSettings, dataset: Dataset) -> torch.nn.Module:
+def build_server_model(settings: RunSettings, dataset: Dataset, *, with_pretraining: bool = True) -> torch.nn.Module:
     """Return the initial global model (:func:`dpsign_fl.initial_model.initial_model`): drawn with
-    ``model-seed``, public statistics fitted and public pretraining done where the settings ask.
+    ``model-seed``, public statistics fitted and public pretraining done where the settings ask
+    (and ``with_pretraining``: a resumed run takes its weights from the checkpoint).
 
     Raises:
         ConfigError: if ``model`` does not fit the dataset's inputs, or its public data is missing.
     """
     try:
-        return initial_model(settings, dataset, log=lambda line: log(INFO, "%s", line))
+        return initial_model(settings, dataset, log=lambda line: log(INFO, "%s", line), with_pretraining=with_pretraining)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(f"model {settings.model_name!r} for dataset {settings.dataset!r}: {error}") from None
 

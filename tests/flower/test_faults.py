@@ -350,6 +350,31 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_ends_where_an_uninterrup
     assert "privacy ledgers are not in the server checkpoint" in caplog.text
 
 
+def test_a_resumed_run_takes_its_weights_from_the_checkpoint_without_pretraining_again(tmp_path, monkeypatch):
+    from dpsign_fl import initial_model
+
+    from ..test_shakespeare import write_tiny_plays
+
+    (tmp_path / "data").mkdir()
+    folder = write_tiny_plays(tmp_path / "data")
+    (folder / "shakespeare" / "sonnets_gut.txt").write_text("THE SONNETS\n\n" + "Shall I compare thee to a summer's day?\n" * 20)
+    pretrained = []
+    monkeypatch.setattr(initial_model, "pretrain", lambda model, *args, **kwargs: pretrained.append(1))
+    config = run_config(tmp_path, **RESUME_SETTINGS, dataset="shakespeare", partitioner="role", **{
+        "data-dir": str(folder), "pretrain-steps": 3, "model-width": 16, "model-depth": 1, "model-previous-characters": 1,
+        "min-train-nodes": 3, "min-available-nodes": 3,
+    })
+    with pytest.raises(Interrupted):
+        run_server(InProcessGrid(config, num_nodes=3, interrupt_at_round=3), server_context(config))
+    assert pretrained == [1]
+    resumed = {**config, "resume": True}
+
+    rows = run_server(InProcessGrid(resumed, num_nodes=3, first_node_id=200), server_context(resumed))
+
+    assert pretrained == [1]  # not again
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+
+
 def test_resume_with_a_changed_privacy_setting_is_refused_naming_the_key(tmp_path):
     config = run_config(tmp_path, **RESUME_SETTINGS)
     with pytest.raises(Interrupted):
