@@ -292,6 +292,7 @@ def _affine_norms(module, a, g, out, chunk_size, keep_bytes):
 
 
 def _output_is_usable(weight, bias, out) -> bool:
+    """Whether x_hat may be read off ``out``: float32/64, no zero weight, ``|bias| <= ratio * |weight|``."""
     if out is None or out.dtype not in (torch.float32, torch.float64) or not bool((weight != 0).all()):
         return False
     return bias is None or bool((bias.abs() <= AFFINE_FROM_OUTPUT_MAX_RATIO * weight.abs()).all())
