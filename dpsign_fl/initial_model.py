@@ -6,11 +6,12 @@ the first vote:
 - :func:`dpsign_fl.models.fit_public_statistics` for a model with
   public-statistics normalisation (``tanh-cnn-public-norm``), from
   :func:`dpsign_fl.data.public_images`;
-- with ``pretrain-steps`` > 0, :func:`pretrain`: AdamW on the next-character loss of
-  the dataset's public text (:func:`dpsign_fl.data.public_text`; for shakespeare
-  the five poems, which no client holds), a fixed recipe (:data:`PRETRAIN_LEARNING_RATE`
-  decaying along a half cosine, :data:`PRETRAIN_WEIGHT_DECAY`, :data:`PRETRAIN_BATCH_SIZE`),
-  its batches drawn from ``model-seed``.
+- with ``pretrain-steps`` > 0, :func:`pretrain`: AdamW on the dataset's public
+  pretraining set (:func:`dpsign_fl.data.pretraining_set`: for shakespeare the
+  five poems, which no client holds; for mnist scikit-learn's digits), by the
+  dataset's fixed recipe (:data:`PRETRAIN_RECIPES`), its batches drawn from
+  ``model-seed``; a run with ``adversarial-training`` pretrains at the same
+  attack's adversarial copies.
 
 Privacy: neither reads any client's data; the result is the initial model, which
 every client receives like any model the server sends, so the clients'
@@ -19,30 +20,54 @@ guarantee is unchanged (docs/privacy.md, "Preprocessing and features").
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import Dataset, public_images, public_text
+from .data import Dataset, pretraining_set, public_images
 from .models import build_model, fit_public_statistics, uses_public_statistics
+from .release.adversarial import AdversarialSettings, adversarial_examples
 from .settings import RunSettings
 from .vote.server_update import learning_rate_at
 
-PRETRAIN_LEARNING_RATE = 0.03
-"""AdamW's first step for :func:`pretrain`; it decays along a half cosine towards 0 over the steps. Chosen on
-the poems alone (trained on their first 90 % of chunks, validated on the rest; docs/results.md): 0.003 /
-0.012 / 0.03 / 0.05 / 0.08 gave 45.8 (constant step, no decay) / 48.4 / 49.5 / 49.8 / 49.5 %; 0.03 is
-within 0.3 points of the best and further from 0.08, which was unstable early on."""
 
-PRETRAIN_WEIGHT_DECAY = 0.1
-"""AdamW's decoupled weight decay: the poems are only 2,519 chunks."""
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """How :func:`pretrain` trains: AdamW, its first step following ``schedule`` over the steps.
 
-PRETRAIN_BATCH_SIZE = 32
-"""Chunks per pretraining step."""
+    Attributes:
+        learning_rate: AdamW's first step.
+        weight_decay: AdamW's decoupled weight decay.
+        schedule: one of the server's schedules (``"cosine"``: a half cosine towards 0).
+        batch_size: examples drawn (uniformly, with replacement) per step.
+        max_shift: images only: each batch is rolled by up to this many pixels along each axis (0: none).
+    """
+
+    learning_rate: float
+    weight_decay: float
+    schedule: str
+    batch_size: int
+    max_shift: int = 0
+
+
+PRETRAIN_RECIPES = {
+    "shakespeare": PretrainRecipe(learning_rate=0.03, weight_decay=0.1, schedule="cosine", batch_size=32),
+    "mnist": PretrainRecipe(learning_rate=1e-3, weight_decay=0.0, schedule="constant", batch_size=64, max_shift=2),
+}
+"""Per dataset, the recipe of ``pretrain-steps``. shakespeare: chosen on the poems alone (trained on their first
+90 % of chunks, validated on the rest; docs/results.md): a first step of 0.003 / 0.012 / 0.03 / 0.05 / 0.08 gave
+45.8 (constant, no decay) / 48.4 / 49.5 / 49.8 / 49.5 %, 0.03 within 0.3 points of the best and further from 0.08,
+which was unstable early on; weight decay 0.1 as the poems are only 2,519 chunks. mnist: Adam's usual step on
+1,797 small digits, shifted by up to 2 pixels against over-fitting (docs/results.md)."""
+
+PRETRAIN_ADVERSARIAL_WARMUP = 0.3
+"""With an attack, :func:`pretrain` grows its radius linearly over this share of the steps, then keeps it."""
 
 _LOG = logging.getLogger(__name__)
 
@@ -53,7 +78,7 @@ def initial_model(
     """Return the run's initial global model (module docstring).
 
     Args:
-        run: the run's settings (model, ``model-seed``, ``pretrain-steps``, ``data-dir``).
+        run: the run's settings (model, ``model-seed``, ``pretrain-steps``, ``data-dir``, the training attack).
         dataset: the loaded dataset (its input shape and number of classes).
         log: called with a progress line now and then during pretraining; None logs at INFO.
         with_pretraining: False skips ``pretrain-steps`` (a run resumed from a
@@ -69,55 +94,70 @@ def initial_model(
     if uses_public_statistics(model):
         fit_public_statistics(model, public_images(run.dataset, run.data_dir))
     if run.pretrain_steps and with_pretraining:
-        pretrain(model, public_text(run.dataset, run.data_dir), steps=run.pretrain_steps, seed=run.model_seed, log=log)
+        inputs, targets = pretraining_set(run.dataset, run.data_dir)
+        pretrain(
+            model, inputs, targets, steps=run.pretrain_steps, seed=run.model_seed, recipe=PRETRAIN_RECIPES[run.dataset],
+            attack=run.adversarial, log=log,
+        )
     return model
 
 
 def pretrain(
     model: nn.Module,
-    chunks: torch.Tensor,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
     *,
     steps: int,
     seed: int,
+    recipe: PretrainRecipe,
+    attack: AdversarialSettings | None = None,
     log: Callable[[str], None] | None = None,
-    learning_rate: float = PRETRAIN_LEARNING_RATE,
-    weight_decay: float = PRETRAIN_WEIGHT_DECAY,
-    schedule: str = "cosine",
 ) -> None:
-    """Train a sequence model in place on public chunks: ``steps`` AdamW steps on the next-character loss.
+    """Train ``model`` in place on public examples: ``steps`` AdamW steps of ``recipe`` on the cross-entropy.
 
-    The step follows ``schedule`` (one of the server's, e.g. a half cosine from
-    ``learning_rate`` towards 0), with decoupled weight decay ``weight_decay``;
-    the defaults are the recipe that ``pretrain-steps`` runs (other values: for
-    ``scripts/pretrain_sweep.py``). Each step draws :data:`PRETRAIN_BATCH_SIZE`
-    chunks uniformly with a private generator seeded with ``seed``; the model
-    reads positions 0..T-1 of a chunk and predicts 1..T, as in the clients'
-    examples. Deterministic for a seed and a thread count.
+    Each step draws ``recipe.batch_size`` examples uniformly with a private
+    generator seeded with ``seed`` (rolled by up to ``recipe.max_shift``
+    pixels, for images); with ``attack``, the model trains at their
+    adversarial copies (:func:`dpsign_fl.release.adversarial.adversarial_examples`),
+    the radius growing over the first :data:`PRETRAIN_ADVERSARIAL_WARMUP` of
+    the steps. Text: ``inputs`` are chunks of T character ids and ``targets``
+    their next characters, as in the clients' examples. Deterministic for a
+    seed and a thread count.
 
-    Privacy: ``chunks`` must be public (never a client's examples).
+    Privacy: ``inputs`` must be public (never a client's examples).
 
     Raises:
-        ValueError: for ``steps`` < 1, or chunks that are not a non-empty ``[N, T + 1]`` id tensor.
+        ValueError: for ``steps`` < 1, or inputs and targets that are empty or of different lengths.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if chunks.ndim != 2 or chunks.shape[0] == 0 or chunks.shape[1] < 2 or chunks.dtype != torch.int64:
-        raise ValueError(f"chunks must be a non-empty int64 [N, T + 1] tensor, got {chunks.dtype} {list(chunks.shape)}")
+    if inputs.shape[0] == 0 or inputs.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"inputs and targets must be non-empty and as many, got {list(inputs.shape)} and {list(targets.shape)}"
+        )
     log = log or _LOG.info
     generator = torch.Generator().manual_seed(int(seed))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     was_training = model.training
     model.train()
     start, every = time.monotonic(), max(1, steps // 5)
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(step, learning_rate=learning_rate, num_rounds=steps, schedule=schedule)
-        batch = chunks[torch.randint(0, chunks.shape[0], (PRETRAIN_BATCH_SIZE,), generator=generator)]
-        loss = F.cross_entropy(model(batch[:, :-1]), batch[:, 1:])
+            group["lr"] = learning_rate_at(step, learning_rate=recipe.learning_rate, num_rounds=steps, schedule=recipe.schedule)
+        index = torch.randint(0, inputs.shape[0], (recipe.batch_size,), generator=generator)
+        batch, batch_targets = inputs[index], targets[index]
+        if recipe.max_shift:
+            shifts = torch.randint(-recipe.max_shift, recipe.max_shift + 1, (2,), generator=generator).tolist()
+            batch = torch.roll(batch, shifts=shifts, dims=(-2, -1))
+        if attack is not None:
+            share = min(1.0, step / (PRETRAIN_ADVERSARIAL_WARMUP * steps))
+            radius = dataclasses.replace(attack, epsilon=attack.epsilon * share)
+            batch = adversarial_examples(model, F.cross_entropy, batch, batch_targets, radius, generator=generator)
+        loss = F.cross_entropy(model(batch), batch_targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % every == 0 or step == steps:
-            log(f"pretraining on the public text: step {step}/{steps}, loss {loss.item():.3f}, {time.monotonic() - start:.0f} s")
+            log(f"pretraining on the public set: step {step}/{steps}, loss {loss.item():.3f}, {time.monotonic() - start:.0f} s")
     model.train(was_training)
     model.zero_grad(set_to_none=True)

@@ -309,8 +309,8 @@ class RunSettings:
     model_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of the initial model's weights")
     pretrain_steps: int = setting(
         0, low=0, high=100_000,
-        help="steps of non-private pretraining on the server's public text before round 1 (shakespeare: the five "
-        "poems, which no client holds); 0 = none",
+        help="steps of non-private pretraining on the server's public set before round 1 (shakespeare: the five "
+        "poems, which no client holds; mnist: scikit-learn's digits); 0 = none",
     )
     reproducible_noise: bool = setting(False, help="simulation only: derive clients' sampling and noise from noise-seed (NOT private)")
     noise_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of clients' randomness when reproducible-noise is true")
@@ -344,11 +344,11 @@ class RunSettings:
             raise ConfigError(str(error)) from None
         self._check_attack()
         if self.pretrain_steps:
-            from .data import PUBLIC_TEXTS
+            from .data import PRETRAINING_SETS
 
-            if self.dataset not in PUBLIC_TEXTS:
+            if self.dataset not in PRETRAINING_SETS:
                 raise ConfigError(
-                    f"pretrain-steps must be 0 unless the dataset has a public text {PUBLIC_TEXTS}, "
+                    f"pretrain-steps must be 0 unless the dataset has a public pretraining set {tuple(PRETRAINING_SETS)}, "
                     f"got {self.pretrain_steps} for dataset {self.dataset!r}"
                 )
 

@@ -14,13 +14,14 @@ thread, about a minute a variant. It prints, it never edits docs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
 from dpsign_fl.data import load_dataset, public_text
 from dpsign_fl.evaluation import evaluate
-from dpsign_fl.initial_model import pretrain
+from dpsign_fl.initial_model import PRETRAIN_RECIPES, pretrain
 from dpsign_fl.models import build_model
 
 VARIANTS = (
@@ -52,10 +53,10 @@ def main() -> None:
         steps, learning_rate, schedule, weight_decay = variant.split(",")
         started = time.monotonic()
         model = build_model("char-transformer", input_shape=(80,), num_classes=97, seed=0)
-        pretrain(
-            model, train, steps=int(steps), seed=0, learning_rate=float(learning_rate), schedule=schedule,
-            weight_decay=float(weight_decay), log=lambda line: None,
+        recipe = dataclasses.replace(
+            PRETRAIN_RECIPES["shakespeare"], learning_rate=float(learning_rate), schedule=schedule, weight_decay=float(weight_decay)
         )
+        pretrain(model, train[:, :-1], train[:, 1:], steps=int(steps), seed=0, recipe=recipe, log=lambda line: None)
         poems = 100 * evaluate(model, held_out[:, :-1], held_out[:, 1:])[1]
         tests = 100 * evaluate(model, *plays)[1]
         print(f"| {steps} | {learning_rate} | {schedule} | {weight_decay} | {poems:.2f} % | {tests:.2f} % | "

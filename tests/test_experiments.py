@@ -511,15 +511,17 @@ def test_the_loop_trains_a_sized_char_transformer_on_speaking_roles(tmp_path, me
     assert all(0 <= row["accuracy"] <= 1 for row in record["history"])
 
 
-def test_adversarial_recipe_lists_four_dp_rows_and_the_non_private_model_per_adv_epsilon():
+def test_adversarial_recipe_lists_four_dp_rows_two_pretrained_ones_and_the_non_private_model_per_adv_epsilon():
     runs = RECIPES["mnist-adversarial"].runs()
-    assert [r.name() for r in runs][:5] == [
+    assert [r.name() for r in runs][:7] == [
         "dp-fgsm-rs-public-norm-adv0.1", "dp-fgsm-rs-plain-adv0.1", "dp-none-public-norm-adv0.1", "dp-none-plain-adv0.1",
-        "signsgd-fgsm-rs-plain-adv0.1",
+        "dp-fgsm-rs-plain-pretrained-adv0.1", "dp-none-plain-pretrained-adv0.1", "signsgd-fgsm-rs-plain-adv0.1",
     ]
-    assert {r.run.adv_epsilon for r in runs} == {0.1, 0.3} and len(runs) == 10
+    assert {r.run.adv_epsilon for r in runs} == {0.1, 0.3} and len(runs) == 14
     assert all(r.run.target_epsilon == 3.0 and r.num_clients == 10 for r in runs)
-    assert [r.run.adv_epsilon for r in RECIPES["fmnist-adversarial"].runs()] == [0.1] * 5
+    assert all((r.run.pretrain_steps > 0) == ("-pretrained-" in r.name()) for r in runs)
+    fmnist = RECIPES["fmnist-adversarial"].runs()  # no public pretraining set: no pretrained rows
+    assert [r.run.adv_epsilon for r in fmnist] == [0.1] * 5 and not any(r.run.pretrain_steps for r in fmnist)
 
 
 @pytest.mark.slow  # two recipe runs with PGD-20 evaluation: about 2 minutes on the 2-core machine
@@ -581,13 +583,14 @@ def test_shakespeare_recipe_runs_a_label_for_two_rounds_and_writes_the_bigram_fl
     assert {record["pretrain_steps"] for record in by_label.values() if record["label"] != "bigram"} == {20}
     from dpsign_fl.data import public_text
     from dpsign_fl.evaluation import evaluate
-    from dpsign_fl.initial_model import pretrain
+    from dpsign_fl.initial_model import PRETRAIN_RECIPES, pretrain
     from dpsign_fl.models import build_model
 
     dataset = load_dataset("shakespeare", data_dir=str(data))
     model = build_model("char-transformer", input_shape=(80,), num_classes=97, seed=0, width=16, depth=1)
     drawn_loss = evaluate(model, dataset.test_inputs, dataset.test_targets)[0]
-    pretrain(model, public_text("shakespeare", str(data)), steps=20, seed=0, log=lambda line: None)
+    chunks = public_text("shakespeare", str(data))
+    pretrain(model, chunks[:, :-1], chunks[:, 1:], steps=20, seed=0, recipe=PRETRAIN_RECIPES["shakespeare"], log=lambda line: None)
     pretrained_loss = evaluate(model, dataset.test_inputs, dataset.test_targets)[0]
     assert abs(pretrained_loss - drawn_loss) > 1e-3
     for record in by_label.values():

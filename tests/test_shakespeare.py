@@ -570,10 +570,11 @@ def test_a_folder_without_a_poem_or_a_dataset_without_a_public_text_is_refused_b
         public_text("shakespeare", "")
 
 
-def test_pretrain_steps_are_refused_for_a_dataset_without_a_public_text():
-    with pytest.raises(ConfigError, match="pretrain-steps must be 0 unless the dataset has a public text"):
-        RunSettings(dataset="mnist", pretrain_steps=10)
+def test_pretrain_steps_are_refused_for_a_dataset_without_a_public_pretraining_set():
+    with pytest.raises(ConfigError, match="pretrain-steps must be 0 unless the dataset has a public pretraining set"):
+        RunSettings(dataset="fashion-mnist", pretrain_steps=10)
     assert RunSettings(dataset="shakespeare", partitioner="play", pretrain_steps=10).pretrain_steps == 10
+    assert RunSettings(dataset="mnist", pretrain_steps=10).pretrain_steps == 10
 
 
 def test_the_real_folders_public_text_is_the_five_poems(real_shakespeare):

@@ -16,7 +16,10 @@ the :class:`Dataset` themselves.
 """
 
 from .files import read_idx
-from .loading import DATASETS, NATURAL_PARTITIONS, SOURCES, Dataset, NaturalPartition, PUBLIC_TEXTS, load_dataset, pixel_statistics, public_images, public_text
+from .loading import (
+    DATASETS, DIGIT_BOX, NATURAL_PARTITIONS, PRETRAINING_SETS, PUBLIC_TEXTS, SOURCES, Dataset, NaturalPartition, load_dataset,
+    pixel_statistics, pretraining_set, public_digits, public_images, public_text,
+)
 from .partitioning import (
     LABEL_PARTITIONERS,
     NATURAL_PARTITIONERS,
@@ -30,7 +33,11 @@ from .partitioning import (
 
 __all__ = [
     "pixel_statistics",
+    "DIGIT_BOX",
+    "PRETRAINING_SETS",
     "PUBLIC_TEXTS",
+    "pretraining_set",
+    "public_digits",
     "public_images",
     "public_text",
     "DATASETS",

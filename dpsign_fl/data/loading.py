@@ -160,7 +160,16 @@ def public_images(name: str, data_dir: str | None, *, count: int = PUBLIC_SET_SI
 
 
 PUBLIC_TEXTS = ("shakespeare",)
-"""The datasets whose folder also holds a public text the server may pretrain on (:func:`public_text`)."""
+"""The datasets whose folder also holds a public text (:func:`public_text`)."""
+
+PRETRAINING_SETS = {
+    "shakespeare": "the five poems of the data folder, which no client holds (public_text)",
+    "mnist": "scikit-learn's 1,797 handwritten digits (UCI optdigits), drawn at MNIST's size (public_digits)",
+}
+"""The datasets whose server may pretrain on a public set before round 1 (``pretrain-steps``), and that set."""
+
+DIGIT_BOX = 20
+"""public_digits: the 8 x 8 digits are resized to DIGIT_BOX x DIGIT_BOX pixels, centred in 28 x 28 as MNIST's are."""
 
 
 def public_text(name: str, data_dir: str | None) -> torch.Tensor:
@@ -182,6 +191,43 @@ def public_text(name: str, data_dir: str | None) -> torch.Tensor:
     if chunks.shape[0] == 0:
         raise ValueError(f"the public text of {data_dir!r} has {len(text)} characters, fewer than one chunk")
     return torch.from_numpy(chunks)
+
+
+def pretraining_set(name: str, data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The server's public pretraining examples for dataset ``name`` (:data:`PRETRAINING_SETS`): ``(inputs, targets)``.
+
+    Shaped as the clients' examples: shakespeare, chunks of 80 character ids
+    and their next characters (:func:`public_text`); mnist, normalised
+    ``[1797, 1, 28, 28]`` images and their digits (:func:`public_digits`).
+
+    Raises:
+        ValueError: if ``name`` has no public pretraining set, or its text is missing or too short.
+    """
+    if name == "shakespeare":
+        chunks = public_text(name, data_dir)
+        return chunks[:, :-1], chunks[:, 1:]
+    if name == "mnist":
+        return public_digits()
+    raise ValueError(f"dataset must be one of {tuple(PRETRAINING_SETS)} for public pretraining, got {name!r}")
+
+
+def public_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits drawn as MNIST draws its digits: ``[1797, 1, 28, 28]`` images, normalised as MNIST's.
+
+    Each 8 x 8 image (16 grey levels) is resized bilinearly to :data:`DIGIT_BOX`
+    pixels square and centred on a black 28 x 28 field. A public dataset
+    (UCI's optdigits, 43 writers), shipped inside scikit-learn: nothing is downloaded.
+    """
+    from sklearn.datasets import load_digits
+    from torch.nn import functional as F
+
+    digits = load_digits()
+    images = torch.from_numpy((digits.images / 16.0).astype(np.float32)[:, None])
+    images = F.interpolate(images, size=(DIGIT_BOX, DIGIT_BOX), mode="bilinear", align_corners=False).clamp_(0, 1)
+    margin = (28 - DIGIT_BOX) // 2
+    images = F.pad(images, (margin, margin, margin, margin))
+    mean, std = _CHANNEL_STATS["mnist"]
+    return _normalise(images.numpy(), mean, std), torch.from_numpy(digits.target.astype(np.int64))
 
 
 def _check_natural_partition(partitioner: str, natural: NaturalPartition, num_train: int, num_test: int) -> None:
