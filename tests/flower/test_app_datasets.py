@@ -5,6 +5,7 @@ ClientApp handler through an in-process Grid: the same code as `flwr run`, minus
 """
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -131,17 +132,22 @@ def test_shakespeare_roles_with_a_sized_char_transformer_vote_every_round(tmp_pa
     assert rows[-1]["accuracy"] is not None
 
 
-def test_mnist_public_norm_with_fgsm_training_reports_robust_accuracy_and_every_client_votes(tmp_path):
+def test_mnist_public_norm_pretrained_on_the_digits_with_fgsm_training_reports_robust_accuracy_and_every_client_votes(
+    tmp_path, caplog
+):
     from ..test_data import _write_tiny_mnist
 
     for name in ("mnist", "fashion-mnist"):
         (tmp_path / name).mkdir()
         _write_tiny_mnist(tmp_path / name, compress=False)
+    caplog.set_level(logging.INFO)
     rows = run_app(tmp_path, dataset="mnist", model="tanh-cnn-public-norm", **{
         "data-dir": str(tmp_path), "sample-rate": 0.5, "adversarial-training": "fgsm-rs", "adv-epsilon": 0.1,
+        "pretrain-steps": 10,
     })
     assert all(r["voters"] == 3 and r["dropped"] == 0 for r in rows)
     assert all(0 <= r["robust-accuracy"] <= r["accuracy"] for r in rows)
+    assert "pretraining on the public set: step 10/10" in caplog.text
 
 
 def test_the_app_trains_at_each_rounds_warmup_radius(tmp_path, monkeypatch):
