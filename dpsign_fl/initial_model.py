@@ -63,8 +63,8 @@ PRETRAIN_RECIPES = {
 """Per dataset, the recipe of ``pretrain-steps``. shakespeare: chosen on the poems alone (trained on their first
 90 % of chunks, validated on the rest; docs/results.md): a first step of 0.003 / 0.012 / 0.03 / 0.05 / 0.08 gave
 45.8 (constant, no decay) / 48.4 / 49.5 / 49.8 / 49.5 %, 0.03 within 0.3 points of the best and further from 0.08,
-which was unstable early on; weight decay 0.1 as the poems are only 2,519 chunks. mnist: Adam's usual step on
-1,797 small digits, shifted by up to 2 pixels against over-fitting (docs/results.md)."""
+which was unstable early on; weight decay 0.1 as the poems are only 2,519 chunks. mnist: not tuned, the first
+recipe tried (Adam's usual step; the 1,797 digits shifted by up to 2 pixels against over-fitting)."""
 
 PRETRAIN_ADVERSARIAL_WARMUP = 0.3
 """With an attack, :func:`pretrain` grows its radius linearly over this share of the steps, then keeps it."""

@@ -124,6 +124,12 @@ def test_the_pretraining_sweep_script_prints_one_row_per_variant(data_dir, capsy
 # --- mnist: scikit-learn's digits as the public pretraining set -------------------------------
 
 
+def test_every_dataset_with_a_public_pretraining_set_has_a_recipe():
+    from dpsign_fl.data import PRETRAINING_SETS
+
+    assert set(PRETRAIN_RECIPES) == set(PRETRAINING_SETS)
+
+
 def test_the_public_digits_are_drawn_at_mnists_size_centred_on_black_and_normalised_as_mnist():
     from dpsign_fl.data import DIGIT_BOX, pixel_statistics
 
