@@ -303,9 +303,11 @@ def test_each_layer_path_equals_one_example_at_a_time(case):
     torch.testing.assert_close(actual, expected, **TIGHT)
 
 
-@pytest.mark.parametrize(("weights", "normalised_again"), [("usual", 0), ("a-zero-weight", 3), ("a-large-bias", 2)])
+@pytest.mark.parametrize(
+    ("weights", "normalised_again"), [("usual", 0), ("a-zero-weight", 3), ("a-tiny-weight", 3), ("a-large-bias", 2)]
+)
 def test_normalisation_layers_read_x_hat_off_their_output_where_the_weight_allows(monkeypatch, weights, normalised_again):
-    """x_hat = (y - bias) / weight unless a weight is 0 or |bias / weight| > AFFINE_FROM_OUTPUT_MAX_RATIO (RMSNorm has no bias)."""
+    """x_hat = (y - bias) / weight unless a weight is 0 or tiny, or |bias / weight| > AFFINE_FROM_OUTPUT_MAX_RATIO (RMSNorm: no bias)."""
     torch.manual_seed(12)
     norms = [nn.GroupNorm(2, 4), nn.LayerNorm(5), nn.RMSNorm(5)]
     model = nn.Sequential(*norms, nn.Tanh(), nn.Flatten(), nn.Linear(20, 3)).double()
@@ -316,8 +318,8 @@ def test_normalisation_layers_read_x_hat_off_their_output_where_the_weight_allow
                 norm.bias.uniform_(-1.0, 1.0)
                 if weights == "a-large-bias":
                     norm.bias[0] = (layer_rules.AFFINE_FROM_OUTPUT_MAX_RATIO + 1) * norm.weight[0].abs()
-            if weights == "a-zero-weight":
-                norm.weight[1] = 0.0
+            if weights in ("a-zero-weight", "a-tiny-weight"):
+                norm.weight[1] = 0.0 if weights == "a-zero-weight" else 1e-200  # below sqrt(float64's tiny)
     calls = []
     normalized = layer_rules._normalized
     monkeypatch.setattr(layer_rules, "_normalized", lambda module, a: calls.append(module) or normalized(module, a))

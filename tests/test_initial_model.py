@@ -131,7 +131,8 @@ def test_every_dataset_with_a_public_pretraining_set_has_a_recipe():
 
 
 def test_the_public_digits_are_drawn_at_mnists_size_centred_on_black_and_normalised_as_mnist():
-    from dpsign_fl.data import DIGIT_BOX, pixel_statistics
+    from dpsign_fl.data import pixel_statistics
+    from dpsign_fl.data.loading import DIGIT_BOX
 
     images, labels = public_digits()
     (mean,), (std,) = pixel_statistics("mnist")

@@ -17,7 +17,7 @@ the :class:`Dataset` themselves.
 
 from .files import read_idx
 from .loading import (
-    DATASETS, DIGIT_BOX, NATURAL_PARTITIONS, PRETRAINING_SETS, PUBLIC_TEXTS, SOURCES, Dataset, NaturalPartition, load_dataset,
+    DATASETS, NATURAL_PARTITIONS, PRETRAINING_SETS, PUBLIC_TEXTS, SOURCES, Dataset, NaturalPartition, load_dataset,
     pixel_statistics, pretraining_set, public_digits, public_images, public_text,
 )
 from .partitioning import (
@@ -33,7 +33,6 @@ from .partitioning import (
 
 __all__ = [
     "pixel_statistics",
-    "DIGIT_BOX",
     "PRETRAINING_SETS",
     "PUBLIC_TEXTS",
     "pretraining_set",

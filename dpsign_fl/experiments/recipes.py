@@ -331,23 +331,25 @@ def adversarial_runs(dataset: str, adv_epsilons: tuple[float, ...]) -> list[Expe
         sample_rate=CNN_SAMPLE_RATE, num_rounds=CNN_ROUNDS, learning_rate=CNN_LEARNING_RATE,
         tail_average=CNN_TAIL_AVERAGE, eval_every=ADVERSARIAL_EVAL_EVERY,
     )
+
+    def dp_row(adv_epsilon: float, model: str, training: str, label: str, **changes) -> Experiment:
+        warmup = ADVERSARIAL_WARMUP_ROUNDS if training != "none" else 0
+        return base.with_changes(
+            model=model, adversarial_training=training, adv_epsilon=adv_epsilon, adv_warmup_rounds=warmup,
+            label=f"dp-{training}-{label}-adv{adv_epsilon:g}", **changes,
+        )
+
     runs = []
     for adv_epsilon in adv_epsilons:
         for training in (ADVERSARIAL_TRAINING_ATTACK, "none"):
+            step = ADVERSARIAL_LEARNING_RATE if training != "none" else CNN_LEARNING_RATE
             for model, short in (("tanh-cnn-public-norm", "public-norm"), ("tanh-cnn", "plain")):
-                runs.append(base.with_changes(
-                    model=model, adversarial_training=training, adv_epsilon=adv_epsilon,
-                    adv_warmup_rounds=ADVERSARIAL_WARMUP_ROUNDS if training != "none" else 0,
-                    learning_rate=ADVERSARIAL_LEARNING_RATE if training != "none" else CNN_LEARNING_RATE,
-                    label=f"dp-{training}-{short}-adv{adv_epsilon:g}",
-                ))
+                runs.append(dp_row(adv_epsilon, model, training, short, learning_rate=step))
         if dataset in PRETRAINING_SETS:  # the DP plain rows again, from a model pretrained on the public set
             for training in (ADVERSARIAL_TRAINING_ATTACK, "none"):
-                runs.append(base.with_changes(
-                    model="tanh-cnn", adversarial_training=training, adv_epsilon=adv_epsilon,
-                    adv_warmup_rounds=ADVERSARIAL_WARMUP_ROUNDS if training != "none" else 0,
-                    pretrain_steps=ADVERSARIAL_PRETRAIN_STEPS, learning_rate=ADVERSARIAL_PRETRAINED_LEARNING_RATE,
-                    label=f"dp-{training}-plain-pretrained-adv{adv_epsilon:g}",
+                runs.append(dp_row(
+                    adv_epsilon, "tanh-cnn", training, "plain-pretrained", pretrain_steps=ADVERSARIAL_PRETRAIN_STEPS,
+                    learning_rate=ADVERSARIAL_PRETRAINED_LEARNING_RATE,
                 ))
         runs.append(base.with_changes(
             method="signsgd", model="tanh-cnn", adversarial_training=ADVERSARIAL_TRAINING_ATTACK,

@@ -243,8 +243,8 @@ AFFINE_FROM_OUTPUT_MAX_RATIO = 16.0
 """Largest ``|bias / weight|`` at which a normalisation layer's weight gradients are read off its output.
 
 ``x_hat = (y - bias) / weight`` loses about ``1 + |bias / weight|`` units in
-the last place of ``y`` to cancellation; past this bound (or at a zero
-weight) the rule normalises the input again instead.
+the last place of ``y`` to cancellation; past this bound (or at a weight
+that is zero, tiny or not finite) the rule normalises the input again instead.
 """
 
 
@@ -276,7 +276,7 @@ def _affine_norms(module, a, g, out, chunk_size, keep_bytes):
     else:  # [B, *, *normalized_shape]: sum over the positions before the normalised dims
         reduce = lambda x: x.reshape(batch, -1, *module.normalized_shape).sum(1)  # noqa: E731
     cache, bias = {}, getattr(module, "bias", None)
-    summed_g = reduce(g) if _wants(module, "bias") or bias is not None else None
+    summed_g = reduce(g) if bias is not None else None  # the bias's gradients, and a term of the weight's
     if _wants(module, "weight"):
         weight = module.weight.detach()
         if bias is not None:
@@ -292,10 +292,18 @@ def _affine_norms(module, a, g, out, chunk_size, keep_bytes):
 
 
 def _output_is_usable(weight, bias, out) -> bool:
-    """Whether x_hat may be read off ``out``: float32/64, no zero weight, ``|bias| <= ratio * |weight|``."""
-    if out is None or out.dtype not in (torch.float32, torch.float64) or not bool((weight != 0).all()):
+    """Whether x_hat may be read off ``out``: float32/64, every weight finite and at least the square root of
+    the dtype's smallest normal number (so that ``x_hat * weight`` keeps its precision), ``|bias| <= ratio * |weight|``.
+
+    A model the server sends decides which path runs, never the clipping: both give each example one
+    vector whose norm is the one clipped.
+    """
+    if out is None or out.dtype not in (torch.float32, torch.float64):
         return False
-    return bias is None or bool((bias.abs() <= AFFINE_FROM_OUTPUT_MAX_RATIO * weight.abs()).all())
+    magnitude = weight.abs()
+    if not bool((torch.isfinite(weight) & (magnitude >= torch.finfo(out.dtype).tiny ** 0.5)).all()):
+        return False
+    return bias is None or bool((bias.abs() <= AFFINE_FROM_OUTPUT_MAX_RATIO * magnitude).all())
 
 
 def _affine_total(module, a, g, weights, cache):
