@@ -348,6 +348,102 @@ def test_chunking_and_keeping_per_example_gradients_do_not_change_the_sum(monkey
         torch.testing.assert_close(actual, expected, **TIGHT)
 
 
+# ---------------------------------------------------------------- memory: the workspace and the backward
+
+
+def full_size_char_transformer(batch_size):
+    """char-transformer at 80 positions and 97 symbols: its Linear gradients and embedding tables are kept."""
+    return project_model("char-transformer", batch_size, input_shape=(80,), num_classes=97)
+
+
+def test_the_workspace_is_reused_and_its_stale_contents_never_reach_the_sum():
+    layer_rules.free_workspace()
+    model, loss_fn, inputs, targets = full_size_char_transformer(5)
+    clipped_gradient_sum(model, loss_fn, inputs, targets, clip_norm=0.1, method="layers")
+    buffer = layer_rules._WORKSPACE.buffer
+    assert buffer is not None and buffer.numel() > 0
+    buffer.fill_(255)  # every byte 0xFF: NaN in float32 and float64, wherever a rule read without writing first
+    expected = one_at_a_time_clipped_sum(model, loss_fn, inputs[:4], targets[:4], clip_norm=0.1)
+
+    actual = clipped_gradient_sum(model, loss_fn, inputs[:4], targets[:4], clip_norm=0.1, method="layers")
+
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    assert layer_rules._WORKSPACE.buffer is buffer  # a smaller batch fits: the same memory, not a new allocation
+    assert bool((buffer != 255).any())
+
+
+def test_a_pass_inside_another_pass_leaves_the_workspace_alone():
+    model, loss_fn, inputs, targets = full_size_char_transformer(3)
+    clipped_gradient_sum(model, loss_fn, inputs, targets, clip_norm=0.1, method="layers")
+    buffer = layer_rules._WORKSPACE.buffer
+    buffer.fill_(255)
+    expected = one_at_a_time_clipped_sum(model, loss_fn, inputs, targets, clip_norm=0.1)
+
+    with layer_rules.Keeper({}):  # an outer pass holds the workspace
+        actual = clipped_gradient_sum(model, loss_fn, inputs, targets, clip_norm=0.1, method="layers")
+    assert bool((buffer == 255).all())
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    clipped_gradient_sum(model, loss_fn, inputs, targets, clip_norm=0.1, method="layers")
+    assert not bool((buffer == 255).all())  # control: a pass of its own writes there
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 2**40])
+def test_each_layer_drops_its_input_and_output_gradient_where_its_cache_suffices(monkeypatch, keep_bytes):
+    monkeypatch.setattr(clipped_sum, "KEEP_BYTES", keep_bytes)
+    model, loss_fn, inputs, targets = full_size_char_transformer(2)
+    seen = []
+    original = clipped_sum._norms_during_backward
+    monkeypatch.setattr(
+        clipped_sum, "_norms_during_backward", lambda *args: seen.extend(original(*args)) or list(seen)
+    )
+
+    clipped_gradient_sum(model, loss_fn, inputs, targets, clip_norm=0.1, method="layers")
+
+    held = {type(module).__name__ for module, _, _, a, g in seen if a is not None or g is not None}
+    assert len(seen) == sum(1 for m in model.modules() if type(m) in SUPPORTED_LAYERS)
+    assert held == (set() if keep_bytes else {"Linear"})  # with nothing kept the Linear totals need a and g
+
+
+class Branches(nn.Module):
+    """first -> h; out = second(h.detach()) + third(h): second's gradient reaches no other layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.third = nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x))
+        return self.second(h.detach()) + self.third(h)
+
+
+def test_the_graph_walk_asks_autograd_only_for_the_first_layers_and_every_layer_still_counts():
+    torch.manual_seed(3)
+    model = Branches().double()
+    inputs, targets = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    _, loss, kept = clipped_sum._forward(model, F.cross_entropy, inputs, targets)
+    _, first = clipped_sum._walk_graph(loss, [out for _, _, out in kept])
+    expected = one_at_a_time_clipped_sum(model, F.cross_entropy, inputs, targets, clip_norm=0.05)
+
+    actual = clipped_gradient_sum(model, F.cross_entropy, inputs, targets, clip_norm=0.05, method="layers")
+
+    assert {module: flag for (module, _, _), flag in zip(kept, first)} == {
+        model.first: True, model.second: True, model.third: False,
+    }
+    torch.testing.assert_close(actual, expected, **TIGHT)
+
+
+def test_a_graph_deeper_than_the_recursion_limit_is_walked():
+    torch.manual_seed(4)
+    layers = [module for _ in range(400) for module in (nn.Linear(2, 2), nn.Tanh())]  # ~1,600 graph nodes deep
+    model = nn.Sequential(*layers).double()
+    inputs, targets = torch.randn(3, 2, dtype=torch.float64), torch.randint(0, 2, (3,))
+    expected = one_at_a_time_clipped_sum(model, F.cross_entropy, inputs, targets, clip_norm=1e-3)
+
+    actual = clipped_gradient_sum(model, F.cross_entropy, inputs, targets, clip_norm=1e-3, method="layers")
+
+    torch.testing.assert_close(actual, expected, **TIGHT)
+
+
 # ---------------------------------------------------------------- non-finite examples
 
 

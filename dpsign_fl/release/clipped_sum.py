@@ -31,16 +31,15 @@ another dimension of the same size cannot be detected: give it
 
 from __future__ import annotations
 
-import math
+import functools
 from collections import Counter
 from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .layer_rules import (
-    KEEP_BYTES, RULES, SUPPORTED_LAYERS, finite_rows, min_input_dims, positions, reads_output, squared_norms,
+    KEEP_BYTES, RULES, SUPPORTED_LAYERS, Keeper, finite_rows, min_input_dims, positions, reads_output, squared_norms,
 )
 from .mechanism import CLIPPING_MODES, _check_clip_norm, _reject_batchnorm, clip_factors, example_gradient
 
@@ -163,39 +162,34 @@ def _vmap_pass(model, loss_fn, inputs, targets, clip_norm, clipping, chunk_size,
 
 
 def _layer_pass(model, loss_fn, inputs, targets, clip_norm, clipping, chunk_size, total):
-    layers = _layer_inputs_and_output_grads(model, loss_fn, inputs, targets)
-    with torch.no_grad():
-        squares = torch.zeros(inputs.shape[0], dtype=total.dtype, device=total.device)
-        caches, keep_bytes = [], [KEEP_BYTES]
-        layers.sort(key=positions, reverse=True)  # most compute per kept byte first: see KEEP_BYTES
-        for module, a, g, out in layers:
-            layer_squares, cache = RULES[type(module)][0](module, a, g, out, chunk_size, keep_bytes)
-            squares += layer_squares
-            caches.append(cache)
-        factors = clip_factors(squares.sqrt(), clip_norm=clip_norm, clipping=clipping)
-        keep_rows = finite_rows(squares)
-        offsets = _offsets(model)
-        for index, cache in enumerate(caches):
-            (module, a, g, _), layers[index], caches[index] = layers[index], None, None  # free as we go
-            weights = factors
-            if keep_rows is not None:
-                a, g, weights = a[keep_rows], g[keep_rows], factors[keep_rows]
-                cache = {key: value[keep_rows] for key, value in cache.items()}
-            for name, value in RULES[type(module)][1](module, a, g, weights, cache).items():
-                start, end = offsets[id(getattr(module, name))]
-                total[start:end] = value.reshape(-1)
+    owners, loss, kept = _forward(model, loss_fn, inputs, targets)
+    uses, first = _walk_graph(loss, [out for _, _, out in kept])
+    with Keeper(_grants(kept)) as keeper:
+        layers = _norms_during_backward(loss * inputs.shape[0], kept, first, chunk_size, keeper)
+        del kept
+        _check_uses(owners, {layer[0] for layer in layers}, uses)
+        with torch.no_grad():
+            squares = torch.zeros(inputs.shape[0], dtype=total.dtype, device=total.device)
+            for layer in layers:
+                squares += layer[1]
+            factors = clip_factors(squares.sqrt(), clip_norm=clip_norm, clipping=clipping)
+            keep_rows = finite_rows(squares)
+            offsets = _offsets(model)
+            for index in range(len(layers)):
+                (module, _, cache, a, g), layers[index] = layers[index], None  # free as we go
+                weights = factors
+                if keep_rows is not None:
+                    a, g, weights = (None if a is None else a[keep_rows]), (None if g is None else g[keep_rows]), factors[keep_rows]
+                    cache = {key: value[keep_rows] for key, value in cache.items()}
+                for name, value in RULES[type(module)].total(module, a, g, weights, cache).items():
+                    start, end = offsets[id(getattr(module, name))]
+                    total[start:end] = value.reshape(-1)
     return total
 
 
-def _layer_inputs_and_output_grads(model, loss_fn, inputs, targets) -> list[tuple]:
-    """One forward with hooks, one backward: ``(module, a, g, out)`` for every layer whose output reaches the loss.
-
-    ``g`` is the gradient of ``B * loss_fn`` (the sum of per-example losses)
-    w.r.t. the layer's output, taken with ``torch.autograd.grad``: no
-    parameter's ``.grad`` is computed or written. ``out`` is the layer's output
-    where its rule reads it (:func:`reads_output`), else None. Hooks are
-    removed even on error.
-    """
+def _forward(model, loss_fn, inputs, targets) -> tuple[list[nn.Module], torch.Tensor, list[tuple]]:
+    """One forward with hooks: the modules owning trainable parameters, the loss, and ``(module, a, out)``
+    (input and output) for every layer whose output requires a gradient. Hooks are removed even on error."""
     owners = _check_layers(model)
     batch = inputs.shape[0]
     records: dict[nn.Module, list] = {module: [] for module in owners}
@@ -216,17 +210,59 @@ def _layer_inputs_and_output_grads(model, loss_fn, inputs, targets) -> list[tupl
             f"loss_fn must return a scalar (the mean of per-example losses), got shape {tuple(loss.shape)}"
         )
     kept = [(module, a, out) for module, a, out in _check_records(records, batch) if out.requires_grad]
-    records.clear()
-    uses = _count_parameter_uses(loss)
-    grads = [None] * len(kept)
-    if kept and loss.grad_fn is not None:
-        grads = torch.autograd.grad(loss * batch, [out for _, _, out in kept], allow_unused=True)
-    layers = [
-        (module, a, g, out.detach() if reads_output(module) else None)  # the output only where a rule reads it
-        for (module, a, out), g in zip(kept, grads) if g is not None
+    return owners, loss, kept
+
+
+def _grants(kept: list[tuple]) -> dict[int, int]:
+    """The layers that may keep their per-example gradients, and how many bytes: most positions first, within KEEP_BYTES."""
+    grants, left = {}, KEEP_BYTES
+    for module, a, out in sorted(kept, key=lambda layer: positions(layer[0], layer[2]), reverse=True):
+        size = RULES[type(module)].kept_bytes(module, a, out)
+        if 0 < size <= left:
+            grants[id(module)], left = size, left - size
+    return grants
+
+
+def _norms_during_backward(summed_loss, kept, first, chunk_size, keeper) -> list[tuple]:
+    """One backward: ``(module, squares, cache, a, g)`` per layer whose output reaches the loss, in ``kept``'s order.
+
+    ``g`` is the gradient of ``summed_loss`` (the sum of per-example losses)
+    w.r.t. the layer's output. Each layer's rule runs as soon as its ``g``
+    exists (a hook on the output), so that ``a`` and ``g`` are dropped right
+    away where the cache is all the total needs (then both are None): the pass
+    never holds every layer's ``g`` at once. ``torch.autograd.grad`` is asked
+    for the outputs of the ``first`` layers only (no other layer's output lies
+    below theirs in the graph); every other layer's output lies on the way to
+    them. No parameter's ``.grad`` is computed or written. Hooks are removed
+    even on error.
+    """
+    results: list = [None] * len(kept)
+
+    def norms(index, g):
+        module, a, out = kept[index]
+        rule = RULES[type(module)]
+        with torch.no_grad():
+            squares, cache = rule.norms(module, a, g, out.detach() if reads_output(module) else None, chunk_size, keeper)
+        complete = rule.complete(module, cache)
+        results[index] = (module, squares, cache, None if complete else a, None if complete else g)
+        kept[index] = None  # drop a and out
+
+    requested = [index for index in range(len(kept)) if first[index]]
+    handles = [
+        kept[index][2].register_hook(functools.partial(norms, index))
+        for index in range(len(kept)) if not first[index]
     ]
-    _check_uses(owners, {module for module, _, _, _ in layers}, uses)
-    return layers
+    try:
+        grads = [None] * len(requested)
+        if requested and summed_loss.grad_fn is not None:
+            grads = torch.autograd.grad(summed_loss, [kept[index][2] for index in requested], allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for index, g in zip(requested, grads):
+        if g is not None:
+            norms(index, g)
+    return [result for result in results if result is not None]
 
 
 def _check_layers(model: nn.Module) -> list[nn.Module]:
@@ -240,7 +276,7 @@ def _check_layers(model: nn.Module) -> list[nn.Module]:
         if rule is None:
             raise _Unsupported(f"module {name or 'model'} of type {type(module).__name__} owns trainable parameters")
         unexpected = set(own) - {"weight", "bias"}
-        reason = f"parameters {sorted(unexpected)}" if unexpected else rule[2](module)
+        reason = f"parameters {sorted(unexpected)}" if unexpected else rule.unsupported(module)
         if reason:
             raise _Unsupported(f"module {name} ({type(module).__name__}) has {reason}")
         owners.append(module)
@@ -250,23 +286,38 @@ def _check_layers(model: nn.Module) -> list[nn.Module]:
     return owners
 
 
-def _count_parameter_uses(loss: torch.Tensor) -> Counter:
-    """Count, per trainable parameter (by id), the edges into it in the loss's autograd graph."""
+def _walk_graph(loss: torch.Tensor, outputs: list[torch.Tensor]) -> tuple[Counter, list[bool]]:
+    """One walk of the loss's autograd graph.
+
+    Returns, per trainable parameter (by id), the edges into it; and per
+    tensor of ``outputs`` (the layers' outputs) whether it is a "first"
+    output: none of the other outputs lies below it in the graph (its
+    gradient flows to no other layer), or it does not reach the loss.
+    """
     uses: Counter = Counter()
-    if loss.grad_fn is None:
-        return uses
-    seen, stack = {loss.grad_fn}, [loss.grad_fn]
-    while stack:
-        for node, _ in stack.pop().next_functions:
-            if node is None:
-                continue
-            variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+    below: dict = {}  # node -> whether a layer's output node lies strictly below it
+    layer_nodes = {out.grad_fn for out in outputs}
+    stack = [] if loss.grad_fn is None else [loss.grad_fn]
+    while stack:  # post-order, iterative: graphs can be deeper than Python's recursion limit
+        node = stack[-1]
+        if node in below:
+            stack.pop()
+            continue
+        children = [child for child, _ in node.next_functions if child is not None]
+        pending = [child for child in children if child not in below and getattr(child, "variable", None) is None]
+        if pending:
+            stack.extend(pending)
+            continue
+        stack.pop()
+        found = False
+        for child in children:
+            variable = getattr(child, "variable", None)  # an AccumulateGrad node: a leaf
             if variable is not None:
                 uses[id(variable)] += 1
-            elif node not in seen:
-                seen.add(node)
-                stack.append(node)
-    return uses
+            elif child in layer_nodes or below[child]:
+                found = True
+        below[node] = found
+    return uses, [not below.get(out.grad_fn, False) for out in outputs]
 
 
 def _check_records(records: dict, batch: int) -> list[tuple]:

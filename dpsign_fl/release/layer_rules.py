@@ -3,17 +3,22 @@
 For each supported layer type, from the layer's input ``a`` and the gradient
 ``g`` of the summed loss w.r.t. its output (row i depends on example i only):
 
-- ``norms(module, a, g, out, chunk_size, keep_bytes)``: the per-example squared norm
+- ``norms(module, a, g, out, chunk_size, keeper)``: the per-example squared norm
   of the gradient of the layer's trainable parameters, ``[B]``, and a cache of
   per-example tensors for the second step. By the "ghost" identity
   ``||g_i a_i^T||^2 = ||a_i||^2 ||g_i||^2`` (Goodfellow 2015, arXiv:1510.01799),
   its sum over position pairs (Li et al. 2022, arXiv:2110.05679, Sec. 4), or by
   materialising a chunk of per-example gradients, whichever a flop count says
   is cheaper (Bu et al. 2022, arXiv:2205.10683, "mixed ghost clipping").
-  ``out`` is the layer's output for the types :func:`reads_output` names, else None.
+  ``out`` is the layer's output for the types :func:`reads_output` names, else None;
+  ``keeper`` (:class:`Keeper`) hands out the memory per-example gradients are kept in.
 - ``total(module, a, g, factors, cache)``: ``{parameter name: sum_i factors_i
-  grad_i}``, one weight-gradient product with factor-scaled ``g``.
+  grad_i}``, one weight-gradient product with factor-scaled ``g`` (``a`` and ``g``
+  are None where ``complete`` says the cache holds all it needs).
 - ``unsupported(module)``: a reason the rule cannot handle this instance, or "".
+- ``kept_bytes(module, a, out)``: the bytes of per-example gradients ``norms``
+  keeps if the keeper lets it (0: it keeps none), known before ``g`` is.
+- ``complete(module, cache)``: whether ``total`` needs nothing but the cache.
 
 Nothing here adds noise or decides anything about privacy: the caller clips with
 the factors these norms give.
@@ -22,6 +27,8 @@ the factors these norms give.
 from __future__ import annotations
 
 import math
+import threading
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -35,9 +42,9 @@ KEEP_BYTES = 64 * 2**20
 """Per-example gradients the layer pass may keep between its two passes (per call).
 
 Where a layer's norms already materialise its per-example gradients, keeping
-them (largest spatial size first: the most compute per byte) spares the second
-weight-gradient product; the rest are recomputed. Never more than this, so
-never the ``[B, d]`` matrix of a large model.
+them (granted largest spatial size first: the most compute per byte) spares the
+second weight-gradient product; the rest are recomputed. Never more than this,
+so never the ``[B, d]`` matrix of a large model.
 """
 
 
@@ -51,12 +58,11 @@ def finite_rows(squares: torch.Tensor) -> torch.Tensor | None:
     return None if bool(finite.all()) else torch.nonzero(finite).flatten()
 
 
-def positions(layer: tuple) -> int:
-    """Positions per example (spatial or sequence) at which a layer's weight is applied."""
-    module, _, g, _ = layer
+def positions(module: nn.Module, out: torch.Tensor) -> int:
+    """Positions per example (spatial or sequence) at which a layer's weight is applied (``out``: its output)."""
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return math.prod(g.shape[2:])
-    return g[0].numel() // max(1, g.shape[-1])
+        return math.prod(out.shape[2:])
+    return out[0].numel() // max(1, out.shape[-1])
 
 
 def _chunks(batch: int, scratch_per_example: int, chunk_size: int | None, element_size: int = 4):
@@ -64,13 +70,66 @@ def _chunks(batch: int, scratch_per_example: int, chunk_size: int | None, elemen
     return [slice(start, start + step) for start in range(0, batch, step)]
 
 
-def _keep(keep_bytes: list[int], like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """An empty tensor to keep per-example gradients in, if ``keep_bytes[0]`` still allows it."""
-    size = math.prod(shape) * like.element_size()
-    if size > keep_bytes[0]:
-        return None
-    keep_bytes[0] -= size
-    return like.new_empty(shape)
+class _Workspace(threading.local):
+    """Per thread: the CPU buffer :class:`Keeper` hands out, and whether a layer pass is using it."""
+
+    buffer: torch.Tensor | None = None
+    busy: bool = False
+
+
+_WORKSPACE = _Workspace()
+_ALIGN = 64
+"""Byte alignment of each tensor carved out of the workspace."""
+
+
+def free_workspace() -> None:
+    """Free this thread's workspace buffer (the next layer pass allocates a new one)."""
+    _WORKSPACE.buffer = None
+
+
+class Keeper:
+    """The tensors one layer pass keeps per-example gradients in, for the layers it was granted.
+
+    ``grants`` maps ``id(module)`` to the bytes that layer may keep (planned
+    before the backward, within :data:`KEEP_BYTES`). On the CPU they are views of one buffer per thread, reused by the thread's next
+    pass: fresh memory would cost a page fault for every 4 KiB written, every pass
+    (docs/performance.md). After a pass that needed more than the buffer holds,
+    the buffer is replaced by one of that size (never more than the grants); it
+    stays allocated until :func:`free_workspace` or the thread's end. A pass
+    nested in another on the same thread, and other devices, get fresh tensors.
+    What :meth:`take` returns holds garbage: every rule overwrites all of it.
+    Use as a context manager around the pass.
+    """
+
+    def __init__(self, grants: dict[int, int]):
+        self.grants, self.used, self.shared = dict(grants), 0, False
+
+    def __enter__(self) -> "Keeper":
+        self.shared = not _WORKSPACE.busy
+        _WORKSPACE.busy = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.shared:
+            _WORKSPACE.busy = False
+            buffer = _WORKSPACE.buffer
+            if self.used > (0 if buffer is None else buffer.numel()):
+                _WORKSPACE.buffer = None  # freed before its successor is allocated
+                _WORKSPACE.buffer = torch.empty(self.used, dtype=torch.uint8)
+
+    def take(self, module: nn.Module, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """An uninitialised tensor of ``shape`` and ``like``'s dtype and device, or None where not granted."""
+        size = math.prod(shape) * like.element_size()
+        if size > self.grants.pop(id(module), 0):
+            return None
+        if not self.shared or like.device.type != "cpu":
+            return like.new_empty(shape)
+        start = -(-self.used // _ALIGN) * _ALIGN
+        self.used = start + size
+        buffer = _WORKSPACE.buffer
+        if buffer is None or self.used > buffer.numel():
+            return like.new_empty(shape)
+        return buffer[start : self.used].view(like.dtype).view(shape)
 
 
 def _scaled(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -83,26 +142,45 @@ def _wants(module: nn.Module, name: str) -> bool:
 
 
 # ---------------------------------------------------------------- per-layer rules
-# Each rule: norms(module, a, g, out, chunk_size, keep_bytes) -> ([B] squared norms of the layer's
+# Each rule: norms(module, a, g, out, chunk_size, keeper) -> ([B] squared norms of the layer's
 # trainable parameters, cache of [B, ...] tensors for total); total(module, a, g, factors, cache)
 # -> {parameter name: sum_i factors_i * grad_i}; unsupported(module) -> a reason, or "".
 
 
-def _linear_norms(module, a, g, out, chunk_size, keep_bytes):
+def _linear_form(steps: int, fan_in: int, fan_out: int) -> str:
+    """How a Linear's per-example weight norms are computed: ``"outer"``, ``"ghost"`` or ``"materialise"``."""
+    if steps == 1:
+        return "outer"
+    return "ghost" if steps * (fan_in + fan_out) <= fan_in * fan_out else "materialise"  # T^2 (in + out) vs T in out
+
+
+def _linear_kept_bytes(module, a, out):
+    fan_in, fan_out = a.shape[-1], out.shape[-1]
+    if not _wants(module, "weight") or _linear_form(a[0].numel() // fan_in, fan_in, fan_out) != "materialise":
+        return 0
+    return a.shape[0] * fan_in * fan_out * out.element_size()
+
+
+def _weight_kept(module, cache):
+    return not _wants(module, "weight") or "weight" in cache
+
+
+def _linear_norms(module, a, g, out, chunk_size, keeper):
     a = a.reshape(a.shape[0], -1, a.shape[-1])
     g = g.reshape(g.shape[0], -1, g.shape[-1])
     (batch, steps, fan_in), fan_out = a.shape, g.shape[-1]
     squares = torch.zeros(batch, dtype=g.dtype, device=g.device)
     cache = {}
     if _wants(module, "weight"):
-        if steps == 1:
+        form = _linear_form(steps, fan_in, fan_out)
+        if form == "outer":
             squares += squared_norms(a) * squared_norms(g)
-        elif steps * (fan_in + fan_out) <= fan_in * fan_out:  # ghost: T^2 (in + out) flops vs T in out
+        elif form == "ghost":
             for part in _chunks(batch, 2 * steps * steps, chunk_size):
                 gram_a, gram_g = a[part] @ a[part].mT, g[part] @ g[part].mT
                 squares[part] += (gram_a * gram_g).sum((1, 2))
         else:
-            kept = _keep(keep_bytes, g, (batch, fan_out, fan_in))
+            kept = keeper.take(module, g, (batch, fan_out, fan_in))
             for part in _chunks(batch, fan_in * fan_out, chunk_size):
                 # Written straight into the kept tensor when there is one: no copy of the per-example gradients.
                 grads = torch.bmm(g[part].mT, a[part], out=None if kept is None else kept[part])
@@ -178,7 +256,21 @@ def _convolution_weight_grad(module, a, g, groups):
     )[1]
 
 
-def _conv_norms(module, a, g, out, chunk_size, keep_bytes):
+def _conv_form(module, steps: int) -> str:
+    """How a convolution's per-example weight norms are computed (``steps``: output positions per example)."""
+    per_group_in, per_group_out = module.weight[0].numel(), module.out_channels // module.groups
+    if steps * (per_group_in + per_group_out) <= per_group_in * per_group_out:
+        return "ghost"
+    return "patches" if module.in_channels == module.groups else "grouped"
+
+
+def _conv_kept_bytes(module, a, out):
+    if not _wants(module, "weight") or _conv_form(module, positions(module, out)) == "ghost":
+        return 0
+    return a.shape[0] * module.weight.numel() * out.element_size()
+
+
+def _conv_norms(module, a, g, out, chunk_size, keeper):
     """Per-example norms of a convolution, by the cheapest of three exact forms.
 
     ``ghost`` (Gram matrices of patches and outputs, ``L^2 (K + C)`` flops) when
@@ -193,13 +285,13 @@ def _conv_norms(module, a, g, out, chunk_size, keep_bytes):
     steps, per_group_in, per_group_out = g.shape[2], module.weight[0].numel(), module.out_channels // groups
     squares, cache = torch.zeros(batch, dtype=g.dtype, device=g.device), {}
     if _wants(module, "weight"):
-        if steps * (per_group_in + per_group_out) <= per_group_in * per_group_out:
-            kind, scratch = "ghost", groups * (2 * steps * steps + per_group_in * steps)
-        elif module.in_channels == groups:
-            kind, scratch = "patches", groups * (per_group_in * steps + per_group_in * per_group_out)
-        else:
-            kind, scratch = "grouped", 2 * groups * per_group_in * per_group_out
-        kept = None if kind == "ghost" else _keep(keep_bytes, g, (batch, *module.weight.shape))
+        kind = _conv_form(module, steps)
+        scratch = {
+            "ghost": groups * (2 * steps * steps + per_group_in * steps),
+            "patches": groups * (per_group_in * steps + per_group_in * per_group_out),
+            "grouped": 2 * groups * per_group_in * per_group_out,
+        }[kind]
+        kept = None if kind == "ghost" else keeper.take(module, g, (batch, *module.weight.shape))
         for part in _chunks(batch, scratch, chunk_size):
             size = a[part].shape[0]
             if kind == "ghost":
@@ -261,7 +353,7 @@ def _normalized(module, a):
     return F.layer_norm(a, module.normalized_shape, eps=module.eps)
 
 
-def _affine_norms(module, a, g, out, chunk_size, keep_bytes):
+def _affine_norms(module, a, g, out, chunk_size, keeper):
     """GroupNorm, LayerNorm, RMSNorm: per-example affine gradients, which are small, kept in the cache.
 
     The weight's per-example gradient is ``reduce(g * x_hat)``, ``x_hat`` the
@@ -323,7 +415,14 @@ def embedding_form(rows: int, steps: int) -> str:
     return "table" if rows <= steps * steps else "ghost"
 
 
-def _embedding_norms(module, ids, g, out, chunk_size, keep_bytes):
+def _embedding_kept_bytes(module, ids, out):
+    steps = ids[0].numel()
+    if steps == 1 or embedding_form(module.num_embeddings, steps) != "table":
+        return 0
+    return ids.shape[0] * module.weight.numel() * out.element_size()
+
+
+def _embedding_norms(module, ids, g, out, chunk_size, keeper):
     """Per-example squared norms of an embedding's gradient, by the cheaper of two exact forms.
 
     ``ghost``: ``||grad_i||^2`` = the sum over positions t, s with equal ids of
@@ -332,7 +431,7 @@ def _embedding_norms(module, ids, g, out, chunk_size, keep_bytes):
     ``id_t`` of a zero ``[rows, W]`` table (``(S + rows) W``), for a chunk of
     examples; taken when the table has no more rows than S^2 (small
     vocabularies, positions, long sequences). The tables are kept for the
-    total while ``keep_bytes`` allows.
+    total while the keeper allows.
     """
     batch = ids.shape[0]
     ids = ids.reshape(batch, -1)
@@ -345,7 +444,7 @@ def _embedding_norms(module, ids, g, out, chunk_size, keep_bytes):
         squares = squared_norms(g)
     elif embedding_form(rows, steps) == "table":
         squares = torch.zeros(batch, dtype=g.dtype, device=g.device)
-        kept = _keep(keep_bytes, g, (batch, rows, width))
+        kept = keeper.take(module, g, (batch, rows, width))
         for part in _chunks(batch, rows * width, chunk_size):
             size = g[part].shape[0]
             offsets = torch.arange(size, device=ids.device).unsqueeze(1) * rows  # example j's rows start at j * rows
@@ -375,14 +474,36 @@ def _always(module):
     return ""
 
 
+def _keeps_nothing(module, a, out):
+    return 0
+
+
+def _cache_suffices(module, cache):
+    return True
+
+
+class Rule(NamedTuple):
+    """One layer type's functions (module docstring)."""
+
+    norms: Callable
+    total: Callable
+    unsupported: Callable
+    kept_bytes: Callable
+    complete: Callable
+
+
+_LINEAR = Rule(_linear_norms, _linear_total, _always, _linear_kept_bytes, _weight_kept)
+_CONV = Rule(_conv_norms, _conv_total, _conv_unsupported, _conv_kept_bytes, _weight_kept)
+_AFFINE = Rule(_affine_norms, _affine_total, _always, _keeps_nothing, _cache_suffices)
 RULES = {
-    nn.Linear: (_linear_norms, _linear_total, _always),
-    nn.Conv1d: (_conv_norms, _conv_total, _conv_unsupported),
-    nn.Conv2d: (_conv_norms, _conv_total, _conv_unsupported),
-    nn.GroupNorm: (_affine_norms, _affine_total, _always),
-    nn.LayerNorm: (_affine_norms, _affine_total, _always),
-    nn.RMSNorm: (_affine_norms, _affine_total, _always),
-    nn.Embedding: (_embedding_norms, _embedding_total, _embedding_unsupported),
+    nn.Linear: _LINEAR,
+    nn.Conv1d: _CONV,
+    nn.Conv2d: _CONV,
+    nn.GroupNorm: _AFFINE,
+    nn.LayerNorm: _AFFINE,
+    nn.RMSNorm: _AFFINE,
+    # The cache holds either the kept tables or the ids and output gradients.
+    nn.Embedding: Rule(_embedding_norms, _embedding_total, _embedding_unsupported, _embedding_kept_bytes, _cache_suffices),
 }
 
 
