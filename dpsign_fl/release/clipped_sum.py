@@ -5,16 +5,22 @@ same value as ``clip_per_sample(per_sample_gradients(...), ...).sum(0)``, by one
 of two methods that never hold all B per-example gradients at once:
 
 - ``"layers"``: one forward and one backward pass over the whole batch. Module
-  hooks keep each layer's input ``a``; ``torch.autograd.grad`` w.r.t. the
-  layer outputs gives each layer's ``g`` (gradient of the SUM of per-example
-  losses w.r.t. its output, whose row i depends on example i only). Per-example
+  hooks keep each layer's input ``a``; during the backward a hook on each
+  layer's output receives its ``g`` (gradient of the SUM of per-example
+  losses w.r.t. that output, whose row i depends on example i only) and runs
+  the layer's rule at once, so that ``a`` and ``g`` can be dropped as the
+  backward goes on (``torch.autograd.grad`` is asked only for the outputs of
+  the layers below which no other layer lies). Per-example
   squared norms come per layer from ``(a, g)``: by the "ghost" identity
   ``||g_i a_i^T||^2 = ||a_i||^2 ||g_i||^2`` or ``sum_ts (a_t.a_s)(g_t.g_s)``
   (Goodfellow 2015, arXiv:1510.01799; Li et al. 2022, arXiv:2110.05679, Sec. 4)
   or by materialising one layer's per-example gradients for a chunk of
   examples, whichever a flop count says is cheaper (Bu et al. 2022,
-  arXiv:2205.10683, "mixed ghost clipping"). The clipped sum is then one
-  weight-gradient product per layer with factor-scaled ``g``.
+  arXiv:2205.10683, "mixed ghost clipping"); materialised gradients are kept
+  for the sum where :data:`KEEP_BYTES` allows, in a workspace reused from
+  call to call (:class:`dpsign_fl.release.layer_rules.Keeper`). The clipped
+  sum is then, per layer, the factor-weighted sum of the kept gradients or
+  one weight-gradient product with factor-scaled ``g``.
 - ``"vmap"``: ``torch.func`` ``vmap(grad)`` in chunks of examples; per chunk the
   per-example norms, then per parameter the factor-weighted sum over the chunk.
   Works for any model ``torch.func`` supports.
