@@ -185,7 +185,8 @@ def _layer_pass(model, loss_fn, inputs, targets, clip_norm, clipping, chunk_size
                 (module, _, cache, a, g), layers[index] = layers[index], None  # free as we go
                 weights = factors
                 if keep_rows is not None:
-                    a, g, weights = (None if a is None else a[keep_rows]), (None if g is None else g[keep_rows]), factors[keep_rows]
+                    a, g = (None if x is None else x[keep_rows] for x in (a, g))
+                    weights = factors[keep_rows]
                     cache = {key: value[keep_rows] for key, value in cache.items()}
                 for name, value in RULES[type(module)].total(module, a, g, weights, cache).items():
                     start, end = offsets[id(getattr(module, name))]
@@ -220,7 +221,10 @@ def _forward(model, loss_fn, inputs, targets) -> tuple[list[nn.Module], torch.Te
 
 
 def _grants(kept: list[tuple]) -> dict[int, int]:
-    """The layers that may keep their per-example gradients, and how many bytes: most positions first, within KEEP_BYTES."""
+    """The layers that may keep their per-example gradients, and how many bytes each.
+
+    Most positions per example first (the most compute per kept byte), within :data:`KEEP_BYTES`.
+    """
     grants, left = {}, KEEP_BYTES
     for module, a, out in sorted(kept, key=lambda layer: positions(layer[0], layer[2]), reverse=True):
         size = RULES[type(module)].kept_bytes(module, a, out)
@@ -248,7 +252,8 @@ def _norms_during_backward(summed_loss, kept, first, chunk_size, keeper) -> list
         module, a, out = kept[index]
         rule = RULES[type(module)]
         with torch.no_grad():
-            squares, cache = rule.norms(module, a, g, out.detach() if reads_output(module) else None, chunk_size, keeper)
+            read = out.detach() if reads_output(module) else None
+            squares, cache = rule.norms(module, a, g, read, chunk_size, keeper)
         complete = rule.complete(module, cache)
         results[index] = (module, squares, cache, None if complete else a, None if complete else g)
         kept[index] = None  # drop a and out

@@ -91,8 +91,9 @@ class Keeper:
     """The tensors one layer pass keeps per-example gradients in, for the layers it was granted.
 
     ``grants`` maps ``id(module)`` to the bytes that layer may keep (planned
-    before the backward, within :data:`KEEP_BYTES`). On the CPU they are views of one buffer per thread, reused by the thread's next
-    pass: fresh memory would cost a page fault for every 4 KiB written, every pass
+    before the backward, within :data:`KEEP_BYTES`). On the CPU the tensors
+    are views of one buffer per thread, reused by the thread's next pass:
+    fresh memory would cost a page fault for every 4 KiB written, every pass
     (docs/performance.md). After a pass that needed more than the buffer holds,
     the buffer is replaced by one of that size (never more than the grants); it
     stays allocated until :func:`free_workspace` or the thread's end. A pass
@@ -503,7 +504,9 @@ RULES = {
     nn.LayerNorm: _AFFINE,
     nn.RMSNorm: _AFFINE,
     # The cache holds either the kept tables or the ids and output gradients.
-    nn.Embedding: Rule(_embedding_norms, _embedding_total, _embedding_unsupported, _embedding_kept_bytes, _cache_suffices),
+    nn.Embedding: Rule(
+        _embedding_norms, _embedding_total, _embedding_unsupported, _embedding_kept_bytes, _cache_suffices
+    ),
 }
 
 
