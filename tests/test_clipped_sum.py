@@ -432,6 +432,48 @@ def test_the_graph_walk_asks_autograd_only_for_the_first_layers_and_every_layer_
     torch.testing.assert_close(actual, expected, **TIGHT)
 
 
+class NoGradient(torch.autograd.Function):
+    """Doubles its input; its backward returns None (an undefined gradient, not zeros)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return 2 * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # the torch.func-ready form, for auto's vmap fallback
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return None
+
+
+class Cut(nn.Module):
+    """first -> second -> NoGradient -> third: second's output (hooked, first lies below it) gets no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.third = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.third(NoGradient.apply(self.second(torch.tanh(self.first(x)))))
+
+
+def test_a_layer_whose_output_gradient_is_undefined_is_not_reached_and_auto_falls_back():
+    torch.manual_seed(5)
+    model = Cut().double()
+    inputs, targets = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected = one_at_a_time_clipped_sum(model, F.cross_entropy, inputs, targets, clip_norm=0.05)
+
+    actual = clipped_gradient_sum(model, F.cross_entropy, inputs, targets, clip_norm=0.05, method="auto")
+
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    with pytest.raises(ValueError, match="reaches the loss 1 times, expected 0"):
+        clipped_gradient_sum(model, F.cross_entropy, inputs, targets, clip_norm=0.05, method="layers")
+
+
 def test_a_graph_deeper_than_the_recursion_limit_is_walked():
     torch.manual_seed(4)
     layers = [module for _ in range(400) for module in (nn.Linear(2, 2), nn.Tanh())]  # ~1,600 graph nodes deep

@@ -249,6 +249,8 @@ def _norms_during_backward(summed_loss, kept, first, chunk_size, keeper) -> list
     results: list = [None] * len(kept)
 
     def norms(index, g):
+        if g is None:  # an undefined gradient (a custom backward returned None): the layer is not reached
+            return
         module, a, out = kept[index]
         rule = RULES[type(module)]
         with torch.no_grad():
