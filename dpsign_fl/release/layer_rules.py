@@ -143,9 +143,7 @@ def _wants(module: nn.Module, name: str) -> bool:
 
 
 # ---------------------------------------------------------------- per-layer rules
-# Each rule: norms(module, a, g, out, chunk_size, keeper) -> ([B] squared norms of the layer's
-# trainable parameters, cache of [B, ...] tensors for total); total(module, a, g, factors, cache)
-# -> {parameter name: sum_i factors_i * grad_i}; unsupported(module) -> a reason, or "".
+# Each layer type has a Rule of five functions (see RULES below; their contracts: the module docstring).
 
 
 def _linear_form(steps: int, fan_in: int, fan_out: int) -> str:
