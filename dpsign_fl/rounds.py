@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from .vote.packing import pack_signs
 from .privacy import PrivacyLedger, Release, calibrate_noise_multiplier
 from .privacy.ledger import exceeds_budget
-from .release import PerExampleTransform, ReleaseSettings, UnsafeRelease, client_release
+from .release import ClientMomentum, PerExampleTransform, ReleaseSettings, UnsafeRelease, client_release
 from .vote.server_update import VoteUpdater
 from .settings import RunSettings
 from .vote import DEFAULT_VOTE, VoteCounter, VoteMemory, robust_vote
@@ -222,6 +222,7 @@ def client_round(
     generator: torch.Generator,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     per_example_transform: PerExampleTransform | None = None,
+    momentum: ClientMomentum | None = None,
 ) -> SignedUpdate | Refusal | FailedRelease:
     """Make this client's release for the current model, or refuse; record it in ``ledger``.
 
@@ -242,6 +243,8 @@ def client_round(
         generator: the randomness of sampling and noise.
         loss_fn: per-batch loss.
         per_example_transform: experiments only (:func:`dpsign_fl.release.client_release`).
+        momentum: None, or the client's momentum over its noisy sums (``client-momentum``;
+            :mod:`dpsign_fl.release.momentum`), updated by the release only.
 
     Returns:
         :class:`SignedUpdate`, :class:`Refusal` or :class:`FailedRelease`.
@@ -260,7 +263,7 @@ def client_round(
     try:
         signs = client_release(
             model, inputs, targets, release, generator=generator, loss_fn=loss_fn,
-            per_example_transform=per_example_transform,
+            per_example_transform=per_example_transform, momentum=momentum,
         )
     except UnsafeRelease:
         raise  # refused before sampling, from the server's model alone: nothing released, nothing recorded

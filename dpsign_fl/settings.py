@@ -305,6 +305,11 @@ class RunSettings:
     )
     lr_schedule: str = setting("constant", choices=_C["schedules"], help="learning-rate schedule over the run")
     server_momentum: float = setting(0.0, low=0, high=1, high_open=True, help="server momentum on the votes")
+    client_momentum: float = setting(
+        0.0, low=0, high=1, high_open=True,
+        help="beta of each client's momentum over its own noisy sums, whose sign it releases (post-processing: "
+        "the same privacy accounting); 0 = off",
+    )
     vote: str = setting(_C["default_vote"], choices=_C["votes"], help="how the server counts the signs: majority or robust")
     model_seed: int = setting(0, low=0, high=SEED_LIMIT, high_open=True, help="seed of the initial model's weights")
     pretrain_steps: int = setting(

@@ -61,7 +61,7 @@ from ..vote import VoteMemory
 from ..vote.packing import pack_signs
 from ..parameters import load_model_vector, model_vector
 from ..privacy import PrivacyLedger
-from ..release import DEFAULT_CHUNK_SIZE, ReleaseSettings, adversarial_examples, seeded_generator
+from ..release import DEFAULT_CHUNK_SIZE, ClientMomentum, ReleaseSettings, adversarial_examples, seeded_generator
 from ..rounds import Budget, ReleasePlan, SignedUpdate, client_round, plan_for_round, plan_release, planned_releases, server_round
 from ..vote.server_update import AUTOMATIC, VoteUpdater, learning_rate_at
 from ..settings import ConfigError, RunSettings, check_fields, setting, specs, to_mapping
@@ -361,6 +361,7 @@ class _RunState:
     test_targets: torch.Tensor
     attacker_data: tuple[torch.Tensor, torch.Tensor] | None
     memory: VoteMemory = field(default_factory=VoteMemory)
+    momenta: list[ClientMomentum | None] = field(default_factory=list)
     excluded: int = 0
     excluded_attackers: int = 0
 
@@ -392,6 +393,7 @@ class _RunState:
         return cls(
             experiment, dataset, clients, model, weights, target_delta, learning_rate, plan, ledgers, updater,
             noise_transform, torch.as_tensor(dataset.test_inputs), torch.as_tensor(dataset.test_targets), attacker_data,
+            momenta=[ClientMomentum(run.client_momentum) if run.client_momentum > 0 else None for _ in ledgers],
         )
 
     def evaluate_at(self, round_number: int, weights: np.ndarray, started: float) -> dict:
@@ -443,7 +445,7 @@ def _sign_round(state: _RunState, weights: np.ndarray, chosen: list[int], curren
         if experiment.private:
             outcome = client_round(
                 state.model, client.inputs, client.targets, plan_for_round(state.plan, run, current), state.ledgers[m],
-                generator=generator, per_example_transform=state.noise_transform,
+                generator=generator, per_example_transform=state.noise_transform, momentum=state.momenta[m],
             )
             if not isinstance(outcome, SignedUpdate):
                 continue

@@ -61,9 +61,11 @@ from .records import (
     SYNC_ONLY_KEY,
     OutOfSync,
     load_ledger,
+    load_momentum,
     load_replica,
     received_model,
     save_ledger,
+    save_momentum,
     save_replica,
     sync_reply_content,
     train_reply_content,
@@ -240,9 +242,10 @@ def release_with_model(
             return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=f"{name}: {plan}"), reply_to=message)
         plan = plan_for_round(plan, settings, server_round)
         generator = client_randomness(settings, node, simulated, client=client, server_round=server_round)
+        momentum = load_momentum(context.state, settings.client_momentum)
         outcome = client_round(
             model, inputs, targets, plan, ledger, generator=generator, loss_fn=loss_fn,
-            per_example_transform=per_example_transform,
+            per_example_transform=per_example_transform, momentum=momentum,
         )
         if isinstance(outcome, Refusal):
             log(WARNING, "%s: %s", name, outcome.reason)
@@ -251,6 +254,7 @@ def release_with_model(
         if isinstance(outcome, FailedRelease):
             log(WARNING, "%s: %s (%s)", name, outcome.reason, outcome.error_type)
             return Message(Error(code=RELEASE_FAILED_CODE, reason=outcome.reason), reply_to=message)
+        save_momentum(context.state, momentum)
         epsilon = ledger.epsilon(budget.target_delta)
     packed = outcome.packed
     if reply_transform is not None:

@@ -40,6 +40,7 @@ from ..vote.model_sync import BATCHNORM_STATISTICS, ModelReplica, UpdateRule, ch
 from ..vote.packing import payload_bytes, unpack_vote
 from ..parameters import flatten, trainable_parameters, unflatten
 from ..privacy import PrivacyLedger
+from ..release.momentum import ClientMomentum
 
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
@@ -49,6 +50,7 @@ EPSILON_KEY = "epsilon"
 ROUND_KEY = "server-round"
 LEDGER_STATE_KEY = "dpsign-ledger"
 NOISE_STATE_KEY = "dpsign-noise"
+MOMENTUM_STATE_KEY = "dpsign-momentum"
 VOTES_KEY = "votes"
 SERVER_STATE_KEY = "server-state"
 SYNC_KEY = "sync"
@@ -295,6 +297,24 @@ def update_rule(config: ConfigRecord) -> UpdateRule:
 def sync_reply_content(replica: ModelReplica) -> RecordDict:
     """The reply to a sync-only instruction: the digest of the model the client now holds."""
     return RecordDict({SYNC_KEY: ConfigRecord({DIGEST_KEY: replica.digest})})
+
+
+def load_momentum(state: RecordDict, beta: float) -> ClientMomentum | None:
+    """This node's momentum over its noisy sums, kept in ``context.state`` (None when ``beta`` is 0).
+
+    Flower keeps ``context.state`` local to the node for the run: the momentum
+    is never sent (:mod:`dpsign_fl.release.momentum`).
+    """
+    if beta == 0:
+        return None
+    stored = state[MOMENTUM_STATE_KEY]["m"].numpy() if MOMENTUM_STATE_KEY in state else None
+    return ClientMomentum(beta, stored)
+
+
+def save_momentum(state: RecordDict, momentum: ClientMomentum | None) -> None:
+    """Keep ``momentum``'s state in ``context.state`` (nothing when None or before its first release)."""
+    if momentum is not None and momentum.state is not None:
+        state[MOMENTUM_STATE_KEY] = ArrayRecord(array_dict={"m": Array(momentum.state)})
 
 
 def load_replica(state: RecordDict) -> ModelReplica | None:

@@ -18,12 +18,13 @@ from torch.nn import functional as F
 
 from .adversarial import AdversarialSettings, adversarial_examples
 from .clipped_sum import clipped_gradient_sum
+from .momentum import ClientMomentum
 from .mechanism import (
     CLIPPING_MODES,
     _check_noise_multiplier,
     _check_sample_rate,
     check_release_clip_norm,
-    dp_sign,
+    noisy_clipped_sum,
     noisy_sum,
     per_sample_gradients,
     poisson_sample,
@@ -112,6 +113,7 @@ def client_release(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     per_example_transform: PerExampleTransform | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    momentum: ClientMomentum | None = None,
 ) -> torch.Tensor:
     """Make one DP-SIGN release from a client's local data at the current model.
 
@@ -145,6 +147,9 @@ def client_release(
             Clipping follows it, so the sensitivity stays ``clip_norm``
             whatever it returns. This path materialises the per-example gradients.
         chunk_size: examples per vmap chunk of that path.
+        momentum: None, or this client's :class:`ClientMomentum`: the noisy
+            sum is folded into it and the sign of the momentum is released
+            (post-processing of this and earlier releases: the same accounting).
 
     Returns:
         int8 tensor ``[d]`` of +-1, d = number of trainable parameters.
@@ -163,15 +168,16 @@ def client_release(
     if per_example_transform is not None:
         grads = per_sample_gradients(model, loss_fn, batch_inputs, batch_targets, chunk_size=chunk_size)
         grads = per_example_transform(grads, generator)
-        return dp_sign(
+        noisy = noisy_clipped_sum(
             grads, clip_norm=settings.clip_norm, noise_multiplier=settings.noise_multiplier,
             clipping=settings.clipping, generator=generator,
         )
-    total = clipped_gradient_sum(
-        model, loss_fn, batch_inputs, batch_targets, clip_norm=settings.clip_norm, clipping=settings.clipping
-    )
-    noisy = noisy_sum(total, clip_norm=settings.clip_norm, noise_multiplier=settings.noise_multiplier, generator=generator)
-    return to_signs(noisy)
+    else:
+        total = clipped_gradient_sum(
+            model, loss_fn, batch_inputs, batch_targets, clip_norm=settings.clip_norm, clipping=settings.clipping
+        )
+        noisy = noisy_sum(total, clip_norm=settings.clip_norm, noise_multiplier=settings.noise_multiplier, generator=generator)
+    return to_signs(noisy if momentum is None else momentum.add(noisy))
 
 
 def seeded_generator(seed: int, *, client: int, server_round: int) -> torch.Generator:

@@ -11,7 +11,7 @@ from dpsign_fl.data import load_dataset
 from dpsign_fl.flower import client as client_module
 from dpsign_fl.flower.client import BUDGET_EXHAUSTED_CODE, INVALID_INSTRUCTION_CODE, NODE_ERROR_CODE, NODE_ERROR_REASON
 from dpsign_fl.settings import ConfigError, parse_run_config
-from dpsign_fl.flower.records import LEDGER_STATE_KEY, load_ledger, model_to_arrays
+from dpsign_fl.flower.records import LEDGER_STATE_KEY, MOMENTUM_STATE_KEY, load_ledger, model_to_arrays
 from dpsign_fl.models import build_model, default_model
 from dpsign_fl.vote.packing import payload_bytes
 
@@ -72,6 +72,23 @@ def test_each_release_is_recorded_in_context_state():
     assert ledger.num_releases == 2
     settings, _ = parse_run_config(context.run_config)
     assert ledger.epsilon(settings.target_delta) <= settings.target_epsilon
+
+
+def test_client_momentum_stays_in_context_state_and_only_the_signs_and_epsilon_leave():
+    plain, with_momentum = make_context(), make_context(**{"client-momentum": 0.5})
+    replies = {"plain": [], "momentum": []}
+    for server_round in (1, 2):
+        message, num_coordinates = train_message(server_round)
+        replies["plain"].append(handle_train(message, plain))
+        replies["momentum"].append(handle_train(message, with_momentum))
+        assert with_momentum.state[MOMENTUM_STATE_KEY]["m"].numpy().shape == (num_coordinates,)
+    assert MOMENTUM_STATE_KEY not in plain.state
+    for first, second in zip(replies["plain"], replies["momentum"]):
+        assert set(second.content.keys()) == {"arrays", "metrics"} and set(second.content["metrics"].keys()) == {"epsilon"}
+        assert second.content["metrics"]["epsilon"] == first.content["metrics"]["epsilon"]
+    # The first release has nothing to add to; the second is sign(0.5 m + noisy sum), not the plain one.
+    np.testing.assert_array_equal(reply_signs(replies["plain"][0]), reply_signs(replies["momentum"][0]))
+    assert not np.array_equal(reply_signs(replies["plain"][1]), reply_signs(replies["momentum"][1]))
 
 
 def test_client_refuses_once_the_budget_is_spent():
