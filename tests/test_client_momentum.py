@@ -56,8 +56,7 @@ def test_each_release_is_the_sign_of_the_beta_weighted_sum_of_the_clients_noisy_
     expected, released = None, []
     for seed in (11, 12, 13):
         noisy = reference_noisy_sum(model, inputs, targets, seed)
-        # The state is kept in float32 between releases.
-        expected = noisy if expected is None else beta * expected.to(torch.float32).to(torch.float64) + noisy
+        expected = noisy if expected is None else beta * expected + noisy
         signs = client_release(model, inputs, targets, SETTINGS, generator=torch.Generator().manual_seed(seed), momentum=momentum)
         assert torch.equal(signs, signs_of(expected))
         released.append((signs, signs_of(noisy)))
@@ -72,7 +71,7 @@ def test_a_state_of_another_length_is_dropped_and_the_sum_starts_again():
     momentum = ClientMomentum(0.9, np.ones(5, dtype=np.float32))
     noisy = torch.tensor([-0.5, 0.25, 2.0], dtype=torch.float64)
     assert torch.equal(momentum.add(noisy), noisy)
-    np.testing.assert_array_equal(momentum.state, noisy.numpy().astype(np.float32))
+    np.testing.assert_array_equal(momentum.state, noisy.numpy())
     assert torch.equal(momentum.add(noisy), 1.9 * noisy)
 
 

@@ -32,20 +32,20 @@ def check_client_momentum(beta: float) -> None:
 class ClientMomentum:
     """One client's running ``m <- beta * m + noisy sum``, kept between the rounds it takes part in.
 
-    ``state`` is ``m`` after the last release (float32, or None before the
-    first); a state whose length is not the next noisy sum's (another model)
-    is dropped and the sum starts again.
+    ``state`` is ``m`` after the last release (float64, as the noisy sums; 8
+    bytes per coordinate; None before the first); a state whose length is not
+    the next noisy sum's (another model) is dropped and the sum starts again.
     """
 
     def __init__(self, beta: float, state: np.ndarray | None = None) -> None:
         check_client_momentum(beta)
         self.beta = float(beta)
-        self.state = None if state is None else np.asarray(state, dtype=np.float32).reshape(-1)
+        self.state = None if state is None else np.asarray(state, dtype=np.float64).reshape(-1)
 
     def add(self, noisy: torch.Tensor) -> torch.Tensor:
         """Fold one noisy sum ``[d]`` into ``m``; return the new ``m`` (float64), whose sign is released."""
         m = noisy.to(torch.float64)
         if self.state is not None and self.state.shape[0] == m.shape[0]:
-            m = torch.from_numpy(self.state).to(m.device, torch.float64).mul_(self.beta).add_(m)
-        self.state = m.to(torch.float32).cpu().numpy()
+            m = torch.from_numpy(self.state.copy()).to(m.device).mul_(self.beta).add_(m)
+        self.state = m.cpu().numpy().copy()
         return m
