@@ -46,6 +46,6 @@ class ClientMomentum:
         """Fold one noisy sum ``[d]`` into ``m``; return the new ``m`` (float64), whose sign is released."""
         m = noisy.to(torch.float64)
         if self.state is not None and self.state.shape[0] == m.shape[0]:
-            m = torch.from_numpy(self.state.copy()).to(m.device).mul_(self.beta).add_(m)
-        self.state = m.cpu().numpy().copy()
+            m = torch.from_numpy(self.state).to(m.device) * self.beta + m
+        self.state = m.cpu().numpy().copy()  # not a view of the returned tensor
         return m
