@@ -180,6 +180,25 @@ def test_participation_below_fraction_train_gets_a_warning_and_an_equal_one_none
     assert "warning" not in capsys.readouterr().err
 
 
+def test_client_momentum_with_the_robust_vote_gets_a_warning_and_with_the_plain_majority_none(capsys):
+    from dpsign_fl.settings import main
+
+    assert main(["client-momentum=0.7"]) == 0  # the robust vote is the default
+    assert "warning: client-momentum=0.7 with vote='robust'" in capsys.readouterr().err
+    for quiet in ("client-momentum=0.7 vote='majority'", "client-momentum=0", ""):
+        assert main([quiet]) == 0
+        assert "warning" not in capsys.readouterr().err, quiet
+
+
+def test_the_shakespeare_warning_names_the_recipes_measured_settings(capsys):
+    from dpsign_fl.settings import main
+
+    assert main(["dataset='shakespeare'"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: dataset 'shakespeare' runs with sample-rate=0.3" in err
+    assert "learning-rate=0.01" in err and "pretrain-steps=900" in err
+
+
 def test_the_release_path_does_not_import_the_experiment_hooks():
     # Experiments reach a round only through the seam the app installs (dpsign_fl.experiments.hooks).
     lines = fresh_interpreter_lines(
