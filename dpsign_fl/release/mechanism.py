@@ -29,6 +29,7 @@ Privacy of one release (docs/privacy.md has the whole model):
 
 from __future__ import annotations
 
+import math
 import numbers
 import secrets
 import sys
@@ -298,8 +299,58 @@ def noisy_sum(
             f"noise_multiplier * clip_norm must be a normal float64, got {noise_multiplier!r} * {clip_norm!r} = {scale!r}"
         )
     generator = generator if generator is not None else secure_generator(device=total.device)
-    noise = torch.randn(total.shape, generator=generator, device=total.device, dtype=torch.float64)
+    noise = standard_normal(total.numel(), generator=generator, device=total.device).reshape(total.shape)
     return noise.mul_(scale).add_(total)  # total + noise * scale, without two more temporaries
+
+
+_BOX_MULLER_BLOCK = 16
+"""Draws per block of :func:`standard_normal`'s CPU path: 8 radii and 8 angles from 16 uniforms."""
+
+
+def standard_normal(count: int, *, generator: torch.Generator, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Return ``count`` independent N(0, 1) draws in float64: ``torch.randn``'s draws, computed faster on the CPU.
+
+    On the CPU ``torch.randn`` in float64 draws the Box-Muller transform of
+    float64 uniforms (k / 2^53), element by element. This draws the same
+    uniforms from ``generator`` in the same order and applies the same
+    transform to whole blocks with vectorised ``log``, ``sqrt``, ``cos`` and
+    ``sin`` (2.4 -> 1.6 ms for 136,545 draws, docs/performance.md): in each
+    block of 16 uniforms, ``u_j`` and ``u_{j+8}`` (j < 8) give
+    ``r = sqrt(-2 log(1 - u_j))`` and ``theta = 2 pi u_{j+8}``, then
+    ``r cos(theta)`` at j and ``r sin(theta)`` at j + 8; when ``count`` is not
+    a multiple of 16 the last 16 are drawn again from 16 fresh uniforms. Each
+    draw equals ``torch.randn``'s up to the rounding of those functions (a few
+    units in the last place) and the generator ends in the same state, so
+    seeded runs make the same releases (a sign could differ only where the
+    noisy sum lies within about 1e-15 of zero). Privacy needs a Gaussian draw
+    in float64, not these exact numbers: ``1 - u >= 2^-53``, so the largest
+    magnitude is ``sqrt(106 log 2) = 8.57``, as for ``torch.randn``. Fewer
+    than 16 draws, and other devices, call ``torch.randn``.
+    """
+    device = torch.device(device)
+    if device.type != "cpu" or count < _BOX_MULLER_BLOCK:
+        return torch.randn(count, generator=generator, device=device, dtype=torch.float64)
+    draws = torch.rand(count, generator=generator, dtype=torch.float64)
+    whole = count - count % _BOX_MULLER_BLOCK
+    _box_muller_(draws[:whole])
+    if whole < count:  # the last block overlaps the one before it, as in torch.randn
+        draws[-_BOX_MULLER_BLOCK:] = _box_muller_(torch.rand(_BOX_MULLER_BLOCK, generator=generator, dtype=torch.float64))
+    return draws
+
+
+def _box_muller_(uniforms: torch.Tensor) -> torch.Tensor:
+    """Replace blocks of 16 ``uniforms`` (length a multiple of 16) by their Box-Muller transform, in place.
+
+    Two temporaries of half the length; the transform's results are written straight into ``uniforms``.
+    """
+    blocks = uniforms.view(-1, 2, _BOX_MULLER_BLOCK // 2)
+    # Contiguous copies (not views, even where a view would pass as contiguous): the transform runs faster on them.
+    radius = blocks[:, 0].clone(memory_format=torch.contiguous_format)
+    radius.neg_().add_(1.0).log_().mul_(-2.0).sqrt_()  # 1 - u is exact and >= 2^-53
+    angle = blocks[:, 1].clone(memory_format=torch.contiguous_format).mul_(2.0 * math.pi)
+    torch.mul(torch.sin(angle), radius, out=blocks[:, 1])
+    torch.mul(radius, angle.cos_(), out=blocks[:, 0])
+    return uniforms
 
 
 def dp_sign(
