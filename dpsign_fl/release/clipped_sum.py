@@ -180,7 +180,7 @@ def _layer_pass(model, loss_fn, inputs, targets, clip_norm, clipping, chunk_size
                 squares += layer[1]
             factors = clip_factors(squares.sqrt(), clip_norm=clip_norm, clipping=clipping)
             keep_rows = finite_rows(squares)
-            offsets = _offsets(model)
+            sums = {}
             for index in range(len(layers)):
                 (module, _, cache, a, g), layers[index] = layers[index], None  # free as we go
                 weights = factors
@@ -189,8 +189,10 @@ def _layer_pass(model, loss_fn, inputs, targets, clip_norm, clipping, chunk_size
                     weights = factors[keep_rows]
                     cache = {key: value[keep_rows] for key, value in cache.items()}
                 for name, value in RULES[type(module)].total(module, a, g, weights, cache).items():
-                    start, end = offsets[id(getattr(module, name))]
-                    total[start:end] = value.reshape(-1)
+                    sums[id(getattr(module, name))] = value.reshape(-1)
+            # One copy into ``total``; a parameter whose layer does not reach the loss gets zeros.
+            params = [p for p in model.parameters() if p.requires_grad]
+            torch.cat([sums.pop(id(p)) if id(p) in sums else p.new_zeros(p.numel()) for p in params], out=total)
     return total
 
 
@@ -376,14 +378,4 @@ def _check_uses(owners: list[nn.Module], reached: set, uses: Counter) -> None:
                     f"a parameter of a {type(module).__name__} reaches the loss {uses[id(p)]} times, "
                     f"expected {expected} (used outside its layer's forward?)"
                 )
-
-
-def _offsets(model: nn.Module) -> dict[int, tuple[int, int]]:
-    offsets, start = {}, 0
-    for p in model.parameters():
-        if p.requires_grad:
-            offsets[id(p)] = (start, start + p.numel())
-            start += p.numel()
-    return offsets
-
 
