@@ -345,6 +345,19 @@ def test_set_applies_only_to_the_runs_only_selects(tmp_path, capsys):
     assert [(r["label"], r["learning_rate"]) for r in records] == [("dp-signsgd-none", 0.0)]
 
 
+def test_the_cli_prints_the_settings_checkers_warnings_for_the_runs_it_will_run(tmp_path, capsys):
+    _write_mushroom(tmp_path / "data" / "mushroom")
+    argv = ["mushroom-logreg", "--data-dir", str(tmp_path / "data"), "--rounds", "1", "--only", "dp-signsgd-none"]
+
+    assert main([*argv, "--out", str(tmp_path / "quiet"), "--no-progress", "--no-plots"]) == 0
+    quiet = capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "momentum"), "--no-progress", "--no-plots", "--set", "client-momentum=0.5"]) == 0
+    warned = capsys.readouterr().err
+
+    assert "warning:" not in quiet
+    assert "warning: dp-signsgd-none: client-momentum=0.5 with vote='robust'" in warned
+
+
 def test_resume_runs_only_the_labels_missing_from_results(tmp_path, capsys):
     _write_mushroom(tmp_path / "data" / "mushroom")
     out = tmp_path / "out"

@@ -22,7 +22,7 @@ import torch
 
 from ..atomic_file import json_safe, write_json_atomic
 from ..results import plot_metrics
-from ..settings import ConfigError
+from ..settings import ConfigError, tuning_warnings
 from .loop import Experiment, experiment_from_fields, run_experiment
 from .recipes import RECIPES, RecipeOptions, get_recipe
 
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for line in _tuning_warnings(runs):
+        print(f"warning: {line}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.resume:
@@ -108,6 +110,18 @@ def main(argv: list[str] | None = None) -> int:
         plot_accuracy(records, out / PLOT_FILE, title=f"{recipe.name}: {recipe.description}")
     print(format_table(records))
     return 0
+
+
+def _tuning_warnings(runs: list[Experiment]) -> list[str]:
+    """The settings checker's warnings (:func:`dpsign_fl.settings.tuning_warnings`) for ``runs``.
+
+    Each text once, after the labels of the runs it concerns.
+    """
+    labels: dict[str, list[str]] = {}
+    for run in runs:
+        for text in tuning_warnings(run.run):
+            labels.setdefault(text, []).append(run.name())
+    return [f"{', '.join(names)}: {text}" for text, names in labels.items()]
 
 
 def resume_runs(

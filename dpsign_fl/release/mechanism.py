@@ -334,7 +334,8 @@ def standard_normal(count: int, *, generator: torch.Generator, device: str | tor
     whole = count - count % _BOX_MULLER_BLOCK
     _box_muller_(draws[:whole])
     if whole < count:  # the last block overlaps the one before it, as in torch.randn
-        draws[-_BOX_MULLER_BLOCK:] = _box_muller_(torch.rand(_BOX_MULLER_BLOCK, generator=generator, dtype=torch.float64))
+        tail = torch.rand(_BOX_MULLER_BLOCK, generator=generator, dtype=torch.float64)
+        draws[-_BOX_MULLER_BLOCK:] = _box_muller_(tail)
     return draws
 
 
