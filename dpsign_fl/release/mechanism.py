@@ -314,7 +314,7 @@ def standard_normal(count: int, *, generator: torch.Generator, device: str | tor
     float64 uniforms (k / 2^53), element by element. This draws the same
     uniforms from ``generator`` in the same order and applies the same
     transform to whole blocks with vectorised ``log``, ``sqrt``, ``cos`` and
-    ``sin`` (2.4 -> 1.6 ms for 136,545 draws, docs/performance.md): in each
+    ``sin`` (in a release, 2.4 -> 1.6 ms for 136,545 draws; docs/performance.md): in each
     block of 16 uniforms, ``u_j`` and ``u_{j+8}`` (j < 8) give
     ``r = sqrt(-2 log(1 - u_j))`` and ``theta = 2 pi u_{j+8}``, then
     ``r cos(theta)`` at j and ``r sin(theta)`` at j + 8; when ``count`` is not
