@@ -135,7 +135,7 @@ def clipped_gradient_sum(
         return total
     if method != "vmap":
         try:
-            return _layer_pass(model, loss_fn, inputs, targets, clip_norm, clipping, chunk_size, total)
+            return _layer_pass(model, params, loss_fn, inputs, targets, clip_norm, clipping, chunk_size, total)
         except _Unsupported as error:
             if method == "layers":
                 raise ValueError(f"method='layers' cannot handle this model: {error}; use method='vmap'") from None
@@ -167,7 +167,7 @@ def _vmap_pass(model, loss_fn, inputs, targets, clip_norm, clipping, chunk_size,
 # ---------------------------------------------------------------- the layer pass
 
 
-def _layer_pass(model, loss_fn, inputs, targets, clip_norm, clipping, chunk_size, total):
+def _layer_pass(model, params, loss_fn, inputs, targets, clip_norm, clipping, chunk_size, total):
     owners, loss, kept = _forward(model, loss_fn, inputs, targets)
     uses, first = _walk_graph(loss, [out for _, _, out in kept])
     with Keeper(_grants(kept)) as keeper:
@@ -191,7 +191,6 @@ def _layer_pass(model, loss_fn, inputs, targets, clip_norm, clipping, chunk_size
                 for name, value in RULES[type(module)].total(module, a, g, weights, cache).items():
                     sums[id(getattr(module, name))] = value.reshape(-1)
             # One copy into ``total``; a parameter whose layer does not reach the loss gets zeros.
-            params = [p for p in model.parameters() if p.requires_grad]
             torch.cat([sums.pop(id(p)) if id(p) in sums else p.new_zeros(p.numel()) for p in params], out=total)
     return total
 
