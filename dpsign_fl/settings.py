@@ -486,6 +486,10 @@ MEASURED_SETTINGS = {
     ),
 }
 """Per dataset, settings docs/results.md measured, for the warning of :func:`tuning_warnings`."""
+AUTOMATIC_STEPS_DIVERGED = {
+    "shakespeare": "on char-transformer by play they reached 16.3% at round 150 and fell to 2.4% by round 300",
+}
+"""Datasets on which docs/results.md measured the automatic steps diverging, for :func:`tuning_warnings`."""
 
 
 def tuning_warnings(settings: RunSettings, options: FlowerOptions | None = None) -> list[str]:
@@ -500,6 +504,8 @@ def tuning_warnings(settings: RunSettings, options: FlowerOptions | None = None)
     - ``client-momentum`` with the robust vote: honest clients then repeat
       themselves from round to round, and the vote's repetition statistic
       stops finding attackers that repeat a push (docs/robustness.md).
+    - Automatic steps (``learning-rate`` 0) on a dataset where they were
+      measured to diverge (:data:`AUTOMATIC_STEPS_DIVERGED`).
 
     Not errors: the user may mean it.
     """
@@ -517,13 +523,22 @@ def tuning_warnings(settings: RunSettings, options: FlowerOptions | None = None)
             "(measured in docs/robustness.md); its other filters still apply"
         )
     defaults = RunSettings()
-    if settings.dataset == "digits" or (settings.sample_rate, settings.num_rounds) != (defaults.sample_rate, defaults.num_rounds):
-        return warnings
-    return warnings + [
-        f"dataset {settings.dataset!r} runs with sample-rate={defaults.sample_rate:g} and num-server-rounds="
-        f"{defaults.num_rounds}, the defaults chosen for the embedded digits; docs/results.md measured "
-        f"{MEASURED_SETTINGS[settings.dataset]}"
-    ]
+    digits_defaults = settings.dataset != "digits" and (settings.sample_rate, settings.num_rounds) == (
+        defaults.sample_rate, defaults.num_rounds
+    )
+    if settings.learning_rate == AUTOMATIC and settings.dataset in AUTOMATIC_STEPS_DIVERGED:
+        measured = "" if digits_defaults else f"; it measured {MEASURED_SETTINGS[settings.dataset]}"  # else said below
+        warnings.append(
+            f"learning-rate=0 (automatic steps) on dataset {settings.dataset!r}: docs/results.md measured them "
+            f"diverging ({AUTOMATIC_STEPS_DIVERGED[settings.dataset]}){measured}"
+        )
+    if digits_defaults:
+        warnings.append(
+            f"dataset {settings.dataset!r} runs with sample-rate={defaults.sample_rate:g} and num-server-rounds="
+            f"{defaults.num_rounds}, the defaults chosen for the embedded digits; docs/results.md measured "
+            f"{MEASURED_SETTINGS[settings.dataset]}"
+        )
+    return warnings
 
 
 def check_run_config(overrides: Mapping[str, Any], *, other_groups: tuple = ()) -> tuple[RunSettings, FlowerOptions]:

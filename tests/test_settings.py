@@ -209,3 +209,20 @@ def test_the_release_path_does_not_import_the_experiment_hooks():
 
     assert lines[0] == "[]"
     assert lines[1] == "True"  # negative control: the in-process app installs the seam, and the probe sees it
+
+
+def test_automatic_steps_on_shakespeare_get_a_warning_and_a_learning_rate_or_another_dataset_none(capsys):
+    from dpsign_fl.settings import main
+
+    tuned = "dataset='shakespeare' sample-rate=0.05 num-server-rounds=1000"
+    assert main([tuned]) == 0  # learning-rate 0, the app's default: automatic steps
+    err = capsys.readouterr().err
+    assert "warning: learning-rate=0 (automatic steps) on dataset 'shakespeare'" in err
+    assert "2.4%" in err and "learning-rate=0.01" in err  # what diverged, and what was measured instead
+    assert err.count("warning") == 1
+    for quiet in (f"{tuned} learning-rate=0.01", "dataset='mnist' sample-rate=0.05 num-server-rounds=1000"):
+        assert main([quiet]) == 0
+        assert "warning" not in capsys.readouterr().err, quiet
+    assert main(["dataset='shakespeare'"]) == 0  # with the digits' defaults too: two warnings, the settings once
+    err = capsys.readouterr().err
+    assert err.count("warning") == 2 and err.count("learning-rate=0.01") == 1
