@@ -342,7 +342,8 @@ def standard_normal(count: int, *, generator: torch.Generator, device: str | tor
 def _box_muller_(uniforms: torch.Tensor) -> torch.Tensor:
     """Replace blocks of 16 ``uniforms`` (length a multiple of 16) by their Box-Muller transform, in place.
 
-    Two temporaries of half the length; the transform's results are written straight into ``uniforms``.
+    Three temporaries of half the length (the radii, the angles, their sines); the results are written straight
+    into ``uniforms``.
     """
     blocks = uniforms.view(-1, 2, _BOX_MULLER_BLOCK // 2)
     # Contiguous copies (not views, even where a view would pass as contiguous): the transform runs faster on them.
