@@ -10,6 +10,12 @@ One `flower-superlink` and four `flower-supernode`s on 127.0.0.1, one 2-round ru
 - ``pinned`` has its own FLWR_HOME and ``--trusted-entities`` (a YAML file with an
   Ed25519 public key made here): the open-source SuperLink sends no signature for
   a bundle of `flwr run .`, so this node must refuse the bundle every time.
+
+The bundle is installed into the shared FLWR_HOME before the run, as docs/deployment.md
+tells users who share one: Flower 1.42 installs a new bundle when a node first needs it
+and treats the folder as installed as soon as it exists, so three nodes that get their
+first message at once can race (a CI run lost one node's round-1 reply to "An exception
+was raised when attempting to load `ClientApp`").
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from flwr.cli.build import build_fab_from_disk
+from flwr.cli.install import install_from_fab
 from flwr.common.constant import ErrorCode
 
 from dpsign_fl.privacy.ledger_store import read_ledger_file
@@ -67,7 +74,9 @@ def shared_home_run(tmp_path_factory):
             )
         deployment.wait_for_online_nodes(SHARED + 1)
         ready = time.monotonic()
-        fab_hash = hashlib.sha256(build_fab_from_disk(REPO)).hexdigest()  # what `flwr run .` sends
+        fab = build_fab_from_disk(REPO)  # what `flwr run .` sends
+        fab_hash = hashlib.sha256(fab).hexdigest()
+        install_from_fab(fab, install_dir=shared_home, skip_prompt=True)  # `FLWR_HOME=<shared> flwr install <bundle>.fab`
         results = root / "results"
         outcome = deployment.run(
             f"num-server-rounds={ROUNDS} min-available-nodes={SHARED + 1} min-train-nodes={SHARED} "
