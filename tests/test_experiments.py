@@ -25,7 +25,7 @@ from dpsign_fl.data import load_dataset, partition_indices
 from dpsign_fl.experiments import Experiment, run_experiment
 from dpsign_fl.experiments import __main__ as experiments_main
 from dpsign_fl.experiments.__main__ import main
-from dpsign_fl.experiments.recipes import RECIPES
+from dpsign_fl.experiments.recipes import RECIPES, SHAKESPEARE_LEARNING_RATE, SHAKESPEARE_ROLE_PRIVATE_LEARNING_RATE
 from dpsign_fl.models import build_model
 from dpsign_fl.vote.packing import pack_signs
 from dpsign_fl.parameters import model_vector
@@ -574,6 +574,12 @@ def test_shakespeare_recipe_lists_every_method_for_each_partition_on_the_same_ro
         assert run.run.participation == run.clients_per_round / run.num_clients
     assert {r.run.vote for r in runs if r.name().endswith("-majority")} == {"majority"}
     assert RECIPES["shakespeare"].floor[0] == "bigram"
+    steps = {r.name(): r.run.learning_rate for r in runs}
+    for partition, private_step in (("play", SHAKESPEARE_LEARNING_RATE), ("role", SHAKESPEARE_ROLE_PRIVATE_LEARNING_RATE)):
+        for label in ("dp-signsgd-eps8", "dp-signsgd-eps8-majority", "dp-signsgd-eps3"):
+            assert steps[f"{partition}-transformer-{label}"] == private_step
+        assert steps[f"{partition}-transformer-signsgd"] == SHAKESPEARE_LEARNING_RATE
+    assert SHAKESPEARE_ROLE_PRIVATE_LEARNING_RATE != SHAKESPEARE_LEARNING_RATE
 
 
 def test_shakespeare_recipe_runs_a_label_for_two_rounds_and_writes_the_bigram_floor(tmp_path, capsys):
