@@ -3,12 +3,10 @@
 import builtins
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from dpsign_fl.data import features
-from dpsign_fl.data import load_dataset
 from dpsign_fl.data.loading import Dataset
 from dpsign_fl.cache import cache_dir
 from dpsign_fl.data.features import load_run_dataset, scattering_features

@@ -22,7 +22,7 @@ from dpsign_fl.data import load_dataset
 from dpsign_fl.flower.client import BUDGET_EXHAUSTED_CODE, clear_data_cache, client_data, handle_train
 from dpsign_fl.flower.records import NODE_ERROR_CODE, NODE_ERROR_REASON
 from dpsign_fl.flower.node import NodeConfig, parse_node_config
-from dpsign_fl.settings import ConfigError, RunSettings, from_mapping
+from dpsign_fl.settings import RunSettings, from_mapping
 from dpsign_fl.flower.records import LEDGER_STATE_KEY, model_to_arrays
 from dpsign_fl.models import build_model, default_model
 from dpsign_fl.privacy import PrivacyLedger

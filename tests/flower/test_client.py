@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from dpsign_fl.data import load_dataset
 from dpsign_fl.flower import client as client_module
 from dpsign_fl.flower.client import BUDGET_EXHAUSTED_CODE, INVALID_INSTRUCTION_CODE, NODE_ERROR_CODE, NODE_ERROR_REASON
-from dpsign_fl.settings import ConfigError, parse_run_config
+from dpsign_fl.settings import parse_run_config
 from dpsign_fl.flower.records import LEDGER_STATE_KEY, MOMENTUM_STATE_KEY, load_ledger, model_to_arrays
 from dpsign_fl.models import build_model, default_model
 from dpsign_fl.vote.packing import payload_bytes

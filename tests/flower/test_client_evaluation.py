@@ -4,7 +4,7 @@ import inspect
 import logging
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from dpsign_fl import SignMajorityVote, pack_signs

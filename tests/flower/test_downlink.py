@@ -4,17 +4,14 @@ run_server with the ClientApp handler on an in-process Grid (each node keeps its
 Context, as a simulated SuperNode does), so these are the real messages.
 """
 
-import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import Context, RecordDict
 
 from dpsign_fl.flower.records import NPY_HEADER_BYTES, load_replica
 from dpsign_fl.flower.server import run_server
-from dpsign_fl.vote.model_sync import state_digest
 from dpsign_fl.flower.inprocess import InProcessGrid
 
 from ..test_settings import pyproject_defaults

@@ -9,7 +9,6 @@ from functools import partial
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from dpsign_fl import rounds
