@@ -78,18 +78,6 @@ class ReleasePlan:
         return len(rest) == 1 and (rest[0].sample_rate, rest[0].noise_multiplier) == (q, sigma) and rest[0].count < self.num_releases
 
 
-PARTICIPATION_MARGIN = 3.0
-"""z, the standard deviations of Binomial(T, p) the plan adds to the expected T * p releases.
-
-A client sampled independently with probability p in each of T rounds (K of N
-clients at random: p = K/N) takes part Binomial(T, p) times. At z = 3 one client
-in 800 is sampled more often than planned (T = 1000, p = 10/42: 1.25e-3, exact),
-and refused for its last few samplings, for 3-10% more noise than planning for
-the mean alone; z = 4 would cost another 1-3%. docs/privacy.md has the tables
-(``scripts/participation_plan.py``).
-"""
-
-
 def planned_releases(settings: RunSettings) -> int:
     """The releases a client plans for: T, or ceil(T p + z sqrt(T p (1 - p))) when it takes part in a fraction p of the rounds.
 
@@ -99,8 +87,8 @@ def planned_releases(settings: RunSettings) -> int:
 
     Args:
         settings: the run; ``num_rounds`` (T) and ``participation`` (p, in
-            (0, 1], validated by :class:`RunSettings`). z is
-            :data:`PARTICIPATION_MARGIN`.
+            (0, 1], validated by :class:`RunSettings`) and
+            ``participation_margin`` (z, default :data:`dpsign_fl.settings.PARTICIPATION_MARGIN`).
 
     Returns:
         The count, in [1, T] (a client releases at most once per round).
@@ -109,7 +97,7 @@ def planned_releases(settings: RunSettings) -> int:
     if participation >= 1:
         return num_rounds
     mean = num_rounds * participation
-    margin = PARTICIPATION_MARGIN * math.sqrt(mean * (1.0 - participation))
+    margin = settings.participation_margin * math.sqrt(mean * (1.0 - participation))
     return min(num_rounds, max(1, math.ceil(mean + margin)))
 
 

@@ -35,6 +35,18 @@ from .vote.server_update import AUTOMATIC, LR_SCHEDULES
 from .vote import DEFAULT_VOTE, VOTE_RULES
 
 SEED_LIMIT = 2**63
+PARTICIPATION_MARGIN = 3.0
+"""z, the standard deviations of Binomial(T, p) the plan adds to the expected T * p releases (run-config
+``participation-margin``; :func:`dpsign_fl.rounds.planned_releases`).
+
+A client sampled independently with probability p in each of T rounds (K of N
+clients at random: p = K/N) takes part Binomial(T, p) times. At z = 3 one client
+in 800 is sampled more often than planned (T = 1000, p = 10/42: 1.25e-3, exact),
+and refused for its last few samplings, for 3-10% more noise than planning for
+the mean alone; z = 4 would cost another 1-3%. docs/privacy.md has the tables
+(``scripts/participation_plan.py``). A server that samples every client equally
+often (the research loop's ``client_schedule="balanced"``) needs no margin: z = 0.
+"""
 """Seeds are integers in [0, SEED_LIMIT)."""
 
 
@@ -291,6 +303,11 @@ class RunSettings:
         1.0, low=0, high=1, low_open=True,
         help="p, the expected fraction of the rounds a client takes part in (K/N when each round samples K of N "
         "clients); noise is planned for about T*p releases plus a margin; 1 = every round, the safe default",
+    )
+    participation_margin: float = setting(
+        PARTICIPATION_MARGIN, low=0, high=10,
+        help="z, the standard deviations of Binomial(T, p) the noise plan adds to T*p releases; 0 = exactly "
+        "ceil(T*p), for a server that samples every client equally often (the ledger refuses releases past the plan)",
     )
     target_epsilon: float = setting(8.0, low=_C["epsilon_range"][0], high=_C["epsilon_range"][1], help="epsilon each client may spend over the run")
     target_delta: float = setting(1e-5, low=_C["delta_range"][0], high=_C["delta_range"][1], help="delta at which epsilon is accounted")

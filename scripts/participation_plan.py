@@ -6,7 +6,7 @@ Two Markdown tables for docs/privacy.md ("Planning for partial participation"):
 
 1. sigma (PLD, delta 1e-5) planned by :func:`dpsign_fl.rounds.plan_release`
    for participation 1 (T releases) and p = K/N (the margin of
-   :data:`dpsign_fl.rounds.PARTICIPATION_MARGIN`), beside sigma for exactly
+   :data:`dpsign_fl.settings.PARTICIPATION_MARGIN`), beside sigma for exactly
    ceil(T p) releases (no margin) and for z = 4, from
    :func:`dpsign_fl.privacy.calibrate_noise_multiplier`.
 2. For margins z = 0, 2, 3, 4: how many of N clients are sampled more often
@@ -21,22 +21,20 @@ It prints, it never edits docs.
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 from scipy.stats import binom
 
 from dpsign_fl.privacy import calibrate_noise_multiplier
-from dpsign_fl.rounds import PARTICIPATION_MARGIN, plan_release, planned_releases
-from dpsign_fl.settings import RunSettings
+from dpsign_fl.rounds import plan_release, planned_releases
+from dpsign_fl.settings import PARTICIPATION_MARGIN, RunSettings
 
 DELTA = 1e-5
 
 
 def count_with_margin(num_rounds: int, participation: float, z: float) -> int:
-    """ceil(T p + z sqrt(T p (1 - p))), within [1, T]: the planner's formula at another margin."""
-    mean = num_rounds * participation
-    return min(num_rounds, max(1, math.ceil(mean + z * math.sqrt(mean * (1 - participation)))))
+    """The planner's count (:func:`dpsign_fl.rounds.planned_releases`) at margin z."""
+    return planned_releases(RunSettings(num_rounds=num_rounds, participation=participation, participation_margin=z))
 
 
 def sigma_cell(count: int, *, num_rounds: int, sample_rate: float, target_epsilon: float, target_delta: float) -> str:
@@ -84,8 +82,6 @@ def run_out_table(clients: int, per_round: int, runs: int) -> None:
         counts = simulated_counts(num_rounds, clients, per_round, runs)
         for z in (0.0, 2.0, 3.0, 4.0):
             planned = count_with_margin(num_rounds, participation, z)
-            if z == PARTICIPATION_MARGIN:  # the planner itself, not the formula copied
-                planned = planned_releases(RunSettings(num_rounds=num_rounds, participation=participation))
             tail = float(binom.sf(planned, num_rounds, participation))
             excess = np.arange(planned + 1, num_rounds + 1)
             refused = float(np.sum((excess - planned) * binom.pmf(excess, num_rounds, participation)))

@@ -629,6 +629,49 @@ def test_each_round_draws_clients_per_round_distinct_clients_the_same_for_every_
     assert round_clients(experiment.with_changes(clients_per_round=0, participation=1.0), 1) == list(range(50))
 
 
+def test_the_balanced_schedule_draws_every_client_floor_or_ceil_of_t_k_over_n_times_and_random_does_not():
+    from dpsign_fl.experiments.loop import round_clients
+
+    experiment = Experiment.create(
+        num_clients=105, clients_per_round=2, participation=2 / 105, num_rounds=1000, client_schedule="balanced"
+    )
+    counts = np.zeros(105, dtype=int)
+    for t in range(1, 1001):
+        drawn = round_clients(experiment, t)
+        assert len(set(drawn)) == 2 and all(0 <= m < 105 for m in drawn)
+        counts[drawn] += 1
+        assert counts.max() - counts.min() <= 1  # at every round, not only at the end
+    assert (counts.min(), counts.max()) == (19, 20)  # 2,000 draws of 105 clients: 19.05 each
+    assert round_clients(experiment, 7) == round_clients(experiment.with_changes(method="fedavg", learning_rate=0.1), 7)
+    assert round_clients(experiment, 7) == round_clients(experiment.with_changes(num_rounds=2000), 7)
+    other_seed = [round_clients(experiment.with_changes(noise_seed=1), t) for t in range(1, 101)]
+    assert other_seed != [round_clients(experiment, t) for t in range(1, 101)]
+    # The negative control: the random schedule spreads the same draws far wider.
+    random = np.zeros(105, dtype=int)
+    for t in range(1, 1001):
+        random[round_clients(experiment.with_changes(client_schedule="random"), t)] += 1
+    assert random.sum() == 2000 and random.max() - random.min() > 5
+
+
+@pytest.mark.parametrize("schedule, refusals", [("balanced", False), ("random", True)])
+def test_a_plan_without_margin_is_never_refused_with_the_balanced_schedule_but_is_with_random_draws(
+    digits, schedule, refusals
+):
+    from dpsign_fl.experiments import loop
+
+    experiment = Experiment.create(
+        dataset="digits", num_clients=10, clients_per_round=3, participation=0.3, participation_margin=0.0,
+        num_rounds=20, sample_rate=0.05, reproducible_noise=True, client_schedule=schedule, eval_every=20,
+    )
+
+    record = loop.run_experiment(experiment, dataset=digits, progress=False)
+
+    assert rounds.plan_release(experiment.run).num_releases == 6  # 20 * 3 / 10 exactly
+    assert record["noise_multiplier"] == rounds.plan_release(experiment.run).release.noise_multiplier
+    assert (record["refused"] > 0) is refusals
+    assert record["epsilon"] <= 8.0
+
+
 def test_a_client_drawn_in_some_rounds_releases_only_in_those_rounds(digits, monkeypatch):
     from dpsign_fl.experiments import loop
 

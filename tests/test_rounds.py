@@ -33,6 +33,22 @@ def test_planned_count_is_the_mean_plus_three_standard_deviations_within_one_and
     assert planned_releases(settings) == count
 
 
+@pytest.mark.parametrize(
+    "num_rounds, participation, margin, count",
+    [
+        (1000, 20 / 1049, 0.0, 20),  # 19.07 rounded up: 20 of 1,049 roles a round, every role drawn 19 or 20 times
+        (1000, 20 / 1049, 2.0, 28),  # 19.07 + 2 * 4.32 = 27.7
+        (1000, 20 / 1049, 3.0, 33),  # 19.07 + 3 * 4.32 = 32.0: the default
+        (60, 0.25, 0.0, 15),  # exactly T p
+        (60, 1.0, 0.0, 60),  # every round: T, whatever the margin
+    ],
+)
+def test_the_margin_is_a_setting_and_zero_plans_exactly_t_p_rounded_up(num_rounds, participation, margin, count):
+    settings = RunSettings(num_rounds=num_rounds, participation=participation, participation_margin=margin)
+    assert planned_releases(settings) == count
+    assert RunSettings().participation_margin == 3.0
+
+
 @pytest.mark.parametrize("participation", [0.25, 1.0])
 def test_planned_sigma_is_the_calibrated_sigma_for_the_planned_count(participation):
     settings = RunSettings(num_rounds=60, sample_rate=0.3, target_epsilon=2.0, participation=participation)

@@ -27,7 +27,11 @@ round runs the SAME client and server rounds as the Flower app
 
 Clients per round: all ``num_clients``, or ``clients_per_round`` of them drawn
 without replacement in each round from ``noise_seed`` and the round (the same
-draw for every method, so that runs compare on the same clients).
+draw for every method, so that runs compare on the same clients). With
+``client_schedule="balanced"`` each round takes the clients drawn least often
+so far (ties broken at random from ``noise_seed``), so every client takes part
+in floor or ceil of ``num_rounds * clients_per_round / num_clients`` rounds and
+can plan for exactly that many releases (``participation_margin`` 0).
 
 Privacy: every private client keeps a :class:`dpsign_fl.privacy.PrivacyLedger`
 of the releases it actually made, and the reported epsilon is the largest
@@ -41,6 +45,7 @@ so a run is reproducible; otherwise from the OS's secure source.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -62,7 +67,7 @@ from ..vote.packing import pack_signs
 from ..parameters import load_model_vector, model_vector
 from ..privacy import PrivacyLedger
 from ..release import DEFAULT_CHUNK_SIZE, ClientMomentum, ReleaseSettings, adversarial_examples, seeded_generator
-from ..rounds import Budget, ReleasePlan, SignedUpdate, client_round, plan_for_round, plan_release, planned_releases, server_round
+from ..rounds import Budget, Refusal, ReleasePlan, SignedUpdate, client_round, plan_for_round, plan_release, planned_releases, server_round
 from ..vote.server_update import AUTOMATIC, VoteUpdater, learning_rate_at
 from ..settings import ConfigError, RunSettings, check_fields, setting, specs, to_mapping
 from .attacks import TARGETED_ATTACKS, attack_round, is_byzantine, targeted_push
@@ -70,6 +75,7 @@ from .compressors import sign as sign_of, sto_sign
 from .hooks import ExperimentOptions, gradient_noise_transform
 from .jin import jin_noise_multiplier
 
+CLIENT_SCHEDULES = ("random", "balanced")
 METHODS = ("dp-signsgd", "signsgd", "sgd", "fedavg", "jin-dp-sign", "jin-rectified", "sto-sign")
 REAL_VALUED_METHODS = ("sgd", "fedavg")
 PRIVATE_METHODS = ("dp-signsgd", "jin-dp-sign", "jin-rectified")
@@ -91,6 +97,11 @@ class Experiment:
     num_clients: int = setting(10, low=1, high=100_000, help="number of simulated clients")
     clients_per_round: int = setting(
         0, low=0, high=100_000, help="K, the clients drawn (without replacement) for each round; 0 = all num_clients"
+    )
+    client_schedule: str = setting(
+        "random", choices=CLIENT_SCHEDULES,
+        help="how the K clients of a round are drawn: random (independently each round) or balanced (those drawn "
+        "least often so far, ties at random: every client takes part floor or ceil of T K / N times)",
     )
     local_steps: int = setting(1, low=1, high=10_000, help="fedavg: SGD steps each client takes per round")
     noise_multiplier: float | None = setting(
@@ -327,6 +338,7 @@ def run_experiment(
         "setup_seconds": round(setup_seconds, 3),
         "excluded": state.excluded,
         "excluded_attackers": state.excluded_attackers,
+        "refused": state.refused,
         "history": history,
         "run_config": experiment.run_config(),
     }
@@ -364,6 +376,8 @@ class _RunState:
     momenta: list[ClientMomentum | None] = field(default_factory=list)
     excluded: int = 0
     excluded_attackers: int = 0
+    refused: int = 0
+    """Drawn clients whose ledger refused the release (their budget spent): they sent nothing that round."""
 
     @classmethod
     def start(cls, experiment: Experiment, dataset, *, log: Callable[[str], None]) -> "_RunState":
@@ -448,6 +462,7 @@ def _sign_round(state: _RunState, weights: np.ndarray, chosen: list[int], curren
                 generator=generator, per_example_transform=state.noise_transform, momentum=state.momenta[m],
             )
             if not isinstance(outcome, SignedUpdate):
+                state.refused += isinstance(outcome, Refusal)
                 continue
             payloads.append(outcome.packed)
         else:
@@ -475,14 +490,36 @@ def _sign_round(state: _RunState, weights: np.ndarray, chosen: list[int], curren
 def round_clients(experiment: Experiment, round_number: int) -> list[int]:
     """The clients of round ``round_number``: all, or ``clients_per_round`` drawn without replacement.
 
-    The draw depends only on ``noise_seed`` and the round, so every method of a
-    recipe trains on the same clients in the same round.
+    The draw depends only on ``noise_seed``, the round and (balanced) the run's
+    size, so every method of a recipe trains on the same clients in the same round.
     """
     total, drawn = experiment.num_clients, experiment.clients_per_round
     if drawn in (0, total):
         return list(range(total))
+    if experiment.client_schedule == "balanced":
+        rounds = max(experiment.run.num_rounds, round_number)
+        return list(balanced_schedule(experiment.run.noise_seed, total, drawn, rounds)[round_number - 1])
     rng = np.random.default_rng([experiment.run.noise_seed, round_number])
     return sorted(int(m) for m in rng.choice(total, size=drawn, replace=False))
+
+
+@functools.lru_cache(maxsize=4)
+def balanced_schedule(seed: int, num_clients: int, per_round: int, num_rounds: int) -> tuple[tuple[int, ...], ...]:
+    """The clients of rounds 1 .. ``num_rounds``: each round the ``per_round`` clients drawn least often so far.
+
+    Ties are broken at random (from ``seed``), so the clients' counts never
+    differ by more than one: after round t each client has been drawn floor or
+    ceil of ``t * per_round / num_clients`` times. Data-independent: nothing
+    here reads a client's data or replies.
+    """
+    rng = np.random.default_rng([seed, num_clients, per_round])
+    counts = np.zeros(num_clients)
+    rounds = []
+    for _ in range(num_rounds):
+        chosen = np.argpartition(counts + rng.random(num_clients), per_round - 1)[:per_round]
+        counts[chosen] += 1
+        rounds.append(tuple(sorted(int(m) for m in chosen)))
+    return tuple(rounds)
 
 
 def _local_sgd(model, weights: np.ndarray, client: ClientData, experiment: Experiment, eta: float, generator, current: int) -> np.ndarray:

@@ -368,7 +368,7 @@ def run_plan(settings: RunSettings, budget: Budget, ledger: PrivacyLedger, conte
 
     The plan fixes sigma for the whole run (the budget holds because every
     release of the run uses it), planned for :func:`planned_releases` releases
-    (run-config ``participation``) after the releases the ledger already
+    (run-config ``participation`` and ``participation-margin``) after the releases the ledger already
     holds; a server that samples this node more often is refused once the
     budget is spent. It is kept in the state because a deployed ClientApp runs
     in a fresh process for every message. Returns the reason instead when the
@@ -376,7 +376,7 @@ def run_plan(settings: RunSettings, budget: Budget, ledger: PrivacyLedger, conte
     """
     key = json.dumps(
         [budget.target_epsilon, budget.target_delta, settings.sample_rate, settings.num_rounds,
-         settings.participation, settings.accountant, settings.clip_norm, settings.clipping]
+         settings.participation, settings.participation_margin, settings.accountant, settings.clip_norm, settings.clipping]
     )
     stored = context.state[NOISE_STATE_KEY] if NOISE_STATE_KEY in context.state else None
     if stored is not None and stored.get("key") == key:

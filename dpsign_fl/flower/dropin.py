@@ -38,7 +38,10 @@ from .node import NodeConfig, parse_node_config, running_in_simulation
 PRIVACY_KEYS = ("target-epsilon", "target-delta", "sample-rate", "clip-norm", "num-server-rounds")
 """The run-config keys dp_sign_train reads when they are not given as arguments (required)."""
 
-OPTIONAL_KEYS = {"clipping": RunSettings.clipping, "accountant": RunSettings.accountant, "participation": RunSettings.participation}
+OPTIONAL_KEYS = {
+    "clipping": RunSettings.clipping, "accountant": RunSettings.accountant, "participation": RunSettings.participation,
+    "participation-margin": RunSettings.participation_margin,
+}
 """Run-config keys dp_sign_train also reads, with their defaults."""
 
 
