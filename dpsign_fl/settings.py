@@ -519,6 +519,9 @@ def tuning_warnings(settings: RunSettings, options: FlowerOptions | None = None)
     - ``participation`` below ``fraction-train`` (given ``options``): clients
       plan their noise for fewer releases than the rounds they will be asked
       in, and refuse once their budget is spent.
+    - ``participation-margin`` below its default with ``participation`` < 1 (given
+      ``options``: a Flower run, whose nodes Flower samples at random): a
+      client drawn more often than planned refuses its last samplings.
     - ``client-momentum`` with the robust vote: honest clients then repeat
       themselves from round to round, and the vote's repetition statistic
       stops finding attackers that repeat a push (docs/robustness.md).
@@ -533,6 +536,12 @@ def tuning_warnings(settings: RunSettings, options: FlowerOptions | None = None)
             f"participation={settings.participation:g} is below fraction-train={options.fraction_train:g}: each client "
             f"plans its noise for about {settings.participation:g} of the rounds but is asked in about "
             f"{options.fraction_train:g} of them, and refuses once its budget is spent"
+        )
+    if options is not None and settings.participation < 1 and settings.participation_margin < PARTICIPATION_MARGIN:
+        warnings.append(
+            f"participation-margin={settings.participation_margin:g} is below the default {PARTICIPATION_MARGIN:g}: "
+            "Flower samples nodes at random, so a node drawn more often than planned refuses its last samplings "
+            "(docs/privacy.md); a margin of 0 suits only a server that draws every client equally often"
         )
     if settings.client_momentum > 0 and settings.vote == "robust":
         warnings.append(
