@@ -101,6 +101,27 @@ def planned_releases(settings: RunSettings) -> int:
     return min(num_rounds, max(1, math.ceil(mean + margin)))
 
 
+def least_drawn(counts, k: int, rng: np.random.Generator) -> list[int]:
+    """The positions of the ``k`` smallest of ``counts`` (how often each client was drawn), ties broken at random.
+
+    The ``balanced`` client schedule (run-config ``client-schedule``): drawing
+    each round the clients drawn least often so far keeps every client's count
+    within one of every other's, so a client takes part in floor or ceil of
+    T K / N of T rounds and can plan for exactly that (``participation-margin``
+    0). Data-independent: it reads only the counts and ``rng``.
+
+    Raises:
+        ValueError: if ``k`` is not in [0, len(counts)].
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if not 0 <= k <= counts.shape[0]:
+        raise ValueError(f"k must be in [0, {counts.shape[0]}], got {k}")
+    if k == 0:
+        return []
+    keys = counts + rng.random(counts.shape[0])  # counts are integers: the uniform part only orders ties
+    return sorted(int(i) for i in np.argpartition(keys, k - 1)[:k])
+
+
 def plan_release(settings: RunSettings, budget: Budget | None = None, prior: tuple[Release, ...] = ()) -> ReleasePlan:
     """Plan a run's releases: sigma calibrated so that ``prior`` and :func:`planned_releases` releases meet the budget.
 

@@ -35,6 +35,8 @@ from .vote.server_update import AUTOMATIC, LR_SCHEDULES
 from .vote import DEFAULT_VOTE, VOTE_RULES
 
 SEED_LIMIT = 2**63
+CLIENT_SCHEDULES = ("random", "balanced")
+"""How a server picks each round's clients (run-config ``client-schedule``; :func:`dpsign_fl.rounds.least_drawn`)."""
 PARTICIPATION_MARGIN = 3.0
 """z, the standard deviations of Binomial(T, p) the plan adds to the expected T * p releases (run-config
 ``participation-margin``; :func:`dpsign_fl.rounds.planned_releases`).
@@ -45,7 +47,7 @@ in 800 is sampled more often than planned (T = 1000, p = 10/42: 1.25e-3, exact),
 and refused for its last few samplings, for 3-10% more noise than planning for
 the mean alone; z = 4 would cost another 1-3%. docs/privacy.md has the tables
 (``scripts/participation_plan.py``). A server that samples every client equally
-often (the research loop's ``client_schedule="balanced"``) needs no margin: z = 0.
+often (``client-schedule`` ``balanced``) needs no margin: z = 0.
 """
 """Seeds are integers in [0, SEED_LIMIT)."""
 
@@ -309,6 +311,11 @@ class RunSettings:
         help="z, the standard deviations of Binomial(T, p) the noise plan adds to T*p releases; 0 = exactly "
         "ceil(T*p), for a server that samples every client equally often (the ledger refuses releases past the plan)",
     )
+    client_schedule: str = setting(
+        "random", choices=CLIENT_SCHEDULES,
+        help="how the server picks a round's clients: random (independently each round) or balanced (those picked "
+        "least often so far, ties at random: every client takes part floor or ceil of T K / N times)",
+    )
     target_epsilon: float = setting(8.0, low=_C["epsilon_range"][0], high=_C["epsilon_range"][1], help="epsilon each client may spend over the run")
     target_delta: float = setting(1e-5, low=_C["delta_range"][0], high=_C["delta_range"][1], help="delta at which epsilon is accounted")
     sample_rate: float = setting(0.3, low=1e-4, high=1, help="q, the Poisson sampling rate of each client's data per round")
@@ -519,9 +526,9 @@ def tuning_warnings(settings: RunSettings, options: FlowerOptions | None = None)
     - ``participation`` below ``fraction-train`` (given ``options``): clients
       plan their noise for fewer releases than the rounds they will be asked
       in, and refuse once their budget is spent.
-    - ``participation-margin`` below its default with ``participation`` < 1 (given
-      ``options``: a Flower run, whose nodes Flower samples at random): a
-      client drawn more often than planned refuses its last samplings.
+    - ``participation-margin`` below its default with ``participation`` < 1 and
+      the random ``client-schedule``: a client drawn more often than planned
+      refuses its last samplings.
     - ``client-momentum`` with the robust vote: honest clients then repeat
       themselves from round to round, and the vote's repetition statistic
       stops finding attackers that repeat a push (docs/robustness.md).
@@ -537,11 +544,12 @@ def tuning_warnings(settings: RunSettings, options: FlowerOptions | None = None)
             f"plans its noise for about {settings.participation:g} of the rounds but is asked in about "
             f"{options.fraction_train:g} of them, and refuses once its budget is spent"
         )
-    if options is not None and settings.participation < 1 and settings.participation_margin < PARTICIPATION_MARGIN:
+    if (settings.participation < 1 and settings.participation_margin < PARTICIPATION_MARGIN
+            and settings.client_schedule == "random"):
         warnings.append(
-            f"participation-margin={settings.participation_margin:g} is below the default {PARTICIPATION_MARGIN:g}: "
-            "Flower samples nodes at random, so a node drawn more often than planned refuses its last samplings "
-            "(docs/privacy.md); a margin of 0 suits only a server that draws every client equally often"
+            f"participation-margin={settings.participation_margin:g} is below the default {PARTICIPATION_MARGIN:g} "
+            "with client-schedule='random': a client drawn more often than planned refuses its last samplings "
+            "(docs/privacy.md); client-schedule='balanced' draws every client equally often"
         )
     if settings.client_momentum > 0 and settings.vote == "robust":
         warnings.append(

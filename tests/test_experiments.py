@@ -566,11 +566,11 @@ def test_shakespeare_recipe_lists_every_method_for_each_partition_on_the_same_ro
             f"{partition}-transformer-pretrained-signsgd", f"{partition}-transformer-pretrained-fedavg",
         ]
         same = {(r.run.num_rounds, r.num_clients, r.clients_per_round, r.run.sample_rate, r.run.model_name,
-                 r.client_schedule, r.run.participation_margin) for r in runs if r.run.partitioner == partition}
+                 r.run.client_schedule, r.run.participation_margin) for r in runs if r.run.partitioner == partition}
         assert len(same) == 1
     # By role every role is drawn equally often and plans without margin; by play the draws are random, with it.
-    assert {(r.client_schedule, r.run.participation_margin) for r in runs if r.run.partitioner == "role"} == {("balanced", 0.0)}
-    assert {(r.client_schedule, r.run.participation_margin) for r in runs if r.run.partitioner == "play"} == {("random", 3.0)}
+    assert {(r.run.client_schedule, r.run.participation_margin) for r in runs if r.run.partitioner == "role"} == {("balanced", 0.0)}
+    assert {(r.run.client_schedule, r.run.participation_margin) for r in runs if r.run.partitioner == "play"} == {("random", 3.0)}
     assert {r.run.pretrain_steps > 0 for r in runs} == {True, False}
     assert all((r.run.pretrain_steps > 0) == ("-pretrained-" in r.name()) for r in runs)
     for run in runs:

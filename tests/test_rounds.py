@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from dpsign_fl.privacy import calibrate_noise_multiplier
@@ -47,6 +48,18 @@ def test_the_margin_is_a_setting_and_zero_plans_exactly_t_p_rounded_up(num_round
     settings = RunSettings(num_rounds=num_rounds, participation=participation, participation_margin=margin)
     assert planned_releases(settings) == count
     assert RunSettings().participation_margin == 3.0
+
+
+def test_least_drawn_takes_the_smallest_counts_and_breaks_ties_at_random():
+    from dpsign_fl.rounds import least_drawn
+
+    rng = np.random.default_rng(0)
+    assert least_drawn([3, 0, 2, 0, 1], 3, rng) == [1, 3, 4]  # both zeros, then the one
+    assert least_drawn([1, 1, 1], 0, rng) == []
+    ties = {tuple(least_drawn([0] * 6, 2, rng)) for _ in range(50)}
+    assert len(ties) > 5  # ties broken differently from call to call, not always the first positions
+    with pytest.raises(ValueError, match=r"k must be in \[0, 3\], got 4"):
+        least_drawn([0, 0, 0], 4, rng)
 
 
 @pytest.mark.parametrize("participation", [0.25, 1.0])

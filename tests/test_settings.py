@@ -180,11 +180,13 @@ def test_participation_below_fraction_train_gets_a_warning_and_an_equal_one_none
     assert "warning" not in capsys.readouterr().err
 
 
-def test_a_margin_below_the_default_gets_a_warning_in_a_flower_run_config_and_the_default_none(capsys):
+def test_a_margin_below_the_default_with_random_sampling_gets_a_warning_and_with_the_balanced_schedule_none(capsys):
     from dpsign_fl.settings import main
 
     assert main(["participation=0.25 fraction-train=0.25 participation-margin=0"]) == 0
-    assert "warning: participation-margin=0 is below the default 3" in capsys.readouterr().err
+    assert "warning: participation-margin=0 is below the default 3 with client-schedule='random'" in capsys.readouterr().err
+    assert main(["participation=0.25 fraction-train=0.25 participation-margin=0 client-schedule='balanced'"]) == 0
+    assert "warning" not in capsys.readouterr().err
     assert main(["participation=0.25 fraction-train=0.25 participation-margin=3"]) == 0
     assert "warning" not in capsys.readouterr().err
     assert main(["participation-margin=0"]) == 0  # participation 1: every round planned, the margin is not used

@@ -28,7 +28,7 @@ round runs the SAME client and server rounds as the Flower app
 Clients per round: all ``num_clients``, or ``clients_per_round`` of them drawn
 without replacement in each round from ``noise_seed`` and the round (the same
 draw for every method, so that runs compare on the same clients). With
-``client_schedule="balanced"`` each round takes the clients drawn least often
+run-config ``client-schedule`` ``balanced`` each round takes the clients drawn least often
 so far (ties broken at random from ``noise_seed``), so every client takes part
 in floor or ceil of ``num_rounds * clients_per_round / num_clients`` rounds and
 can plan for exactly that many releases (``participation_margin`` 0).
@@ -67,7 +67,7 @@ from ..vote.packing import pack_signs
 from ..parameters import load_model_vector, model_vector
 from ..privacy import PrivacyLedger
 from ..release import DEFAULT_CHUNK_SIZE, ClientMomentum, ReleaseSettings, adversarial_examples, seeded_generator
-from ..rounds import Budget, Refusal, ReleasePlan, SignedUpdate, client_round, plan_for_round, plan_release, planned_releases, server_round
+from ..rounds import Budget, Refusal, ReleasePlan, SignedUpdate, client_round, least_drawn, plan_for_round, plan_release, planned_releases, server_round
 from ..vote.server_update import AUTOMATIC, VoteUpdater, learning_rate_at
 from ..settings import ConfigError, RunSettings, check_fields, setting, specs, to_mapping
 from .attacks import TARGETED_ATTACKS, attack_round, is_byzantine, targeted_push
@@ -75,7 +75,6 @@ from .compressors import sign as sign_of, sto_sign
 from .hooks import ExperimentOptions, gradient_noise_transform
 from .jin import jin_noise_multiplier
 
-CLIENT_SCHEDULES = ("random", "balanced")
 METHODS = ("dp-signsgd", "signsgd", "sgd", "fedavg", "jin-dp-sign", "jin-rectified", "sto-sign")
 REAL_VALUED_METHODS = ("sgd", "fedavg")
 PRIVATE_METHODS = ("dp-signsgd", "jin-dp-sign", "jin-rectified")
@@ -97,11 +96,6 @@ class Experiment:
     num_clients: int = setting(10, low=1, high=100_000, help="number of simulated clients")
     clients_per_round: int = setting(
         0, low=0, high=100_000, help="K, the clients drawn (without replacement) for each round; 0 = all num_clients"
-    )
-    client_schedule: str = setting(
-        "random", choices=CLIENT_SCHEDULES,
-        help="how the K clients of a round are drawn: random (independently each round) or balanced (those drawn "
-        "least often so far, ties at random: every client takes part floor or ceil of T K / N times)",
     )
     local_steps: int = setting(1, low=1, high=10_000, help="fedavg: SGD steps each client takes per round")
     noise_multiplier: float | None = setting(
@@ -496,7 +490,7 @@ def round_clients(experiment: Experiment, round_number: int) -> list[int]:
     total, drawn = experiment.num_clients, experiment.clients_per_round
     if drawn in (0, total):
         return list(range(total))
-    if experiment.client_schedule == "balanced":
+    if experiment.run.client_schedule == "balanced":
         rounds = max(experiment.run.num_rounds, round_number)
         return list(balanced_schedule(experiment.run.noise_seed, total, drawn, rounds)[round_number - 1])
     rng = np.random.default_rng([experiment.run.noise_seed, round_number])
@@ -516,9 +510,9 @@ def balanced_schedule(seed: int, num_clients: int, per_round: int, num_rounds: i
     counts = np.zeros(num_clients)
     rounds = []
     for _ in range(num_rounds):
-        chosen = np.argpartition(counts + rng.random(num_clients), per_round - 1)[:per_round]
+        chosen = least_drawn(counts, per_round, rng)
         counts[chosen] += 1
-        rounds.append(tuple(sorted(int(m) for m in chosen)))
+        rounds.append(tuple(chosen))
     return tuple(rounds)
 
 

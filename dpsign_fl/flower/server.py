@@ -87,6 +87,7 @@ def build_strategy(settings: RunSettings, options: FlowerOptions) -> SignMajorit
         lr_schedule=settings.lr_schedule,
         server_momentum=settings.server_momentum,
         vote=settings.vote,
+        client_schedule=settings.client_schedule,
     )
 
 

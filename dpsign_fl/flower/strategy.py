@@ -47,9 +47,9 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from ..vote.model_sync import UpdateRule, check_trainable, default_trainable
 from ..parameters import flatten, unflatten
-from ..rounds import server_round as run_server_round
+from ..rounds import least_drawn, server_round as run_server_round
 from ..vote.server_update import AUTOMATIC, VoteUpdater
-from ..settings import FlowerOptions
+from ..settings import CLIENT_SCHEDULES, FlowerOptions
 from ..vote import DEFAULT_VOTE, VoteMemory, check_vote_rule
 from .client_evaluation import (
     DEFAULT_ARRAYRECORD_KEY,
@@ -136,6 +136,13 @@ class SignMajorityVote(Strategy):
             valid, for a reason other than a spent privacy budget: a client
             that cannot take part (wrong model, bad data, a bug) would
             otherwise make every round a silent no-op.
+        client_schedule: ``"random"`` (Flower's sampling, FedAvg's) or
+            ``"balanced"``: each round the connected nodes sampled least often
+            so far by this strategy (ties at random; :func:`dpsign_fl.rounds.least_drawn`),
+            so that with the same nodes connected every node is sampled floor or
+            ceil of T K / N times and its clients may plan with run-config
+            ``participation-margin`` 0. The counts live in the strategy: a run
+            resumed from a checkpoint starts them at zero.
 
     Each round's :class:`MetricRecord` (returned by :meth:`aggregate_train`, kept
     in ``Result.train_metrics_clientapp``) holds ``voters`` (valid replies),
@@ -173,6 +180,7 @@ class SignMajorityVote(Strategy):
         trainable: list[str] | tuple[str, ...] | None = None,
         final_sync: bool = True,
         max_failed_rounds: int = 3,
+        client_schedule: str = "random",
     ) -> None:
         if not 0 < fraction_train <= 1:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
@@ -202,6 +210,11 @@ class SignMajorityVote(Strategy):
         if isinstance(max_failed_rounds, bool) or not isinstance(max_failed_rounds, int) or max_failed_rounds < 1:
             raise ValueError(f"max_failed_rounds must be an integer >= 1, got {max_failed_rounds!r}")
         self.max_failed_rounds = max_failed_rounds
+        if client_schedule not in CLIENT_SCHEDULES:
+            raise ValueError(f"client_schedule must be one of {CLIENT_SCHEDULES}, got {client_schedule!r}")
+        self.client_schedule = client_schedule
+        self._draws: dict[int, int] = {}
+        self._schedule_rng = np.random.default_rng()
         self._failed_rounds: list[str] = []
         self.num_rounds = 1
         self.epsilon_seen: dict[int, float] = {}
@@ -213,8 +226,9 @@ class SignMajorityVote(Strategy):
 
     def summary(self) -> None:
         """Log the configuration."""
-        log(INFO, "\t├── Sampling: fraction %g of connected nodes per round, at least %d (waits for %d)",
-            self.fraction_train, self.min_train_nodes, self.min_available_nodes)
+        log(INFO, "\t├── Sampling: fraction %g of connected nodes per round, at least %d (waits for %d), %s",
+            self.fraction_train, self.min_train_nodes, self.min_available_nodes,
+            "balanced (least sampled first)" if self.client_schedule == "balanced" else "random")
         log(INFO, "\t├── %s vote of packed signs: learning rate %g (%s), server momentum %g",
             self.vote.capitalize(), self.updater.learning_rate, self.updater.schedule, self.updater.momentum)
         log(INFO, "\t├── Downlink: %s", "the votes each node missed (or the model)" if self.downlink_mode == "votes"
@@ -313,7 +327,13 @@ class SignMajorityVote(Strategy):
         """Sample nodes and send each the model, or the votes it missed, and the round number."""
         available = len(list(grid.get_node_ids()))
         sample_size = max(int(available * self.fraction_train), self.min_train_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+        node_ids, connected = sample_nodes(grid, self.min_available_nodes, sample_size)
+        if self.client_schedule == "balanced":
+            connected = sorted(connected)
+            chosen = least_drawn([self._draws.get(node, 0) for node in connected], len(node_ids), self._schedule_rng)
+            node_ids = [connected[i] for i in chosen]
+            for node in node_ids:
+                self._draws[node] = self._draws.get(node, 0) + 1
         log(INFO, "round %d: sampled %d of %d nodes", server_round, len(node_ids), available)
         self._current_arrays = arrays
         self._sampled = set(node_ids)

@@ -180,3 +180,29 @@ def test_the_strategy_remembers_each_node_across_rounds_and_leaves_out_the_ones_
 
     assert excluded[0] == 0 and excluded[-1] == 4
     assert "left out node 101 (repetition)" in caplog.text and "left out node 105" not in caplog.text
+
+
+@pytest.mark.parametrize("schedule", ["balanced", "random"])
+def test_the_balanced_schedule_samples_the_least_sampled_nodes_and_random_sampling_does_not(schedule):
+    strategy = SignMajorityVote(
+        learning_rate=LEARNING_RATE, fraction_train=0.2, min_train_nodes=2, min_available_nodes=1,
+        client_schedule=schedule,
+    )
+    grid, arrays = FakeGrid(range(100, 110)), global_arrays()
+    counts = dict.fromkeys(grid.node_ids, 0)
+    spreads = []
+    for server_round in range(1, 51):
+        sampled = [m.metadata.dst_node_id for m in strategy.configure_train(server_round, arrays, ConfigRecord(), grid)]
+        assert len(sampled) == len(set(sampled)) == 2 and set(sampled) <= set(counts)
+        for node in sampled:
+            counts[node] += 1
+        spreads.append(max(counts.values()) - min(counts.values()))
+    if schedule == "balanced":
+        assert max(spreads) <= 1 and set(counts.values()) == {10}  # 100 samplings of 10 nodes: 10 each
+    else:  # the negative control: Flower's random sampling spreads the counts wider
+        assert max(spreads) > 1
+
+
+def test_an_unknown_client_schedule_is_refused_naming_it():
+    with pytest.raises(ValueError, match="client_schedule must be one of"):
+        SignMajorityVote(client_schedule="fair")
