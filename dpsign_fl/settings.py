@@ -507,7 +507,8 @@ MEASURED_SETTINGS = {
     "shakespeare": (
         "partitioner='play' sample-rate=0.05 num-server-rounds=1000 learning-rate=0.01 with 10 of the 37 plays a "
         "round (about 35% at epsilon 8; about 47% from pretrain-steps=900 with learning-rate=0.001); by role, "
-        "partitioner='role' sample-rate=0.5 learning-rate=0.003 with 20 of the 1,049 roles a round (about 28% at epsilon 8)"
+        "partitioner='role' sample-rate=0.5 learning-rate=0.003 with 20 of the 1,049 roles a round, client-schedule="
+        "'balanced' participation-margin=0 (about 28.6% at epsilon 8; 27.7% with random draws and the default margin)"
     ),
 }
 """Per dataset, settings docs/results.md measured, for the warning of :func:`tuning_warnings`."""
