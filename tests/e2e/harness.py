@@ -168,6 +168,18 @@ def flwr_run_simulation(
         return simulation.run(run_config, num_supernodes=num_supernodes, timeout=timeout, done=done, app=app)
 
 
+def simulation_with_results(tmp_path_factory, *, num_supernodes: int, run_config: str):
+    """:func:`flwr_run_simulation` in a fresh FLWR_HOME, writing into a fresh ``results-dir``,
+    done once the model is saved; returns ``(completed, results folder, FLWR_HOME)``."""
+    home = tmp_path_factory.mktemp("flwr-home")
+    results = tmp_path_factory.mktemp("results")
+    completed = flwr_run_simulation(
+        home, num_supernodes=num_supernodes, done=lambda: (results / "model.pt").exists(),
+        run_config=f"{run_config} results-dir='{results}'",
+    )
+    return completed, results, home
+
+
 def _text(value) -> str:
     if value is None:
         return ""

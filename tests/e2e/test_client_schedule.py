@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from .harness import flwr_run_simulation
+from .harness import simulation_with_results
 
 SUPERNODES = 4
 ROUNDS = 6
@@ -13,16 +13,13 @@ PER_ROUND = 2  # fraction-train 0.5 of 4: each node sampled 3 times in 6 rounds 
 
 @pytest.fixture(scope="module")
 def balanced_run(tmp_path_factory):
-    home = tmp_path_factory.mktemp("flwr-home")
-    results = tmp_path_factory.mktemp("results")
-    completed = flwr_run_simulation(
-        home,
+    completed, results, _ = simulation_with_results(
+        tmp_path_factory,
         num_supernodes=SUPERNODES,
-        done=lambda: (results / "model.pt").exists(),
         run_config=(
             f"num-server-rounds={ROUNDS} fraction-train=0.5 min-train-nodes={PER_ROUND} min-available-nodes={SUPERNODES} "
             "participation=0.5 participation-margin=0 client-schedule='balanced' target-epsilon=4.0 "
-            f"learning-rate=0.03 model-seed=11 reproducible-noise=true noise-seed=11 results-dir='{results}'"
+            "learning-rate=0.03 model-seed=11 reproducible-noise=true noise-seed=11"
         ),
     )
     return completed, results

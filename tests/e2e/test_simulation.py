@@ -8,7 +8,7 @@ import pytest
 
 from dpsign_fl.vote.packing import payload_bytes
 
-from .harness import flwr_run_simulation, superlink_pids
+from .harness import simulation_with_results, superlink_pids
 
 SUPERNODES = 3
 ROUNDS = 3
@@ -17,18 +17,14 @@ TARGET_EPSILON = 4.0
 
 @pytest.fixture(scope="module")
 def simulation(tmp_path_factory):
-    home = tmp_path_factory.mktemp("flwr-home")
-    results = tmp_path_factory.mktemp("results")
-    completed = flwr_run_simulation(
-        home,
+    return simulation_with_results(
+        tmp_path_factory,
         num_supernodes=SUPERNODES,
-        done=lambda: (results / "model.pt").exists(),
         run_config=(
             f"num-server-rounds={ROUNDS} target-epsilon={TARGET_EPSILON} learning-rate=0.03 "
-            f"model-seed=11 reproducible-noise=true noise-seed=11 results-dir='{results}'"
+            "model-seed=11 reproducible-noise=true noise-seed=11"
         ),
     )
-    return completed, results, home
 
 
 def test_run_writes_a_metrics_row_for_every_round(simulation):
