@@ -35,6 +35,7 @@ from .vote.server_update import AUTOMATIC, LR_SCHEDULES
 from .vote import DEFAULT_VOTE, VOTE_RULES
 
 SEED_LIMIT = 2**63
+"""Seeds are integers in [0, SEED_LIMIT)."""
 CLIENT_SCHEDULES = ("random", "balanced")
 """How a server picks each round's clients (run-config ``client-schedule``; :func:`dpsign_fl.rounds.least_drawn`)."""
 PARTICIPATION_MARGIN = 3.0
@@ -49,7 +50,6 @@ the mean alone; z = 4 would cost another 1-3%. docs/privacy.md has the tables
 (``scripts/participation_plan.py``). A server that samples every client equally
 often (``client-schedule`` ``balanced``) needs no margin: z = 0.
 """
-"""Seeds are integers in [0, SEED_LIMIT)."""
 
 
 class ConfigError(ValueError):

@@ -97,6 +97,10 @@ def test_python_construction_is_validated_and_names_the_python_field():
         ("participation", 0.0, "participation must be in (0, 1], got 0.0"),
         ("participation", 1.5, "participation must be in (0, 1], got 1.5"),
         ("participation", "half", "participation must be a number, got 'half'"),
+        ("participation-margin", -0.5, "participation-margin must be in [0, 10], got -0.5"),
+        ("participation-margin", float("inf"), "participation-margin must be in [0, 10], got inf"),
+        ("participation-margin", float("nan"), "participation-margin must be a number, got nan"),
+        ("client-schedule", "fair", "client-schedule must be one of ('random', 'balanced'), got 'fair'"),
     ],
 )
 def test_a_bad_value_fails_with_a_message_naming_the_key(key, value, expected):
