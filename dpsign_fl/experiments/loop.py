@@ -456,7 +456,8 @@ def _sign_round(state: _RunState, weights: np.ndarray, chosen: list[int], curren
                 generator=generator, per_example_transform=state.noise_transform, momentum=state.momenta[m],
             )
             if not isinstance(outcome, SignedUpdate):
-                state.refused += isinstance(outcome, Refusal)
+                if isinstance(outcome, Refusal):
+                    state.refused += 1
                 continue
             payloads.append(outcome.packed)
         else:

@@ -9,7 +9,7 @@ commands.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from ..data import PRETRAINING_SETS
 from ..settings import PARTICIPATION_MARGIN
@@ -369,9 +369,10 @@ SHAKESPEARE_LEARNING_RATE = 1e-2
 """The sign methods' constant step: by play at epsilon 8 and T = 300 (seed 0), 1e-3 / 3e-3 / 1e-2 / 3e-2 reached
 26.2 / 29.9 / 32.4 / 27.8 % (automatic steps diverged: 2.4 %; docs/results.md)."""
 SHAKESPEARE_ROLE_PRIVATE_LEARNING_RATE = 3e-3
-"""The private rows' step by role, from a drawn model: each role releases about 19 times at sigma 1.90, and at
-epsilon 8 and T = 1,000 (seed 0) 2e-3 / 3e-3 / 5e-3 / 1e-2 reached 27.06 / 27.79 / 27.64 / 24.56 % (3e-3 with seeds
-1 and 2: 28.09 and 27.22 %; the bigram floor 27.66 %; docs/results.md)."""
+"""The private rows' step by role, from a drawn model: each role releases about 19 times, and at epsilon 8 and
+T = 1,000 (seed 0; random draws, sigma 1.90) 2e-3 / 3e-3 / 5e-3 / 1e-2 reached 27.06 / 27.79 / 27.64 / 24.56 % (3e-3
+with seeds 1 and 2: 28.09 and 27.22 %; the bigram floor 27.66 %). With the balanced draws the rows take now (sigma
+1.553), 3e-3 reached 28.55 / 29.03 / 28.30 % for seeds 0-2 (docs/results.md)."""
 SHAKESPEARE_FEDAVG_LEARNING_RATE = 0.5
 """FedAvg's client SGD step (not tuned)."""
 SHAKESPEARE_EPSILONS = (8.0, 3.0)
@@ -380,10 +381,19 @@ SHAKESPEARE_PRETRAIN_STEPS = 900
 on the poems' own held-out tenth, 1,500 steps did no better (docs/results.md)."""
 SHAKESPEARE_PRETRAINED_LEARNING_RATE = 1e-3
 """The sign methods' step from the pretrained model (docs/results.md)."""
+class ShakespearePartition(NamedTuple):
+    clients: int
+    per_round: int
+    sample_rate: float
+    private_step: float
+    """The private rows' step from a drawn model."""
+    schedule: str
+    """``client-schedule``; ``balanced`` rows plan with ``participation-margin`` 0."""
+
+
 SHAKESPEARE_PARTITIONS = {
-    # partitioner: (clients, clients per round, sample rate, the private rows' step from a drawn model, client schedule)
-    "play": (37, 10, 0.05, SHAKESPEARE_LEARNING_RATE, "random"),
-    "role": (1049, 20, 0.5, SHAKESPEARE_ROLE_PRIVATE_LEARNING_RATE, "balanced"),
+    "play": ShakespearePartition(37, 10, 0.05, SHAKESPEARE_LEARNING_RATE, "random"),
+    "role": ShakespearePartition(1049, 20, 0.5, SHAKESPEARE_ROLE_PRIVATE_LEARNING_RATE, "balanced"),
 }
 """By play, 10 of the 37 plays a round, each sampling about 55 of its ~1,100 chunks
 (about 1.1 s a DP round here); by role, 20 of the 1,049 roles a round, each sampling
