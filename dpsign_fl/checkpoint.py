@@ -3,19 +3,23 @@
 A checkpoint holds the global model (flat float32 vector, in the order of
 :func:`dpsign_fl.flower.records.arrays_to_flat`), the last finished round k,
 the server-update state (:meth:`dpsign_fl.vote.server_update.VoteUpdater.state_dict`:
-the momentum), the largest epsilon each client node reported, the state of
-Python's ``random`` module (Flower samples the round's clients with it), the
-metrics rows of rounds 1..k and the run config of the run that wrote it.
+the momentum), the largest epsilon each client node reported, how often the
+strategy has sampled each node (its ``balanced`` schedule continues from these
+counts), the state of Python's ``random`` module (Flower samples the round's
+clients with it), the metrics rows of rounds 1..k and the run config of the run
+that wrote it.
 
 Privacy: nothing here is new information about a client's data. The model,
 the momentum and the rows are post-processing of the released signs; the
 epsilons are the public numbers clients reported. Clients' ledgers are NOT in
-the checkpoint: they live where the clients run (docs/robustness.md).
+the checkpoint: they live where the clients run (docs/robustness.md). The
+sampling counts are the server's own choices.
 
 File format: one ``.npz`` (numpy, ``allow_pickle=False``) with the arrays
 ``weights`` and, with momentum or automatic steps, ``update-state`` (the update
 rule's state: the momentum, or the automatic steps' vote agreement and last vote),
-plus ``meta``: a JSON string with the rest. Format 1 named that array
+plus ``meta``: a JSON string with the rest (``draws``, the sampling counts, is
+optional: format-2 files written before it existed load with no counts). Format 1 named that array
 ``velocity``; such checkpoints are still read. Written atomically: a temporary file in the same folder, fsync, then
 rename over the old checkpoint, so a crash leaves either the old or the new
 checkpoint, never half of one.
@@ -54,6 +58,7 @@ class Checkpoint:
         weights: the global model after round k, a 1-D float32 vector.
         updater_state: :meth:`VoteUpdater.state_dict` (``{"update-state": array or None, "step-scale": float or None}``).
         epsilon_seen: node id (as a string) -> largest epsilon that node reported.
+        draws: node id (as a string) -> how many rounds the strategy sampled that node in.
         rng_state: ``random.getstate()`` at the end of round k.
         metrics: the metrics rows of rounds 1..k (JSON-safe dicts).
         run_config: the kebab-case run config of the run that wrote it.
@@ -63,6 +68,7 @@ class Checkpoint:
     weights: np.ndarray
     updater_state: dict = field(default_factory=lambda: {"update-state": None})
     epsilon_seen: dict[str, float] = field(default_factory=dict)
+    draws: dict[str, int] = field(default_factory=dict)
     rng_state: Any = None
     metrics: list[dict] = field(default_factory=list)
     run_config: dict[str, Any] = field(default_factory=dict)
@@ -125,11 +131,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             weights=weights,
             updater_state={"update-state": update_state, "step-scale": meta.get("step-scale")},
             epsilon_seen={str(node): float(eps) for node, eps in meta["epsilon-seen"].items()},
+            draws={str(node): _count(times) for node, times in meta.get("draws", {}).items()},
             rng_state=_rng_state_from_json(meta["rng-state"]),
             metrics=list(meta["metrics"]),
             run_config=dict(meta["run-config"]),
         )
-    except (KeyError, TypeError, ValueError) as error:
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} is incomplete: {error!r}") from None
 
 
@@ -150,10 +157,17 @@ def _meta(checkpoint: Checkpoint) -> dict:
         "server-round": int(checkpoint.server_round),
         "step-scale": checkpoint.updater_state.get("step-scale"),
         "epsilon-seen": {str(node): float(eps) for node, eps in checkpoint.epsilon_seen.items()},
+        "draws": {str(node): _count(times) for node, times in checkpoint.draws.items()},
         "rng-state": _rng_state_to_json(checkpoint.rng_state),
         "metrics": json_safe(checkpoint.metrics),
         "run-config": json_safe(checkpoint.run_config),
     }
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"a sampling count must be an integer >= 0, got {value!r}")
+    return int(value)
 
 
 def _rng_state_to_json(state: Any) -> Any:

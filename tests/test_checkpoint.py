@@ -27,6 +27,7 @@ def example(update_state=True, server_round=3):
         weights=weights,
         updater_state={"update-state": rng.normal(size=50).astype(np.float32) if update_state else None},
         epsilon_seen={"123456789012345": 1.25, "7": 0.5},
+        draws={"123456789012345": 3, "7": 2},
         rng_state=random.Random(4).getstate(),
         metrics=[{"round": r, "accuracy": None if r == 2 else 0.5, "epsilon": 0.1 * r} for r in range(1, server_round + 1)],
         run_config={"num-server-rounds": 10, "seed": "", "resume": False},
@@ -47,6 +48,7 @@ def test_a_saved_checkpoint_loads_back_equal(tmp_path, update_state):
     else:
         assert loaded.updater_state["update-state"] is None
     assert loaded.epsilon_seen == saved.epsilon_seen
+    assert loaded.draws == saved.draws
     assert loaded.rng_state == saved.rng_state
     assert loaded.metrics == saved.metrics
     assert loaded.run_config == saved.run_config
@@ -158,3 +160,44 @@ def test_a_checkpoint_of_format_1_with_its_velocity_array_still_loads(tmp_path):
 
     np.testing.assert_array_equal(loaded.updater_state["update-state"], saved.updater_state["update-state"])
     np.testing.assert_array_equal(loaded.weights, saved.weights)
+
+
+def _with_meta(tmp_path, change) -> "os.PathLike":
+    """A copy of example()'s file whose JSON meta went through ``change(meta)``."""
+    import io
+    import json
+
+    save_checkpoint(tmp_path / "new.npz", example())
+    with np.load(tmp_path / "new.npz", allow_pickle=False) as stored:
+        meta = json.loads(str(stored["meta"]))
+        change(meta)
+        buffer = io.BytesIO()
+        np.savez(buffer, weights=stored["weights"], meta=np.array(json.dumps(meta)))
+    (tmp_path / "changed.npz").write_bytes(buffer.getvalue())
+    return tmp_path / "changed.npz"
+
+
+def test_a_checkpoint_written_before_the_sampling_counts_loads_with_none_counted(tmp_path):
+    loaded = load_checkpoint(_with_meta(tmp_path, lambda meta: meta.pop("draws")))
+
+    assert loaded.draws == {}
+    assert loaded.epsilon_seen == example().epsilon_seen
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "3", True, [1]])
+def test_a_sampling_count_that_is_not_a_whole_number_is_refused(tmp_path, bad):
+    def damage(meta):
+        meta["draws"]["7"] = bad
+
+    with pytest.raises(CheckpointError, match="sampling count must be an integer"):
+        load_checkpoint(_with_meta(tmp_path, damage))
+    with pytest.raises(ValueError, match="sampling count must be an integer"):
+        save_checkpoint(tmp_path / "bad.npz", Checkpoint(server_round=1, weights=example().weights, draws={"7": bad}))
+
+
+def test_draws_that_are_not_a_mapping_are_refused(tmp_path):
+    def damage(meta):
+        meta["draws"] = [1, 2]
+
+    with pytest.raises(CheckpointError, match="incomplete"):
+        load_checkpoint(_with_meta(tmp_path, damage))

@@ -289,7 +289,9 @@ class RoundRecorder:
             arrays = flat_to_arrays(checkpoint.weights, initial)
         except (CheckpointError, ValueError) as error:
             raise ConfigError(f"resume=true: {error}") from None
-        strategy.load_state_dict({"updater": checkpoint.updater_state, "epsilon-seen": checkpoint.epsilon_seen})
+        strategy.load_state_dict(
+            {"updater": checkpoint.updater_state, "epsilon-seen": checkpoint.epsilon_seen, "draws": checkpoint.draws}
+        )
         restore_python_rng_state(checkpoint.rng_state)
         self.records = [dict(row) for row in checkpoint.metrics]
         self.first_round = checkpoint.server_round + 1
@@ -377,6 +379,7 @@ class RoundRecorder:
             weights=arrays_to_flat(arrays),
             updater_state=state["updater"],
             epsilon_seen=state["epsilon-seen"],
+            draws=state["draws"],
             rng_state=python_rng_state(),
             metrics=self.records,
             run_config=self.run_config,

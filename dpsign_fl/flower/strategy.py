@@ -141,8 +141,8 @@ class SignMajorityVote(Strategy):
             so far by this strategy (ties at random; :func:`dpsign_fl.rounds.least_drawn`),
             so that with the same nodes connected every node is sampled floor or
             ceil of T K / N times and its clients may plan with run-config
-            ``participation-margin`` 0. The counts live in the strategy: a run
-            resumed from a checkpoint starts them at zero.
+            ``participation-margin`` 0. The counts are part of :meth:`state_dict`,
+            so a run resumed from a checkpoint goes on from them.
 
     Each round's :class:`MetricRecord` (returned by :meth:`aggregate_train`, kept
     in ``Result.train_metrics_clientapp``) holds ``voters`` (valid replies),
@@ -423,13 +423,15 @@ class SignMajorityVote(Strategy):
         )
 
     def state_dict(self) -> dict:
-        """Return the state a checkpoint needs: the updater's momentum and ``epsilon_seen``."""
-        return {"updater": self.updater.state_dict(), "epsilon-seen": dict(self.epsilon_seen)}
+        """Return the state a checkpoint needs: the updater's momentum, ``epsilon_seen`` and how often each node
+        was sampled (``draws``, what the balanced schedule goes on from)."""
+        return {"updater": self.updater.state_dict(), "epsilon-seen": dict(self.epsilon_seen), "draws": dict(self._draws)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the state saved by :meth:`state_dict` (node ids may come as strings)."""
+        """Restore the state saved by :meth:`state_dict` (node ids may come as strings; no ``draws``: none counted)."""
         self.updater.load_state_dict(state["updater"])
         self.epsilon_seen = {int(node): float(eps) for node, eps in state["epsilon-seen"].items()}
+        self._draws = {int(node): int(times) for node, times in state.get("draws", {}).items()}
 
     def _evaluate_on_clients(
         self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, wait: dict

@@ -350,6 +350,28 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_ends_where_an_uninterrup
     assert "privacy ledgers are not in the server checkpoint" in caplog.text
 
 
+@pytest.mark.parametrize("same_nodes", [True, False])
+def test_a_resumed_balanced_schedule_counts_on_from_the_checkpoint_for_the_nodes_it_knows(tmp_path, same_nodes):
+    config = run_config(tmp_path, **{**RESUME_SETTINGS, "checkpoint-every": 1, "fraction-train": 0.5,
+                                     "client-schedule": "balanced", "min-train-nodes": 2})
+    results = tmp_path / "results"
+    with pytest.raises(Interrupted):
+        run_server(InProcessGrid(config, num_nodes=4, interrupt_at_round=3), server_context(config))
+    assert sorted(load_checkpoint(results / CHECKPOINT_FILE).draws.values()) == [1, 1, 1, 1]  # rounds 1-2, 2 a round
+    resumed = {**config, "resume": True}
+    # The ServerApp restarted beside the same SuperLink keeps its node ids; a new simulation draws new ones.
+    grid = InProcessGrid(resumed, num_nodes=4, first_node_id=100 if same_nodes else 200)
+
+    run_server(grid, server_context(resumed))
+
+    draws = load_checkpoint(results / CHECKPOINT_FILE).draws
+    if same_nodes:  # rounds 1-4 counted: every node twice
+        assert draws == {str(node): 2 for node in range(100, 104)}
+    else:  # the old ids are never sampled again and the new ones counted from zero (the control)
+        assert {node: draws[str(node)] for node in range(100, 104)} == {node: 1 for node in range(100, 104)}
+        assert sorted(draws[str(node)] for node in range(200, 204)) == [1, 1, 1, 1]
+
+
 def test_a_resumed_run_takes_its_weights_from_the_checkpoint_without_pretraining_again(tmp_path, monkeypatch):
     from dpsign_fl import initial_model
 

@@ -203,6 +203,44 @@ def test_the_balanced_schedule_samples_the_least_sampled_nodes_and_random_sampli
         assert max(spreads) > 1
 
 
+@pytest.mark.parametrize("restored", [True, False])
+def test_a_resumed_balanced_schedule_goes_on_from_the_checkpointed_counts(tmp_path, restored):
+    from dpsign_fl.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+    def strategy(seed):
+        made = SignMajorityVote(
+            learning_rate=LEARNING_RATE, fraction_train=0.2, min_train_nodes=2, min_available_nodes=1,
+            client_schedule="balanced",
+        )
+        made._schedule_rng = np.random.default_rng(seed)  # fixed ties: the control below is not left to chance
+        return made
+
+    grid, arrays = FakeGrid(range(100, 110)), global_arrays()
+    counts = dict.fromkeys(grid.node_ids, 0)
+
+    def sample(strategy, rounds):
+        for server_round in rounds:
+            for message in strategy.configure_train(server_round, arrays, ConfigRecord(), grid):
+                counts[message.metadata.dst_node_id] += 1
+
+    first = strategy(1)
+    sample(first, range(1, 24))  # 46 samplings of 10 nodes: six at 5, four at 4
+    state = first.state_dict()
+    save_checkpoint(tmp_path / "c.npz", Checkpoint(server_round=23, weights=np.zeros(3, np.float32),
+                                                   epsilon_seen=state["epsilon-seen"], draws=state["draws"]))
+    resumed = strategy(2)
+    if restored:  # what the ServerApp does with resume=true
+        checkpoint = load_checkpoint(tmp_path / "c.npz")
+        resumed.load_state_dict({"updater": state["updater"], "epsilon-seen": checkpoint.epsilon_seen,
+                                 "draws": checkpoint.draws})
+    sample(resumed, range(24, 51))
+
+    if restored:
+        assert set(counts.values()) == {10}  # as if never stopped: 100 samplings, 10 each
+    else:  # the negative control: counting again from zero samples some nodes 11 times and others 9
+        assert max(counts.values()) - min(counts.values()) == 2
+
+
 def test_an_unknown_client_schedule_is_refused_naming_it():
     with pytest.raises(ValueError, match="client_schedule must be one of"):
         SignMajorityVote(client_schedule="fair")
