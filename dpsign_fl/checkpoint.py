@@ -19,10 +19,10 @@ File format: one ``.npz`` (numpy, ``allow_pickle=False``) with the arrays
 ``weights`` and, with momentum or automatic steps, ``update-state`` (the update
 rule's state: the momentum, or the automatic steps' vote agreement and last vote),
 plus ``meta``: a JSON string with the rest (``draws``, the sampling counts, is
-optional: format-2 files written before it existed load with no counts). Format 1 named that array
-``velocity``; such checkpoints are still read. Written atomically: a temporary file in the same folder, fsync, then
-rename over the old checkpoint, so a crash leaves either the old or the new
-checkpoint, never half of one.
+optional: format-2 files written before it existed load with no counts). Format 1
+named that array ``velocity``; such checkpoints are still read. Written
+atomically: a temporary file in the same folder, fsync, then rename over the old
+checkpoint, so a crash leaves either the old or the new checkpoint, never half of one.
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def test_a_checkpoint_of_format_1_with_its_velocity_array_still_loads(tmp_path):
     np.testing.assert_array_equal(loaded.weights, saved.weights)
 
 
-def _with_meta(tmp_path, change) -> "os.PathLike":
+def _with_meta(tmp_path, change):
     """A copy of example()'s file whose JSON meta went through ``change(meta)``."""
     import io
     import json

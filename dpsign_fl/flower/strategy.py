@@ -141,8 +141,9 @@ class SignMajorityVote(Strategy):
             so far by this strategy (ties at random; :func:`dpsign_fl.rounds.least_drawn`),
             so that with the same nodes connected every node is sampled floor or
             ceil of T K / N times and its clients may plan with run-config
-            ``participation-margin`` 0. The counts are part of :meth:`state_dict`,
-            so a run resumed from a checkpoint goes on from them.
+            ``participation-margin`` 0. The counts, per node id, are part of
+            :meth:`state_dict`: a run resumed from a checkpoint goes on from them
+            for the node ids it still sees (a new simulation's nodes get new ids).
 
     Each round's :class:`MetricRecord` (returned by :meth:`aggregate_train`, kept
     in ``Result.train_metrics_clientapp``) holds ``voters`` (valid replies),
