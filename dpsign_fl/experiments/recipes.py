@@ -381,7 +381,11 @@ SHAKESPEARE_PRETRAIN_STEPS = 900
 on the poems' own held-out tenth, 1,500 steps did no better (docs/results.md)."""
 SHAKESPEARE_PRETRAINED_LEARNING_RATE = 1e-3
 """The sign methods' step from the pretrained model (docs/results.md)."""
+
+
 class ShakespearePartition(NamedTuple):
+    """One partition of the recipe: clients, clients per round, sample rate, the private step, the schedule."""
+
     clients: int
     per_round: int
     sample_rate: float
