@@ -9,7 +9,8 @@ For each supported layer type, from the layer's input ``a`` and the gradient
   ``||g_i a_i^T||^2 = ||a_i||^2 ||g_i||^2`` (Goodfellow 2015, arXiv:1510.01799),
   its sum over position pairs (Li et al. 2022, arXiv:2110.05679, Sec. 4), or by
   materialising a chunk of per-example gradients, whichever a flop count says
-  is cheaper (Bu et al. 2022, arXiv:2205.10683, "mixed ghost clipping").
+  is cheaper (Bu et al. 2022, arXiv:2205.10683, "mixed ghost clipping"; the
+  ghost forms' flops count :data:`GHOST_COST` times: they run in float64).
   ``out`` is the layer's output for the types :func:`reads_output` names, else None;
   ``keeper`` (:class:`Keeper`) hands out the memory per-example gradients are kept in.
 - ``total(module, a, g, factors, cache)``: ``{parameter name: sum_i factors_i
@@ -50,6 +51,30 @@ so never the ``[B, d]`` matrix of a large model.
 
 def squared_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
+
+
+GHOST_COST = 2
+"""Flops of the ghost forms count this many times when choosing a form: their Gram products run in float64."""
+
+
+def ghost_squares(left: torch.Tensor, right: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_ts mask_ts (left_t . left_s)(right_t . right_s)`` per row, in float64.
+
+    ``left``, ``right``: ``[N, T, *]`` (``right`` None: the factor is 1); ``mask``: ``[N, T, T]`` or None.
+
+    The ghost identity's terms can be far larger than their sum (a model can make
+    a layer's per-position gradients cancel), and float32 would round each term
+    by about 6e-8 of its size: the rounding of the squares could then exceed
+    the true squared norm and the example go unclipped. In float64 the terms
+    would have to cancel to about 1e-6 of their size before the rounding
+    mattered (docs/privacy.md, "Hostile instructions"). Returns float64 ``[N]``.
+    """
+    left = left.double()
+    products = left @ left.mT
+    if right is not None:
+        right = right.double()
+        products *= right @ right.mT
+    return (products if mask is None else products * mask).sum((1, 2))
 
 
 def finite_rows(squares: torch.Tensor) -> torch.Tensor | None:
@@ -150,7 +175,8 @@ def _linear_form(steps: int, fan_in: int, fan_out: int) -> str:
     """How a Linear's per-example weight norms are computed: ``"outer"``, ``"ghost"`` or ``"materialise"``."""
     if steps == 1:
         return "outer"
-    return "ghost" if steps * (fan_in + fan_out) <= fan_in * fan_out else "materialise"  # T^2 (in + out) vs T in out
+    # T^2 (in + out) in float64 vs T in out
+    return "ghost" if GHOST_COST * steps * (fan_in + fan_out) <= fan_in * fan_out else "materialise"
 
 
 def _linear_kept_bytes(module, a, out):
@@ -176,8 +202,7 @@ def _linear_norms(module, a, g, out, chunk_size, keeper):
             squares += squared_norms(a) * squared_norms(g)
         elif form == "ghost":
             for part in _chunks(batch, 2 * steps * steps, chunk_size):
-                gram_a, gram_g = a[part] @ a[part].mT, g[part] @ g[part].mT
-                squares[part] += (gram_a * gram_g).sum((1, 2))
+                squares[part] += ghost_squares(a[part], g[part])
         else:
             kept = keeper.take(module, g, (batch, fan_out, fan_in))
             for part in _chunks(batch, fan_in * fan_out, chunk_size):
@@ -258,7 +283,7 @@ def _convolution_weight_grad(module, a, g, groups):
 def _conv_form(module, steps: int) -> str:
     """How a convolution's per-example weight norms are computed (``steps``: output positions per example)."""
     per_group_in, per_group_out = module.weight[0].numel(), module.out_channels // module.groups
-    if steps * (per_group_in + per_group_out) <= per_group_in * per_group_out:
+    if GHOST_COST * steps * (per_group_in + per_group_out) <= per_group_in * per_group_out:
         return "ghost"
     return "patches" if module.in_channels == module.groups else "grouped"
 
@@ -296,7 +321,7 @@ def _conv_norms(module, a, g, out, chunk_size, keeper):
             if kind == "ghost":
                 patches = _patches(module, a[part]).reshape(-1, per_group_in, steps)  # [b * groups, K, L]
                 outs = g[part].reshape(-1, per_group_out, steps)
-                squares[part] += ((patches.mT @ patches) * (outs.mT @ outs)).sum((1, 2)).reshape(size, groups).sum(1)
+                squares[part] += ghost_squares(patches.mT, outs.mT).reshape(size, groups).sum(1)
                 continue
             if kind == "grouped":  # example j's group k is group j * groups + k
                 folded_a, folded_g = a[part].reshape(1, -1, *a.shape[2:]), g[part].reshape(1, -1, *out_spatial)
@@ -411,7 +436,7 @@ def _embedding_unsupported(module):
 
 def embedding_form(rows: int, steps: int) -> str:
     """How the layer pass computes an embedding's per-example norms: ``"table"`` or ``"ghost"`` (flop count)."""
-    return "table" if rows <= steps * steps else "ghost"
+    return "table" if rows <= GHOST_COST * steps * steps else "ghost"
 
 
 def _embedding_kept_bytes(module, ids, out):
@@ -456,7 +481,7 @@ def _embedding_norms(module, ids, g, out, chunk_size, keeper):
         squares = torch.zeros(batch, dtype=g.dtype, device=g.device)
         for part in _chunks(batch, 2 * steps * steps, chunk_size):
             same = ids[part].unsqueeze(2) == ids[part].unsqueeze(1)
-            squares[part] = ((g[part] @ g[part].mT) * same).sum((1, 2))
+            squares[part] = ghost_squares(g[part], None, same)
     return squares, cache
 
 
