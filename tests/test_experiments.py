@@ -83,7 +83,7 @@ def test_one_round_equals_client_release_pack_vote_and_update_by_hand(digits):
     payloads = []
     for m, indices in enumerate(shares):
         index = torch.from_numpy(indices)
-        generator = seeded_generator(7, client=m, server_round=1)
+        generator = seeded_generator(7, client=m, stream=1)
         signs = client_release(model, digits.train_inputs[index], digits.train_targets[index], release, generator=generator)
         payloads.append(pack_signs(signs))
     vote = majority_vote(np.stack(payloads), weights.shape[0])

@@ -38,7 +38,7 @@ of the releases it actually made, and the reported epsilon is the largest
 client's ledger epsilon at the run's delta, never the target copied.
 
 Randomness: with ``reproducible_noise`` (the recipes' default) client m in
-round t draws from ``seeded_generator(noise_seed, client=m, server_round=t)``,
+round t draws from ``seeded_generator(noise_seed, client=m, stream=t)``,
 so a run is reproducible; otherwise from the OS's secure source.
 """
 
@@ -562,7 +562,7 @@ def _client_mean_gradient(model, client: ClientData, experiment: Experiment, gen
 
 def _generator(run: RunSettings, client: int, round_number: int) -> torch.Generator:
     if run.reproducible_noise:
-        return seeded_generator(run.noise_seed, client=client, server_round=round_number)
+        return seeded_generator(run.noise_seed, client=client, stream=round_number)
     return secure_generator()
 
 

@@ -241,7 +241,9 @@ def release_with_model(
             log(WARNING, "%s: %s", name, plan)
             return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=f"{name}: {plan}"), reply_to=message)
         plan = plan_for_round(plan, settings, server_round)
-        generator = client_randomness(settings, node, simulated, client=client, server_round=server_round)
+        generator = client_randomness(
+            settings, node, simulated, client=client, server_round=server_round, releases=ledger.num_releases
+        )
         momentum = load_momentum(context.state, settings.client_momentum)
         outcome = client_round(
             model, inputs, targets, plan, ledger, generator=generator, loss_fn=loss_fn,
@@ -324,13 +326,19 @@ def node_budget(settings: RunSettings, node: NodeConfig) -> Budget:
 
 
 def client_randomness(
-    settings: RunSettings, node: NodeConfig, simulated: bool, *, client: int, server_round: int
+    settings: RunSettings, node: NodeConfig, simulated: bool, *, client: int, server_round: int, releases: int
 ) -> torch.Generator:
-    """The generator of this round's sampling and noise (module docstring: who may fix it)."""
+    """The generator of this round's sampling and noise (module docstring: who may fix it).
+
+    A node's own ``noise-seed`` picks the stream by ``releases`` (the releases its
+    ledger holds), not by the server's round number: a server that sends one
+    round number twice, or a second run that counts from round 1 again, would
+    otherwise get the same sample and noise for two releases of other models.
+    """
     if node.noise_seed is not None:
-        return seeded_generator(node.noise_seed, client=client, server_round=server_round)
+        return seeded_generator(node.noise_seed, client=client, stream=releases)
     if simulated and settings.reproducible_noise:
-        return seeded_generator(settings.noise_seed, client=client, server_round=server_round)
+        return seeded_generator(settings.noise_seed, client=client, stream=server_round)
     return secure_generator()
 
 

@@ -180,12 +180,14 @@ def client_release(
     return to_signs(noisy if momentum is None else momentum.add(noisy))
 
 
-def seeded_generator(seed: int, *, client: int, server_round: int) -> torch.Generator:
-    """Return a reproducible generator for one client and round (experiments only: NOT private).
+def seeded_generator(seed: int, *, client: int, stream: int) -> torch.Generator:
+    """Return a reproducible generator for one client and stream (experiments only: NOT private).
 
-    Anyone who knows ``seed``, the client number and the round can rebuild the
-    client's sampling and noise, so releases drawn from it are not private
-    against them. Distinct per client and round.
+    ``stream``: the round number in simulation, a node's count of releases with
+    its own ``noise-seed``. Anyone who knows ``seed``, the client number and the
+    stream can rebuild the client's sampling and noise, so releases drawn from
+    it are not private against them. Distinct per client and stream: two
+    releases must never share one.
     """
-    mixed = np.random.SeedSequence([int(seed), int(client), int(server_round)]).generate_state(2)
+    mixed = np.random.SeedSequence([int(seed), int(client), int(stream)]).generate_state(2)
     return secure_generator(int(mixed[0]) << 31 ^ int(mixed[1]))

@@ -133,7 +133,7 @@ def predicted_signs(seed, server_round):
     plan_context = context({"partition-id": 0, "num-partitions": 5}, **{"reproducible-noise": True, "noise-seed": seed})
     simulated(train_message(server_round), plan_context)  # the same plan as the node's
     sigma = float(plan_context.state["dpsign-noise"]["noise-multiplier"])
-    generator = seeded_generator(seed, client=0, server_round=server_round)
+    generator = seeded_generator(seed, client=0, stream=server_round)
     release = ReleaseSettings(sample_rate=0.3, clip_norm=1.0, noise_multiplier=sigma)
     signs = client_release(model(), data[0], data[1], release, generator=generator)
     return rounds.pack_signs(signs)
@@ -153,6 +153,19 @@ def test_in_simulation_the_same_seed_is_reproducible_as_documented_negative_cont
     node = {"partition-id": 0, "num-partitions": 5}
     reply = simulated(train_message(1), context(node, **{"reproducible-noise": True, "noise-seed": 1234}))
     np.testing.assert_array_equal(reply_signs(reply), predicted_signs(1234, 1))
+
+
+def test_a_node_seed_gives_a_replayed_round_a_new_stream_and_stays_reproducible(tmp_path):
+    """A node's own noise-seed picks the stream by its ledger's count, so a replayed round number gets new noise."""
+    node = {"partition-id": 0, "num-partitions": 5, "ledger-path": str(tmp_path / "ledger.json"), "noise-seed": 1234}
+    node_context = context(node)  # one run: the same plan for both
+    first = reply_signs(deployed(train_message(7), node_context))
+    replayed = reply_signs(deployed(train_message(7), node_context))  # the same round, the same model
+
+    assert not np.array_equal(first, replayed)  # keyed by the round, these were the same sample and noise
+    # Control: the seed still decides the bits: a fresh ledger with the same seed repeats the first release.
+    again = dict(node, **{"ledger-path": str(tmp_path / "fresh.json")})
+    np.testing.assert_array_equal(reply_signs(deployed(train_message(7), context(again))), first)
 
 
 # ------------------------------------------------------------- errors that carry no data
