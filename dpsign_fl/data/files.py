@@ -89,6 +89,28 @@ def find_folder(name: str, data_dir: str | Path) -> Path:
     )
 
 
+def names_for_the_same_files(name: str, data_dir: str | Path) -> tuple[str, ...]:
+    """The other dataset names whose reader would read the very files ``name`` reads in ``data_dir``.
+
+    ``mnist`` and ``fashion-mnist`` share one format: IDX files straight in
+    ``data_dir`` are read by either name. Empty when ``name`` has no local
+    format or no other name finds the same folder.
+    """
+    if name not in LOCAL_FORMATS:
+        return ()
+    folder = find_folder(name, data_dir).resolve()
+    others = []
+    for other, fmt in LOCAL_FORMATS.items():
+        if other == name or fmt != LOCAL_FORMATS[name]:
+            continue
+        try:
+            if find_folder(other, data_dir).resolve() == folder:
+                others.append(other)
+        except FileNotFoundError:
+            continue
+    return tuple(others)
+
+
 def read_idx(path: str | Path, *, magic: int | None = None) -> np.ndarray:
     """Read one IDX file, gzip-compressed or not, into an array of its own shape.
 

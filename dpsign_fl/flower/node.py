@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..data import NATURAL_PARTITIONERS
+from ..data.files import names_for_the_same_files
 from ..privacy.limits import TARGET_DELTA_RANGE, TARGET_EPSILON_RANGE
 from ..settings import SEED_LIMIT, ConfigError, RunSettings, check_fields, from_mapping, setting, specs
 
@@ -124,11 +125,26 @@ class NodeConfig:
         (:func:`data_identity`), unless ``per-run-budget`` is set: nodes with
         different data never share a ledger, and a node restarted on the same
         data finds its own. A simulated node keeps it in the run's state.
+
+        Raises:
+            ConfigError: on a deployed node whose node config names no
+                ``dataset`` (nor ``ledger-path``) when the files its data
+                folder holds are read by another dataset name too (IDX files
+                straight in ``data-dir``: ``mnist`` and ``fashion-mnist``): the
+                run config would choose the name, and each name its own ledger.
         """
         if self.ledger_path is not None:
             return Path(self.ledger_path).expanduser()
         if simulated or self.per_run_budget:
             return None
+        if "dataset" not in dict(self.data) and identity.get("data-dir"):
+            others = names_for_the_same_files(identity["dataset"], identity["data-dir"])
+            if others:  # the ledger is kept per name: the run config could pick the other name for a second budget
+                raise ConfigError(
+                    f"node config must set 'dataset' (or 'ledger-path'): the files of data-dir are read as "
+                    f"{identity['dataset']!r} and as {', '.join(map(repr, others))}, and the run config chooses "
+                    "the name, so two runs could each spend this node's budget on the same examples"
+                )
         digest = hashlib.sha256(json.dumps(dict(identity), sort_keys=True).encode()).hexdigest()[:16]
         return self.folder() / f"ledger-{digest}.json"
 

@@ -79,6 +79,36 @@ def test_replies_for_d_and_d_minus_one_example_hold_the_same_keys_and_non_sign_v
 # ------------------------------------------------------------- the device owner's budget
 
 
+def idx_folder(path):
+    images, labels = digits_as_mnist(np.arange(0, 60))
+    test_images, test_labels = digits_as_mnist(np.arange(60, 80))
+    return write_idx_folder(path, images, labels, test_images, test_labels)
+
+
+@pytest.mark.parametrize(
+    ("layout", "node_keys", "releases"),
+    [
+        ("straight", {}, []),  # mnist and fashion-mnist read these files: refused, or each name would get a budget
+        ("straight", {"dataset": "mnist"}, [2]),  # the owner names it: both runs train on mnist, one ledger
+        ("straight", {"ledger-path": "one.json"}, [2]),  # one ledger whatever the name
+        ("subfolder", {}, [1]),  # data-dir/mnist is read as mnist only (fashion-mnist finds no files)
+    ],
+)
+def test_a_folder_two_dataset_names_read_needs_the_node_to_name_it(tmp_path, layout, node_keys, releases):
+    data_dir = tmp_path / "data"
+    idx_folder(data_dir if layout == "straight" else data_dir / "mnist")
+    node = {"data-dir": str(data_dir), "state-dir": str(tmp_path / "state"), "max-epsilon": 1.0}
+    node.update({key: str(tmp_path / value) if key == "ledger-path" else value for key, value in node_keys.items()})
+
+    replies = [deployed(train_message(1, "mnist"), context(node, dataset=name)) for name in ("mnist", "fashion-mnist")]
+
+    if not releases:
+        assert all(reply.has_error() and reply.error.code == client_module.NODE_ERROR_CODE for reply in replies)
+    files = [*(tmp_path / "state").glob("ledger-*.json"), *(tmp_path / "state").parent.glob("one.json")]
+    # Never two ledgers for one set of examples (the code before: [1, 1] in two files).
+    assert sorted(read_ledger_file(path, accountant="pld").num_releases for path in files) == releases
+
+
 @pytest.mark.parametrize(
     "asked", [{"target-epsilon": 8.0}, {"target-delta": 0.5}, {"target-epsilon": 8.0, "target-delta": 0.5}],
     ids=["epsilon-8", "delta-0.5", "both"],
