@@ -12,8 +12,8 @@ same declaration validates a Python construction (the message names
 (``--sample-rate``).
 
 Bounds keep every value in a range where the code is tested and calibration
-ends in seconds (e.g. ``target-epsilon`` in [0.01, 100], ``sample-rate`` >=
-1e-8); seeds are integers in [0, 2**63).
+ends in seconds (e.g. ``target-epsilon`` in [0.05, 100], ``sample-rate`` >=
+1e-4); seeds are integers in [0, 2**63).
 """
 
 from __future__ import annotations
