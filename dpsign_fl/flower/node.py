@@ -137,12 +137,13 @@ class NodeConfig:
             return Path(self.ledger_path).expanduser()
         if simulated or self.per_run_budget:
             return None
-        if "dataset" not in dict(self.data) and identity.get("data-dir"):
-            others = names_for_the_same_files(identity["dataset"], identity["data-dir"])
+        dataset = identity.get("dataset")  # the drop-in's identity names none: its app reads its own files
+        if dataset and "dataset" not in dict(self.data) and identity.get("data-dir"):
+            others = names_for_the_same_files(dataset, identity["data-dir"])
             if others:  # the ledger is kept per name: the run config could pick the other name for a second budget
                 raise ConfigError(
                     f"node config must set 'dataset' (or 'ledger-path'): the files of data-dir are read as "
-                    f"{identity['dataset']!r} and as {', '.join(map(repr, others))}, and the run config chooses "
+                    f"{dataset!r} and as {', '.join(map(repr, others))}, and the run config chooses "
                     "the name, so two runs could each spend this node's budget on the same examples"
                 )
         digest = hashlib.sha256(json.dumps(dict(identity), sort_keys=True).encode()).hexdigest()[:16]

@@ -109,6 +109,17 @@ def test_a_folder_two_dataset_names_read_needs_the_node_to_name_it(tmp_path, lay
     assert sorted(read_ledger_file(path, accountant="pld").num_releases for path in files) == releases
 
 
+def test_the_drop_ins_identity_names_no_dataset_and_keeps_its_default_ledger(tmp_path):
+    """The drop-in keys its ledger by partition and data-dir: the same folder is not refused there."""
+    folder = idx_folder(tmp_path / "data")
+    node = client_module.parse_node_config({"data-dir": str(folder), "state-dir": str(tmp_path / "state")})
+    identity = {"partition-id": None, "num-partitions": None, "data-dir": str(folder)}
+
+    assert node.durable_ledger_path(False, identity).parent == tmp_path / "state"
+    with pytest.raises(client_module.ConfigError, match="must set 'dataset'"):  # control: named as the app's dataset
+        node.durable_ledger_path(False, {**identity, "dataset": "mnist"})
+
+
 @pytest.mark.parametrize(
     "asked", [{"target-epsilon": 8.0}, {"target-delta": 0.5}, {"target-epsilon": 8.0, "target-delta": 0.5}],
     ids=["epsilon-8", "delta-0.5", "both"],
