@@ -104,7 +104,7 @@ def test_a_folder_two_dataset_names_read_needs_the_node_to_name_it(tmp_path, lay
 
     if not releases:
         assert all(reply.has_error() and reply.error.code == client_module.NODE_ERROR_CODE for reply in replies)
-    files = [*(tmp_path / "state").glob("ledger-*.json"), *(tmp_path / "state").parent.glob("one.json")]
+    files = [*(tmp_path / "state").glob("ledger-*.json"), *tmp_path.glob("one.json")]
     # Never two ledgers for one set of examples (the code before: [1, 1] in two files).
     assert sorted(read_ledger_file(path, accountant="pld").num_releases for path in files) == releases
 
