@@ -399,7 +399,7 @@ def test_each_layer_drops_its_input_and_output_gradient_where_its_cache_suffices
 
     clipped_gradient_sum(model, loss_fn, inputs, targets, clip_norm=0.1, method="layers")
 
-    held = {type(module).__name__ for module, _, _, a, g in seen if a is not None or g is not None}
+    held = {type(module).__name__ for module, _, _, _, a, g in seen if a is not None or g is not None}
     assert len(seen) == sum(1 for m in model.modules() if type(m) in SUPPORTED_LAYERS)
     assert held == (set() if keep_bytes else {"Linear"})  # with nothing kept the Linear totals need a and g
 
@@ -849,6 +849,8 @@ def _largest_contribution(model, loss_fn, inputs):
 
 @pytest.mark.parametrize("kind", ["linear", "embedding"])
 def test_a_model_whose_ghost_terms_cancel_cannot_push_an_example_past_the_clip_norm(monkeypatch, kind):
+    # The float64 norms on their own: the clip by the terms' size (tested below) would also stop these examples.
+    monkeypatch.setattr(clipped_sum, "MAX_TERMS_RATIO", math.inf)
     model, loss_fn, inputs = _cancelling_model(kind)
     if kind == "embedding":
         assert embedding_form(200, 2) == "ghost"
@@ -856,9 +858,146 @@ def test_a_model_whose_ghost_terms_cancel_cannot_push_an_example_past_the_clip_n
         assert layer_rules._linear_form(2, 8, 8) == "ghost"
     true_norms = [clip_and_sum(model, one_at_a_time_gradients(model, loss_fn, inputs[i : i + 1], torch.zeros(1)), math.inf).norm() for i in range(8)]
     assert min(true_norms) > 5  # every example must be clipped: its gradient is far longer than C = 1
-    # Not 1 + 1e-7: the clipped sum itself is a float32 product of the terms (1e5 each, 3e-4 of C measured
-    # for the Linear here), the residual docs/privacy.md states; in float32 the norms failed by far more.
+    # Not 1 + 1e-7: without the clip by the terms' size the clipped sum's float32 product of the terms (1e5
+    # each) rounds by 3e-4 of C here (the next test); in float32 the norms failed by far more.
     assert _largest_contribution(model, loss_fn, inputs) <= 1 + 1e-3
     # Negative control: the same identity in float32 lets examples through unclipped.
     monkeypatch.setattr(layer_rules, "ghost_squares", _float32_ghost_squares)
     assert _largest_contribution(model, loss_fn, inputs) > 2
+
+
+def _cancelling_linear(scale, gap, examples=200):
+    """The two-position Linear construction of :func:`_cancelling_model` with the first layer at ``scale`` and
+    the positions' inputs ``gap`` apart: the closer they are, the more exactly the second layer's terms cancel."""
+    torch.manual_seed(0)
+    width = 8
+    model = nn.Sequential(nn.Linear(width, width, bias=False), nn.Linear(width, width, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(scale * torch.eye(width))
+        model[1].weight.zero_()
+    x = torch.randn(examples, width)
+    inputs = torch.stack([x, x + gap * torch.randn(examples, width)], dim=1)
+    u = torch.randn(width)
+    u /= u.norm()
+    return model, lambda out, _targets: ((out[:, 0] - out[:, 1]) @ u).mean(), inputs
+
+
+def test_cancelling_terms_cannot_round_an_example_past_the_clip_norm_in_the_float32_sum(monkeypatch):
+    project = clipped_sum.MAX_TERMS_RATIO
+    worst = {}
+    for ratio in (project, math.inf):  # the control: no clip by the terms' size
+        monkeypatch.setattr(clipped_sum, "MAX_TERMS_RATIO", ratio)
+        worst[ratio] = max(_largest_contribution(*_cancelling_linear(1e6, gap)) for gap in (1e-5, 1e-6))
+    # Measured: 1.0000 with the ratio 1e3; 1.0043 and 1.0489 C without (the float64 norms clip these
+    # examples, but the float32 sum of their 1e6-sized terms rounds past C).
+    assert worst[project] <= 1 + 1e-5
+    assert worst[math.inf] > 1.01
+
+
+def _brute_term_sizes(model, loss_fn, x, y):
+    """Per example, sqrt of the sum over layers of (sum over positions of |a_t| |g_t|)^2, from unfolded patches
+    and autograd on one example; layers with one position (their total sums what was measured) count 0."""
+    records, handles = [], []
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)) and module.weight.requires_grad:
+            handles.append(module.register_forward_hook(lambda m, args, out: records.append((m, args[0], out))))
+    sizes = []
+    try:
+        for i in range(x.shape[0]):
+            records.clear()
+            loss = loss_fn(model(x[i : i + 1]), y[i : i + 1])
+            grads = torch.autograd.grad(loss, [out for _, _, out in records])
+            total = 0.0
+            for (module, a, _), g in zip(records, grads):
+                a = a.detach()
+                if isinstance(module, nn.Linear):
+                    a, g = a.reshape(-1, module.in_features), g.reshape(-1, module.out_features)
+                elif isinstance(module, nn.Embedding):
+                    g = g.reshape(-1, module.embedding_dim)
+                    keep = a.reshape(-1) != (-1 if module.padding_idx is None else module.padding_idx)
+                    g = g[keep]
+                    a = torch.ones(g.shape[0], 1, dtype=g.dtype)
+                else:
+                    one_d = isinstance(module, nn.Conv1d)
+                    padding = (0,) * len(module.kernel_size) if module.padding == "valid" else module.padding
+                    pair = lambda v, first=1: (first, v[0]) if one_d else tuple(v)  # noqa: E731
+                    patches = F.unfold(
+                        a.unsqueeze(2) if one_d else a, pair(module.kernel_size), dilation=pair(module.dilation),
+                        padding=pair(padding, 0), stride=pair(module.stride),
+                    )[0]
+                    groups = module.groups
+                    a = patches.reshape(groups, -1, patches.shape[-1]).permute(2, 0, 1).reshape(-1, patches.shape[0] // groups)
+                    g = g.reshape(groups, module.out_channels // groups, -1).permute(2, 0, 1).reshape(a.shape[0], -1)
+                if a.shape[0] > 1:
+                    total += float((a.norm(dim=1) * g.norm(dim=1)).sum()) ** 2
+            sizes.append(math.sqrt(total))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sizes
+
+
+def _embedding_cases():
+    torch.manual_seed(5)
+    return {
+        "embedding-ghost": (EmbeddingBag(73, 6), 73),
+        "embedding-table-recomputed": (EmbeddingBag(5, 6), 5),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(layer_zoo()) + sorted(_embedding_cases()))
+def test_each_layer_path_clips_by_its_terms_size_as_a_per_position_loop_gives_it(monkeypatch, case):
+    # Nothing kept: every layer with positions recomputes its part of the sum from its terms.
+    monkeypatch.setattr(clipped_sum, "KEEP_BYTES", 0)
+    generator = torch.Generator().manual_seed(4)
+    if case in _embedding_cases():
+        model, rows = _embedding_cases()[case]
+        model = model.double()
+        inputs = torch.randint(0, min(rows, 4), (9, 6), generator=generator)
+    else:
+        body, shape = layer_zoo()[case]
+        model = nn.Sequential(body, nn.Flatten(), nn.LazyLinear(3)).double()
+        inputs = torch.randn(9, *shape, generator=generator, dtype=torch.float64)
+        model(inputs)  # materialise the lazy head
+    targets = torch.randint(0, 3, (9,), generator=generator)
+    rows = one_at_a_time_gradients(model, F.cross_entropy, inputs, targets)
+    norms = [float(g.norm()) for g in rows]
+    sizes = _brute_term_sizes(model, F.cross_entropy, inputs, targets)
+    if not any(sizes):  # only normalisation layers and one-position heads: every total sums what it measured
+        assert case in ("groupnorm-without-spatial", "layernorm-two-dims-and-rmsnorm")
+        return
+    assert all(sizes)
+    # A ratio at which every example's terms, over the ratio, are at least 10 times its gradient's norm, and a
+    # clip norm below all of those: each example's factor is then clip_norm * ratio / its terms' size.
+    ratio = 0.1 * min(size / norm for norm, size in zip(norms, sizes))
+    monkeypatch.setattr(clipped_sum, "MAX_TERMS_RATIO", ratio)
+    clip_norm = 0.5 * min(size / ratio for size in sizes)
+
+    actual = clipped_gradient_sum(model, F.cross_entropy, inputs, targets, clip_norm=clip_norm, method="layers")
+
+    expected = sum(clip_norm * ratio / size * g for g, size in zip(rows, sizes))
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    plain = clip_and_sum(model, rows, clip_norm)  # control: the clip by the gradients' norms alone
+    assert float((actual - plain).norm()) > 0.5 * float(plain.norm())
+
+
+@pytest.mark.parametrize("case", ["linear-sequence-materialised", "conv-grouped-and-frozen-bias", "embedding-table-kept"])
+def test_layers_that_keep_their_per_example_gradients_are_not_clipped_by_terms(monkeypatch, case):
+    monkeypatch.setattr(clipped_sum, "KEEP_BYTES", 2**40)
+    monkeypatch.setattr(clipped_sum, "MAX_TERMS_RATIO", 1e-300)  # would clip everything to nothing
+    generator = torch.Generator().manual_seed(4)
+    if case == "embedding-table-kept":
+        model = _embedding_cases()["embedding-table-recomputed"][0].double()
+        inputs = torch.randint(0, 4, (9, 6), generator=generator)
+    else:
+        body, shape = layer_zoo()[case]
+        model = nn.Sequential(body, nn.Flatten(), nn.LazyLinear(3)).double()
+        inputs = torch.randn(9, *shape, generator=generator, dtype=torch.float64)
+        model(inputs)
+    targets = torch.randint(0, 3, (9,), generator=generator)
+    small, _ = clip_norms_for(model, F.cross_entropy, inputs, targets)
+
+    actual = clipped_gradient_sum(model, F.cross_entropy, inputs, targets, clip_norm=small, method="layers")
+
+    expected = one_at_a_time_clipped_sum(model, F.cross_entropy, inputs, targets, clip_norm=small)
+    torch.testing.assert_close(actual, expected, **TIGHT)

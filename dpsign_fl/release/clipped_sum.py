@@ -53,6 +53,18 @@ METHODS = ("auto", "vmap", "layers")
 VMAP_SCRATCH_BYTES = 256 * 2**20
 """Per-example gradients held per vmap chunk (the default chunk size is derived from it)."""
 
+MAX_TERMS_RATIO = 1000.0
+"""How many times its gradient's norm an example's float32 terms may sum to before they, not the norm, set its clip.
+
+Where a layer's part of the clipped sum is recomputed as a float32 sum over
+positions (ghost and recomputed forms: :func:`dpsign_fl.release.layer_rules.term_sizes`),
+each example is clipped as if its norm were at least the size of its terms
+divided by this ratio, so that their rounding (about 6e-8 of that size) moves
+its contribution by a few 1e-5 of C at most, however a model makes the terms
+cancel. Honest data is far below it (docs/privacy.md, "Hostile instructions");
+there, clipping is unchanged.
+"""
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -77,7 +89,11 @@ def clipped_gradient_sum(
     clipped gradient has L2 norm <= ``clip_norm`` over ALL trainable parameters
     together (one norm per example, not per tensor), so the sum has L2
     sensitivity ``clip_norm``; an example whose gradient or norm is not finite
-    contributes exactly zero. Released: nothing; this function adds no noise
+    contributes exactly zero. The layer pass clips an example as if its norm
+    were at least the size of the float32 terms its contribution is summed from
+    over :data:`MAX_TERMS_RATIO` (harder, never softer: against a model that
+    makes the terms cancel, whose rounding could otherwise move the sum by more
+    than ``clip_norm``; honest examples stay far below it). Released: nothing; this function adds no noise
     and draws no randomness (the Gaussian noise of the release is added by the
     caller, :mod:`dpsign_fl.release.mechanism`).
 
@@ -175,14 +191,12 @@ def _layer_pass(model, params, loss_fn, inputs, targets, clip_norm, clipping, ch
         del kept
         _check_uses(owners, {layer[0] for layer in layers}, uses)
         with torch.no_grad():
-            squares = torch.zeros(inputs.shape[0], dtype=total.dtype, device=total.device)
-            for layer in layers:
-                squares += layer[1]
-            factors = clip_factors(squares.sqrt(), clip_norm=clip_norm, clipping=clipping)
-            keep_rows = finite_rows(squares)
+            norms = _clipped_norms(inputs.shape[0], layers, total)
+            factors = clip_factors(norms, clip_norm=clip_norm, clipping=clipping)
+            keep_rows = finite_rows(norms)
             sums = {}
             for index in range(len(layers)):
-                (module, _, cache, a, g), layers[index] = layers[index], None  # free as we go
+                (module, _, _, cache, a, g), layers[index] = layers[index], None  # free as we go
                 weights = factors
                 if keep_rows is not None:
                     a, g = (None if x is None else x[keep_rows] for x in (a, g))
@@ -193,6 +207,18 @@ def _layer_pass(model, params, loss_fn, inputs, targets, clip_norm, clipping, ch
             # One copy into ``total``; a parameter whose layer does not reach the loss gets zeros.
             torch.cat([sums.pop(id(p)) if id(p) in sums else p.new_zeros(p.numel()) for p in params], out=total)
     return total
+
+
+def _clipped_norms(batch: int, layers: list[tuple], total: torch.Tensor) -> torch.Tensor:
+    """Per example, the norm its clip factor is computed from: the gradient's norm, or the size of its float32
+    terms over :data:`MAX_TERMS_RATIO` where that is larger (never smaller than the gradient's norm)."""
+    squares = torch.zeros(batch, dtype=total.dtype, device=total.device)
+    terms = torch.zeros(batch, dtype=torch.float64, device=total.device)
+    for layer in layers:
+        squares += layer[1]
+        if layer[2] is not None:
+            terms += layer[2]
+    return torch.maximum(squares.sqrt(), (terms.sqrt() / MAX_TERMS_RATIO).to(squares.dtype))
 
 
 def _forward(model, loss_fn, inputs, targets) -> tuple[list[nn.Module], torch.Tensor, list[tuple]]:
@@ -235,7 +261,7 @@ def _grants(kept: list[tuple]) -> dict[int, int]:
 
 
 def _norms_during_backward(summed_loss, kept, first, chunk_size, keeper) -> list[tuple]:
-    """One backward: ``(module, squares, cache, a, g)`` per layer whose output reaches the loss, in ``kept``'s order.
+    """One backward: ``(module, squares, terms, cache, a, g)`` per layer whose output reaches the loss, in ``kept``'s order.
 
     ``g`` is the gradient of ``summed_loss`` (the sum of per-example losses)
     w.r.t. the layer's output. Each layer's rule runs as soon as its ``g``
@@ -256,9 +282,9 @@ def _norms_during_backward(summed_loss, kept, first, chunk_size, keeper) -> list
         rule = RULES[type(module)]
         with torch.no_grad():
             read = out.detach() if reads_output(module) else None
-            squares, cache = rule.norms(module, a, g, read, chunk_size, keeper)
+            squares, terms, cache = rule.norms(module, a, g, read, chunk_size, keeper)
         complete = rule.complete(module, cache)
-        results[index] = (module, squares, cache, None if complete else a, None if complete else g)
+        results[index] = (module, squares, terms, cache, None if complete else a, None if complete else g)
         kept[index] = None  # drop a and out
 
     requested = [index for index in range(len(kept)) if first[index]]

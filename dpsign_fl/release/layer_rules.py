@@ -4,8 +4,11 @@ For each supported layer type, from the layer's input ``a`` and the gradient
 ``g`` of the summed loss w.r.t. its output (row i depends on example i only):
 
 - ``norms(module, a, g, out, chunk_size, keeper)``: the per-example squared norm
-  of the gradient of the layer's trainable parameters, ``[B]``, and a cache of
-  per-example tensors for the second step. By the "ghost" identity
+  of the gradient of the layer's trainable parameters, ``[B]``; the per-example
+  squared size of the float32 terms ``total`` will sum that example's part from
+  (float64 ``[B]``, see :func:`term_sizes`; None where ``total`` sums the very
+  per-example tensors the norms were measured on); and a cache of per-example
+  tensors for the second step. By the "ghost" identity
   ``||g_i a_i^T||^2 = ||a_i||^2 ||g_i||^2`` (Goodfellow 2015, arXiv:1510.01799),
   its sum over position pairs (Li et al. 2022, arXiv:2110.05679, Sec. 4), or by
   materialising a chunk of per-example gradients, whichever a flop count says
@@ -81,6 +84,24 @@ def finite_rows(squares: torch.Tensor) -> torch.Tensor | None:
     """Indices of the examples with a finite norm, or None when all are finite (the usual case)."""
     finite = torch.isfinite(squares)
     return None if bool(finite.all()) else torch.nonzero(finite).flatten()
+
+
+def term_sizes(left: torch.Tensor, right: torch.Tensor | None) -> torch.Tensor:
+    """``(sum_t ||left_t|| ||right_t||)^2`` per row, float64 ``[N]``: the squared size of an example's terms.
+
+    ``left``, ``right``: ``[N, T, *]`` (``right`` None: the factor is 1). A layer
+    whose ``total`` computes an example's part of the clipped sum as a float32
+    sum over positions of ``right_t left_t^T`` (a matrix product, an index-add)
+    rounds it by about 6e-8 of this size, not of the part's norm; the layer
+    pass clips each example as if its norm were at least this size over
+    :data:`dpsign_fl.release.clipped_sum.MAX_TERMS_RATIO`, so that the rounding
+    stays a tiny fraction of the clip norm even when a model makes the terms
+    cancel (docs/privacy.md, "Hostile instructions").
+    """
+    sizes = torch.linalg.vector_norm(left.flatten(2), dim=2)
+    if right is not None:
+        sizes = sizes * torch.linalg.vector_norm(right.flatten(2), dim=2)
+    return sizes.sum(1).double().square()
 
 
 def positions(module: nn.Module, out: torch.Tensor) -> int:
@@ -211,15 +232,17 @@ def _linear_norms(module, a, g, out, chunk_size, keeper):
                 squares[part] += squared_norms(grads)
             if kept is not None:
                 cache["weight"] = kept
-    return _add_bias(module, lambda: g.sum(1), squares, cache)
+    # One position: the total's one term per example is the gradient measured; kept: the total sums those.
+    terms = term_sizes(a, g) if steps > 1 and _wants(module, "weight") and "weight" not in cache else None
+    return _add_bias(module, lambda: g.sum(1), squares, terms, cache)
 
 
-def _add_bias(module, bias_grads, squares, cache):
+def _add_bias(module, bias_grads, squares, terms, cache):
     """Cache the per-example bias gradients ``bias_grads()`` when the bias is trained, and add their squared norms."""
     if _wants(module, "bias"):
         cache["bias"] = bias_grads()
         squares += squared_norms(cache["bias"])
-    return squares, cache
+    return squares, terms, cache
 
 
 def _linear_total(module, a, g, weights, cache):
@@ -335,7 +358,25 @@ def _conv_norms(module, a, g, out, chunk_size, keeper):
                 kept[part] = grads
         if kept is not None:
             cache["weight"] = kept
-    return _add_bias(module, lambda: g.sum(2), squares, cache)
+    terms = _conv_terms(module, a, g) if _wants(module, "weight") and "weight" not in cache else None
+    return _add_bias(module, lambda: g.sum(2), squares, terms, cache)
+
+
+def _conv_terms(module, a, g):
+    """:func:`term_sizes` of a convolution: per position and group, patch norm times output-gradient norm.
+
+    The patches' squared norms are the convolution of ``a^2`` with a kernel of
+    ones (no patches materialised); ``g``: ``[B, C_out, L]``.
+    """
+    groups, dims = module.groups, len(module.kernel_size)
+    ones = a.new_ones(groups, module.in_channels // groups, *module.kernel_size)
+    convolve = F.conv1d if dims == 1 else F.conv2d
+    patch_squares = convolve(a.square(), ones, None, module.stride, _padding(module), module.dilation, groups)
+    batch = a.shape[0]
+    patch_norms = patch_squares.clamp(min=0).sqrt().reshape(batch, groups, -1)  # [B, groups, L]
+    outs = g.reshape(batch, groups, module.out_channels // groups, -1)  # [B, groups, out per group, L]
+    # One term per (position, group): [B, L * groups, 1] and [B, L * groups, out per group].
+    return term_sizes(patch_norms.mT.reshape(batch, -1, 1), outs.permute(0, 3, 1, 2).reshape(batch, -1, outs.shape[2]))
 
 
 def _conv_total(module, a, g, weights, cache):
@@ -404,7 +445,7 @@ def _affine_norms(module, a, g, out, chunk_size, keeper):
             cache["weight"] = reduce(g * _normalized(module, a))
     if _wants(module, "bias"):
         cache["bias"] = summed_g
-    return sum(squared_norms(value) for value in cache.values()), cache
+    return sum(squared_norms(value) for value in cache.values()), None, cache
 
 
 def _output_is_usable(weight, bias, out) -> bool:
@@ -482,7 +523,8 @@ def _embedding_norms(module, ids, g, out, chunk_size, keeper):
         for part in _chunks(batch, 2 * steps * steps, chunk_size):
             same = ids[part].unsqueeze(2) == ids[part].unsqueeze(1)
             squares[part] = ghost_squares(g[part], None, same)
-    return squares, cache
+    terms = term_sizes(g, None) if steps > 1 and "weight" not in cache else None
+    return squares, terms, cache
 
 
 def _embedding_total(module, ids, g, weights, cache):
