@@ -7,7 +7,9 @@ Who decides what (docs/privacy.md has the threat model):
 
 - The budget is the smaller of the run config's (``target-epsilon`` at
   ``target-delta``) and the node's own cap (node-config ``max-epsilon`` at its
-  ``delta``), over every release in the node's ledger, across runs. A run that
+  ``delta``; a deployed node that sets none: epsilon 8 at delta 1e-5,
+  :data:`dpsign_fl.flower.node.DEFAULT_NODE_MAX_EPSILON`), over every release in
+  the node's ledger, across runs. A run that
   asks for more than the node's cap is not refused: the node plans its noise
   for its own cap and logs that it did.
 - The ledger of a deployed node is a file (node-config ``ledger-path``, else
@@ -229,7 +231,7 @@ def release_with_model(
     recorded.
     """
     server_round = int(message.content[CONFIG_KEY].get(ROUND_KEY, 0)) if CONFIG_KEY in message.content else 0
-    budget = node_budget(settings, node)
+    budget = node_budget(settings, node, simulated)
     name = node.name(context.node_id)
     client = node.client_number(context.node_id)
     load_replica_into_model(model, replica)
@@ -318,11 +320,12 @@ class ReplicaStore:
                 other.unlink(missing_ok=True)
 
 
-def node_budget(settings: RunSettings, node: NodeConfig) -> Budget:
-    """The budget this node accepts for the run: the run config's, never above the node's own cap."""
-    if node.max_epsilon is None:
+def node_budget(settings: RunSettings, node: NodeConfig, simulated: bool) -> Budget:
+    """The budget this node accepts for the run: the run config's, never above the node's cap (:meth:`NodeConfig.cap`)."""
+    cap = node.cap(simulated)
+    if cap is None:
         return Budget(settings.target_epsilon, settings.target_delta)
-    return Budget(min(settings.target_epsilon, node.max_epsilon), min(settings.target_delta, node.node_delta))
+    return Budget(min(settings.target_epsilon, cap[0]), min(settings.target_delta, cap[1]))
 
 
 def client_randomness(

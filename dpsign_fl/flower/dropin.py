@@ -62,7 +62,8 @@ def dp_sign_train(
     probability ``sample-rate``, per-example gradients clipped to ``clip-norm``
     over all trainable parameters, summed, Gaussian noise, sign), recorded in
     this node's ledger before the reply leaves; refused once the ledger would
-    exceed the budget (run config's, never above the node's ``max-epsilon``).
+    exceed the budget (run config's, never above the node's cap: ``max-epsilon``,
+    on a deployed node that sets none epsilon 8 at delta 1e-5).
 
     Args:
         message: the train instruction ``SignMajorityVote`` sent.

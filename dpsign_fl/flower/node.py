@@ -30,6 +30,11 @@ from ..settings import SEED_LIMIT, ConfigError, RunSettings, check_fields, from_
 DEFAULT_NODE_DELTA = RunSettings.target_delta
 """The node's delta when it sets ``max-epsilon`` without ``delta``: the run config's default."""
 
+DEFAULT_NODE_MAX_EPSILON = RunSettings.target_epsilon
+"""A deployed node's cap when its config sets no ``max-epsilon``: the run config's default budget
+(at :data:`DEFAULT_NODE_DELTA`), so that no run config can make a device that was never configured
+spend more. A device owner who wants a larger budget says so in the node config."""
+
 STATE_FOLDER = "dpsign-fl"
 """The node's own folder (ledger, model) inside Flower's home, ``$FLWR_HOME`` or ``~/.flwr``."""
 
@@ -60,6 +65,7 @@ class NodeConfig:
             so that each run starts a new budget (NOT a guarantee over runs).
         max_epsilon: the most epsilon, at ``delta``, this node's data may ever
             spend, over every release it records; no run config can raise it.
+            Unset on a deployed node: :data:`DEFAULT_NODE_MAX_EPSILON` (:meth:`cap`).
         delta: the node's own delta (default 1e-5 when ``max_epsilon`` is set).
         noise_seed: experiments only: derive this node's sampling and noise
             from this seed (NOT private against anyone who knows it).
@@ -103,12 +109,17 @@ class NodeConfig:
         """The number that tells clients apart in seeds and attacks: the partition, else the node ID."""
         return self.partition_id if self.partition_id is not None else int(node_id)
 
-    @property
-    def node_delta(self) -> float | None:
-        """The delta of ``max_epsilon`` (None without a cap)."""
-        if self.max_epsilon is None:
-            return None
-        return self.delta if self.delta is not None else DEFAULT_NODE_DELTA
+    def cap(self, simulated: bool) -> tuple[float, float] | None:
+        """The most ``(epsilon, delta)`` this node's data may ever spend, or None (the run config decides).
+
+        ``max-epsilon`` at ``delta`` (default :data:`DEFAULT_NODE_DELTA`) when set;
+        else, on a deployed node, the default cap (:data:`DEFAULT_NODE_MAX_EPSILON`
+        at :data:`DEFAULT_NODE_DELTA`); a simulated node without ``max-epsilon`` has
+        none: in simulation whoever starts the run also owns every node.
+        """
+        if self.max_epsilon is not None:
+            return self.max_epsilon, self.delta if self.delta is not None else DEFAULT_NODE_DELTA
+        return None if simulated else (DEFAULT_NODE_MAX_EPSILON, DEFAULT_NODE_DELTA)
 
     def folder(self) -> Path:
         """The node's own folder (created on first use by its caller)."""

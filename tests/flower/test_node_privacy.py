@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from dpsign_fl import rounds
 from dpsign_fl.flower import client as client_module
 from dpsign_fl.flower.client import BUDGET_EXHAUSTED_CODE, RELEASE_FAILED_CODE, clear_data_cache
+from dpsign_fl.flower.node import DEFAULT_NODE_MAX_EPSILON
 from dpsign_fl.flower.records import model_to_arrays
 from dpsign_fl.models import build_model
 from dpsign_fl.privacy.ledger_store import read_ledger_file
@@ -147,6 +148,27 @@ def test_without_the_node_cap_a_run_config_asking_for_epsilon_8_spends_it_negati
     for t in (1, 2, 3):
         deployed(train_message(t), run_context)
     assert read_ledger_file(ledger_path, accountant="pld").epsilon(1e-5) > 7.0
+
+
+def test_a_deployed_node_that_sets_no_cap_spends_at_most_the_default_budget_whatever_the_runs_ask(tmp_path):
+    ledger_path = tmp_path / "ledger.json"
+    node = {"partition-id": 0, "num-partitions": 5, "ledger-path": str(ledger_path)}
+    asked = {"target-epsilon": 40.0, "target-delta": 0.5}
+
+    replies = []
+    for run in range(2):  # two runs, one ledger
+        run_context = context(node, **asked)
+        replies += [deployed(train_message(t), run_context) for t in (1, 2, 3)]
+
+    ledger = read_ledger_file(ledger_path, accountant="pld")
+    default = DEFAULT_NODE_MAX_EPSILON
+    assert default == 8.0
+    assert default - 1 < ledger.epsilon(1e-5) <= default  # spent up to the default cap, at its delta, not past it
+    assert all(not r.has_error() or r.error.code == BUDGET_EXHAUSTED_CODE for r in replies)
+    # Control: a simulated node (the run's owner owns it too) spends what the run asks.
+    run_context = context({"partition-id": 0, "num-partitions": 5}, **asked)
+    spent = [simulated(train_message(t), run_context).content["metrics"]["epsilon"] for t in (1, 2, 3)]
+    assert spent[-1] > 30.0
 
 
 def test_a_node_whose_cap_is_spent_refuses_with_the_budget_code_and_public_numbers_only(tmp_path):
