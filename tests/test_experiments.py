@@ -524,13 +524,15 @@ def test_the_loop_trains_a_sized_char_transformer_on_speaking_roles(tmp_path, me
     assert all(0 <= row["accuracy"] <= 1 for row in record["history"])
 
 
-def test_adversarial_recipe_lists_four_dp_rows_two_pretrained_ones_and_the_non_private_model_per_adv_epsilon():
+def test_adversarial_recipe_lists_four_dp_rows_three_pretrained_ones_and_the_non_private_model_per_adv_epsilon():
     runs = RECIPES["mnist-adversarial"].runs()
-    assert [r.name() for r in runs][:7] == [
+    assert [r.name() for r in runs][:8] == [
         "dp-fgsm-rs-public-norm-adv0.1", "dp-fgsm-rs-plain-adv0.1", "dp-none-public-norm-adv0.1", "dp-none-plain-adv0.1",
-        "dp-fgsm-rs-plain-pretrained-adv0.1", "dp-none-plain-pretrained-adv0.1", "signsgd-fgsm-rs-plain-adv0.1",
+        "dp-pgd-plain-pretrained-adv0.1", "dp-fgsm-rs-plain-pretrained-adv0.1", "dp-none-plain-pretrained-adv0.1",
+        "signsgd-fgsm-rs-plain-adv0.1",
     ]
-    assert {r.run.adv_epsilon for r in runs} == {0.1, 0.3} and len(runs) == 14
+    assert {r.run.adv_epsilon for r in runs} == {0.1, 0.3} and len(runs) == 16
+    assert all((r.run.adversarial_training == "pgd") == r.name().startswith("dp-pgd-") for r in runs)
     assert all(r.run.target_epsilon == 3.0 and r.num_clients == 10 for r in runs)
     assert all((r.run.pretrain_steps > 0) == ("-pretrained-" in r.name()) for r in runs)
     fmnist = RECIPES["fmnist-adversarial"].runs()  # no public pretraining set: no pretrained rows
