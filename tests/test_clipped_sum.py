@@ -945,8 +945,9 @@ def _embedding_cases():
     }
 
 
+@pytest.mark.parametrize("chunk_size", [None, 2])
 @pytest.mark.parametrize("case", sorted(layer_zoo()) + sorted(_embedding_cases()))
-def test_each_layer_path_clips_by_its_terms_size_as_a_per_position_loop_gives_it(monkeypatch, case):
+def test_each_layer_path_clips_by_its_terms_size_as_a_per_position_loop_gives_it(monkeypatch, case, chunk_size):
     # Nothing kept: every layer with positions recomputes its part of the sum from its terms.
     monkeypatch.setattr(clipped_sum, "KEEP_BYTES", 0)
     generator = torch.Generator().manual_seed(4)
@@ -973,7 +974,9 @@ def test_each_layer_path_clips_by_its_terms_size_as_a_per_position_loop_gives_it
     monkeypatch.setattr(clipped_sum, "MAX_TERMS_RATIO", ratio)
     clip_norm = 0.5 * min(size / ratio for size in sizes)
 
-    actual = clipped_gradient_sum(model, F.cross_entropy, inputs, targets, clip_norm=clip_norm, method="layers")
+    actual = clipped_gradient_sum(
+        model, F.cross_entropy, inputs, targets, clip_norm=clip_norm, method="layers", chunk_size=chunk_size
+    )
 
     expected = sum(clip_norm * ratio / size * g for g, size in zip(rows, sizes))
     torch.testing.assert_close(actual, expected, **TIGHT)

@@ -358,25 +358,30 @@ def _conv_norms(module, a, g, out, chunk_size, keeper):
                 kept[part] = grads
         if kept is not None:
             cache["weight"] = kept
-    terms = _conv_terms(module, a, g) if _wants(module, "weight") and "weight" not in cache else None
+    terms = _conv_terms(module, a, g, chunk_size) if _wants(module, "weight") and "weight" not in cache else None
     return _add_bias(module, lambda: g.sum(2), squares, terms, cache)
 
 
-def _conv_terms(module, a, g):
+def _conv_terms(module, a, g, chunk_size):
     """:func:`term_sizes` of a convolution: per position and group, patch norm times output-gradient norm.
 
     The patches' squared norms are the convolution of ``a^2`` with a kernel of
-    ones (no patches materialised); ``g``: ``[B, C_out, L]``.
+    ones (no patches materialised), a chunk of examples at a time; ``g``: ``[B, C_out, L]``.
     """
     groups, dims = module.groups, len(module.kernel_size)
     ones = a.new_ones(groups, module.in_channels // groups, *module.kernel_size)
     convolve = F.conv1d if dims == 1 else F.conv2d
-    patch_squares = convolve(a.square(), ones, None, module.stride, _padding(module), module.dilation, groups)
-    batch = a.shape[0]
-    patch_norms = patch_squares.clamp(min=0).sqrt().reshape(batch, groups, -1)  # [B, groups, L]
-    outs = g.reshape(batch, groups, module.out_channels // groups, -1)  # [B, groups, out per group, L]
-    # One term per (position, group): [B, L * groups, 1] and [B, L * groups, out per group].
-    return term_sizes(patch_norms.mT.reshape(batch, -1, 1), outs.permute(0, 3, 1, 2).reshape(batch, -1, outs.shape[2]))
+    sizes = []
+    for part in _chunks(a.shape[0], a[0].numel(), chunk_size):
+        patch_squares = convolve(a[part].square(), ones, None, module.stride, _padding(module), module.dilation, groups)
+        size = patch_squares.shape[0]
+        patch_norms = patch_squares.clamp(min=0).sqrt().reshape(size, groups, -1)  # [b, groups, L]
+        outs = g[part].reshape(size, groups, module.out_channels // groups, -1)  # [b, groups, out per group, L]
+        # One term per (position, group): [b, L * groups, 1] and [b, L * groups, out per group].
+        sizes.append(term_sizes(
+            patch_norms.mT.reshape(size, -1, 1), outs.permute(0, 3, 1, 2).reshape(size, -1, outs.shape[2])
+        ))
+    return torch.cat(sizes)
 
 
 def _conv_total(module, a, g, weights, cache):
