@@ -61,8 +61,11 @@ positions (ghost and recomputed forms: :func:`dpsign_fl.release.layer_rules.term
 each example is clipped as if its norm were at least the size of its terms
 divided by this ratio, so that their rounding (about 6e-8 of that size) moves
 its contribution by a few 1e-5 of C at most, however a model makes the terms
-cancel. Honest data is far below it (docs/privacy.md, "Hostile instructions");
-there, clipping is unchanged.
+cancel. The project's models on honest data stay far below it (at most 14 measured:
+docs/privacy.md, "Hostile instructions"), so their clipping is unchanged; a model
+whose own layers cancel the terms on some inputs (a convolution before a GroupNorm
+with one channel per group, on a near-constant image) clips those examples harder:
+their utility, not the privacy, changes.
 """
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -93,7 +96,7 @@ def clipped_gradient_sum(
     were at least the size of the float32 terms its contribution is summed from
     over :data:`MAX_TERMS_RATIO` (harder, never softer: against a model that
     makes the terms cancel, whose rounding could otherwise move the sum by more
-    than ``clip_norm``; honest examples stay far below it). Released: nothing; this function adds no noise
+    than ``clip_norm``; the project's models stay far below it). Released: nothing; this function adds no noise
     and draws no randomness (the Gaussian noise of the release is added by the
     caller, :mod:`dpsign_fl.release.mechanism`).
 
