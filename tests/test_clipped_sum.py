@@ -835,7 +835,9 @@ def _cancelling_model(kind):
         u = torch.randn(64, width)
         u /= u.norm(dim=1, keepdim=True)
         near = u + 1e-4 * torch.randn(64, width)
-        loss_fn = lambda out, _targets: ((out[:, 0] * u[: out.shape[0]]).sum() - (out[:, 1] * near[: out.shape[0]]).sum()) / out.shape[0]
+        def loss_fn(out, _targets):
+            rows = out.shape[0]
+            return ((out[:, 0] * u[:rows]).sum() - (out[:, 1] * near[:rows]).sum()) / rows
     return model, loss_fn, inputs
 
 
@@ -856,7 +858,10 @@ def test_a_model_whose_ghost_terms_cancel_cannot_push_an_example_past_the_clip_n
         assert embedding_form(200, 2) == "ghost"
     else:
         assert layer_rules._linear_form(2, 8, 8) == "ghost"
-    true_norms = [clip_and_sum(model, one_at_a_time_gradients(model, loss_fn, inputs[i : i + 1], torch.zeros(1)), math.inf).norm() for i in range(8)]
+    true_norms = [
+        clip_and_sum(model, one_at_a_time_gradients(model, loss_fn, inputs[i : i + 1], torch.zeros(1)), math.inf).norm()
+        for i in range(8)
+    ]
     assert min(true_norms) > 5  # every example must be clipped: its gradient is far longer than C = 1
     # Not 1 + 1e-7: without the clip by the terms' size the clipped sum's float32 product of the terms (1e5
     # each) rounds by 3e-4 of C here (the next test); in float32 the norms failed by far more.

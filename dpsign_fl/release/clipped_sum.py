@@ -96,9 +96,9 @@ def clipped_gradient_sum(
     were at least the size of the float32 terms its contribution is summed from
     over :data:`MAX_TERMS_RATIO` (harder, never softer: against a model that
     makes the terms cancel, whose rounding could otherwise move the sum by more
-    than ``clip_norm``; the project's models stay far below it). Released: nothing; this function adds no noise
-    and draws no randomness (the Gaussian noise of the release is added by the
-    caller, :mod:`dpsign_fl.release.mechanism`).
+    than ``clip_norm``; the project's models stay far below it). Released:
+    nothing; this function adds no noise and draws no randomness (the Gaussian
+    noise of the release is added by the caller, :mod:`dpsign_fl.release.mechanism`).
 
     ``g_i`` is the gradient of the loss of example i, which is
     ``loss_fn(model(x_i[None]), y_i[None])``: ``loss_fn`` on a batch must be the
